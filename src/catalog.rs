@@ -1,0 +1,532 @@
+//! Stage 1, the fold: validated events and the passing of time turn into the
+//! live catalog, and into the [`Change`]s that discovery publishes as snapshots.
+//!
+//! Pure: state, event and `now` in, changes out. No clock, no NATS, no tasks.
+//! Expiry is kept per instance in a deadline heap, so the caller can sleep
+//! until [`Catalog::next_deadline`] instead of scanning.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::time::Instant;
+
+use crate::protocol::{Event, Instance, Snapshot};
+
+/// What one event or one expiry did to the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub service: String,
+    pub id: String,
+    pub kind: ChangeKind,
+    /// The service's revision after this change.
+    pub revision: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The instance was not live and now is.
+    Joined,
+    /// A live instance announced a different record (address, port, weight…).
+    Updated,
+    /// The instance said goodbye.
+    Deregistered,
+    /// Nothing was heard from the instance for its `ttl_ms`.
+    Expired,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Joined => "joined",
+            ChangeKind::Updated => "updated",
+            ChangeKind::Deregistered => "deregistered",
+            ChangeKind::Expired => "expired",
+        }
+    }
+}
+
+/// An item of a catalog change stream, as discovery hands it on and as a
+/// balancer consumes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// The whole catalog: sent first, and again after every reconnect.
+    /// Services not listed are unknown, not necessarily empty.
+    Reset(Vec<Snapshot>),
+    /// One service's new live set.
+    Service(Snapshot),
+}
+
+#[derive(Debug)]
+struct Live {
+    instance: Instance,
+    deadline: Instant,
+    /// The deadline of this instance's entry in the heap; the one entry that
+    /// counts when several were pushed.
+    scheduled: Instant,
+}
+
+#[derive(Debug, Default)]
+struct ServiceEntry {
+    revision: u64,
+    instances: BTreeMap<String, Live>,
+}
+
+impl ServiceEntry {
+    fn snapshot(&self, service: &str) -> Snapshot {
+        Snapshot {
+            service: service.to_owned(),
+            revision: self.revision,
+            instances: self
+                .instances
+                .values()
+                .map(|live| live.instance.clone())
+                .collect(),
+        }
+    }
+}
+
+/// The live catalog of every service.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    services: HashMap<String, ServiceEntry>,
+    /// Earliest-first expiry candidates. A heartbeat only moves an instance's
+    /// `deadline`; its heap entry is checked, and pushed again if it moved,
+    /// when it comes due. So a heartbeat costs no heap work.
+    deadlines: BinaryHeap<Reverse<(Instant, String, String)>>,
+    live: usize,
+}
+
+impl Catalog {
+    pub fn new() -> Self {
+        Catalog::default()
+    }
+
+    /// Takes in a snapshot kept from an earlier run: its instances count as
+    /// just heard, and the service's revisions continue from it. Returns no
+    /// change: nothing changed for anyone who saw that snapshot.
+    pub fn adopt(&mut self, snapshot: Snapshot, now: Instant) {
+        let service = snapshot.service;
+        let entry = self.services.entry(service.clone()).or_default();
+        entry.revision = entry.revision.max(snapshot.revision);
+        for instance in snapshot.instances {
+            let deadline = now + instance.ttl();
+            let id = instance.id.clone();
+            let live = Live {
+                instance,
+                deadline,
+                scheduled: deadline,
+            };
+            if entry.instances.insert(id.clone(), live).is_none() {
+                self.live += 1;
+            }
+            self.deadlines
+                .push(Reverse((deadline, service.clone(), id)));
+        }
+    }
+
+    /// Folds one event in. A heartbeat or register that changes nothing but
+    /// the deadline returns `None`.
+    pub fn apply(&mut self, event: Event, now: Instant) -> Option<Change> {
+        match event {
+            Event::Register(instance) | Event::Heartbeat(instance) => self.upsert(instance, now),
+            Event::Deregister { service, id } => {
+                let entry = self.services.get_mut(&service)?;
+                entry.instances.remove(&id)?;
+                self.live -= 1;
+                entry.revision += 1;
+                Some(Change {
+                    revision: entry.revision,
+                    service,
+                    id,
+                    kind: ChangeKind::Deregistered,
+                })
+            }
+        }
+    }
+
+    fn upsert(&mut self, instance: Instance, now: Instant) -> Option<Change> {
+        let deadline = now + instance.ttl();
+        // The lookup by &str first: the common case, a heartbeat of a known
+        // service, allocates nothing.
+        let entry = match self.services.get_mut(instance.service.as_str()) {
+            Some(entry) => entry,
+            None => self.services.entry(instance.service.clone()).or_default(),
+        };
+        if let Some(live) = entry.instances.get_mut(instance.id.as_str()) {
+            live.deadline = deadline;
+            if deadline < live.scheduled {
+                // The TTL shrank: the heap entry would fire late.
+                live.scheduled = deadline;
+                self.deadlines.push(Reverse((
+                    deadline,
+                    instance.service.clone(),
+                    instance.id.clone(),
+                )));
+            }
+            if live.instance == instance {
+                return None;
+            }
+            let (service, id) = (instance.service.clone(), instance.id.clone());
+            live.instance = instance;
+            entry.revision += 1;
+            return Some(Change {
+                service,
+                id,
+                kind: ChangeKind::Updated,
+                revision: entry.revision,
+            });
+        }
+        let (service, id) = (instance.service.clone(), instance.id.clone());
+        entry.instances.insert(
+            id.clone(),
+            Live {
+                instance,
+                deadline,
+                scheduled: deadline,
+            },
+        );
+        entry.revision += 1;
+        self.live += 1;
+        self.deadlines
+            .push(Reverse((deadline, service.clone(), id.clone())));
+        Some(Change {
+            service,
+            id,
+            kind: ChangeKind::Joined,
+            revision: entry.revision,
+        })
+    }
+
+    /// Removes every instance whose deadline is at or before `now`.
+    pub fn expire(&mut self, now: Instant) -> Vec<Change> {
+        let mut changes = Vec::new();
+        while let Some(Reverse((due, _, _))) = self.deadlines.peek() {
+            if *due > now {
+                break;
+            }
+            let Some(Reverse((due, service, id))) = self.deadlines.pop() else {
+                break;
+            };
+            let Some(entry) = self.services.get_mut(&service) else {
+                continue;
+            };
+            let Some(live) = entry.instances.get_mut(&id) else {
+                continue;
+            };
+            if live.scheduled != due {
+                continue;
+            }
+            if live.deadline > now {
+                live.scheduled = live.deadline;
+                self.deadlines.push(Reverse((live.deadline, service, id)));
+                continue;
+            }
+            entry.instances.remove(&id);
+            self.live -= 1;
+            entry.revision += 1;
+            changes.push(Change {
+                revision: entry.revision,
+                service,
+                id,
+                kind: ChangeKind::Expired,
+            });
+        }
+        changes
+    }
+
+    /// When [`Catalog::expire`] should run next: never later than the
+    /// earliest deadline, sometimes earlier (a heartbeat moved it).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.peek().map(|Reverse((due, _, _))| *due)
+    }
+
+    /// The current snapshot of one service, if it was ever seen.
+    pub fn snapshot(&self, service: &str) -> Option<Snapshot> {
+        self.services
+            .get(service)
+            .map(|entry| entry.snapshot(service))
+    }
+
+    /// Every service's snapshot, sorted by service name.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        let mut all: Vec<Snapshot> = self
+            .services
+            .iter()
+            .map(|(service, entry)| entry.snapshot(service))
+            .collect();
+        all.sort_by(|a, b| a.service.cmp(&b.service));
+        all
+    }
+
+    /// Live instances across all services.
+    pub fn live_instances(&self) -> usize {
+        self.live
+    }
+
+    /// Services ever seen, including those with no live instance.
+    pub fn services(&self) -> usize {
+        self.services.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn instance(service: &str, id: &str, port: u16) -> Instance {
+        Instance::new(service, id, "127.0.0.1", port)
+    }
+
+    fn ids(catalog: &Catalog, service: &str) -> Vec<String> {
+        catalog
+            .snapshot(service)
+            .map(|s| s.instances.into_iter().map(|i| i.id).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn register_joins_and_heartbeat_without_change_is_silent() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        let change = catalog
+            .apply(Event::Register(instance("web", "a", 1)), t0)
+            .expect("a new instance is a change");
+        assert_eq!(change.kind, ChangeKind::Joined);
+        assert_eq!(change.revision, 1);
+        assert_eq!(
+            catalog.apply(Event::Heartbeat(instance("web", "a", 1)), t0),
+            None
+        );
+        assert_eq!(
+            catalog.apply(Event::Register(instance("web", "a", 1)), t0),
+            None
+        );
+        assert_eq!(catalog.snapshot("web").unwrap().revision, 1);
+    }
+
+    #[test]
+    fn first_heartbeat_also_joins() {
+        let mut catalog = Catalog::new();
+        let change = catalog
+            .apply(Event::Heartbeat(instance("web", "a", 1)), Instant::now())
+            .unwrap();
+        assert_eq!(change.kind, ChangeKind::Joined);
+    }
+
+    #[test]
+    fn heartbeat_extends_the_deadline() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_millis(3000);
+        let mut catalog = Catalog::new();
+        catalog.apply(Event::Register(instance("web", "a", 1)), t0);
+        let t1 = t0 + Duration::from_millis(2000);
+        catalog.apply(Event::Heartbeat(instance("web", "a", 1)), t1);
+        assert!(
+            catalog.expire(t0 + ttl).is_empty(),
+            "deadline moved to t1+ttl"
+        );
+        assert_eq!(ids(&catalog, "web"), ["a"]);
+        assert!(catalog.next_deadline().unwrap() > t0 + ttl);
+        let changes = catalog.expire(t1 + ttl);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].kind, ChangeKind::Expired);
+        assert!(ids(&catalog, "web").is_empty());
+    }
+
+    #[test]
+    fn expiry_happens_exactly_at_the_deadline() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        let mut short = instance("web", "a", 1);
+        short.ttl_ms = 500;
+        catalog.apply(Event::Register(short), t0);
+        assert_eq!(
+            catalog.next_deadline(),
+            Some(t0 + Duration::from_millis(500))
+        );
+        assert!(catalog
+            .expire(t0 + Duration::from_millis(500) - Duration::from_nanos(1))
+            .is_empty());
+        let changes = catalog.expire(t0 + Duration::from_millis(500));
+        assert_eq!(
+            changes,
+            vec![Change {
+                service: "web".into(),
+                id: "a".into(),
+                kind: ChangeKind::Expired,
+                revision: 2
+            }]
+        );
+        assert_eq!(catalog.next_deadline(), None);
+        assert_eq!(catalog.live_instances(), 0);
+    }
+
+    #[test]
+    fn a_shrunk_ttl_expires_on_the_new_deadline() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        catalog.apply(Event::Register(instance("web", "a", 1)), t0);
+        let mut short = instance("web", "a", 1);
+        short.ttl_ms = 200;
+        let change = catalog.apply(Event::Heartbeat(short), t0).unwrap();
+        assert_eq!(change.kind, ChangeKind::Updated);
+        assert_eq!(
+            catalog.next_deadline(),
+            Some(t0 + Duration::from_millis(200))
+        );
+        assert_eq!(catalog.expire(t0 + Duration::from_millis(200)).len(), 1);
+        assert!(catalog.expire(t0 + Duration::from_secs(10)).is_empty());
+    }
+
+    #[test]
+    fn a_changed_record_is_a_change() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        catalog.apply(Event::Register(instance("web", "a", 1)), t0);
+        let moved = instance("web", "a", 2);
+        let change = catalog.apply(Event::Heartbeat(moved), t0).unwrap();
+        assert_eq!(change.kind, ChangeKind::Updated);
+        let mut heavier = instance("web", "a", 2);
+        heavier.weight = 5;
+        let change = catalog.apply(Event::Register(heavier), t0).unwrap();
+        assert_eq!(change.kind, ChangeKind::Updated);
+        assert_eq!(change.revision, 3);
+        let snapshot = catalog.snapshot("web").unwrap();
+        assert_eq!(snapshot.instances[0].port, 2);
+        assert_eq!(snapshot.instances[0].weight, 5);
+    }
+
+    #[test]
+    fn deregister_removes_and_unknown_deregister_is_a_no_op() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        catalog.apply(Event::Register(instance("web", "a", 1)), t0);
+        catalog.apply(Event::Register(instance("web", "b", 2)), t0);
+        let gone = |id: &str| Event::Deregister {
+            service: "web".into(),
+            id: id.into(),
+        };
+        let change = catalog.apply(gone("a"), t0).unwrap();
+        assert_eq!(change.kind, ChangeKind::Deregistered);
+        assert_eq!(ids(&catalog, "web"), ["b"]);
+        assert_eq!(catalog.apply(gone("a"), t0), None);
+        assert_eq!(catalog.apply(gone("zzz"), t0), None);
+        assert_eq!(
+            catalog.apply(
+                Event::Deregister {
+                    service: "nope".into(),
+                    id: "a".into()
+                },
+                t0
+            ),
+            None
+        );
+        assert_eq!(catalog.services(), 1, "an unknown service is not created");
+        // The stale heap entry of `a` must not expire anything.
+        assert!(catalog.expire(t0 + Duration::from_millis(2999)).is_empty());
+        assert_eq!(catalog.expire(t0 + Duration::from_millis(3000)).len(), 1);
+    }
+
+    #[test]
+    fn many_services_are_independent_and_sorted() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        for service in ["web", "api", "db"] {
+            for id in ["c", "a", "b"] {
+                catalog.apply(Event::Register(instance(service, id, 1)), t0);
+            }
+        }
+        assert_eq!(catalog.live_instances(), 9);
+        let all = catalog.snapshots();
+        let names: Vec<_> = all.iter().map(|s| s.service.as_str()).collect();
+        assert_eq!(names, ["api", "db", "web"]);
+        for snapshot in &all {
+            assert_eq!(snapshot.revision, 3);
+            snapshot.validate().expect("snapshots are sorted by id");
+            assert_eq!(
+                snapshot.instances.iter().map(|i| &i.id).collect::<Vec<_>>(),
+                ["a", "b", "c"]
+            );
+        }
+        catalog.apply(
+            Event::Deregister {
+                service: "db".into(),
+                id: "b".into(),
+            },
+            t0,
+        );
+        assert_eq!(catalog.snapshot("db").unwrap().revision, 4);
+        assert_eq!(catalog.snapshot("web").unwrap().revision, 3);
+    }
+
+    #[test]
+    fn revision_strictly_increases_through_every_kind_of_change() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        let mut seen = Vec::new();
+        let mut record = |change: Option<Change>| {
+            if let Some(c) = change {
+                seen.push(c.revision);
+            }
+        };
+        record(catalog.apply(Event::Register(instance("web", "a", 1)), t0));
+        record(catalog.apply(Event::Register(instance("web", "b", 1)), t0));
+        record(catalog.apply(Event::Heartbeat(instance("web", "a", 9)), t0));
+        record(catalog.apply(
+            Event::Deregister {
+                service: "web".into(),
+                id: "a".into(),
+            },
+            t0,
+        ));
+        for change in catalog.expire(t0 + Duration::from_secs(3)) {
+            record(Some(change));
+        }
+        record(catalog.apply(Event::Register(instance("web", "a", 1)), t0));
+        assert_eq!(seen, [1, 2, 3, 4, 5, 6]);
+        assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn an_emptied_service_keeps_its_revision() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        catalog.apply(Event::Register(instance("web", "a", 1)), t0);
+        catalog.expire(t0 + Duration::from_secs(3));
+        let empty = catalog.snapshot("web").unwrap();
+        assert!(empty.instances.is_empty());
+        assert_eq!(empty.revision, 2);
+    }
+
+    #[test]
+    fn adopted_snapshots_count_as_just_heard_and_continue_revisions() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        let kept = Snapshot {
+            service: "web".into(),
+            revision: 41,
+            instances: vec![instance("web", "a", 1), instance("web", "b", 2)],
+        };
+        let later = t0 + Duration::from_secs(60);
+        catalog.adopt(kept.clone(), later);
+        assert_eq!(catalog.snapshot("web").unwrap(), kept);
+        assert_eq!(
+            catalog.apply(
+                Event::Heartbeat(instance("web", "a", 1)),
+                later + Duration::from_secs(1)
+            ),
+            None,
+            "a heartbeat matching the adopted record changes nothing"
+        );
+        assert!(catalog
+            .expire(later + Duration::from_millis(2999))
+            .is_empty());
+        let change = catalog
+            .apply(Event::Register(instance("web", "c", 3)), later)
+            .unwrap();
+        assert_eq!(change.revision, 42);
+        let expired = catalog.expire(later + Duration::from_secs(3));
+        assert_eq!(expired.len(), 2, "b and c were never heard again");
+    }
+}

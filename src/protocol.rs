@@ -1,0 +1,841 @@
+//! Stage 0, the wire: the JSON records and NATS subjects of protocol version 1
+//! (`docs/protocol.md`), and the rules every sender and receiver checks.
+//!
+//! Everything that crosses NATS is built and parsed here and nowhere else; the
+//! catalog fold receives [`Event`]s that already passed these checks.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The subject prefix used when none is configured.
+pub const DEFAULT_PREFIX: &str = "rollcall";
+/// Longest service, instance or prefix token.
+pub const MAX_NAME_LEN: usize = 64;
+/// `ttl_ms` when an Instance does not carry one.
+pub const DEFAULT_TTL_MS: u64 = 3_000;
+/// `weight` when an Instance does not carry one.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// Allowed range of `ttl_ms`.
+pub const TTL_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=600_000;
+/// Allowed range of `weight`.
+pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 0..=10_000;
+/// Longest `address` (a DNS name is at most 253 characters).
+pub const MAX_ADDRESS_LEN: usize = 253;
+
+/// Why a name, subject or payload was refused. Each variant names the field or
+/// token and the rule it broke, so one log line tells the sender what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("{what} is empty; it must be 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 _ -")]
+    EmptyName { what: &'static str },
+    #[error("{what} {name:?} is {len} characters long; at most {MAX_NAME_LEN} are allowed")]
+    NameTooLong {
+        what: &'static str,
+        name: String,
+        len: usize,
+    },
+    #[error("{what} {name:?} contains {bad:?}; only A-Z a-z 0-9 _ - are allowed")]
+    BadNameChar {
+        what: &'static str,
+        name: String,
+        bad: char,
+    },
+    #[error("subject {subject:?} is not a rollcall subject under prefix {prefix:?}")]
+    ForeignSubject { subject: String, prefix: String },
+    #[error("subject {subject:?} has an unknown kind {kind:?}; expected register, heartbeat, deregister or catalog")]
+    UnknownKind { subject: String, kind: String },
+    #[error("subject {subject:?} has the wrong number of tokens; expected {expected}")]
+    SubjectShape {
+        subject: String,
+        expected: &'static str,
+    },
+    #[error("payload is not valid JSON for {what}: {reason}")]
+    BadJson { what: &'static str, reason: String },
+    #[error("field `{field}` is {value}, outside the allowed range {range}")]
+    OutOfRange {
+        field: &'static str,
+        value: i128,
+        range: &'static str,
+    },
+    #[error("field `address` {reason}")]
+    BadAddress { reason: &'static str },
+    #[error("field `{field}` is {payload:?} but the subject says {subject:?}; they must be equal")]
+    SubjectMismatch {
+        field: &'static str,
+        payload: String,
+        subject: String,
+    },
+    #[error("snapshot of {service:?} lists instance {id:?} twice or out of id order")]
+    UnsortedSnapshot { service: String, id: String },
+}
+
+/// Checks a service, instance or prefix token: 1 to 64 characters from
+/// `A-Z a-z 0-9 _ -`.
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), ProtocolError> {
+    if name.is_empty() {
+        return Err(ProtocolError::EmptyName { what });
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(ProtocolError::BadNameChar {
+            what,
+            name: name.to_owned(),
+            bad,
+        });
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(ProtocolError::NameTooLong {
+            what,
+            name: name.to_owned(),
+            len: name.len(),
+        });
+    }
+    Ok(())
+}
+
+/// One instance of a service: the register and heartbeat payload, and an
+/// element of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawInstance")]
+pub struct Instance {
+    pub service: String,
+    pub id: String,
+    pub address: String,
+    pub port: u16,
+    pub ttl_ms: u64,
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
+}
+
+impl Instance {
+    /// A record with the protocol's defaults for `ttl_ms` and `weight`, no
+    /// tags and no meta. Call [`Instance::validate`] before sending it.
+    pub fn new(
+        service: impl Into<String>,
+        id: impl Into<String>,
+        address: impl Into<String>,
+        port: u16,
+    ) -> Self {
+        Instance {
+            service: service.into(),
+            id: id.into(),
+            address: address.into(),
+            port,
+            ttl_ms: DEFAULT_TTL_MS,
+            weight: DEFAULT_WEIGHT,
+            tags: Vec::new(),
+            meta: BTreeMap::new(),
+        }
+    }
+
+    /// Checks every rule of the protocol that the types alone do not.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        validate_name("service", &self.service)?;
+        validate_name("id", &self.id)?;
+        validate_address(&self.address)?;
+        check_range("port", i128::from(self.port), &(1..=65_535), "1..65535")?;
+        check_range(
+            "ttl_ms",
+            i128::from(self.ttl_ms),
+            &(i128::from(*TTL_MS_RANGE.start())..=i128::from(*TTL_MS_RANGE.end())),
+            "100..600000",
+        )?;
+        check_range(
+            "weight",
+            i128::from(self.weight),
+            &(i128::from(*WEIGHT_RANGE.start())..=i128::from(*WEIGHT_RANGE.end())),
+            "0..10000",
+        )?;
+        Ok(())
+    }
+
+    /// The time to live as a duration.
+    pub fn ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.ttl_ms)
+    }
+
+    /// `address:port`, bracketing IPv6 literals, ready for a URI authority.
+    pub fn authority(&self) -> String {
+        if self.address.contains(':') {
+            format!("[{}]:{}", self.address, self.port)
+        } else {
+            format!("{}:{}", self.address, self.port)
+        }
+    }
+}
+
+fn validate_address(address: &str) -> Result<(), ProtocolError> {
+    if address.is_empty() {
+        return Err(ProtocolError::BadAddress {
+            reason: "is empty; give an IP address or DNS name",
+        });
+    }
+    if address.len() > MAX_ADDRESS_LEN {
+        return Err(ProtocolError::BadAddress {
+            reason: "is longer than 253 characters",
+        });
+    }
+    if address
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || "/?#@".contains(c))
+    {
+        return Err(ProtocolError::BadAddress {
+            reason: "contains whitespace or one of / ? # @; give a bare IP address or DNS name",
+        });
+    }
+    Ok(())
+}
+
+fn check_range(
+    field: &'static str,
+    value: i128,
+    allowed: &std::ops::RangeInclusive<i128>,
+    range: &'static str,
+) -> Result<(), ProtocolError> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(ProtocolError::OutOfRange {
+            field,
+            value,
+            range,
+        })
+    }
+}
+
+/// The Instance as it arrives: numbers wide enough that an out-of-range value
+/// is reported by field and range, not as a serde integer overflow.
+#[derive(Deserialize)]
+struct RawInstance {
+    service: String,
+    id: String,
+    address: String,
+    port: i64,
+    #[serde(default = "default_ttl")]
+    ttl_ms: i64,
+    #[serde(default = "default_weight")]
+    weight: i64,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    meta: BTreeMap<String, String>,
+}
+
+fn default_ttl() -> i64 {
+    DEFAULT_TTL_MS as i64
+}
+
+fn default_weight() -> i64 {
+    i64::from(DEFAULT_WEIGHT)
+}
+
+impl TryFrom<RawInstance> for Instance {
+    type Error = ProtocolError;
+
+    fn try_from(raw: RawInstance) -> Result<Self, ProtocolError> {
+        check_range("port", raw.port.into(), &(1..=65_535), "1..65535")?;
+        check_range("ttl_ms", raw.ttl_ms.into(), &(100..=600_000), "100..600000")?;
+        check_range("weight", raw.weight.into(), &(0..=10_000), "0..10000")?;
+        let instance = Instance {
+            service: raw.service,
+            id: raw.id,
+            address: raw.address,
+            port: raw.port as u16,
+            ttl_ms: raw.ttl_ms as u64,
+            weight: raw.weight as u32,
+            tags: raw.tags,
+            meta: raw.meta,
+        };
+        instance.validate()?;
+        Ok(instance)
+    }
+}
+
+/// The full live set of one service, published on `<prefix>.catalog.<service>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub service: String,
+    pub revision: u64,
+    pub instances: Vec<Instance>,
+}
+
+impl Snapshot {
+    /// Checks the service name, and that instances belong to the service and
+    /// are sorted by `id` without repeats.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        validate_name("service", &self.service)?;
+        let mut previous: Option<&str> = None;
+        for instance in &self.instances {
+            if instance.service != self.service {
+                return Err(ProtocolError::SubjectMismatch {
+                    field: "instances[].service",
+                    payload: instance.service.clone(),
+                    subject: self.service.clone(),
+                });
+            }
+            if previous.is_some_and(|p| p >= instance.id.as_str()) {
+                return Err(ProtocolError::UnsortedSnapshot {
+                    service: self.service.clone(),
+                    id: instance.id.clone(),
+                });
+            }
+            previous = Some(&instance.id);
+        }
+        Ok(())
+    }
+}
+
+/// The kinds of event subject a service (or an agent for it) publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Register,
+    Heartbeat,
+    Deregister,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 3] = [
+        EventKind::Register,
+        EventKind::Heartbeat,
+        EventKind::Deregister,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Register => "register",
+            EventKind::Heartbeat => "heartbeat",
+            EventKind::Deregister => "deregister",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A validated event, as the catalog fold consumes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Register(Instance),
+    Heartbeat(Instance),
+    Deregister { service: String, id: String },
+}
+
+impl Event {
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::Register(_) => EventKind::Register,
+            Event::Heartbeat(_) => EventKind::Heartbeat,
+            Event::Deregister { .. } => EventKind::Deregister,
+        }
+    }
+
+    pub fn service(&self) -> &str {
+        match self {
+            Event::Register(i) | Event::Heartbeat(i) => &i.service,
+            Event::Deregister { service, .. } => service,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Event::Register(i) | Event::Heartbeat(i) => &i.id,
+            Event::Deregister { id, .. } => id,
+        }
+    }
+}
+
+/// The deregister payload: `{}` or an Instance. Only `service` and `id` are
+/// looked at, and only to check them against the subject.
+#[derive(Deserialize)]
+struct DeregisterBody {
+    service: Option<String>,
+    id: Option<String>,
+}
+
+/// The subjects of one fleet, all under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Subjects {
+            prefix: DEFAULT_PREFIX.to_owned(),
+        }
+    }
+}
+
+impl Subjects {
+    /// Subjects under `prefix`, a single token with the same rules as names.
+    pub fn new(prefix: &str) -> Result<Self, ProtocolError> {
+        validate_name("prefix", prefix)?;
+        Ok(Subjects {
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `<prefix>.<kind>.<service>.<instance>`.
+    pub fn event(&self, kind: EventKind, service: &str, id: &str) -> String {
+        format!("{}.{}.{service}.{id}", self.prefix, kind.as_str())
+    }
+
+    /// `<prefix>.<kind>.*.*`: every event of one kind.
+    pub fn event_wildcard(&self, kind: EventKind) -> String {
+        format!("{}.{}.*.*", self.prefix, kind.as_str())
+    }
+
+    /// `<prefix>.catalog.<service>`.
+    pub fn catalog(&self, service: &str) -> String {
+        format!("{}.catalog.{service}", self.prefix)
+    }
+
+    /// `<prefix>.catalog.>`: every snapshot.
+    pub fn catalog_wildcard(&self) -> String {
+        format!("{}.catalog.>", self.prefix)
+    }
+
+    /// `<prefix>.>`: everything of this fleet.
+    pub fn all(&self) -> String {
+        format!("{}.>", self.prefix)
+    }
+
+    /// The JetStream stream that keeps the last snapshot per service:
+    /// `<PREFIX>_CATALOG`.
+    pub fn catalog_stream(&self) -> String {
+        format!("{}_CATALOG", self.prefix.to_ascii_uppercase())
+    }
+
+    /// Splits an event subject into its kind and its service and instance
+    /// tokens, checking the tokens against the name rules.
+    pub fn parse_event_subject<'s>(
+        &self,
+        subject: &'s str,
+    ) -> Result<(EventKind, &'s str, &'s str), ProtocolError> {
+        let rest = self.strip_prefix(subject)?;
+        let mut tokens = rest.split('.');
+        let kind = match tokens.next().unwrap_or_default() {
+            "register" => EventKind::Register,
+            "heartbeat" => EventKind::Heartbeat,
+            "deregister" => EventKind::Deregister,
+            other => {
+                return Err(ProtocolError::UnknownKind {
+                    subject: subject.to_owned(),
+                    kind: other.to_owned(),
+                })
+            }
+        };
+        match (tokens.next(), tokens.next(), tokens.next()) {
+            (Some(service), Some(id), None) => {
+                validate_name("service token", service)?;
+                validate_name("instance token", id)?;
+                Ok((kind, service, id))
+            }
+            _ => Err(ProtocolError::SubjectShape {
+                subject: subject.to_owned(),
+                expected: "<prefix>.<kind>.<service>.<instance>",
+            }),
+        }
+    }
+
+    /// The service token of a catalog subject.
+    pub fn parse_catalog_subject<'s>(&self, subject: &'s str) -> Result<&'s str, ProtocolError> {
+        let rest = self.strip_prefix(subject)?;
+        match rest.split_once('.') {
+            Some(("catalog", service)) if !service.contains('.') => {
+                validate_name("service token", service)?;
+                Ok(service)
+            }
+            Some(("catalog", _)) => Err(ProtocolError::SubjectShape {
+                subject: subject.to_owned(),
+                expected: "<prefix>.catalog.<service>",
+            }),
+            _ => Err(ProtocolError::UnknownKind {
+                subject: subject.to_owned(),
+                kind: rest.split('.').next().unwrap_or_default().to_owned(),
+            }),
+        }
+    }
+
+    fn strip_prefix<'s>(&self, subject: &'s str) -> Result<&'s str, ProtocolError> {
+        subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .ok_or_else(|| ProtocolError::ForeignSubject {
+                subject: subject.to_owned(),
+                prefix: self.prefix.clone(),
+            })
+    }
+
+    /// Parses and checks one event message: the subject's tokens, the JSON,
+    /// every field rule, and that `service`/`id` equal the subject's tokens.
+    pub fn parse_event(&self, subject: &str, payload: &[u8]) -> Result<Event, ProtocolError> {
+        let (kind, service, id) = self.parse_event_subject(subject)?;
+        match kind {
+            EventKind::Register | EventKind::Heartbeat => {
+                let instance: Instance =
+                    serde_json::from_slice(payload).map_err(|e| ProtocolError::BadJson {
+                        what: "an Instance",
+                        reason: e.to_string(),
+                    })?;
+                check_tokens(&instance.service, &instance.id, service, id)?;
+                Ok(if kind == EventKind::Register {
+                    Event::Register(instance)
+                } else {
+                    Event::Heartbeat(instance)
+                })
+            }
+            EventKind::Deregister => {
+                // An empty body means the same as `{}`: the subject says it all.
+                if !payload.iter().all(u8::is_ascii_whitespace) {
+                    let body: DeregisterBody =
+                        serde_json::from_slice(payload).map_err(|e| ProtocolError::BadJson {
+                            what: "a deregister ({} or an Instance)",
+                            reason: e.to_string(),
+                        })?;
+                    check_tokens(
+                        body.service.as_deref().unwrap_or(service),
+                        body.id.as_deref().unwrap_or(id),
+                        service,
+                        id,
+                    )?;
+                }
+                Ok(Event::Deregister {
+                    service: service.to_owned(),
+                    id: id.to_owned(),
+                })
+            }
+        }
+    }
+
+    /// Parses and checks one catalog message.
+    pub fn parse_snapshot(&self, subject: &str, payload: &[u8]) -> Result<Snapshot, ProtocolError> {
+        let service = self.parse_catalog_subject(subject)?;
+        let snapshot: Snapshot =
+            serde_json::from_slice(payload).map_err(|e| ProtocolError::BadJson {
+                what: "a Snapshot",
+                reason: e.to_string(),
+            })?;
+        if snapshot.service != service {
+            return Err(ProtocolError::SubjectMismatch {
+                field: "service",
+                payload: snapshot.service,
+                subject: service.to_owned(),
+            });
+        }
+        snapshot.validate()?;
+        Ok(snapshot)
+    }
+}
+
+fn check_tokens(
+    service: &str,
+    id: &str,
+    subject_service: &str,
+    subject_id: &str,
+) -> Result<(), ProtocolError> {
+    if service != subject_service {
+        return Err(ProtocolError::SubjectMismatch {
+            field: "service",
+            payload: service.to_owned(),
+            subject: subject_service.to_owned(),
+        });
+    }
+    if id != subject_id {
+        return Err(ProtocolError::SubjectMismatch {
+            field: "id",
+            payload: id.to_owned(),
+            subject: subject_id.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subjects() -> Subjects {
+        Subjects::default()
+    }
+
+    const WEB_1: &str = r#"{"service":"web","id":"web-1","address":"127.0.0.1","port":5001,"ttl_ms":3000,"weight":1,"tags":["v2"],"meta":{"zone":"a"}}"#;
+
+    #[test]
+    fn the_protocol_example_parses_and_round_trips() {
+        let event = subjects()
+            .parse_event("rollcall.register.web.web-1", WEB_1.as_bytes())
+            .expect("the example of PROTOCOL.md is valid");
+        let Event::Register(instance) = event else {
+            panic!("a register subject gives a Register event, got {event:?}");
+        };
+        assert_eq!(instance.address, "127.0.0.1");
+        assert_eq!(instance.port, 5001);
+        assert_eq!(instance.tags, vec!["v2".to_owned()]);
+        assert_eq!(instance.meta.get("zone").map(String::as_str), Some("a"));
+        let json = serde_json::to_string(&instance).expect("serializes");
+        assert_eq!(json, WEB_1);
+        let back: Instance = serde_json::from_str(&json).expect("parses back");
+        assert_eq!(back, instance);
+    }
+
+    #[test]
+    fn defaults_apply_and_unknown_fields_are_ignored() {
+        let payload = br#"{"service":"web","id":"a","address":"h","port":1,"future":{"x":1}}"#;
+        let Event::Heartbeat(instance) = subjects()
+            .parse_event("rollcall.heartbeat.web.a", payload)
+            .expect("valid")
+        else {
+            panic!("heartbeat subject gives a Heartbeat event");
+        };
+        assert_eq!(instance.ttl_ms, 3000);
+        assert_eq!(instance.weight, 1);
+        assert!(instance.tags.is_empty() && instance.meta.is_empty());
+    }
+
+    fn register_error(payload: &str) -> ProtocolError {
+        subjects()
+            .parse_event("rollcall.register.web.web-1", payload.as_bytes())
+            .expect_err("must be rejected")
+    }
+
+    #[test]
+    fn bad_json_is_rejected() {
+        let err = register_error("{not json");
+        assert!(matches!(err, ProtocolError::BadJson { .. }), "{err}");
+        let err = register_error("[1,2]");
+        assert!(matches!(err, ProtocolError::BadJson { .. }), "{err}");
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        for field in ["service", "id", "address", "port"] {
+            let mut value: serde_json::Value = serde_json::from_str(WEB_1).unwrap();
+            value.as_object_mut().unwrap().remove(field);
+            let err = register_error(&value.to_string());
+            assert!(
+                err.to_string()
+                    .contains(&format!("missing field `{field}`")),
+                "{field}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_types_are_rejected() {
+        for (field, value) in [
+            ("port", r#""5001""#),
+            ("port", "50.5"),
+            ("ttl_ms", "true"),
+            ("weight", r#""1""#),
+            ("service", "7"),
+            ("tags", r#""v2""#),
+            ("meta", r#"{"zone":1}"#),
+        ] {
+            let mut json: serde_json::Value = serde_json::from_str(WEB_1).unwrap();
+            json[field] = serde_json::from_str(value).unwrap();
+            let err = register_error(&json.to_string());
+            assert!(
+                matches!(err, ProtocolError::BadJson { .. }),
+                "{field}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn out_of_range_numbers_name_field_and_range() {
+        for (field, value, range) in [
+            ("port", "0", "1..65535"),
+            ("port", "65536", "1..65535"),
+            ("port", "-1", "1..65535"),
+            ("ttl_ms", "99", "100..600000"),
+            ("ttl_ms", "600001", "100..600000"),
+            ("weight", "10001", "0..10000"),
+            ("weight", "-1", "0..10000"),
+        ] {
+            let mut json: serde_json::Value = serde_json::from_str(WEB_1).unwrap();
+            json[field] = serde_json::from_str(value).unwrap();
+            let err = register_error(&json.to_string());
+            let text = err.to_string();
+            assert!(
+                text.contains(field) && text.contains(range) && text.contains(value),
+                "{field}={value}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn range_edges_are_accepted() {
+        for (field, value) in [
+            ("port", "1"),
+            ("port", "65535"),
+            ("ttl_ms", "100"),
+            ("ttl_ms", "600000"),
+            ("weight", "0"),
+            ("weight", "10000"),
+        ] {
+            let mut json: serde_json::Value = serde_json::from_str(WEB_1).unwrap();
+            json[field] = serde_json::from_str(value).unwrap();
+            subjects()
+                .parse_event("rollcall.register.web.web-1", json.to_string().as_bytes())
+                .unwrap_or_else(|e| panic!("{field}={value} is allowed: {e}"));
+        }
+    }
+
+    #[test]
+    fn payload_must_match_subject_tokens() {
+        let err = subjects()
+            .parse_event("rollcall.register.api.web-1", WEB_1.as_bytes())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtocolError::SubjectMismatch {
+                    field: "service",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = subjects()
+            .parse_event("rollcall.heartbeat.web.web-2", WEB_1.as_bytes())
+            .unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::SubjectMismatch { field: "id", .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_names_are_rejected_everywhere() {
+        let long = "a".repeat(65);
+        for name in ["a.b", "*", ">", "has space", "", long.as_str(), "é"] {
+            assert!(validate_name("service", name).is_err(), "{name:?}");
+            let mut instance = Instance::new(name, "i", "127.0.0.1", 80);
+            assert!(instance.validate().is_err(), "service {name:?}");
+            instance = Instance::new("web", name, "127.0.0.1", 80);
+            assert!(instance.validate().is_err(), "id {name:?}");
+        }
+        assert!(validate_name("service", &"a".repeat(64)).is_ok());
+        assert!(validate_name("service", "Web_1-x").is_ok());
+        let err = validate_name("service", &long).unwrap_err();
+        assert!(err.to_string().contains("65 characters"), "{err}");
+    }
+
+    #[test]
+    fn wildcard_and_malformed_subjects_are_rejected() {
+        let s = subjects();
+        for subject in [
+            "rollcall.register.*.web-1",
+            "rollcall.register.web.>",
+            "rollcall.register.web",
+            "rollcall.register.web.a.b",
+            "rollcall.hello.web.a",
+            "other.register.web.a",
+            "rollcallx.register.web.a",
+        ] {
+            assert!(
+                s.parse_event(subject, WEB_1.as_bytes()).is_err(),
+                "{subject}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_addresses_are_rejected() {
+        for address in ["", "a b", "http://x", "x/y", &"a".repeat(254)] {
+            let instance = Instance::new("web", "a", address, 80);
+            let err = instance.validate().unwrap_err();
+            assert!(
+                matches!(err, ProtocolError::BadAddress { .. }),
+                "{address:?}"
+            );
+        }
+        for address in ["10.0.0.1", "::1", "web-1.internal"] {
+            Instance::new("web", "a", address, 80)
+                .validate()
+                .unwrap_or_else(|e| panic!("{address}: {e}"));
+        }
+    }
+
+    #[test]
+    fn deregister_accepts_empty_object_or_instance() {
+        let s = subjects();
+        let expected = Event::Deregister {
+            service: "web".into(),
+            id: "web-1".into(),
+        };
+        for payload in ["{}", "", WEB_1, r#"{"reason":"shutdown"}"#] {
+            assert_eq!(
+                s.parse_event("rollcall.deregister.web.web-1", payload.as_bytes())
+                    .unwrap(),
+                expected,
+                "{payload:?}"
+            );
+        }
+        assert!(s
+            .parse_event("rollcall.deregister.web.web-2", WEB_1.as_bytes())
+            .is_err());
+        assert!(s
+            .parse_event("rollcall.deregister.web.web-1", b"nope")
+            .is_err());
+    }
+
+    #[test]
+    fn subjects_follow_the_prefix() {
+        let s = Subjects::new("acme").unwrap();
+        assert_eq!(
+            s.event(EventKind::Heartbeat, "web", "w1"),
+            "acme.heartbeat.web.w1"
+        );
+        assert_eq!(s.catalog("web"), "acme.catalog.web");
+        assert_eq!(s.catalog_wildcard(), "acme.catalog.>");
+        assert_eq!(s.catalog_stream(), "ACME_CATALOG");
+        assert_eq!(Subjects::default().catalog_stream(), "ROLLCALL_CATALOG");
+        assert!(Subjects::new("a.b").is_err());
+        assert!(s
+            .parse_event("rollcall.register.web.web-1", WEB_1.as_bytes())
+            .is_err());
+    }
+
+    #[test]
+    fn snapshots_are_checked() {
+        let s = subjects();
+        let a = Instance::new("web", "a", "127.0.0.1", 1);
+        let b = Instance::new("web", "b", "127.0.0.1", 2);
+        let good = Snapshot {
+            service: "web".into(),
+            revision: 4,
+            instances: vec![a.clone(), b.clone()],
+        };
+        let json = serde_json::to_vec(&good).unwrap();
+        assert_eq!(
+            s.parse_snapshot("rollcall.catalog.web", &json).unwrap(),
+            good
+        );
+        assert!(s.parse_snapshot("rollcall.catalog.api", &json).is_err());
+        let unsorted = Snapshot {
+            instances: vec![b, a],
+            ..good
+        };
+        let json = serde_json::to_vec(&unsorted).unwrap();
+        assert!(matches!(
+            s.parse_snapshot("rollcall.catalog.web", &json),
+            Err(ProtocolError::UnsortedSnapshot { .. })
+        ));
+    }
+}

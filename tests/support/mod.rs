@@ -1,0 +1,134 @@
+//! Real processes for integration tests: a `nats-server -js` on a free port
+//! with its own store, killed on drop.
+#![allow(dead_code)] // each test binary uses its own part of the support code
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `nats-server` with JetStream, on 127.0.0.1.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store: tempfile::TempDir,
+    config: Option<PathBuf>,
+}
+
+impl NatsServer {
+    /// Starts a server with JetStream on a free port.
+    pub fn start() -> NatsServer {
+        Self::start_inner(None)
+    }
+
+    /// Starts a server with `config` (a path, relative to the crate root or
+    /// absolute); the port and store dir are still chosen here.
+    pub fn with_config(config: impl AsRef<Path>) -> NatsServer {
+        let path = crate_root().join(config);
+        Self::start_inner(Some(path))
+    }
+
+    fn start_inner(config: Option<PathBuf>) -> NatsServer {
+        let store = tempfile::tempdir().expect("create a temp dir for the JetStream store");
+        let mut server = NatsServer {
+            child: None,
+            port: free_port(),
+            store,
+            config,
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL: as abrupt as a crash).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store, after [`NatsServer::stop`].
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new(nats_server_bin());
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        command
+            .args(["-js", "-a", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .arg("-sd")
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("NATS_SERVER_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            });
+        let child = command.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start {:?}: {e}; run scripts/test.sh (it installs nats-server) or put nats-server on PATH",
+                nats_server_bin()
+            )
+        });
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The crate's root directory.
+pub fn crate_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `NATS_SERVER_BIN`, else the project's `.venv/bin/nats-server`, else PATH.
+pub fn nats_server_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
+        return bin.into();
+    }
+    let venv = crate_root().join(".venv/bin/nats-server");
+    if venv.exists() {
+        return venv;
+    }
+    PathBuf::from("nats-server")
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port on 127.0.0.1")
+}
+
+/// Blocks until something accepts connections on `port`.
+pub fn wait_for_port(port: u16, limit: Duration) {
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < limit,
+            "nothing listened on 127.0.0.1:{port} within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
