@@ -12,8 +12,11 @@
 //!   changes out.
 //! - [`connect`]: how every component reaches NATS (credentials, TLS,
 //!   reconnects, connection events).
+//! - [`balancer`]: the HTTP reverse proxy: catalog updates in, each request
+//!   sent round-robin to a live instance of its route's service.
 #![forbid(unsafe_code)]
 
+pub mod balancer;
 pub mod catalog;
 pub mod connect;
 pub mod protocol;
