@@ -249,3 +249,61 @@ async fn follow(shared: Arc<Shared>, updates: impl Stream<Item = Update>) {
     }
     tracing::warn!("catalog updates ended; routing on the last sets received");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Instance;
+
+    fn snapshot(service: &str, revision: u64, ids: &[&str]) -> Snapshot {
+        Snapshot {
+            service: service.into(),
+            revision,
+            instances: ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| Instance::new(service, *id, "127.0.0.1", 5000 + i as u16))
+                .collect(),
+        }
+    }
+
+    fn ids(shared: &Shared, service: &str) -> Vec<String> {
+        let rotation = shared.rotation(service).expect("routed");
+        let set = rotation.load();
+        set.members().iter().map(|m| m.id().to_owned()).collect()
+    }
+
+    #[test]
+    fn a_reset_is_authoritative_only_for_the_services_it_lists() {
+        let shared = Shared::new(Routes::parse(&["web", "/api=api"]).expect("routes"));
+        shared.apply(Update::Service(snapshot("web", 1, &["w1"])));
+        shared.apply(Update::Service(snapshot("api", 1, &["a1"])));
+        shared.apply(Update::Reset(vec![snapshot("web", 2, &["w1", "w2"])]));
+        assert_eq!(ids(&shared, "web"), ["w1", "w2"]);
+        assert_eq!(ids(&shared, "api"), ["a1"], "api keeps its last set");
+        assert_eq!(shared.metrics.updates_applied.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn stale_and_unrouted_snapshots_are_counted_and_ignored() {
+        let shared = Shared::new(Routes::parse(&["web"]).expect("routes"));
+        shared.apply(Update::Service(snapshot("web", 3, &["w1"])));
+        shared.apply(Update::Reset(vec![
+            snapshot("web", 3, &[]),
+            snapshot("other", 9, &["o1"]),
+        ]));
+        assert_eq!(ids(&shared, "web"), ["w1"]);
+        assert_eq!(shared.metrics.updates_stale.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.metrics.updates_unrouted.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn an_instance_with_an_unusable_address_is_left_out_and_counted() {
+        let shared = Shared::new(Routes::parse(&["web"]).expect("routes"));
+        let mut bad = snapshot("web", 1, &["w1", "w2"]);
+        bad.instances[0].address = "bad host".into();
+        shared.apply(Update::Service(bad));
+        assert_eq!(ids(&shared, "web"), ["w2"]);
+        assert_eq!(shared.metrics.updates_bad.load(Ordering::Relaxed), 1);
+    }
+}

@@ -13,7 +13,10 @@
 //! of at most [`REPLAY_LIMIT`] (read whole before the first attempt). Any
 //! other body is streamed on the first attempt and a failure answers 502.
 //! The method does not matter: a request whose connection failed reached no
-//! one, so sending it elsewhere cannot do anything twice.
+//! one, so sending it elsewhere cannot do anything twice. A request whose
+//! kept-alive connection closed before any answer (the instance exited
+//! between two requests) may have reached it, so it is retried only when its
+//! method is idempotent (GET, HEAD, PUT, DELETE, OPTIONS, TRACE).
 //!
 //! Answers of its own: 404 no route, 503 no live instance (naming the
 //! service), 502 no instance reachable, 504 no response head within the
@@ -276,6 +279,26 @@ impl Proxy {
                     }
                     metrics.retries.fetch_add(1, Ordering::Relaxed);
                 }
+                Ok(Err(error))
+                    if prepared.can_replay() && closed_before_answer(&error, &prepared.method) =>
+                {
+                    // A kept-alive connection the instance closed as the
+                    // request went out: an instance that just exited, or an
+                    // idle timeout racing us. Not proof enough to eject;
+                    // if the instance is gone, the next connection to it fails
+                    // and ejects it.
+                    tracing::debug!(
+                        service = %service,
+                        instance = %member.id(),
+                        error = %error_chain(&error),
+                        "connection closed before an answer; trying the next instance"
+                    );
+                    tried.push(member);
+                    if tried.len() >= live {
+                        return unreachable_answer(service, &tried);
+                    }
+                    self.shared.metrics.retries.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(Err(error)) => {
                     tracing::warn!(
                         service = %service,
@@ -326,6 +349,23 @@ fn pick(set: &super::rotation::ServiceSet, tried: &[Arc<Member>]) -> Option<Arc<
         }
     }
     None
+}
+
+/// Whether the request failed because its (pooled) connection closed
+/// before any response byte, for a method that may be sent twice: then the
+/// instance may have seen it, so only idempotent methods qualify.
+fn closed_before_answer(error: &hyper_util::client::legacy::Error, method: &http::Method) -> bool {
+    if !method.is_idempotent() {
+        return false;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
+            return hyper_error.is_incomplete_message() || hyper_error.is_canceled();
+        }
+        source = cause.source();
+    }
+    false
 }
 
 fn unreachable_answer(service: &str, tried: &[Arc<Member>]) -> Response<ClientBody> {
