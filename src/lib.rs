@@ -12,8 +12,11 @@
 //!   changes out.
 //! - [`connect`]: how every component reaches NATS (credentials, TLS,
 //!   reconnects, connection events).
+//! - [`announcer`]: a Rust service registers, heartbeats and deregisters
+//!   itself.
 #![forbid(unsafe_code)]
 
+pub mod announcer;
 pub mod catalog;
 pub mod connect;
 pub mod protocol;
