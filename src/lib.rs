@@ -14,8 +14,11 @@
 //!   reconnects, connection events).
 //! - [`announcer`]: a Rust service registers, heartbeats and deregisters
 //!   itself.
+//! - [`agent`]: announces a service in any language, gated by its HTTP
+//!   health check.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod announcer;
 pub mod catalog;
 pub mod connect;

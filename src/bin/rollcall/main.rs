@@ -1,6 +1,7 @@
 //! `rollcall`: one binary, one subcommand per role. Argument parsing, logging
 //! set-up and process signals live here; the work is done by the library.
 
+mod agent;
 mod args;
 
 use clap::{Parser, Subcommand};
@@ -18,7 +19,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Announce a service written in any language, gated by its health check.
+    Agent(agent::Args),
+}
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -29,7 +33,9 @@ async fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result: anyhow::Result<()> = match cli.command {};
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Agent(args) => agent::run(args).await,
+    };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
