@@ -3,6 +3,7 @@
 
 mod agent;
 mod args;
+mod discovery;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -20,6 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fold register/heartbeat/deregister events into the live catalog and
+    /// publish a snapshot per service on every change.
+    Discovery(discovery::Args),
     /// Announce a service written in any language, gated by its health check.
     Agent(agent::Args),
 }
@@ -33,7 +37,8 @@ async fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result: anyhow::Result<()> = match cli.command {
+    let result = match cli.command {
+        Command::Discovery(args) => discovery::run(args).await,
         Command::Agent(args) => agent::run(args).await,
     };
     match result {
