@@ -21,6 +21,8 @@
 //!   itself.
 //! - [`agent`]: announces a service in any language, gated by its HTTP
 //!   health check.
+//! - [`fleet_view`]: events, snapshots and the stored catalog as lines and
+//!   JSON for people (`rollcall watch`, `rollcall catalog`).
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -29,5 +31,6 @@ pub mod catalog;
 pub mod catalog_stream;
 pub mod connect;
 pub mod discovery;
+pub mod fleet_view;
 pub mod protocol;
 pub mod subscription;

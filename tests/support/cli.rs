@@ -179,6 +179,19 @@ impl Process {
         }
     }
 
+    /// Waits until stderr contains `needle` (a log line saying it is ready).
+    pub fn wait_stderr(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.stderr_text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "stderr never said {needle:?} within {limit:?}:\n{}",
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn stderr_text(&self) -> String {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
     }

@@ -3,7 +3,9 @@
 
 mod agent;
 mod args;
+mod catalog;
 mod discovery;
+mod watch;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -26,6 +28,10 @@ enum Command {
     Discovery(discovery::Args),
     /// Announce a service written in any language, gated by its health check.
     Agent(agent::Args),
+    /// Print every event and snapshot as it happens, one line each.
+    Watch(watch::Args),
+    /// Print the current catalog once, from the catalog stream.
+    Catalog(catalog::Args),
 }
 
 #[tokio::main]
@@ -40,6 +46,8 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Discovery(args) => discovery::run(args).await,
         Command::Agent(args) => agent::run(args).await,
+        Command::Watch(args) => watch::run(args).await,
+        Command::Catalog(args) => catalog::run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
