@@ -27,7 +27,7 @@ enum Command {
     /// publish a snapshot per service on every change.
     Discovery(discovery::Args),
     /// Announce a service written in any language, gated by its health check.
-    Agent(agent::Args),
+    Agent(Box<agent::Args>),
     /// Print every event and snapshot as it happens, one line each.
     Watch(watch::Args),
     /// Print the current catalog once, from the catalog stream.
@@ -45,7 +45,7 @@ async fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Discovery(args) => discovery::run(args).await,
-        Command::Agent(args) => agent::run(args).await,
+        Command::Agent(args) => agent::run(*args).await,
         Command::Watch(args) => watch::run(args).await,
         Command::Catalog(args) => catalog::run(args).await,
     };
