@@ -42,7 +42,9 @@ async fn registers_heartbeats_updates_and_deregisters() {
         assert_eq!(beat.event, Event::Heartbeat(web("web-1")));
         let gap = beat.at - previous;
         assert!(
-            gap >= INTERVAL - Duration::from_millis(20) && gap < INTERVAL * 4,
+            // Wide bounds: the tap's own delays vary on a busy machine; a
+            // burst (no interval) or a stall (no heartbeat) still fails.
+            gap >= INTERVAL / 2 && gap < INTERVAL * 4,
             "heartbeat gap {gap:?} for an interval of {INTERVAL:?}"
         );
         previous = beat.at;
