@@ -12,8 +12,10 @@
 //!   changes out.
 //! - [`connect`]: how every component reaches NATS (credentials, TLS,
 //!   reconnects, connection events).
+//! - [`permissions`]: what NATS lets each role do; refusals as typed errors.
 #![forbid(unsafe_code)]
 
 pub mod catalog;
 pub mod connect;
+pub mod permissions;
 pub mod protocol;
