@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use crate::protocol::{EventKind, Subjects};
+use crate::protocol::Subjects;
 
 /// What the server refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,14 +101,11 @@ impl fmt::Display for Access {
     }
 }
 
-/// The subscriptions discovery cannot work without: every event kind.
-/// (Its publishes go to the catalog, where a probe would reach every
-/// balancer, so they are reported when they happen instead.)
+/// The subscription discovery cannot work without: every event, on the one
+/// subscription it makes. (Its publishes go to the catalog, where a probe
+/// would reach every balancer, so they are reported when they happen.)
 pub fn discovery_needs(subjects: &Subjects) -> Vec<Access> {
-    EventKind::ALL
-        .iter()
-        .map(|kind| Access::Subscribe(subjects.event_wildcard(*kind)))
-        .collect()
+    vec![Access::Subscribe(subjects.events_wildcard())]
 }
 
 /// The subscription a balancer (and `rollcall watch`'s catalog part) cannot
@@ -179,14 +176,7 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect();
-        assert_eq!(
-            discovery,
-            [
-                "subscribing to rollcall.register.*.*",
-                "subscribing to rollcall.heartbeat.*.*",
-                "subscribing to rollcall.deregister.*.*"
-            ]
-        );
+        assert_eq!(discovery, ["subscribing to rollcall.*.*.*"]);
         assert_eq!(
             balancer_needs(&subjects),
             [Access::Subscribe("rollcall.catalog.>".into())]
