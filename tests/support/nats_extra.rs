@@ -22,6 +22,8 @@ pub struct ConfiguredServer {
     child: Option<Child>,
     pub port: u16,
     pub monitor_port: u16,
+    /// N of a cluster node's `server_name: rollcall-N`; 0 elsewhere.
+    pub name_number: usize,
     dir: tempfile::TempDir,
     config: PathBuf,
 }
@@ -68,6 +70,7 @@ impl ConfiguredServer {
             child: None,
             port,
             monitor_port,
+            name_number: 0,
             dir,
             config,
         };
@@ -187,27 +190,30 @@ impl Cluster {
                     .unwrap_or_else(|e| panic!("read {path}: {e}"));
                 let (client, monitor, _) = ports[n - 1];
                 let ports = ports.clone();
-                ConfiguredServer::from_text_with(client, monitor, move |_, _, store| {
-                    let mut text =
-                        relocate(&text, &[("store_dir:", format!("store_dir: {store:?}"))]);
-                    for (i, (client, monitor, route)) in ports.iter().enumerate() {
-                        let node = i + 1;
-                        text = text
-                            .replace(
-                                &format!("127.0.0.1:422{node}"),
-                                &format!("127.0.0.1:{client}"),
-                            )
-                            .replace(
-                                &format!("127.0.0.1:822{node}"),
-                                &format!("127.0.0.1:{monitor}"),
-                            )
-                            .replace(
-                                &format!("127.0.0.1:622{node}"),
-                                &format!("127.0.0.1:{route}"),
-                            );
-                    }
-                    text
-                })
+                let mut node =
+                    ConfiguredServer::from_text_with(client, monitor, move |_, _, store| {
+                        let mut text =
+                            relocate(&text, &[("store_dir:", format!("store_dir: {store:?}"))]);
+                        for (i, (client, monitor, route)) in ports.iter().enumerate() {
+                            let node = i + 1;
+                            text = text
+                                .replace(
+                                    &format!("127.0.0.1:422{node}"),
+                                    &format!("127.0.0.1:{client}"),
+                                )
+                                .replace(
+                                    &format!("127.0.0.1:822{node}"),
+                                    &format!("127.0.0.1:{monitor}"),
+                                )
+                                .replace(
+                                    &format!("127.0.0.1:622{node}"),
+                                    &format!("127.0.0.1:{route}"),
+                                );
+                        }
+                        text
+                    });
+                node.name_number = n;
+                node
             })
             .collect();
         let cluster = Cluster { nodes };
@@ -245,12 +251,29 @@ pub fn wait_healthy(monitor_port: u16, limit: Duration) {
 }
 
 fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_get(port, path)?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The whole HTTP/1.0 response, headers and body.
+fn http_get(port: u16, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    Some(response)
+}
+
+/// The server name of the JetStream meta leader, as a node's `/jsz` sees it.
+pub fn meta_leader(monitor_port: u16) -> Option<String> {
+    let response = http_get(monitor_port, "/jsz")?;
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    let jsz: serde_json::Value = serde_json::from_str(body).ok()?;
+    jsz["meta_cluster"]["leader"].as_str().map(str::to_owned)
 }
 
 /// Operator, account and user keys and JWTs for decentralised auth, as
