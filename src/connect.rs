@@ -183,10 +183,8 @@ impl Connection {
             Ok(Some(denied)) => Err(AccessError::Denied(denied)),
             Ok(None) | Err(_) => Ok(()),
         };
-        for mut probe in probes {
-            // The subscription goes away with the probe either way.
-            let _ = probe.unsubscribe().await;
-        }
+        // Dropping a subscriber unsubscribes it.
+        drop(probes);
         result
     }
 }
@@ -374,8 +372,8 @@ enum UrlCredentials {
 /// percent-decoded (a password with `@` or `:` in it is written `%40`, `%3A`).
 /// async-nats does not read them from the URL itself.
 fn url_credentials(urls: &str) -> Option<UrlCredentials> {
-    urls.split(',').find_map(|url| {
-        let rest = url.trim().split_once("://").map_or(url, |(_, rest)| rest);
+    urls.split(',').map(str::trim).find_map(|url| {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
         let (userinfo, _) = rest.rsplit_once('@')?;
         Some(match userinfo.split_once(':') {
             Some((user, password)) => {
