@@ -291,6 +291,24 @@ fn the_cli_says_why_when_the_password_is_wrong_and_exits_non_zero() {
     );
 }
 
+#[test]
+fn a_discovery_started_under_the_wrong_user_exits_naming_the_refusal() {
+    let server = ConfiguredServer::from_file("nats/secure.conf");
+    let output = Command::new(env!("CARGO_BIN_EXE_rollcall"))
+        .args(["discovery", "--nats"])
+        .arg(server.secure_url("balancer"))
+        .env("ROLLCALL_LOG", "error")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run rollcall");
+    assert!(!output.status.success(), "exit status {:?}", output.status);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("permission denied subscribing to rollcall.*.*.* as user balancer"),
+        "stderr: {stderr}"
+    );
+}
+
 // ---------------------------------------------------------------- permissions
 
 #[tokio::test]
