@@ -233,6 +233,17 @@ impl Catalog {
         changes
     }
 
+    /// Counts every live instance as heard at `now`: for when the caller could
+    /// not hear anything for a while (its NATS connection was down), so
+    /// silence was not the instances' fault.
+    pub fn refresh_all(&mut self, now: Instant) {
+        for entry in self.services.values_mut() {
+            for live in entry.instances.values_mut() {
+                live.deadline = live.deadline.max(now + live.instance.ttl());
+            }
+        }
+    }
+
     /// When [`Catalog::expire`] should run next: never later than the
     /// earliest deadline, sometimes earlier (a heartbeat moved it).
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -244,6 +255,15 @@ impl Catalog {
         self.services
             .get(service)
             .map(|entry| entry.snapshot(service))
+    }
+
+    /// One live instance's record.
+    pub fn instance(&self, service: &str, id: &str) -> Option<&Instance> {
+        self.services
+            .get(service)?
+            .instances
+            .get(id)
+            .map(|live| &live.instance)
     }
 
     /// Every service's snapshot, sorted by service name.
@@ -377,6 +397,20 @@ mod tests {
         );
         assert_eq!(catalog.expire(t0 + Duration::from_millis(200)).len(), 1);
         assert!(catalog.expire(t0 + Duration::from_secs(10)).is_empty());
+    }
+
+    #[test]
+    fn refresh_all_forgives_a_blind_spell() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        catalog.apply(Event::Register(instance("web", "a", 1)), t0);
+        let back = t0 + Duration::from_secs(10);
+        catalog.refresh_all(back);
+        assert!(catalog.expire(back).is_empty());
+        assert!(catalog
+            .expire(back + Duration::from_millis(2999))
+            .is_empty());
+        assert_eq!(catalog.expire(back + Duration::from_secs(3)).len(), 1);
     }
 
     #[test]

@@ -10,10 +10,18 @@
 //!   subjects, and the name and field rules (`docs/protocol.md`).
 //! - [`catalog`]: the pure fold: events and time in, the live catalog and its
 //!   changes out.
+//! - [`discovery`]: NATS events through the fold; a snapshot per change,
+//!   published and kept in the catalog stream.
+//! - [`catalog_stream`]: the JetStream last-value stream of snapshots.
+//! - [`subscription`]: catalog messages from NATS into a stream of updates,
+//!   the only input of a balancer.
 //! - [`connect`]: how every component reaches NATS (credentials, TLS,
 //!   reconnects, connection events).
 #![forbid(unsafe_code)]
 
 pub mod catalog;
+pub mod catalog_stream;
 pub mod connect;
+pub mod discovery;
 pub mod protocol;
+pub mod subscription;

@@ -399,6 +399,12 @@ impl Subjects {
         format!("{}.{}.*.*", self.prefix, kind.as_str())
     }
 
+    /// `<prefix>.*.*.*`: every event of every kind, on one subscription so
+    /// that one sender's events arrive in the order they were sent.
+    pub fn events_wildcard(&self) -> String {
+        format!("{}.*.*.*", self.prefix)
+    }
+
     /// `<prefix>.catalog.<service>`.
     pub fn catalog(&self, service: &str) -> String {
         format!("{}.catalog.{service}", self.prefix)

@@ -132,3 +132,70 @@ pub fn wait_for_port(port: u16, limit: Duration) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Discovery running in-process against a real server, stopped on
+/// [`RunningDiscovery::stop`] or drop.
+pub struct RunningDiscovery {
+    discovery: Option<rollcall::discovery::Discovery>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RunningDiscovery {
+    /// Starts discovery under the default prefix on its own connection.
+    pub async fn start(url: &str) -> RunningDiscovery {
+        let connection = rollcall::connect::NatsOptions::new(url)
+            .connect("test-discovery")
+            .await
+            .expect("discovery connects to the test server");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let discovery = rollcall::discovery::spawn(
+            connection.client,
+            rollcall::protocol::Subjects::default(),
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .await
+        .expect("discovery starts");
+        RunningDiscovery {
+            discovery: Some(discovery),
+            stop: Some(stop),
+        }
+    }
+
+    pub fn get(&self) -> &rollcall::discovery::Discovery {
+        self.discovery.as_ref().expect("running until stopped")
+    }
+
+    /// Stops it and waits until it has.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(discovery) = self.discovery.take() {
+            discovery.wait().await.expect("discovery stops cleanly");
+        }
+    }
+}
+
+/// A plain client, as a service or an operator would have.
+pub async fn client(url: &str) -> async_nats::Client {
+    async_nats::connect(url)
+        .await
+        .expect("connect to the test server")
+}
+
+/// The next snapshot on a subscription, or a panic after `limit`.
+pub async fn next_snapshot(
+    subscription: &mut async_nats::Subscriber,
+    limit: Duration,
+) -> rollcall::protocol::Snapshot {
+    use futures::StreamExt;
+    let message = tokio::time::timeout(limit, subscription.next())
+        .await
+        .unwrap_or_else(|_| panic!("no snapshot within {limit:?}"))
+        .expect("subscription open");
+    rollcall::protocol::Subjects::default()
+        .parse_snapshot(&message.subject, &message.payload)
+        .expect("discovery publishes valid snapshots")
+}

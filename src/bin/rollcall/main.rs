@@ -2,6 +2,7 @@
 //! set-up and process signals live here; the work is done by the library.
 
 mod args;
+mod discovery;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -18,7 +19,11 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Fold register/heartbeat/deregister events into the live catalog and
+    /// publish a snapshot per service on every change.
+    Discovery(discovery::Args),
+}
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -29,7 +34,9 @@ async fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result: anyhow::Result<()> = match cli.command {};
+    let result = match cli.command {
+        Command::Discovery(args) => discovery::run(args).await,
+    };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

@@ -1,0 +1,277 @@
+//! Discovery through a real nats-server: what a client no one here wrote
+//! sees on the wire and in the catalog stream.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rollcall::catalog_stream;
+use rollcall::protocol::Subjects;
+use support::{client, next_snapshot, NatsServer, RunningDiscovery};
+
+const LIMIT: Duration = Duration::from_secs(5);
+
+fn register_json(id: &str, port: u16, ttl_ms: u64) -> String {
+    format!(
+        r#"{{"service":"web","id":"{id}","address":"127.0.0.1","port":{port},"ttl_ms":{ttl_ms},"weight":1,"tags":["v2"],"meta":{{"zone":"a"}}}}"#
+    )
+}
+
+async fn publish(client: &async_nats::Client, subject: &str, payload: String) {
+    client
+        .publish(subject.to_owned(), payload.into())
+        .await
+        .expect("publish");
+    client.flush().await.expect("flush");
+}
+
+async fn stored(client: &async_nats::Client) -> Vec<rollcall::protocol::Snapshot> {
+    let js = async_nats::jetstream::new(client.clone());
+    catalog_stream::read_last(&js, &Subjects::default())
+        .await
+        .expect("the catalog stream is readable")
+        .snapshots
+        .into_iter()
+        .map(|s| s.snapshot)
+        .collect()
+}
+
+#[tokio::test]
+async fn register_reaches_the_catalog_subject_and_the_stream() {
+    let server = NatsServer::start();
+    let discovery = RunningDiscovery::start(&server.url()).await;
+    let service = client(&server.url()).await;
+    let mut catalog = service.subscribe("rollcall.catalog.>").await.unwrap();
+    service.flush().await.unwrap();
+
+    let sent = Instant::now();
+    publish(
+        &service,
+        "rollcall.register.web.web-1",
+        register_json("web-1", 5001, 3000),
+    )
+    .await;
+    let snapshot = next_snapshot(&mut catalog, LIMIT).await;
+    let latency = sent.elapsed();
+    assert_eq!(snapshot.service, "web");
+    assert_eq!(snapshot.revision, 1);
+    assert_eq!(snapshot.instances.len(), 1);
+    assert_eq!(snapshot.instances[0].port, 5001);
+    assert_eq!(snapshot.instances[0].meta["zone"], "a");
+    eprintln!("register -> snapshot: {latency:?}");
+
+    assert_eq!(stored(&service).await, [snapshot]);
+    discovery.stop().await;
+}
+
+#[tokio::test]
+async fn heartbeats_publish_nothing_and_deregister_removes() {
+    let server = NatsServer::start();
+    let discovery = RunningDiscovery::start(&server.url()).await;
+    let service = client(&server.url()).await;
+    let mut catalog = service.subscribe("rollcall.catalog.>").await.unwrap();
+    service.flush().await.unwrap();
+
+    publish(
+        &service,
+        "rollcall.register.web.a",
+        register_json("a", 1, 3000),
+    )
+    .await;
+    assert_eq!(next_snapshot(&mut catalog, LIMIT).await.revision, 1);
+    for _ in 0..20 {
+        publish(
+            &service,
+            "rollcall.heartbeat.web.a",
+            register_json("a", 1, 3000),
+        )
+        .await;
+    }
+    publish(&service, "rollcall.deregister.web.a", "{}".into()).await;
+    let gone = next_snapshot(&mut catalog, LIMIT).await;
+    assert_eq!(
+        gone.revision, 2,
+        "no snapshot came between register and deregister"
+    );
+    assert!(gone.instances.is_empty());
+    discovery.stop().await;
+}
+
+#[tokio::test]
+async fn silent_instances_expire_after_their_ttl() {
+    let server = NatsServer::start();
+    let discovery = RunningDiscovery::start(&server.url()).await;
+    let service = client(&server.url()).await;
+    let mut catalog = service.subscribe("rollcall.catalog.web").await.unwrap();
+    service.flush().await.unwrap();
+
+    publish(
+        &service,
+        "rollcall.register.web.a",
+        register_json("a", 1, 300),
+    )
+    .await;
+    let joined = next_snapshot(&mut catalog, LIMIT).await;
+    let heard = Instant::now();
+    assert_eq!(joined.instances.len(), 1);
+    let expired = next_snapshot(&mut catalog, LIMIT).await;
+    let after = heard.elapsed();
+    assert!(expired.instances.is_empty());
+    assert!(
+        after >= Duration::from_millis(290),
+        "expired early: {after:?}"
+    );
+    eprintln!("ttl 300ms -> expired after {after:?}");
+    discovery.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_events_change_nothing_and_discovery_keeps_running() {
+    let server = NatsServer::start();
+    let discovery = RunningDiscovery::start(&server.url()).await;
+    let service = client(&server.url()).await;
+    let mut catalog = service.subscribe("rollcall.catalog.>").await.unwrap();
+    service.flush().await.unwrap();
+    publish(
+        &service,
+        "rollcall.register.web.a",
+        register_json("a", 1, 3000),
+    )
+    .await;
+    let before = next_snapshot(&mut catalog, LIMIT).await;
+
+    let bad: [(&str, String); 8] = [
+        ("rollcall.hello.web.b", register_json("b", 1, 3000)),
+        ("rollcall.register.web.b", "{oops".into()),
+        (
+            "rollcall.register.web.b",
+            r#"{"service":"web","id":"b"}"#.into(),
+        ),
+        (
+            "rollcall.register.web.b",
+            register_json("b", 1, 3000).replace("\"port\":1", "\"port\":\"1\""),
+        ),
+        ("rollcall.register.web.b", register_json("b", 1, 99)),
+        ("rollcall.register.web.c", register_json("b", 1, 3000)),
+        (
+            "rollcall.heartbeat.web.a",
+            register_json("a", 1, 3000).replace("\"weight\":1", "\"weight\":10001"),
+        ),
+        ("rollcall.deregister.web.a", "nope".into()),
+    ];
+    for (subject, payload) in &bad {
+        publish(&service, subject, payload.clone()).await;
+    }
+    publish(
+        &service,
+        "rollcall.register.web.z",
+        register_json("z", 2, 3000),
+    )
+    .await;
+    let after = next_snapshot(&mut catalog, LIMIT).await;
+    let ids: Vec<_> = after.instances.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["a", "z"]);
+    assert_eq!(after.revision, before.revision + 1);
+    assert_eq!(after.instances[0], before.instances[0], "a is untouched");
+    let stats = discovery.get().stats();
+    assert_eq!(
+        stats.invalid.load(std::sync::atomic::Ordering::Relaxed),
+        bad.len() as u64
+    );
+    discovery.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_discovery_adopts_the_catalog_and_publishes_no_shrunken_set() {
+    let server = NatsServer::start();
+    let first = RunningDiscovery::start(&server.url()).await;
+    let service = client(&server.url()).await;
+    let mut catalog = service.subscribe("rollcall.catalog.>").await.unwrap();
+    service.flush().await.unwrap();
+    publish(
+        &service,
+        "rollcall.register.web.a",
+        register_json("a", 1, 3000),
+    )
+    .await;
+    next_snapshot(&mut catalog, LIMIT).await;
+    publish(
+        &service,
+        "rollcall.register.web.b",
+        register_json("b", 2, 3000),
+    )
+    .await;
+    let last = next_snapshot(&mut catalog, LIMIT).await;
+    first.stop().await;
+
+    let second = RunningDiscovery::start(&server.url()).await;
+    assert_eq!(second.get().catalog(), std::slice::from_ref(&last));
+    // The next thing on the wire is the next change, with the next revision:
+    // nothing empty or shrunken was published at start.
+    publish(
+        &service,
+        "rollcall.register.web.c",
+        register_json("c", 3, 3000),
+    )
+    .await;
+    let next = next_snapshot(&mut catalog, LIMIT).await;
+    assert_eq!(next.revision, last.revision + 1);
+    assert_eq!(next.instances.len(), 3);
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn the_catalog_converges_after_a_nats_server_restart() {
+    let mut server = NatsServer::start();
+    let discovery = RunningDiscovery::start(&server.url()).await;
+    let service = client(&server.url()).await;
+    publish(
+        &service,
+        "rollcall.register.web.a",
+        register_json("a", 1, 3000),
+    )
+    .await;
+    let watcher = client(&server.url()).await;
+    let js = async_nats::jetstream::new(watcher.clone());
+    wait_until(|| async {
+        catalog_stream::read_last(&js, &Subjects::default())
+            .await
+            .is_ok_and(|l| l.snapshots.len() == 1)
+    })
+    .await;
+
+    server.restart();
+    // Every client reconnects by itself; b registers once its own client is back.
+    let mut catalog = watcher.subscribe("rollcall.catalog.web").await.unwrap();
+    let b = register_json("b", 2, 3000);
+    let snapshot = loop {
+        publish(&service, "rollcall.register.web.b", b.clone()).await;
+        if let Ok(Some(message)) =
+            tokio::time::timeout(Duration::from_millis(200), catalog.next()).await
+        {
+            break Subjects::default()
+                .parse_snapshot(&message.subject, &message.payload)
+                .unwrap();
+        }
+    };
+    let ids: Vec<_> = snapshot.instances.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b"], "a survived the outage, b joined after it");
+    assert_eq!(stored(&watcher).await, [snapshot]);
+    discovery.stop().await;
+}
+
+async fn wait_until<F, Fut>(mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !condition().await {
+        assert!(
+            start.elapsed() < LIMIT,
+            "condition not met within {LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,147 @@
+//! The balancer's view of the catalog through a real nats-server: a Reset
+//! from the stream first, live snapshots after, stale revisions dropped, and
+//! a re-sync after the server comes back.
+
+mod support;
+
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use rollcall::catalog::Update;
+use rollcall::connect::NatsOptions;
+use rollcall::protocol::{Instance, Snapshot, Subjects};
+use support::{client, NatsServer, RunningDiscovery};
+
+const LIMIT: Duration = Duration::from_secs(5);
+
+type Updates = Pin<Box<dyn Stream<Item = Update> + Send>>;
+
+async fn follow(url: &str) -> Updates {
+    let connection = NatsOptions::new(url)
+        .connect("test-balancer")
+        .await
+        .expect("connect");
+    Box::pin(rollcall::subscription::follow(
+        &connection,
+        Subjects::default(),
+    ))
+}
+
+async fn next(updates: &mut Updates) -> Update {
+    tokio::time::timeout(LIMIT, updates.next())
+        .await
+        .expect("an update within the limit")
+        .expect("the stream goes on")
+}
+
+async fn register(client: &async_nats::Client, id: &str, port: u16) {
+    let instance = Instance::new("web", id, "127.0.0.1", port);
+    client
+        .publish(
+            format!("rollcall.register.web.{id}"),
+            serde_json::to_vec(&instance).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+}
+
+fn ids(snapshot: &Snapshot) -> Vec<&str> {
+    snapshot.instances.iter().map(|i| i.id.as_str()).collect()
+}
+
+#[tokio::test]
+async fn a_late_balancer_starts_from_the_stream_then_follows_live() {
+    let server = NatsServer::start();
+    let discovery = RunningDiscovery::start(&server.url()).await;
+    let service = client(&server.url()).await;
+    let mut changes = Box::pin(discovery.get().updates());
+    assert!(matches!(changes.next().await, Some(Update::Reset(_))));
+    register(&service, "a", 1).await;
+    changes.next().await;
+    register(&service, "b", 2).await;
+    changes.next().await;
+
+    let mut updates = follow(&server.url()).await;
+    let Update::Reset(all) = next(&mut updates).await else {
+        panic!("the first update is a Reset");
+    };
+    assert_eq!(all.len(), 1);
+    assert_eq!(ids(&all[0]), ["a", "b"]);
+    assert_eq!(all[0].revision, 2);
+
+    register(&service, "c", 3).await;
+    let Update::Service(live) = next(&mut updates).await else {
+        panic!("then live snapshots");
+    };
+    assert_eq!(ids(&live), ["a", "b", "c"]);
+    assert_eq!(live.revision, 3);
+    discovery.stop().await;
+}
+
+#[tokio::test]
+async fn snapshots_that_are_not_newer_are_dropped() {
+    let server = NatsServer::start();
+    let js = async_nats::jetstream::new(client(&server.url()).await);
+    rollcall::catalog_stream::ensure(&js, &Subjects::default())
+        .await
+        .unwrap();
+    let mut updates = follow(&server.url()).await;
+    assert_eq!(next(&mut updates).await, Update::Reset(Vec::new()));
+
+    let publisher = client(&server.url()).await;
+    let snapshot = |revision: u64, port: u16| Snapshot {
+        service: "web".into(),
+        revision,
+        instances: vec![Instance::new("web", "a", "127.0.0.1", port)],
+    };
+    for (revision, port) in [(5, 1), (5, 2), (4, 3), (6, 4)] {
+        publisher
+            .publish(
+                "rollcall.catalog.web",
+                serde_json::to_vec(&snapshot(revision, port))
+                    .unwrap()
+                    .into(),
+            )
+            .await
+            .unwrap();
+    }
+    publisher
+        .publish("rollcall.catalog.web", "{broken".into())
+        .await
+        .unwrap();
+    publisher.flush().await.unwrap();
+    assert_eq!(next(&mut updates).await, Update::Service(snapshot(5, 1)));
+    assert_eq!(next(&mut updates).await, Update::Service(snapshot(6, 4)));
+}
+
+#[tokio::test]
+async fn after_a_nats_restart_the_balancer_resyncs_within_two_seconds() {
+    let mut server = NatsServer::start();
+    let discovery = RunningDiscovery::start(&server.url()).await;
+    let service = client(&server.url()).await;
+    let mut updates = follow(&server.url()).await;
+    assert_eq!(next(&mut updates).await, Update::Reset(Vec::new()));
+    register(&service, "a", 1).await;
+    assert!(matches!(next(&mut updates).await, Update::Service(_)));
+
+    server.stop();
+    // While NATS is away, the balancer is told nothing: it keeps what it has.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), updates.next())
+            .await
+            .is_err(),
+        "no update may arrive while NATS is down"
+    );
+    server.restart();
+    let back = Instant::now();
+    let Update::Reset(all) = next(&mut updates).await else {
+        panic!("a reconnect brings a Reset");
+    };
+    let resync = back.elapsed();
+    assert_eq!(ids(&all[0]), ["a"]);
+    assert!(resync < Duration::from_secs(2), "re-sync took {resync:?}");
+    eprintln!("re-sync after the server came back: {resync:?}");
+    discovery.stop().await;
+}
