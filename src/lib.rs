@@ -17,8 +17,11 @@
 //!   the only input of a balancer.
 //! - [`connect`]: how every component reaches NATS (credentials, TLS,
 //!   reconnects, connection events).
+//! - [`balancer`]: the HTTP reverse proxy: catalog updates in, each request
+//!   sent round-robin to a live instance of its route's service.
 #![forbid(unsafe_code)]
 
+pub mod balancer;
 pub mod catalog;
 pub mod catalog_stream;
 pub mod connect;
