@@ -2,6 +2,7 @@
 //! set-up and process signals live here; the work is done by the library.
 
 mod args;
+mod balancer;
 mod discovery;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,9 @@ enum Command {
     /// Fold register/heartbeat/deregister events into the live catalog and
     /// publish a snapshot per service on every change.
     Discovery(discovery::Args),
+    /// The HTTP reverse proxy: each request to a live instance of its
+    /// route's service, round-robin, following the catalog over NATS.
+    Balancer(balancer::Args),
 }
 
 #[tokio::main]
@@ -36,6 +40,7 @@ async fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Discovery(args) => discovery::run(args).await,
+        Command::Balancer(args) => balancer::run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
