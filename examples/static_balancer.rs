@@ -15,8 +15,20 @@ use rollcall::balancer::{serve, BalancerConfig};
 use rollcall::catalog::Update;
 use rollcall::protocol::{Instance, Snapshot};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // ROLLCALL_RUNTIME=current_thread measures the single-threaded scheduler.
+    let runtime = match std::env::var("ROLLCALL_RUNTIME").as_deref() {
+        Ok("current_thread") => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ROLLCALL_LOG")
