@@ -5,6 +5,7 @@ mod agent;
 mod args;
 mod balancer;
 mod catalog;
+mod demo;
 mod discovery;
 mod watch;
 
@@ -36,6 +37,8 @@ enum Command {
     Watch(watch::Args),
     /// Print the current catalog once, from the catalog stream.
     Catalog(catalog::Args),
+    /// The whole stack on one machine, for a first look.
+    Demo(demo::Args),
 }
 
 #[tokio::main]
@@ -53,6 +56,7 @@ async fn main() -> std::process::ExitCode {
         Command::Agent(args) => agent::run(*args).await,
         Command::Watch(args) => watch::run(args).await,
         Command::Catalog(args) => catalog::run(args).await,
+        Command::Demo(args) => demo::run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
