@@ -17,7 +17,6 @@
 //!   the only input of a balancer.
 //! - [`connect`]: how every component reaches NATS (credentials, TLS,
 //!   reconnects, connection events).
-//! - [`permissions`]: what NATS lets each role do; refusals as typed errors.
 //! - [`balancer`]: the HTTP reverse proxy: catalog updates in, each request
 //!   sent round-robin to a live instance of its route's service.
 //! - [`announcer`]: a Rust service registers, heartbeats and deregisters
@@ -26,6 +25,7 @@
 //!   health check.
 //! - [`fleet_view`]: events, snapshots and the stored catalog as lines and
 //!   JSON for people (`rollcall watch`, `rollcall catalog`).
+//! - [`permissions`]: what NATS lets each role do; refusals as typed errors.
 #![forbid(unsafe_code)]
 
 pub mod agent;
