@@ -1,8 +1,11 @@
 //! `rollcall`: one binary, one subcommand per role. Argument parsing, logging
 //! set-up and process signals live here; the work is done by the library.
 
+mod agent;
 mod args;
+mod catalog;
 mod discovery;
+mod watch;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -23,6 +26,12 @@ enum Command {
     /// Fold register/heartbeat/deregister events into the live catalog and
     /// publish a snapshot per service on every change.
     Discovery(discovery::Args),
+    /// Announce a service written in any language, gated by its health check.
+    Agent(Box<agent::Args>),
+    /// Print every event and snapshot as it happens, one line each.
+    Watch(watch::Args),
+    /// Print the current catalog once, from the catalog stream.
+    Catalog(catalog::Args),
 }
 
 #[tokio::main]
@@ -36,6 +45,9 @@ async fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Discovery(args) => discovery::run(args).await,
+        Command::Agent(args) => agent::run(*args).await,
+        Command::Watch(args) => watch::run(args).await,
+        Command::Catalog(args) => catalog::run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,507 @@
+//! Stage 4c, the reverse proxy: a client's request → its route's service →
+//! the next instance of that service's set → the instance's response, body
+//! streamed both ways.
+//!
+//! Clients speak HTTP/1.1 or h2c (hyper-util's auto server); instances are
+//! reached over pooled keep-alive HTTP/1.1 connections.
+//!
+//! Retry: when a connection to an instance cannot be made (refused, reset
+//! or timed out while connecting: the request never left), the instance is
+//! ejected and the request goes to the next one, at most once per live
+//! instance. That needs the request again, so only replayable requests are
+//! retried: those without a body, and those whose body has a declared length
+//! of at most [`REPLAY_LIMIT`] (read whole before the first attempt). Any
+//! other body is streamed on the first attempt and a failure answers 502.
+//! The method does not matter: a request whose connection failed reached no
+//! one, so sending it elsewhere cannot do anything twice. A request whose
+//! kept-alive connection closed before any answer (the instance exited
+//! between two requests) may have reached it, so it is retried only when its
+//! method is idempotent (GET, HEAD, PUT, DELETE, OPTIONS, TRACE).
+//!
+//! Answers of its own: 404 no route, 503 no live instance (naming the
+//! service), 502 no instance reachable, 504 no response head within the
+//! upstream timeout.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme, Uri};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Body, Incoming};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use super::rotation::Member;
+use super::{BalancerConfig, Shared};
+
+/// The largest request body kept in memory so the request can be retried on
+/// another instance. Bigger or unsized bodies stream without retry.
+pub const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// Body of requests sent upstream: the client's own stream, or bytes kept
+/// for replay.
+type UpstreamBody = Either<Incoming, Full<Bytes>>;
+/// Body of responses to clients: an instance's stream, or an answer of ours.
+pub type ClientBody = Either<Incoming, Full<Bytes>>;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const HTTP: HeaderValue = HeaderValue::from_static("http");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), besides any `proxy-*` and those
+/// named in `Connection`.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+struct Proxy {
+    shared: Arc<Shared>,
+    client: Client<HttpConnector, UpstreamBody>,
+    upstream_timeout: Duration,
+}
+
+/// Accepts on `listener` until `shutdown`; then drains in-flight requests
+/// for at most `config.drain_timeout`.
+pub(super) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    config: &BalancerConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(config.connect_timeout));
+    let client = Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector);
+    let proxy = Arc::new(Proxy {
+        shared,
+        client,
+        upstream_timeout: config.upstream_timeout,
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    // Small responses must not wait for Nagle.
+                    let _ = stream.set_nodelay(true);
+                    let connection = builder
+                        .serve_connection(TokioIo::new(stream), service(proxy.clone(), peer))
+                        .into_owned();
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%peer, %error, "client connection ended with an error");
+                        }
+                    });
+                }
+                Err(error) => {
+                    // Out of file descriptors, mostly: wait instead of spinning.
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("no longer accepting; finishing in-flight requests");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections finished"),
+        () = tokio::time::sleep(config.drain_timeout) => {
+            tracing::warn!(timeout = ?config.drain_timeout, "drain timeout reached; closing the remaining connections");
+        }
+    }
+}
+
+fn service(
+    proxy: Arc<Proxy>,
+    peer: SocketAddr,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ClientBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<ClientBody>, Infallible>> + Send,
+> + Clone {
+    // Formatted once per connection, not per request.
+    let client_ip = HeaderValue::from_str(&peer.ip().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    hyper::service::service_fn(move |request| {
+        let proxy = proxy.clone();
+        let client_ip = client_ip.clone();
+        async move {
+            let response = proxy.handle(request, client_ip).await;
+            proxy.shared.metrics.count_response(response.status());
+            Ok(response)
+        }
+    })
+}
+
+/// The request as it goes upstream, minus the instance.
+struct Prepared {
+    method: http::Method,
+    path_and_query: PathAndQuery,
+    headers: HeaderMap,
+    body: Replay,
+}
+
+enum Replay {
+    /// Can be sent again: no body, or a small one read whole.
+    Bytes(Option<Bytes>),
+    /// Streamed once.
+    Stream(Option<Incoming>),
+}
+
+impl Proxy {
+    async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client_ip: HeaderValue,
+    ) -> Response<ClientBody> {
+        let (parts, body) = request.into_parts();
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+        let Some(index) = self.shared.routes.find(host, parts.uri.path()) else {
+            return own_answer(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no route for host {:?} path {:?}\n",
+                    host.unwrap_or(""),
+                    parts.uri.path()
+                ),
+            );
+        };
+        let service = &self.shared.routes.services()[index];
+        let rotation = &self.shared.rotations[index];
+
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        add_forwarded(&mut headers, &parts.uri, client_ip);
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let body = match replayable(body).await {
+            Ok(body) => body,
+            Err(error) => {
+                return own_answer(
+                    StatusCode::BAD_REQUEST,
+                    format!("could not read the request body: {error}\n"),
+                )
+            }
+        };
+        let mut prepared = Prepared {
+            method: parts.method,
+            path_and_query,
+            headers,
+            body,
+        };
+
+        let mut tried: Vec<Arc<Member>> = Vec::new();
+        loop {
+            let set = rotation.load_full();
+            let live = set.live_count();
+            let Some(member) = pick(&set, &tried) else {
+                if tried.is_empty() {
+                    return own_answer(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("service {service:?} has no live instance\n"),
+                    );
+                }
+                return unreachable_answer(service, &tried);
+            };
+            let Some(upstream_request) = prepared.request_for(&member) else {
+                return own_answer(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "cannot build the request for instance {:?} of service {service:?}\n",
+                        member.id()
+                    ),
+                );
+            };
+            let sent =
+                tokio::time::timeout(self.upstream_timeout, self.client.request(upstream_request))
+                    .await;
+            match sent {
+                Ok(Ok(response)) => {
+                    if member.health.failures > 0 {
+                        rotation.recovered(member.id());
+                        tracing::info!(service = %service, instance = %member.id(), "instance answers again");
+                    }
+                    let (mut parts, body) = response.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    return Response::from_parts(parts, Either::Left(body));
+                }
+                Ok(Err(error)) if error.is_connect() => {
+                    let metrics = &self.shared.metrics;
+                    metrics.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    let now = tokio::time::Instant::now().into_std();
+                    if let Some(length) = rotation.eject(member.id(), now) {
+                        metrics.ejections.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            service = %service,
+                            instance = %member.id(),
+                            address = %member.authority,
+                            error = %error_chain(&error),
+                            ejected_for = ?length,
+                            "cannot connect to instance; ejected"
+                        );
+                    }
+                    tried.push(member);
+                    if !prepared.can_replay() || tried.len() >= live {
+                        return unreachable_answer(service, &tried);
+                    }
+                    metrics.retries.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Err(error))
+                    if prepared.can_replay() && closed_before_answer(&error, &prepared.method) =>
+                {
+                    // A kept-alive connection the instance closed as the
+                    // request went out: an instance that just exited, or an
+                    // idle timeout racing us. Not proof enough to eject;
+                    // if the instance is gone, the next connection to it fails
+                    // and ejects it.
+                    tracing::debug!(
+                        service = %service,
+                        instance = %member.id(),
+                        error = %error_chain(&error),
+                        "connection closed before an answer; trying the next instance"
+                    );
+                    tried.push(member);
+                    if tried.len() >= live {
+                        return unreachable_answer(service, &tried);
+                    }
+                    self.shared.metrics.retries.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(
+                        service = %service,
+                        instance = %member.id(),
+                        address = %member.authority,
+                        error = %error_chain(&error),
+                        "request to instance failed"
+                    );
+                    return own_answer(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "instance {:?} of service {service:?} failed: {}\n",
+                            member.id(),
+                            error_chain(&error)
+                        ),
+                    );
+                }
+                Err(_elapsed) => {
+                    tracing::warn!(
+                        service = %service,
+                        instance = %member.id(),
+                        timeout = ?self.upstream_timeout,
+                        "instance did not answer in time"
+                    );
+                    return own_answer(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "instance {:?} of service {service:?} did not answer within {:?}\n",
+                            member.id(),
+                            self.upstream_timeout
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The next member not tried yet for this request.
+fn pick(set: &super::rotation::ServiceSet, tried: &[Arc<Member>]) -> Option<Arc<Member>> {
+    let now = || tokio::time::Instant::now().into_std();
+    // With weights a member appears several times per period, so a few
+    // picks may land on one already tried.
+    for _ in 0..set.members().len().max(1) * 2 {
+        let member = set.next(now)?;
+        if !tried.iter().any(|t| t.id() == member.id()) {
+            return Some(member.clone());
+        }
+    }
+    None
+}
+
+/// Whether the request failed because its (pooled) connection closed
+/// before any response byte, for a method that may be sent twice: then the
+/// instance may have seen it, so only idempotent methods qualify.
+fn closed_before_answer(error: &hyper_util::client::legacy::Error, method: &http::Method) -> bool {
+    if !method.is_idempotent() {
+        return false;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
+            return hyper_error.is_incomplete_message() || hyper_error.is_canceled();
+        }
+        source = cause.source();
+    }
+    false
+}
+
+fn unreachable_answer(service: &str, tried: &[Arc<Member>]) -> Response<ClientBody> {
+    let ids: Vec<&str> = tried.iter().map(|m| m.id()).collect();
+    own_answer(
+        StatusCode::BAD_GATEWAY,
+        format!("no instance of service {service:?} could be reached (tried {ids:?})\n"),
+    )
+}
+
+impl Prepared {
+    fn can_replay(&self) -> bool {
+        matches!(self.body, Replay::Bytes(_))
+    }
+
+    /// The request for one attempt at `member`. The headers are cloned only
+    /// when the request might be sent again.
+    fn request_for(&mut self, member: &Member) -> Option<Request<UpstreamBody>> {
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(member.authority.clone())
+            .path_and_query(self.path_and_query.clone())
+            .build()
+            .ok()?;
+        let (body, headers) = match &mut self.body {
+            Replay::Bytes(bytes) => (
+                Either::Right(Full::new(bytes.clone().unwrap_or_default())),
+                self.headers.clone(),
+            ),
+            Replay::Stream(stream) => (
+                Either::Left(stream.take()?),
+                std::mem::take(&mut self.headers),
+            ),
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = uri;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = headers;
+        Some(request)
+    }
+}
+
+/// Reads a small declared-length body whole so the request can be retried;
+/// leaves any other body streaming.
+async fn replayable(body: Incoming) -> Result<Replay, hyper::Error> {
+    if body.is_end_stream() {
+        return Ok(Replay::Bytes(None));
+    }
+    match body.size_hint().exact() {
+        Some(length) if length <= REPLAY_LIMIT => {
+            let bytes = body.collect().await?.to_bytes();
+            Ok(Replay::Bytes(Some(bytes)))
+        }
+        _ => Ok(Replay::Stream(Some(body))),
+    }
+}
+
+/// Removes the headers that describe one connection, not the message.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(connection) = headers.get(header::CONNECTION) {
+        let named: Vec<HeaderName> = connection
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if headers
+        .keys()
+        .any(|name| name.as_str().starts_with("proxy-"))
+    {
+        let proxy_headers: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for name in proxy_headers {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Appends the client to `X-Forwarded-For`; sets `X-Forwarded-Proto` and
+/// `X-Forwarded-Host` to what this hop saw, and keeps the `Host` the client
+/// asked for (an h2 client sends it as the URI authority).
+fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, client_ip: HeaderValue) {
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
+        Some(earlier) => {
+            let mut joined = Vec::with_capacity(earlier.len() + 2 + client_ip.len());
+            joined.extend_from_slice(earlier.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client_ip.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or(client_ip)
+        }
+        None => client_ip,
+    };
+    headers.insert(X_FORWARDED_FOR, forwarded_for);
+    headers.insert(X_FORWARDED_PROTO, HTTP);
+    let host = match headers.get(header::HOST) {
+        Some(host) => Some(host.clone()),
+        None => uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST, host.clone());
+        headers.entry(header::HOST).or_insert(host);
+    }
+}
+
+fn own_answer(status: StatusCode, body: String) -> Response<ClientBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// An error and its causes on one line: the legacy client's own message
+/// only says "client error (Connect)".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

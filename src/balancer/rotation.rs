@@ -1,0 +1,634 @@
+//! Stage 4a, the round-robin set: one service's live instances, their weights
+//! and their ejection state in ONE immutable snapshot behind one atomic swap,
+//! handing the proxy the next instance to try.
+//!
+//! `next()` is a `load()` plus a `fetch_add` and an index into a precomputed
+//! sequence: no lock, no allocation. Everything that changes the set (a
+//! catalog snapshot, an ejection, a recovery) builds a new [`ServiceSet`] and
+//! swaps it in. Keeping health in the same snapshot as membership means a
+//! reader never sees an instance list from one moment paired with health
+//! from another.
+//!
+//! Order: equal weights rotate strictly in `id` order, so each run of N
+//! sequential picks reaches each of the N instances once. Unequal weights
+//! follow nginx's smooth weighted round-robin, computed once per set.
+//!
+//! Time is an argument (`now`): ejections expire by the clock the caller
+//! passes, so tests need no sleeping.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::uri::Authority;
+
+use crate::protocol::{Instance, Snapshot};
+
+/// How long an instance that refused a connection stays out of rotation the
+/// first time; each further failure without a success in between doubles it.
+pub const FIRST_EJECTION: Duration = Duration::from_secs(1);
+/// The longest ejection: an instance that keeps refusing is still retried
+/// this often, so it comes back on its own once it listens again.
+pub const MAX_EJECTION: Duration = Duration::from_secs(30);
+
+/// The longest precomputed weighted sequence. The exact smooth weighted
+/// round-robin period is `sum(weights) / gcd(weights)`, which with weights up
+/// to 10,000 and hundreds of instances would be millions of entries per
+/// service (4 bytes each). Beyond this length the weights are scaled down
+/// proportionally (a non-zero weight stays at least 1), so shares stay
+/// within about `instances / MAX_SEQUENCE` of the exact ones while a set costs
+/// at most 32 KiB. A set with more instances than this gets one slot each.
+pub const MAX_SEQUENCE: usize = 8192;
+
+/// One instance as the proxy sees it: where to connect and whether it is
+/// ejected.
+#[derive(Debug)]
+pub struct Member {
+    pub instance: Instance,
+    /// `address:port`, parsed once so a request only clones it.
+    pub authority: Authority,
+    pub health: Health,
+}
+
+impl Member {
+    /// Whether the member may take a request at `now`.
+    pub fn is_eligible(&self, now: Instant) -> bool {
+        self.health.ejected_until.is_none_or(|until| now >= until)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.instance.id
+    }
+}
+
+/// Connection failures seen by this balancer since the member last answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Failures in a row; 0 when healthy.
+    pub failures: u32,
+    /// Out of rotation until then.
+    pub ejected_until: Option<Instant>,
+}
+
+/// The immutable set one service routes on.
+#[derive(Debug)]
+pub struct ServiceSet {
+    service: Arc<str>,
+    revision: u64,
+    /// In `id` order.
+    members: Vec<Arc<Member>>,
+    /// Indices into `members`: one period of the rotation. Weight-0 members
+    /// never appear.
+    sequence: Vec<u32>,
+    /// Position of the next pick. Lives in the set so a swap can place the
+    /// new set's cursor where the old rotation left off.
+    cursor: AtomicUsize,
+    /// Whether any member is ejected; when not, a pick needs no clock.
+    any_ejected: bool,
+    /// Members with a weight above 0.
+    live: usize,
+}
+
+impl ServiceSet {
+    /// The set of a service not seen yet: no instances, revision 0.
+    pub fn empty(service: &str) -> Self {
+        ServiceSet {
+            service: Arc::from(service),
+            revision: 0,
+            members: Vec::new(),
+            sequence: Vec::new(),
+            cursor: AtomicUsize::new(0),
+            any_ejected: false,
+            live: 0,
+        }
+    }
+
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    pub fn members(&self) -> &[Arc<Member>] {
+        &self.members
+    }
+
+    /// Members that take traffic (weight above 0), ejected or not.
+    pub fn live_count(&self) -> usize {
+        self.live
+    }
+
+    /// The next member in rotation at `now`, skipping ejected ones. When
+    /// every member with weight is ejected, the balancer fails open: it
+    /// returns the next one anyway. An ejection is only this balancer's guess
+    /// from a refused connection, and a refused connection costs
+    /// microseconds, while refusing to try could turn a fleet that just came
+    /// back into a minute of 502s. `None` only when nothing takes traffic.
+    pub fn next(&self, now: impl Fn() -> Instant) -> Option<&Arc<Member>> {
+        let len = self.sequence.len();
+        if len == 0 {
+            return None;
+        }
+        let first = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let member = self.at(first);
+        if !self.any_ejected {
+            return Some(member);
+        }
+        let now = now();
+        if member.is_eligible(now) {
+            return Some(member);
+        }
+        for _ in 1..len {
+            let candidate = self.at(self.cursor.fetch_add(1, Ordering::Relaxed));
+            if candidate.is_eligible(now) {
+                return Some(candidate);
+            }
+        }
+        Some(member)
+    }
+
+    fn at(&self, position: usize) -> &Arc<Member> {
+        let index = self.sequence[position % self.sequence.len()] as usize;
+        &self.members[index]
+    }
+
+    fn position_of(&self, id: &str) -> Option<usize> {
+        self.members.iter().position(|m| m.id() == id)
+    }
+
+    /// Builds the set for `snapshot`, carrying over from `previous` the
+    /// ejection state of members whose address did not change and the place
+    /// in the rotation.
+    ///
+    /// Where the rotation continues: when the sequence is the same (same
+    /// ids, same weights: only ejections or unrelated fields changed), the
+    /// cursor continues exactly. Otherwise the next pick is the first
+    /// member whose id comes after the last one picked, wrapping around. For
+    /// equal weights that is exactly "carry on in id order": a joining
+    /// instance is visited when its turn in id order comes, and no remaining
+    /// instance is skipped or visited twice by the change.
+    pub fn from_snapshot(snapshot: &Snapshot, previous: &ServiceSet) -> (Self, Vec<String>) {
+        let mut instances: Vec<&Instance> = snapshot.instances.iter().collect();
+        instances.sort_by(|a, b| a.id.cmp(&b.id));
+        instances.dedup_by(|a, b| a.id == b.id);
+        let mut skipped = Vec::new();
+        let mut members = Vec::with_capacity(instances.len());
+        for instance in instances {
+            let Ok(authority) = Authority::try_from(instance.authority()) else {
+                skipped.push(instance.id.clone());
+                continue;
+            };
+            let health = previous
+                .members
+                .iter()
+                .find(|m| m.id() == instance.id && m.authority == authority)
+                .map(|m| m.health)
+                .unwrap_or_default();
+            members.push(Arc::new(Member {
+                instance: instance.clone(),
+                authority,
+                health,
+            }));
+        }
+        let set = ServiceSet::assemble(
+            previous.service.clone(),
+            snapshot.revision,
+            members,
+            previous,
+        );
+        (set, skipped)
+    }
+
+    /// A copy of this set with `id`'s health replaced by `update(health)`.
+    fn with_health(&self, id: &str, update: impl FnOnce(Health) -> Health) -> Option<Self> {
+        let index = self.position_of(id)?;
+        let mut members = self.members.clone();
+        let old = &members[index];
+        members[index] = Arc::new(Member {
+            instance: old.instance.clone(),
+            authority: old.authority.clone(),
+            health: update(old.health),
+        });
+        Some(ServiceSet::assemble(
+            self.service.clone(),
+            self.revision,
+            members,
+            self,
+        ))
+    }
+
+    fn assemble(
+        service: Arc<str>,
+        revision: u64,
+        members: Vec<Arc<Member>>,
+        previous: &ServiceSet,
+    ) -> Self {
+        let weights: Vec<u32> = members.iter().map(|m| m.instance.weight).collect();
+        let sequence = smooth_weighted_sequence(&weights);
+        let any_ejected = members.iter().any(|m| m.health.ejected_until.is_some());
+        let cursor = continue_rotation(previous, &members, &sequence);
+        let live = members.iter().filter(|m| m.instance.weight > 0).count();
+        ServiceSet {
+            live,
+            service,
+            revision,
+            members,
+            sequence,
+            cursor: AtomicUsize::new(cursor),
+            any_ejected,
+        }
+    }
+}
+
+/// Where the new rotation starts, given where the old one is (see
+/// [`ServiceSet::from_snapshot`]).
+fn continue_rotation(previous: &ServiceSet, members: &[Arc<Member>], sequence: &[u32]) -> usize {
+    let old_cursor = previous.cursor.load(Ordering::Relaxed);
+    if previous.sequence.is_empty() || sequence.is_empty() {
+        return 0;
+    }
+    let same_rotation = previous.sequence == sequence
+        && previous.members.len() == members.len()
+        && previous
+            .members
+            .iter()
+            .zip(members)
+            .all(|(a, b)| a.id() == b.id() && a.instance.weight == b.instance.weight);
+    if same_rotation {
+        return old_cursor;
+    }
+    let last_picked = previous.at(old_cursor.wrapping_sub(1));
+    let last_id = last_picked.id();
+    sequence
+        .iter()
+        .position(|&index| members[index as usize].id() > last_id)
+        .unwrap_or(0)
+}
+
+/// One period of nginx's smooth weighted round-robin over `weights`, as
+/// indices. Each step adds every weight to its member's current value, picks
+/// the highest current (the first in `id` order on a tie) and takes the
+/// total off it. Equal weights give plain id order.
+pub fn smooth_weighted_sequence(weights: &[u32]) -> Vec<u32> {
+    let weights = reduced_weights(weights);
+    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut sequence = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, &w) in weights.iter().enumerate() {
+            current[i] += i64::from(w);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total as i64;
+        sequence.push(best as u32);
+    }
+    sequence
+}
+
+/// Weights divided by their gcd, then scaled to fit [`MAX_SEQUENCE`].
+fn reduced_weights(weights: &[u32]) -> Vec<u32> {
+    let divisor = weights
+        .iter()
+        .copied()
+        .filter(|&w| w > 0)
+        .fold(0, gcd)
+        .max(1);
+    let mut reduced: Vec<u32> = weights.iter().map(|w| w / divisor).collect();
+    let total: u64 = reduced.iter().map(|&w| u64::from(w)).sum();
+    let cap = MAX_SEQUENCE.max(reduced.iter().filter(|&&w| w > 0).count()) as u64;
+    if total > cap {
+        for w in &mut reduced {
+            if *w > 0 {
+                *w = ((u64::from(*w) * cap / total) as u32).max(1);
+            }
+        }
+    }
+    reduced
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// How long the `failures`-th failure in a row ejects for.
+pub fn ejection_for(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    FIRST_EJECTION
+        .saturating_mul(1 << doublings)
+        .min(MAX_EJECTION)
+}
+
+/// A service's current set, swapped whole on every change.
+#[derive(Debug)]
+pub struct Rotation {
+    current: ArcSwap<ServiceSet>,
+    /// Serializes writers (the catalog task, ejections, recoveries) so none
+    /// loses another's change; readers never touch it.
+    write: Mutex<()>,
+}
+
+impl Rotation {
+    pub fn new(service: &str) -> Self {
+        Rotation {
+            current: ArcSwap::from_pointee(ServiceSet::empty(service)),
+            write: Mutex::new(()),
+        }
+    }
+
+    /// The current set, for one request's picks.
+    pub fn load(&self) -> arc_swap::Guard<Arc<ServiceSet>> {
+        self.current.load()
+    }
+
+    /// The current set, to keep.
+    pub fn load_full(&self) -> Arc<ServiceSet> {
+        self.current.load_full()
+    }
+
+    /// Replaces the set with `snapshot` when its revision is above the one
+    /// held. Returns what happened.
+    pub fn apply(&self, snapshot: &Snapshot) -> Applied {
+        let _writer = self.write.lock().unwrap_or_else(PoisonError::into_inner);
+        let previous = self.current.load_full();
+        if previous.revision >= snapshot.revision {
+            return Applied::Stale {
+                held: previous.revision,
+            };
+        }
+        let (set, skipped) = ServiceSet::from_snapshot(snapshot, &previous);
+        let membership_changed = previous.members.len() != set.members.len()
+            || previous.members.iter().zip(&set.members).any(|(a, b)| {
+                a.id() != b.id()
+                    || a.authority != b.authority
+                    || a.instance.weight != b.instance.weight
+            });
+        self.current.store(Arc::new(set));
+        Applied::Replaced {
+            membership_changed,
+            skipped,
+        }
+    }
+
+    /// Takes `id` out of rotation after a failed connection at `now`, for
+    /// longer each failure in a row. Returns the ejection's length, or
+    /// `None` when the instance has left the set meanwhile.
+    pub fn eject(&self, id: &str, now: Instant) -> Option<Duration> {
+        let _writer = self.write.lock().unwrap_or_else(PoisonError::into_inner);
+        let previous = self.current.load_full();
+        let mut length = Duration::ZERO;
+        let set = previous.with_health(id, |health| {
+            let failures = health.failures.saturating_add(1);
+            length = ejection_for(failures);
+            Health {
+                failures,
+                ejected_until: Some(now + length),
+            }
+        })?;
+        self.current.store(Arc::new(set));
+        Some(length)
+    }
+
+    /// Clears `id`'s failures after it answered.
+    pub fn recovered(&self, id: &str) {
+        let _writer = self.write.lock().unwrap_or_else(PoisonError::into_inner);
+        let previous = self.current.load_full();
+        if let Some(set) = previous.with_health(id, |_| Health::default()) {
+            self.current.store(Arc::new(set));
+        }
+    }
+}
+
+/// The outcome of [`Rotation::apply`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The snapshot's revision was not above the one held: nothing changed.
+    Stale { held: u64 },
+    /// The set was replaced. `skipped` lists instances whose address cannot
+    /// be an HTTP authority.
+    Replaced {
+        membership_changed: bool,
+        skipped: Vec<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(revision: u64, members: &[(&str, u32)]) -> Snapshot {
+        Snapshot {
+            service: "web".into(),
+            revision,
+            instances: members
+                .iter()
+                .enumerate()
+                .map(|(i, (id, weight))| {
+                    let mut instance = Instance::new("web", *id, "127.0.0.1", 5000 + i as u16);
+                    instance.weight = *weight;
+                    instance
+                })
+                .collect(),
+        }
+    }
+
+    fn picks(rotation: &Rotation, n: usize, now: Instant) -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                let set = rotation.load();
+                set.next(|| now)
+                    .map(|m| m.id().to_owned())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    fn ids(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn equal_weights_rotate_strictly_in_id_order() {
+        let rotation = Rotation::new("web");
+        // Listed out of order: the set sorts by id.
+        rotation.apply(&snapshot(1, &[("c", 1), ("a", 1), ("b", 1)]));
+        let now = Instant::now();
+        assert_eq!(
+            picks(&rotation, 9, now),
+            ids(&["a", "b", "c", "a", "b", "c", "a", "b", "c"])
+        );
+    }
+
+    #[test]
+    fn weights_follow_nginx_smooth_weighted_round_robin() {
+        let rotation = Rotation::new("web");
+        rotation.apply(&snapshot(1, &[("a", 5), ("b", 1), ("c", 1)]));
+        assert_eq!(
+            picks(&rotation, 14, Instant::now()),
+            ids(&["a", "a", "b", "a", "c", "a", "a", "a", "a", "b", "a", "c", "a", "a"])
+        );
+    }
+
+    #[test]
+    fn weights_are_reduced_by_their_gcd() {
+        assert_eq!(smooth_weighted_sequence(&[10, 20]), vec![1, 0, 1]);
+        assert_eq!(smooth_weighted_sequence(&[3, 3, 3]), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn long_sequences_are_capped_keeping_shares() {
+        let weights = [10_000, 9_999, 9_998, 1];
+        let sequence = smooth_weighted_sequence(&weights);
+        assert!(sequence.len() <= MAX_SEQUENCE);
+        let count = |i: u32| sequence.iter().filter(|&&x| x == i).count();
+        assert!(count(3) >= 1, "a non-zero weight keeps at least one slot");
+        let share = count(0) as f64 / sequence.len() as f64;
+        assert!((share - 10_000.0 / 29_998.0).abs() < 0.01, "share {share}");
+    }
+
+    #[test]
+    fn weight_zero_takes_no_traffic() {
+        let rotation = Rotation::new("web");
+        rotation.apply(&snapshot(1, &[("a", 1), ("b", 0), ("c", 1)]));
+        assert_eq!(
+            picks(&rotation, 4, Instant::now()),
+            ids(&["a", "c", "a", "c"])
+        );
+        assert_eq!(rotation.load().live_count(), 2);
+
+        rotation.apply(&snapshot(2, &[("a", 0)]));
+        assert!(rotation.load().next(Instant::now).is_none());
+    }
+
+    #[test]
+    fn an_unknown_service_has_no_instance() {
+        let rotation = Rotation::new("web");
+        assert!(rotation.load().next(Instant::now).is_none());
+    }
+
+    #[test]
+    fn a_join_mid_rotation_continues_in_id_order() {
+        let rotation = Rotation::new("web");
+        rotation.apply(&snapshot(1, &[("a", 1), ("c", 1)]));
+        let now = Instant::now();
+        assert_eq!(picks(&rotation, 1, now), ids(&["a"]));
+        rotation.apply(&snapshot(2, &[("a", 1), ("b", 1), ("c", 1)]));
+        assert_eq!(picks(&rotation, 5, now), ids(&["b", "c", "a", "b", "c"]));
+    }
+
+    #[test]
+    fn a_leave_mid_rotation_skips_no_one_and_repeats_no_one() {
+        let rotation = Rotation::new("web");
+        rotation.apply(&snapshot(1, &[("a", 1), ("b", 1), ("c", 1), ("d", 1)]));
+        let now = Instant::now();
+        assert_eq!(picks(&rotation, 2, now), ids(&["a", "b"]));
+        // The next one due (c) leaves: d is next, then the rotation wraps.
+        rotation.apply(&snapshot(2, &[("a", 1), ("b", 1), ("d", 1)]));
+        assert_eq!(picks(&rotation, 4, now), ids(&["d", "a", "b", "d"]));
+        // The one picked last (d) leaves: wrap to the first.
+        rotation.apply(&snapshot(3, &[("a", 1), ("b", 1)]));
+        assert_eq!(picks(&rotation, 3, now), ids(&["a", "b", "a"]));
+    }
+
+    #[test]
+    fn a_stale_revision_changes_nothing() {
+        let rotation = Rotation::new("web");
+        rotation.apply(&snapshot(5, &[("a", 1)]));
+        assert_eq!(
+            rotation.apply(&snapshot(5, &[("a", 1), ("b", 1)])),
+            Applied::Stale { held: 5 }
+        );
+        assert_eq!(
+            rotation.apply(&snapshot(4, &[])),
+            Applied::Stale { held: 5 }
+        );
+        assert_eq!(rotation.load().members().len(), 1);
+    }
+
+    #[test]
+    fn ejected_instances_are_skipped_until_the_ejection_ends() {
+        let rotation = Rotation::new("web");
+        rotation.apply(&snapshot(1, &[("a", 1), ("b", 1), ("c", 1)]));
+        let t0 = Instant::now();
+        assert_eq!(rotation.eject("b", t0), Some(FIRST_EJECTION));
+        assert_eq!(picks(&rotation, 4, t0), ids(&["a", "c", "a", "c"]));
+        let later = t0 + FIRST_EJECTION;
+        assert_eq!(picks(&rotation, 3, later), ids(&["a", "b", "c"]));
+    }
+
+    #[test]
+    fn ejections_grow_and_a_success_clears_them() {
+        let rotation = Rotation::new("web");
+        rotation.apply(&snapshot(1, &[("a", 1), ("b", 1)]));
+        let t0 = Instant::now();
+        assert_eq!(rotation.eject("a", t0), Some(Duration::from_secs(1)));
+        assert_eq!(rotation.eject("a", t0), Some(Duration::from_secs(2)));
+        assert_eq!(rotation.eject("a", t0), Some(Duration::from_secs(4)));
+        for _ in 0..10 {
+            rotation.eject("a", t0);
+        }
+        assert_eq!(rotation.eject("a", t0), Some(MAX_EJECTION));
+        rotation.recovered("a");
+        assert_eq!(rotation.load().members()[0].health, Health::default());
+        assert_eq!(rotation.eject("a", t0), Some(FIRST_EJECTION));
+        assert_eq!(rotation.eject("gone", t0), None);
+    }
+
+    #[test]
+    fn ejection_survives_an_unrelated_catalog_change_but_not_a_new_address() {
+        let rotation = Rotation::new("web");
+        rotation.apply(&snapshot(1, &[("a", 1), ("b", 1)]));
+        let t0 = Instant::now();
+        rotation.eject("a", t0);
+        rotation.apply(&snapshot(2, &[("a", 1), ("b", 1), ("c", 1)]));
+        assert!(!rotation.load().members()[0].is_eligible(t0));
+
+        let mut moved = snapshot(3, &[("a", 1), ("b", 1), ("c", 1)]);
+        moved.instances[0].port = 6000;
+        rotation.apply(&moved);
+        assert!(rotation.load().members()[0].is_eligible(t0));
+    }
+
+    #[test]
+    fn all_ejected_fails_open_in_rotation() {
+        let rotation = Rotation::new("web");
+        rotation.apply(&snapshot(1, &[("a", 1), ("b", 1)]));
+        let t0 = Instant::now();
+        rotation.eject("a", t0);
+        rotation.eject("b", t0);
+        let got = picks(&rotation, 2, t0);
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|id| id == "a" || id == "b"), "{got:?}");
+    }
+
+    #[test]
+    fn an_ejection_keeps_the_place_in_the_rotation() {
+        let rotation = Rotation::new("web");
+        rotation.apply(&snapshot(1, &[("a", 1), ("b", 1), ("c", 1)]));
+        let t0 = Instant::now();
+        assert_eq!(picks(&rotation, 1, t0), ids(&["a"]));
+        rotation.eject("c", t0);
+        rotation.recovered("c");
+        assert_eq!(picks(&rotation, 3, t0), ids(&["b", "c", "a"]));
+    }
+
+    #[test]
+    fn a_weight_change_continues_after_the_last_pick() {
+        let rotation = Rotation::new("web");
+        rotation.apply(&snapshot(1, &[("a", 1), ("b", 1), ("c", 1)]));
+        let t0 = Instant::now();
+        assert_eq!(picks(&rotation, 1, t0), ids(&["a"]));
+        rotation.apply(&snapshot(2, &[("a", 2), ("b", 1), ("c", 1)]));
+        let next = picks(&rotation, 1, t0);
+        assert_ne!(next, ids(&["a"]), "a was just picked; {next:?}");
+    }
+}
