@@ -309,6 +309,72 @@ fn a_discovery_started_under_the_wrong_user_exits_naming_the_refusal() {
     );
 }
 
+/// Runs `rollcall catalog` with only environment variables for NATS; Ok
+/// when it got as far as JetStream (connected, authenticated), else stderr.
+fn catalog_with_env(env: &[(&str, String)]) -> Result<(), String> {
+    let output = Command::new(env!("CARGO_BIN_EXE_rollcall"))
+        .arg("catalog")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("ROLLCALL_LOG", "off")
+        .output()
+        .expect("run rollcall catalog");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    // No discovery ran, so the stream is missing: that error proves the
+    // connection itself worked.
+    if stderr.contains("ROLLCALL_CATALOG does not exist yet") {
+        Ok(())
+    } else {
+        Err(stderr)
+    }
+}
+
+#[test]
+fn the_cli_takes_every_credential_kind_from_the_environment() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tls = TlsFiles::generate(dir.path());
+    let user = nkeys::KeyPair::new_user();
+    let server = ConfiguredServer::from_text(&format!(
+        "listen: 127.0.0.1:{{port}}\njetstream {{ store_dir: {{store}} }}\n\
+         tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}\n\
+         authorization {{ users: [ {{ nkey: {} }} ] }}\n",
+        tls.server_cert,
+        tls.server_key,
+        tls.ca,
+        user.public_key()
+    ));
+    let tls_env = |cert: &std::path::Path| {
+        vec![
+            ("NATS_URL", server.url()),
+            ("NATS_CA", tls.ca.display().to_string()),
+            ("NATS_CERT", cert.display().to_string()),
+            ("NATS_KEY", tls.client_key.display().to_string()),
+        ]
+    };
+    let mut env = tls_env(&tls.client_cert);
+    env.push(("NATS_NKEY", user.seed().expect("seed")));
+    catalog_with_env(&env).expect("NATS_URL, NATS_CA/CERT/KEY and NATS_NKEY connect");
+
+    let mut stranger = tls_env(&tls.client_cert);
+    stranger.push((
+        "NATS_NKEY",
+        nkeys::KeyPair::new_user().seed().expect("seed"),
+    ));
+    let refused = catalog_with_env(&stranger).expect_err("an unknown nkey is refused");
+    assert!(
+        refused.contains("refused the credentials of nkey U"),
+        "{refused}"
+    );
+
+    let token_server = ConfiguredServer::from_text(
+        "listen: 127.0.0.1:{port}\njetstream { store_dir: {store} }\nauthorization { token: \"t0ken\" }\n",
+    );
+    catalog_with_env(&[
+        ("NATS_URL", token_server.url()),
+        ("NATS_TOKEN", "t0ken".into()),
+    ])
+    .expect("NATS_TOKEN connects");
+}
+
 // ---------------------------------------------------------------- permissions
 
 #[tokio::test]
