@@ -184,9 +184,14 @@ async fn a_creds_file_connects_with_operator_signed_jwts() {
     let operator = dir.path().join("operator.jwt");
     std::fs::write(&operator, &chain.operator_jwt).expect("write operator JWT");
     let server = ConfiguredServer::from_text(&format!(
-        "listen: 127.0.0.1:{{port}}\noperator: {operator:?}\nresolver: MEMORY\n\
-         resolver_preload: {{ {}: \"{}\" }}\n",
-        chain.account_public, chain.account_jwt
+        "listen: 127.0.0.1:{{port}}\njetstream {{ store_dir: {{store}} }}\n\
+         operator: {operator:?}\nsystem_account: {}\nresolver: MEMORY\n\
+         resolver_preload: {{ {}: \"{}\", {}: \"{}\" }}\n",
+        chain.system_public,
+        chain.account_public,
+        chain.account_jwt,
+        chain.system_public,
+        chain.system_jwt
     ));
     let creds = dir.path().join("balancer.creds");
     std::fs::write(&creds, chain.creds()).expect("write creds file");
@@ -206,6 +211,13 @@ async fn a_creds_file_connects_with_operator_signed_jwts() {
         denied.user,
         format!("the user of creds file {}", creds.display())
     );
+
+    // The same file through the CLI's environment variable.
+    catalog_with_env(&[
+        ("NATS_URL", server.url()),
+        ("NATS_CREDS", creds.display().to_string()),
+    ])
+    .expect("NATS_CREDS connects");
 
     let missing = NatsOptions {
         creds_file: Some(dir.path().join("missing.creds")),
