@@ -569,11 +569,26 @@ async fn a_balancer_cannot_publish_a_snapshot_nor_change_the_stream() {
         "{denied}"
     );
 
+    // The start-up check says the same, for a publish as for a subscription.
+    let refused = balancer
+        .check_access(&[
+            Access::Subscribe("rollcall.catalog.>".into()),
+            Access::Publish("rollcall.catalog.web".into()),
+        ])
+        .await
+        .expect_err("the balancer may not publish snapshots");
+    assert!(
+        matches!(&refused, AccessError::Denied(d) if d.operation == Operation::Publish),
+        "{refused}"
+    );
+    let denied = next_denial(&mut denials).await;
+    assert_eq!(denied.subject, "rollcall.catalog.web");
+
     let js = quick_jetstream(&balancer);
     assert!(js.delete_stream("ROLLCALL_CATALOG").await.is_err());
     let denied = next_denial(&mut denials).await;
     assert_eq!(denied.subject, "$JS.API.STREAM.DELETE.ROLLCALL_CATALOG");
-    assert_eq!(balancer.denied_count(), 2);
+    assert_eq!(balancer.denied_count(), 3);
 
     // The refused snapshot reached nobody: the next catalog message watch
     // sees is discovery's own.
