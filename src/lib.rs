@@ -25,6 +25,7 @@
 //!   health check.
 //! - [`fleet_view`]: events, snapshots and the stored catalog as lines and
 //!   JSON for people (`rollcall watch`, `rollcall catalog`).
+//! - [`permissions`]: what NATS lets each role do; refusals as typed errors.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -35,5 +36,6 @@ pub mod catalog_stream;
 pub mod connect;
 pub mod discovery;
 pub mod fleet_view;
+pub mod permissions;
 pub mod protocol;
 pub mod subscription;
