@@ -415,6 +415,12 @@ async fn replayable(body: Incoming) -> Result<Replay, hyper::Error> {
 
 /// Removes the headers that describe one connection, not the message.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the few names present costs
+    // less than a hash lookup per hop-by-hop name. Headers named in
+    // `Connection` only count when `Connection` itself is there.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(connection) = headers.get(header::CONNECTION) {
         let named: Vec<HeaderName> = connection
             .to_str()
@@ -442,6 +448,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name.as_str().starts_with("proxy-")
 }
 
 /// Appends the client to `X-Forwarded-For`; sets `X-Forwarded-Proto` and
