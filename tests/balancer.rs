@@ -668,6 +668,43 @@ async fn shutdown_finishes_an_in_flight_request_then_stops_accepting() {
 }
 
 #[tokio::test]
+async fn shutdown_waits_no_longer_than_the_drain_timeout() {
+    let web = backends(&["web-1"]).await;
+    let lb = TestBalancer::start_with(&["web"], |config| {
+        config.drain_timeout = Duration::from_millis(200);
+    })
+    .await;
+    lb.publish(snapshot("web", 1, &[&web[0]])).await;
+    let in_flight = tokio::spawn({
+        let url = lb.url("/slow?ms=10000");
+        async move { get(&client(), &url).await }
+    });
+    let deadline = Instant::now() + DEADLINE;
+    while web[0].received() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request never reached the backend"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let started = Instant::now();
+    lb.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let cut = tokio::time::timeout(DEADLINE, in_flight)
+        .await
+        .expect("the cut request ends at once")
+        .expect("task");
+    assert!(
+        cut.is_err(),
+        "the connection was closed, not answered: {cut:?}"
+    );
+}
+
+#[tokio::test]
 async fn h2c_clients_are_served() {
     let web = backends(&["web-1"]).await;
     let lb = TestBalancer::start(&["web"]).await;

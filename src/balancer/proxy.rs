@@ -88,6 +88,9 @@ pub(super) async fn serve(
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
+    // Held here so that connections still open after the drain timeout end
+    // with `serve`, not whenever the runtime goes.
+    let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
@@ -99,11 +102,13 @@ pub(super) async fn serve(
                         .serve_connection(TokioIo::new(stream), service(proxy.clone(), peer))
                         .into_owned();
                     let connection = graceful.watch(connection);
-                    tokio::spawn(async move {
+                    connections.spawn(async move {
                         if let Err(error) = connection.await {
                             tracing::debug!(%peer, %error, "client connection ended with an error");
                         }
                     });
+                    // Reap finished connections so the set only holds open ones.
+                    while connections.try_join_next().is_some() {}
                 }
                 Err(error) => {
                     // Out of file descriptors, mostly: wait instead of spinning.
@@ -119,9 +124,14 @@ pub(super) async fn serve(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections finished"),
         () = tokio::time::sleep(config.drain_timeout) => {
-            tracing::warn!(timeout = ?config.drain_timeout, "drain timeout reached; closing the remaining connections");
+            tracing::warn!(
+                timeout = ?config.drain_timeout,
+                open = connections.len(),
+                "drain timeout reached; closing the remaining connections"
+            );
         }
     }
+    connections.shutdown().await;
 }
 
 fn service(
