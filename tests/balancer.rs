@@ -431,6 +431,7 @@ async fn forwarded_headers_are_added_and_hop_by_hop_ones_dropped() {
         &[
             ("host", "shop.example:9000"),
             ("x-forwarded-for", "10.1.2.3"),
+            ("x-forwarded-for", "10.4.5.6"),
             ("connection", "x-session-hop"),
             ("x-session-hop", "drop me"),
             ("keep-alive", "timeout=5"),
@@ -445,7 +446,7 @@ async fn forwarded_headers_are_added_and_hop_by_hop_ones_dropped() {
     assert_eq!(status, StatusCode::OK);
     let headers: Vec<&str> = body.lines().collect();
     for expected in [
-        "x-forwarded-for: 10.1.2.3, 127.0.0.1",
+        "x-forwarded-for: 10.1.2.3, 10.4.5.6, 127.0.0.1",
         "x-forwarded-proto: http",
         "x-forwarded-host: shop.example:9000",
         "host: shop.example:9000",

@@ -468,27 +468,36 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// `X-Forwarded-Host` to what this hop saw, and keeps the `Host` the client
 /// asked for (an h2 client sends it as the URI authority).
 fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, client_ip: HeaderValue) {
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
-        Some(earlier) => {
-            let mut joined = Vec::with_capacity(earlier.len() + 2 + client_ip.len());
-            joined.extend_from_slice(earlier.as_bytes());
-            joined.extend_from_slice(b", ");
+    // Entries, not get-then-insert: one hash lookup per header.
+    match headers.entry(X_FORWARDED_FOR) {
+        header::Entry::Occupied(mut earlier) => {
+            // Several lines count as one comma-separated list, in order.
+            let mut joined = Vec::new();
+            for value in earlier.iter() {
+                joined.extend_from_slice(value.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
             joined.extend_from_slice(client_ip.as_bytes());
-            HeaderValue::from_bytes(&joined).unwrap_or(client_ip)
+            earlier.insert(HeaderValue::from_bytes(&joined).unwrap_or(client_ip));
         }
-        None => client_ip,
-    };
-    headers.insert(X_FORWARDED_FOR, forwarded_for);
+        header::Entry::Vacant(none) => {
+            none.insert(client_ip);
+        }
+    }
     headers.insert(X_FORWARDED_PROTO, HTTP);
-    let host = match headers.get(header::HOST) {
-        Some(host) => Some(host.clone()),
-        None => uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-    };
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST, host.clone());
-        headers.entry(header::HOST).or_insert(host);
+    match headers.get(header::HOST).cloned() {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+        None => {
+            if let Some(host) = uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                headers.insert(X_FORWARDED_HOST, host.clone());
+                headers.insert(header::HOST, host);
+            }
+        }
     }
 }
 
