@@ -1,13 +1,26 @@
 //! How every component reaches NATS: the URL and any credential kind (user
 //! and password in the URL, a token, an nkey seed, a `.creds` file, TLS), a
 //! short ping interval so a hung server is noticed in seconds, unlimited
-//! reconnects with backoff, and connection events logged and handed on.
+//! reconnects with backoff, and connection events logged and handed on;
+//! permission violations become [`PermissionDenied`] errors naming the
+//! subject and the user, logged, counted and broadcast.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, ConnectErrorKind, ConnectOptions};
 use tokio::sync::broadcast;
+
+use crate::permissions::{Access, PermissionDenied};
+
+/// How long [`Connection::check_access`] waits for the server to refuse.
+/// The server answers a refused SUB or PUB at once, but async-nats offers no
+/// ping round trip to wait for and hands server errors to the event callback
+/// on a task of its own; on 127.0.0.1 or a LAN the refusal is in well within
+/// this.
+pub const ACCESS_CHECK_GRACE: Duration = Duration::from_millis(250);
 
 /// Where NATS is when nothing else says.
 pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
@@ -38,6 +51,15 @@ pub enum ConnectError {
     },
     #[error("--tls-cert and --tls-key go together; only {given} was given")]
     HalfClientCert { given: &'static str },
+}
+
+/// A start-up check that could not be completed, or was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error(transparent)]
+    Denied(#[from] PermissionDenied),
+    #[error("cannot check {access} on NATS: {reason}")]
+    Check { access: Access, reason: String },
 }
 
 /// Everything needed to open a NATS connection.
@@ -77,12 +99,93 @@ impl Default for NatsOptions {
 pub struct Connection {
     pub client: Client,
     events: broadcast::Sender<async_nats::Event>,
+    denials: broadcast::Sender<PermissionDenied>,
+    denied: Arc<AtomicU64>,
+    identity: String,
 }
 
 impl Connection {
     /// Connection events from now on. A lagging receiver loses the oldest.
     pub fn events(&self) -> broadcast::Receiver<async_nats::Event> {
         self.events.subscribe()
+    }
+
+    /// Permission violations from now on, already parsed (and logged at
+    /// error level). A lagging receiver loses the oldest.
+    pub fn denials(&self) -> broadcast::Receiver<PermissionDenied> {
+        self.denials.subscribe()
+    }
+
+    /// How many publishes and subscriptions the server refused so far.
+    pub fn denied_count(&self) -> u64 {
+        self.denied.load(Ordering::Relaxed)
+    }
+
+    /// Who this connection authenticated as, for messages: `user balancer`,
+    /// `nkey UA…`, `the user of creds file x.creds`, `a token`.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Checks at start-up that the server allows everything in `needs`, so a
+    /// component that would otherwise wait forever on a refused subscription
+    /// exits with the refusal instead. Subscriptions are made and dropped
+    /// again; publishes send an empty message (see [`Access::Publish`]).
+    /// Returns the first refusal.
+    pub async fn check_access(&self, needs: &[Access]) -> Result<(), AccessError> {
+        let mut denials = self.denials();
+        let mut probes = Vec::new();
+        for access in needs {
+            let failed = |reason: String| AccessError::Check {
+                access: access.clone(),
+                reason,
+            };
+            match access {
+                Access::Subscribe(subject) => {
+                    let subscriber = self
+                        .client
+                        .subscribe(subject.clone())
+                        .await
+                        .map_err(|e| failed(e.to_string()))?;
+                    probes.push(subscriber);
+                }
+                Access::Publish(subject) => self
+                    .client
+                    .publish(subject.clone(), bytes::Bytes::new())
+                    .await
+                    .map_err(|e| failed(e.to_string()))?,
+            }
+        }
+        if let Some(access) = needs.first() {
+            self.client.flush().await.map_err(|e| AccessError::Check {
+                access: access.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        let refusal = async {
+            loop {
+                match denials.recv().await {
+                    Ok(denied) => {
+                        let asked = needs.iter().any(|access| {
+                            access.operation() == denied.operation
+                                && access.subject() == denied.subject
+                        });
+                        if asked {
+                            return Some(denied);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        };
+        let result = match tokio::time::timeout(ACCESS_CHECK_GRACE, refusal).await {
+            Ok(Some(denied)) => Err(AccessError::Denied(denied)),
+            Ok(None) | Err(_) => Ok(()),
+        };
+        // Dropping a subscriber unsubscribes it.
+        drop(probes);
+        result
     }
 }
 
@@ -92,6 +195,28 @@ impl NatsOptions {
         NatsOptions {
             url: url.into(),
             ..NatsOptions::default()
+        }
+    }
+
+    /// Who these options authenticate as, for messages (never a secret).
+    pub fn identity(&self) -> String {
+        if let Some(path) = &self.creds_file {
+            return format!("the user of creds file {}", path.display());
+        }
+        if let Some(seed) = &self.nkey_seed {
+            return match nkeys::KeyPair::from_seed(seed) {
+                Ok(pair) => format!("nkey {}", pair.public_key()),
+                Err(_) => "an nkey seed that does not parse".to_owned(),
+            };
+        }
+        if self.token.is_some() {
+            return "a token".to_owned();
+        }
+        match url_credentials(&self.url) {
+            Some(UrlCredentials::UserPassword(user, _)) => format!("user {user}"),
+            Some(UrlCredentials::Token(_)) => "a token".to_owned(),
+            None if self.tls_cert.is_some() => "the TLS client certificate".to_owned(),
+            None => "no user (no credentials given)".to_owned(),
         }
     }
 
@@ -119,6 +244,14 @@ impl NatsOptions {
         if let Some(seed) = &self.nkey_seed {
             options = options.nkey(seed.clone());
         }
+        match url_credentials(&self.url) {
+            Some(UrlCredentials::UserPassword(user, password)) => {
+                options = options.user_and_password(user, password);
+            }
+            Some(UrlCredentials::Token(token)) => options = options.token(token),
+            None => {}
+        }
+        // An explicit --token wins over one in the URL.
         if let Some(token) = &self.token {
             options = options.token(token.clone());
         }
@@ -140,7 +273,13 @@ impl NatsOptions {
             (None, None) => {}
         }
         let (events, _) = broadcast::channel(64);
+        let (denials, _) = broadcast::channel(64);
+        let denied = Arc::new(AtomicU64::new(0));
+        let identity = self.identity();
         let sender = events.clone();
+        let denial_sender = denials.clone();
+        let denial_count = Arc::clone(&denied);
+        let denial_identity = identity.clone();
         let log_url = url.clone();
         options = options
             .name(name)
@@ -149,8 +288,21 @@ impl NatsOptions {
             .max_reconnects(None)
             .reconnect_delay_callback(reconnect_delay)
             .event_callback(move |event| {
-                log_event(&log_url, &event);
-                // Nobody listening is fine: the event is logged.
+                let denial = match &event {
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(message)) => {
+                        PermissionDenied::from_server_error(message, &denial_identity)
+                    }
+                    _ => None,
+                };
+                match denial {
+                    Some(denied) => {
+                        denial_count.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(url = %log_url, "{denied}");
+                        // Nobody listening is fine: the denial is logged.
+                        let _ = denial_sender.send(denied);
+                    }
+                    None => log_event(&log_url, &event),
+                }
                 let _ = sender.send(event);
                 async {}
             });
@@ -160,9 +312,7 @@ impl NatsOptions {
                 .await
                 .map_err(|source| match source.kind() {
                     ConnectErrorKind::AuthorizationViolation => ConnectError::Unauthorized {
-                        user: user_of(&self.url)
-                            .map(|u| format!(" for user {u}"))
-                            .unwrap_or_default(),
+                        user: format!(" of {identity}"),
                         url: url.clone(),
                         source,
                     },
@@ -175,7 +325,13 @@ impl NatsOptions {
                         source,
                     },
                 })?;
-        Ok(Connection { client, events })
+        Ok(Connection {
+            client,
+            events,
+            denials,
+            denied,
+            identity,
+        })
     }
 }
 
@@ -204,11 +360,51 @@ fn log_event(url: &str, event: &async_nats::Event) {
     }
 }
 
-/// The user name in `nats://user:pass@host`, if any.
-fn user_of(url: &str) -> Option<&str> {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let (userinfo, _) = rest.split_once('@')?;
-    Some(userinfo.split_once(':').map_or(userinfo, |(user, _)| user))
+/// Credentials written into a URL: `nats://user:password@host` or
+/// `nats://token@host`.
+#[derive(Debug, PartialEq, Eq)]
+enum UrlCredentials {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// The credentials of the first of the comma-separated URLs that has any,
+/// percent-decoded (a password with `@` or `:` in it is written `%40`, `%3A`).
+/// async-nats does not read them from the URL itself.
+fn url_credentials(urls: &str) -> Option<UrlCredentials> {
+    urls.split(',').map(str::trim).find_map(|url| {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let (userinfo, _) = rest.rsplit_once('@')?;
+        Some(match userinfo.split_once(':') {
+            Some((user, password)) => {
+                UrlCredentials::UserPassword(percent_decode(user), percent_decode(password))
+            }
+            None => UrlCredentials::Token(percent_decode(userinfo)),
+        })
+    })
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| text.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            None => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 fn redact(urls: &str) -> String {
@@ -245,8 +441,28 @@ mod tests {
             "nats://h1:4222,nats://u:***@h2"
         );
         assert_eq!(redact("h:4222"), "h:4222");
-        assert_eq!(user_of("nats://alice:pw@h"), Some("alice"));
-        assert_eq!(user_of("nats://h:4222"), None);
+    }
+
+    #[test]
+    fn credentials_come_out_of_the_url() {
+        assert_eq!(
+            url_credentials("nats://alice:p%40ss%3Aword@h:4222"),
+            Some(UrlCredentials::UserPassword(
+                "alice".into(),
+                "p@ss:word".into()
+            ))
+        );
+        assert_eq!(
+            url_credentials("nats://h1:4222, nats://s3cret@h2:4222"),
+            Some(UrlCredentials::Token("s3cret".into()))
+        );
+        assert_eq!(url_credentials("nats://h:4222"), None);
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(NatsOptions::new("nats://web:pw@h").identity(), "user web");
+        assert_eq!(
+            NatsOptions::new("nats://h").identity(),
+            "no user (no credentials given)"
+        );
     }
 
     #[test]

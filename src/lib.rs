@@ -19,12 +19,23 @@
 //!   reconnects, connection events).
 //! - [`balancer`]: the HTTP reverse proxy: catalog updates in, each request
 //!   sent round-robin to a live instance of its route's service.
+//! - [`announcer`]: a Rust service registers, heartbeats and deregisters
+//!   itself.
+//! - [`agent`]: announces a service in any language, gated by its HTTP
+//!   health check.
+//! - [`fleet_view`]: events, snapshots and the stored catalog as lines and
+//!   JSON for people (`rollcall watch`, `rollcall catalog`).
+//! - [`permissions`]: what NATS lets each role do; refusals as typed errors.
 #![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod announcer;
 pub mod balancer;
 pub mod catalog;
 pub mod catalog_stream;
 pub mod connect;
 pub mod discovery;
+pub mod fleet_view;
+pub mod permissions;
 pub mod protocol;
 pub mod subscription;

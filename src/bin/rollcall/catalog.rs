@@ -1,0 +1,55 @@
+//! `rollcall catalog`: the current catalog, read once from the catalog
+//! stream, as a table or JSON.
+
+use std::time::SystemTime;
+
+use rollcall::catalog_stream;
+use rollcall::fleet_view::{catalog_json, catalog_table};
+use rollcall::protocol::validate_name;
+
+use crate::args::NatsArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Only this service.
+    #[arg(value_parser = parse_service)]
+    service: Option<String>,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_service(name: &str) -> Result<String, String> {
+    validate_name("service", name).map_err(|e| e.to_string())?;
+    Ok(name.to_owned())
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let connection = args.nats.options().connect("rollcall catalog").await?;
+    let js = async_nats::jetstream::new(connection.client);
+    let mut last = catalog_stream::read_last(&js, &args.nats.prefix).await?;
+    if last.invalid > 0 {
+        tracing::warn!(
+            invalid = last.invalid,
+            "the catalog stream holds invalid snapshots; they are left out"
+        );
+    }
+    if let Some(service) = &args.service {
+        last.snapshots.retain(|s| &s.snapshot.service == service);
+        if last.snapshots.is_empty() {
+            tracing::warn!(%service, "the catalog has no snapshot of this service");
+        }
+    }
+    let now = SystemTime::now();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&catalog_json(&last.snapshots, now))?
+        );
+    } else {
+        print!("{}", catalog_table(&last.snapshots, now));
+    }
+    Ok(())
+}

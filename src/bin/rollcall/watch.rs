@@ -1,0 +1,86 @@
+//! `rollcall watch`: every event and snapshot of the fleet (or of one
+//! service), live, one line or one JSON object each.
+
+use std::io::Write;
+use std::time::SystemTime;
+
+use futures::StreamExt;
+use rollcall::fleet_view::Observed;
+use rollcall::protocol::validate_name;
+
+use crate::args::{shutdown_signal, NatsArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Only this service's events and snapshots.
+    #[arg(value_parser = parse_service)]
+    service: Option<String>,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_service(name: &str) -> Result<String, String> {
+    validate_name("service", name).map_err(|e| e.to_string())?;
+    Ok(name.to_owned())
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let subjects = &args.nats.prefix;
+    let connection = args.nats.options().connect("rollcall watch").await?;
+    let client = &connection.client;
+    let filters = match &args.service {
+        Some(service) => vec![
+            format!("{}.*.{service}.*", subjects.prefix()),
+            subjects.catalog(service),
+        ],
+        None => vec![subjects.all()],
+    };
+    let mut subscriptions = Vec::new();
+    for filter in &filters {
+        let subscription = client
+            .subscribe(filter.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot subscribe to {filter}: {e}"))?;
+        subscriptions.push(subscription);
+    }
+    client
+        .flush()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot subscribe to {}: {e}", filters.join(" and ")))?;
+    tracing::info!(subjects = %filters.join(" "), "watching");
+
+    let mut messages = futures::stream::select_all(subscriptions);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut stdout = std::io::stdout().lock();
+    let (mut seen, mut invalid) = (0u64, 0u64);
+    loop {
+        let message = tokio::select! {
+            () = &mut shutdown => break,
+            message = messages.next() => match message {
+                Some(message) => message,
+                None => anyhow::bail!("the NATS subscription ended"),
+            },
+        };
+        let now = SystemTime::now();
+        let observed = Observed::read(subjects, &message.subject, &message.payload);
+        seen += 1;
+        if observed.is_invalid() {
+            invalid += 1;
+        }
+        let written = if args.json {
+            writeln!(stdout, "{}", observed.json(now))
+        } else {
+            writeln!(stdout, "{}", observed.line(now))
+        };
+        // A closed pipe (`rollcall watch | head`) ends the watch quietly.
+        if written.and_then(|()| stdout.flush()).is_err() {
+            break;
+        }
+    }
+    tracing::info!(messages = seen, invalid, "watch ended");
+    Ok(())
+}

@@ -1,0 +1,356 @@
+//! The end of the line, for people: what `rollcall watch` and `rollcall
+//! catalog` print. Events, snapshots and the stored catalog become one
+//! readable line each, or one JSON object each, and a message that breaks
+//! the protocol is shown as invalid with the reason instead of being dropped.
+
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime};
+
+use serde_json::{json, Value};
+
+use crate::catalog_stream::Stored;
+use crate::protocol::{Event, Instance, Snapshot, Subjects};
+
+/// One message seen on the fleet's subjects, as understood.
+// One value per message, printed and dropped at once: boxing would only add
+// an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    /// A valid register, heartbeat or deregister. `instance` is the record
+    /// the message carried (a deregister may carry none).
+    Event {
+        event: Event,
+        instance: Option<Instance>,
+    },
+    Snapshot(Snapshot),
+    /// Anything under the prefix that breaks PROTOCOL.md, and why.
+    Invalid {
+        subject: String,
+        reason: String,
+    },
+}
+
+impl Observed {
+    /// Reads one message: a catalog subject as a snapshot, anything else as
+    /// an event.
+    pub fn read(subjects: &Subjects, subject: &str, payload: &[u8]) -> Observed {
+        let is_catalog = subject
+            .strip_prefix(subjects.prefix())
+            .and_then(|rest| rest.strip_prefix(".catalog."))
+            .is_some();
+        let invalid = |error: crate::protocol::ProtocolError| Observed::Invalid {
+            subject: subject.to_owned(),
+            reason: error.to_string(),
+        };
+        if is_catalog {
+            return subjects
+                .parse_snapshot(subject, payload)
+                .map_or_else(invalid, Observed::Snapshot);
+        }
+        match subjects.parse_event(subject, payload) {
+            Ok(event) => {
+                let instance = match &event {
+                    Event::Register(instance) | Event::Heartbeat(instance) => {
+                        Some(instance.clone())
+                    }
+                    // A deregister may carry the whole record; show its
+                    // address when it does.
+                    Event::Deregister { .. } => serde_json::from_slice(payload).ok(),
+                };
+                Observed::Event { event, instance }
+            }
+            Err(error) => invalid(error),
+        }
+    }
+
+    pub fn is_invalid(&self) -> bool {
+        matches!(self, Observed::Invalid { .. })
+    }
+
+    /// One line for people: time, kind, service, instance, address:port;
+    /// for snapshots the revision and the instance ids.
+    pub fn line(&self, at: SystemTime) -> String {
+        let time = humantime::format_rfc3339_millis(at);
+        match self {
+            Observed::Event { event, instance } => {
+                let target = instance
+                    .as_ref()
+                    .map(Instance::authority)
+                    .unwrap_or_else(|| "-".to_owned());
+                let mut line = format!(
+                    "{time} {:<10} {}/{} {target}",
+                    event.kind().as_str(),
+                    event.service(),
+                    event.id()
+                );
+                if let (Some(instance), false) =
+                    (instance, matches!(event, Event::Deregister { .. }))
+                {
+                    let _ = write!(
+                        line,
+                        " ttl={}ms weight={}",
+                        instance.ttl_ms, instance.weight
+                    );
+                    if !instance.tags.is_empty() {
+                        let _ = write!(line, " tags={}", instance.tags.join(","));
+                    }
+                }
+                line
+            }
+            Observed::Snapshot(snapshot) => {
+                let ids: Vec<String> = snapshot
+                    .instances
+                    .iter()
+                    .map(|i| format!("{}@{}", i.id, i.authority()))
+                    .collect();
+                format!(
+                    "{time} {:<10} {} rev={} instances={} [{}]",
+                    "snapshot",
+                    snapshot.service,
+                    snapshot.revision,
+                    snapshot.instances.len(),
+                    ids.join(" ")
+                )
+            }
+            Observed::Invalid { subject, reason } => {
+                format!("{time} {:<10} {subject}: {reason}", "invalid")
+            }
+        }
+    }
+
+    /// One JSON object.
+    pub fn json(&self, at: SystemTime) -> Value {
+        let time = humantime::format_rfc3339_millis(at).to_string();
+        match self {
+            Observed::Event { event, instance } => json!({
+                "time": time,
+                "kind": event.kind().as_str(),
+                "service": event.service(),
+                "id": event.id(),
+                "instance": instance,
+            }),
+            Observed::Snapshot(snapshot) => json!({
+                "time": time,
+                "kind": "snapshot",
+                "service": snapshot.service,
+                "revision": snapshot.revision,
+                "instances": snapshot.instances,
+            }),
+            Observed::Invalid { subject, reason } => json!({
+                "time": time,
+                "kind": "invalid",
+                "subject": subject,
+                "reason": reason,
+            }),
+        }
+    }
+}
+
+const HEADER: [&str; 7] = [
+    "SERVICE", "INSTANCE", "ADDRESS", "PORT", "WEIGHT", "TAGS", "AGE",
+];
+
+/// The catalog as a table: one row per instance, a `-` row for a service
+/// that has none. AGE is how long ago the service's snapshot was published,
+/// that is, since its last change.
+pub fn catalog_table(stored: &[Stored], now: SystemTime) -> String {
+    let mut rows: Vec<[String; 7]> = vec![HEADER.map(str::to_owned)];
+    for Stored {
+        snapshot,
+        published,
+    } in stored
+    {
+        let age = age(*published, now);
+        if snapshot.instances.is_empty() {
+            rows.push([
+                snapshot.service.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                age.clone(),
+            ]);
+        }
+        for instance in &snapshot.instances {
+            rows.push([
+                snapshot.service.clone(),
+                instance.id.clone(),
+                instance.address.clone(),
+                instance.port.to_string(),
+                instance.weight.to_string(),
+                if instance.tags.is_empty() {
+                    "-".into()
+                } else {
+                    instance.tags.join(",")
+                },
+                age.clone(),
+            ]);
+        }
+    }
+    let widths: Vec<usize> = (0..HEADER.len())
+        .map(|column| rows.iter().map(|row| row[column].len()).max().unwrap_or(0))
+        .collect();
+    let mut table = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        table.push_str(cells.join("  ").trim_end());
+        table.push('\n');
+    }
+    table
+}
+
+/// The catalog as JSON: one object per service with its revision, when it
+/// was published, and its instances.
+pub fn catalog_json(stored: &[Stored], now: SystemTime) -> Value {
+    Value::Array(
+        stored
+            .iter()
+            .map(|Stored { snapshot, published }| {
+                json!({
+                    "service": snapshot.service,
+                    "revision": snapshot.revision,
+                    "published": humantime::format_rfc3339_millis(*published).to_string(),
+                    "age_ms": u64::try_from(now.duration_since(*published).unwrap_or_default().as_millis()).unwrap_or(u64::MAX),
+                    "instances": snapshot.instances,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// `1h2m`, `3m4s`, `5s`, rounded down to whole seconds.
+fn age(published: SystemTime, now: SystemTime) -> String {
+    let seconds = now.duration_since(published).unwrap_or_default().as_secs();
+    humantime::format_duration(Duration::from_secs(seconds))
+        .to_string()
+        .replace(' ', "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at() -> SystemTime {
+        humantime::parse_rfc3339("2026-11-27T12:00:00.250Z").expect("valid time")
+    }
+
+    const WEB_1: &str = r#"{"service":"web","id":"web-1","address":"127.0.0.1","port":5001,"ttl_ms":3000,"weight":2,"tags":["v2"]}"#;
+
+    fn read(subject: &str, payload: &str) -> Observed {
+        Observed::read(&Subjects::default(), subject, payload.as_bytes())
+    }
+
+    #[test]
+    fn events_read_as_one_line_each() {
+        let register = read("rollcall.register.web.web-1", WEB_1);
+        assert_eq!(
+            register.line(at()),
+            "2026-11-27T12:00:00.250Z register   web/web-1 127.0.0.1:5001 ttl=3000ms weight=2 tags=v2"
+        );
+        let deregister = read("rollcall.deregister.web.web-1", "{}");
+        assert_eq!(
+            deregister.line(at()),
+            "2026-11-27T12:00:00.250Z deregister web/web-1 -"
+        );
+        let with_record = read("rollcall.deregister.web.web-1", WEB_1);
+        assert!(with_record.line(at()).ends_with("web/web-1 127.0.0.1:5001"));
+    }
+
+    #[test]
+    fn snapshots_show_revision_and_instances() {
+        let snapshot = Snapshot {
+            service: "web".into(),
+            revision: 7,
+            instances: vec![
+                Instance::new("web", "a", "127.0.0.1", 1),
+                Instance::new("web", "b", "::1", 2),
+            ],
+        };
+        let observed = read(
+            "rollcall.catalog.web",
+            &serde_json::to_string(&snapshot).expect("serializes"),
+        );
+        assert_eq!(
+            observed.line(at()),
+            "2026-11-27T12:00:00.250Z snapshot   web rev=7 instances=2 [a@127.0.0.1:1 b@[::1]:2]"
+        );
+        let value = observed.json(at());
+        assert_eq!(value["kind"], "snapshot");
+        assert_eq!(value["revision"], 7);
+        assert_eq!(value["instances"][1]["id"], "b");
+    }
+
+    #[test]
+    fn invalid_messages_are_shown_with_the_reason() {
+        let observed = read("rollcall.register.web.web-1", r#"{"service":"web"}"#);
+        assert!(observed.is_invalid());
+        let line = observed.line(at());
+        assert!(line.contains("invalid"), "{line}");
+        assert!(line.contains("rollcall.register.web.web-1"), "{line}");
+        assert!(line.contains("missing field `id`"), "{line}");
+        let value = observed.json(at());
+        assert_eq!(value["kind"], "invalid");
+        assert!(read("rollcall.catalog.web", "[]").is_invalid());
+        assert!(read("rollcall.hello.web.a", "{}").is_invalid());
+        assert!(read("rollcall.register.web.a", "\u{0}\u{1}").is_invalid());
+    }
+
+    #[test]
+    fn event_json_carries_the_record() {
+        let value = read("rollcall.heartbeat.web.web-1", WEB_1).json(at());
+        assert_eq!(value["kind"], "heartbeat");
+        assert_eq!(value["time"], "2026-11-27T12:00:00.250Z");
+        assert_eq!(value["instance"]["port"], 5001);
+    }
+
+    fn stored() -> Vec<Stored> {
+        let mut b = Instance::new("web", "web-2", "10.0.0.2", 80);
+        b.tags = vec!["v2".into(), "canary".into()];
+        vec![
+            Stored {
+                snapshot: Snapshot {
+                    service: "api".into(),
+                    revision: 3,
+                    instances: vec![],
+                },
+                published: at() - Duration::from_secs(3700),
+            },
+            Stored {
+                snapshot: Snapshot {
+                    service: "web".into(),
+                    revision: 9,
+                    instances: vec![Instance::new("web", "web-1", "127.0.0.1", 5001), b],
+                },
+                published: at() - Duration::from_millis(4900),
+            },
+        ]
+    }
+
+    #[test]
+    fn the_catalog_reads_as_an_aligned_table() {
+        let table = catalog_table(&stored(), at());
+        let expected = "\
+SERVICE  INSTANCE  ADDRESS    PORT  WEIGHT  TAGS       AGE
+api      -         -          -     -       -          1h1m40s
+web      web-1     127.0.0.1  5001  1       -          4s
+web      web-2     10.0.0.2   80    1       v2,canary  4s
+";
+        assert_eq!(table, expected);
+    }
+
+    #[test]
+    fn the_catalog_as_json_lists_services_with_revisions() {
+        let value = catalog_json(&stored(), at());
+        assert_eq!(value[0]["service"], "api");
+        assert_eq!(value[0]["instances"], json!([]));
+        assert_eq!(value[1]["revision"], 9);
+        assert_eq!(value[1]["age_ms"], 4900);
+        assert_eq!(value[1]["instances"][1]["tags"], json!(["v2", "canary"]));
+    }
+}

@@ -1,0 +1,226 @@
+//! `rollcall watch` and `rollcall catalog` as real processes, against a real
+//! nats-server with discovery and announcers running in the test.
+//!
+//! The tests read the child's output with blocking calls, so they run on a
+//! multi-threaded runtime: discovery and the NATS client keep a thread while
+//! the test's thread waits for a line.
+
+#[path = "support/cli.rs"]
+mod cli;
+mod support;
+
+use std::time::Duration;
+
+use cli::{rollcall, run, Process};
+use rollcall::announcer::{Announcement, Announcer};
+use rollcall::discovery::Discovery;
+use rollcall::protocol::{Instance, Subjects};
+use support::NatsServer;
+use tokio::sync::oneshot;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+struct Fleet {
+    _discovery: Discovery,
+    _stop: oneshot::Sender<()>,
+    client: async_nats::Client,
+}
+
+async fn discovery(nats: &NatsServer) -> Fleet {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let discovery = rollcall::discovery::spawn(client.clone(), Subjects::default(), async {
+        let _ = stopped.await;
+    })
+    .await
+    .expect("discovery starts");
+    Fleet {
+        _discovery: discovery,
+        _stop: stop,
+        client,
+    }
+}
+
+async fn announce(fleet: &Fleet, service: &str, id: &str, port: u16) -> Announcement {
+    let mut instance = Instance::new(service, id, "127.0.0.1", port);
+    instance.tags = vec!["v2".into()];
+    Announcer::with_client(fleet.client.clone(), Subjects::default(), instance)
+        .start()
+        .await
+        .expect("announces")
+}
+
+/// Waits until the catalog stream holds `count` instances of `service`.
+async fn stored(fleet: &Fleet, service: &str, count: usize) {
+    let js = async_nats::jetstream::new(fleet.client.clone());
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(last) = rollcall::catalog_stream::read_last(&js, &Subjects::default()).await {
+            if last
+                .snapshots
+                .iter()
+                .any(|s| s.snapshot.service == service && s.snapshot.instances.len() == count)
+            {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the catalog stream never held {count} instances of {service}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_events_snapshots_and_invalid_messages() {
+    let nats = NatsServer::start();
+    let fleet = discovery(&nats).await;
+    let url = nats.url();
+    let watch = Process::spawn(rollcall(&["watch", "--nats", &url]));
+    watch.wait_stderr("watching", WAIT);
+
+    let _web_1 = announce(&fleet, "web", "web-1", 5001).await;
+    let line = watch.line_containing("register", WAIT);
+    assert!(
+        line.contains("register   web/web-1 127.0.0.1:5001 ttl=3000ms weight=1 tags=v2"),
+        "{line}"
+    );
+    let line = watch.line_containing("snapshot", WAIT);
+    assert!(
+        line.contains("snapshot   web rev=")
+            && line.ends_with("instances=1 [web-1@127.0.0.1:5001]"),
+        "{line}"
+    );
+
+    fleet
+        .client
+        .publish("rollcall.register.web.bad", "{\"service\":\"web\"".into())
+        .await
+        .unwrap();
+    let line = watch.line_containing("invalid", WAIT);
+    assert!(line.contains("rollcall.register.web.bad"), "{line}");
+    assert!(line.contains("not valid JSON"), "{line}");
+    // Still running after the invalid message.
+    let _api = announce(&fleet, "api", "api-1", 6001).await;
+    watch.line_containing("register   api/api-1", WAIT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_one_service_as_json() {
+    let nats = NatsServer::start();
+    let fleet = discovery(&nats).await;
+    let url = nats.url();
+    let mut watch = Process::spawn(rollcall(&["watch", "--nats", &url, "web", "--json"]));
+    watch.wait_stderr("watching", WAIT);
+
+    let _api = announce(&fleet, "api", "api-1", 6001).await;
+    let web = announce(&fleet, "web", "web-1", 5001).await;
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        let line = watch.line(WAIT);
+        let value: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(value["service"], "web", "only web is watched: {line}");
+        if value["kind"] == "register" {
+            assert_eq!(value["instance"]["port"], 5001);
+        }
+        if value["kind"] == "snapshot" {
+            assert_eq!(value["instances"][0]["id"], "web-1");
+        }
+        let kind = value["kind"].as_str().unwrap_or_default().to_owned();
+        if !kinds.contains(&kind) && kind != "heartbeat" {
+            kinds.push(kind);
+        }
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["register", "snapshot"]);
+    web.deregister().await.unwrap();
+    watch.line_containing("\"deregister\"", WAIT);
+    watch.signal("TERM");
+    assert_eq!(watch.wait(WAIT), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_prints_the_stored_catalog() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+
+    // Before discovery ever ran, the stream does not exist.
+    let (code, _, stderr) = run(rollcall(&["catalog", "--nats", &url]), WAIT);
+    assert!(matches!(code, Some(c) if c != 0), "exited {code:?}");
+    assert!(stderr.contains("does not exist yet"), "{stderr}");
+
+    let fleet = discovery(&nats).await;
+    let _web_1 = announce(&fleet, "web", "web-1", 5001).await;
+    let _web_2 = announce(&fleet, "web", "web-2", 5002).await;
+    let _api = announce(&fleet, "api", "api-1", 6001).await;
+    stored(&fleet, "web", 2).await;
+    stored(&fleet, "api", 1).await;
+
+    let (code, table, stderr) = run(rollcall(&["catalog", "--nats", &url]), WAIT);
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        ["SERVICE", "INSTANCE", "ADDRESS", "PORT", "WEIGHT", "TAGS", "AGE"]
+    );
+    assert_eq!(lines.len(), 4, "{table}");
+    assert_eq!(
+        lines[1][..6],
+        ["api", "api-1", "127.0.0.1", "6001", "1", "v2"]
+    );
+    assert_eq!(
+        lines[2][..6],
+        ["web", "web-1", "127.0.0.1", "5001", "1", "v2"]
+    );
+    assert_eq!(
+        lines[3][..6],
+        ["web", "web-2", "127.0.0.1", "5002", "1", "v2"]
+    );
+
+    let (code, json, stderr) = run(
+        rollcall(&["catalog", "--nats", &url, "web", "--json"]),
+        WAIT,
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let value: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+    let services = value.as_array().expect("an array of services");
+    assert_eq!(services.len(), 1, "{json}");
+    assert_eq!(services[0]["service"], "web");
+    assert!(
+        services[0]["revision"].as_u64().is_some_and(|r| r >= 2),
+        "{json}"
+    );
+    let ids: Vec<&str> = services[0]["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .filter_map(|i| i["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["web-1", "web-2"]);
+}
+
+#[test]
+fn both_fail_clearly_when_nats_is_unreachable() {
+    let url = format!("nats://127.0.0.1:{}", support::free_port());
+    for command in [
+        vec!["watch", "--nats", &url],
+        vec!["catalog", "--nats", &url],
+        vec!["catalog", "--nats", &url, "--json"],
+    ] {
+        let (code, stdout, stderr) = run(rollcall(&command), WAIT);
+        assert!(
+            matches!(code, Some(c) if c != 0),
+            "{command:?} exited {code:?}"
+        );
+        assert!(
+            stderr.contains("cannot reach NATS"),
+            "{command:?}: {stderr}"
+        );
+        assert!(stdout.is_empty(), "{command:?} printed {stdout}");
+    }
+}
