@@ -339,9 +339,9 @@ impl Proxy {
 /// The next member not tried yet for this request.
 fn pick(set: &super::rotation::ServiceSet, tried: &[Arc<Member>]) -> Option<Arc<Member>> {
     let now = || tokio::time::Instant::now().into_std();
-    // With weights a member appears several times per period, so a few
-    // picks may land on one already tried.
-    for _ in 0..set.members().len().max(1) * 2 {
+    // With weights a member appears several times per period, so picks may
+    // land on one already tried; one period reaches every member.
+    for _ in 0..set.period() {
         let member = set.next(now)?;
         if !tried.iter().any(|t| t.id() == member.id()) {
             return Some(member.clone());
