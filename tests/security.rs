@@ -303,21 +303,44 @@ fn the_cli_says_why_when_the_password_is_wrong_and_exits_non_zero() {
     );
 }
 
-#[test]
-fn a_discovery_started_under_the_wrong_user_exits_naming_the_refusal() {
+/// Runs a rollcall subcommand as `user` under secure.conf; it must exit
+/// non-zero at once with a message naming the refused subject and the user.
+fn refused_at_start(args: &[&str], user: &str, expected: &str) {
     let server = ConfiguredServer::from_file("nats/secure.conf");
+    let started = std::time::Instant::now();
     let output = Command::new(env!("CARGO_BIN_EXE_rollcall"))
-        .args(["discovery", "--nats"])
-        .arg(server.secure_url("balancer"))
+        .args(args)
+        .arg("--nats")
+        .arg(server.secure_url(user))
         .env("ROLLCALL_LOG", "error")
         .env("NO_COLOR", "1")
         .output()
         .expect("run rollcall");
     assert!(!output.status.success(), "exit status {:?}", output.status);
     let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(expected), "stderr: {stderr}");
     assert!(
-        stderr.contains("permission denied subscribing to rollcall.*.*.* as user balancer"),
-        "stderr: {stderr}"
+        started.elapsed() < Duration::from_secs(5),
+        "the refusal took {:?} to surface",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_discovery_started_under_the_wrong_user_exits_naming_the_refusal() {
+    refused_at_start(
+        &["discovery"],
+        "balancer",
+        "permission denied subscribing to rollcall.*.*.* as user balancer",
+    );
+}
+
+#[test]
+fn a_balancer_started_under_a_service_user_exits_naming_the_refusal() {
+    refused_at_start(
+        &["balancer", "--listen", "127.0.0.1:0", "web"],
+        "web",
+        "permission denied subscribing to rollcall.catalog.> as user web",
     );
 }
 
