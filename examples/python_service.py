@@ -107,9 +107,26 @@ async def main():
         # The server may have lost us (or discovery restarted): say it all again.
         await register()
 
-    nc = await nats.connect(
-        args.nats, name=f"python_service {args.name}", reconnected_cb=reconnected
-    )
+    async def on_error(error):
+        print(f"python_service: NATS: {error!r}", file=sys.stderr, flush=True)
+
+    # nats-py keeps retrying a first connection that fails; give it 5 s.
+    try:
+        nc = await asyncio.wait_for(
+            nats.connect(
+                args.nats,
+                name=f"python_service {args.name}",
+                reconnected_cb=reconnected,
+                error_cb=on_error,
+            ),
+            timeout=5,
+        )
+    except asyncio.TimeoutError:
+        server.shutdown()
+        sys.exit(
+            f"python_service: cannot reach NATS at {args.nats} within 5 s; "
+            "is nats-server running there?"
+        )
     await register()
 
     stop = asyncio.Event()
@@ -133,6 +150,5 @@ async def main():
 if __name__ == "__main__":
     try:
         asyncio.run(main())
-    except (OSError, nats.errors.NoServersError) as error:
-        print(f"python_service: {error}", file=sys.stderr)
-        sys.exit(1)
+    except OSError as error:
+        sys.exit(f"python_service: {error}")

@@ -130,6 +130,11 @@ impl Gate {
         }
     }
 
+    /// Failed checks in a row.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
     /// The action after one check, given whether the instance is in the
     /// catalog now.
     pub fn next(&mut self, healthy: bool, registered: bool) -> Action {
@@ -174,11 +179,14 @@ pub async fn run(
         tokio::select! {
             () = &mut shutdown => break,
             _ = ticker.tick() => {
-                let healthy = match &prober {
+                let outcome = match &prober {
                     Some(prober) => prober.probe().await,
-                    None => true,
+                    None => Ok(()),
                 };
-                let action = gate.next(healthy, registered);
+                let action = gate.next(outcome.is_ok(), registered);
+                if let Err(reason) = &outcome {
+                    log_failed_check(instance, &gate, action, reason);
+                }
                 registered = perform(&publisher, instance, action, registered).await;
             }
             event = next_event(&mut events) => match event {
@@ -230,7 +238,7 @@ async fn perform(
         }
         Action::Deregister => match publisher.deregister(instance).await {
             Ok(()) => {
-                tracing::warn!(%service, %id, "health check failing; deregistered");
+                tracing::info!(%service, %id, "deregistered");
                 false
             }
             Err(error) => {
@@ -238,11 +246,24 @@ async fn perform(
                 false
             }
         },
+        Action::Hold | Action::Nothing => registered,
+    }
+}
+
+/// Every failed check is logged with its reason: at warn while it changes
+/// something (heartbeats held, then the deregister), at debug while the
+/// instance is out and the check keeps failing.
+fn log_failed_check(instance: &Instance, gate: &Gate, action: Action, reason: &str) {
+    let (service, id) = (&instance.service, &instance.id);
+    let failures = gate.failures();
+    match action {
         Action::Hold => {
-            tracing::warn!(%service, %id, "health check failed; holding heartbeats");
-            registered
+            tracing::warn!(%service, %id, failures, %reason, "health check failed; holding heartbeats")
         }
-        Action::Nothing => registered,
+        Action::Deregister => {
+            tracing::warn!(%service, %id, failures, %reason, "health check failed too often; deregistering")
+        }
+        _ => tracing::debug!(%service, %id, failures, %reason, "health check still failing"),
     }
 }
 
@@ -262,23 +283,17 @@ impl Prober {
         }
     }
 
-    /// True when the check answers 2xx in time; logs why not otherwise.
-    async fn probe(&self) -> bool {
+    /// Ok when the check answers 2xx in time; otherwise why not.
+    async fn probe(&self) -> Result<(), String> {
         let url = &self.check.url;
         match tokio::time::timeout(self.check.timeout, self.client.get(url.clone())).await {
-            Ok(Ok(response)) if response.status().is_success() => true,
-            Ok(Ok(response)) => {
-                tracing::debug!(%url, status = %response.status(), "check failed");
-                false
-            }
-            Ok(Err(error)) => {
-                tracing::debug!(%url, %error, "check failed");
-                false
-            }
-            Err(_) => {
-                tracing::debug!(%url, timeout = ?self.check.timeout, "check timed out");
-                false
-            }
+            Ok(Ok(response)) if response.status().is_success() => Ok(()),
+            Ok(Ok(response)) => Err(format!("GET {url} answered {}", response.status())),
+            Ok(Err(error)) => Err(format!("GET {url} failed: {error}")),
+            Err(_) => Err(format!(
+                "GET {url} took longer than {:?}",
+                self.check.timeout
+            )),
         }
     }
 }

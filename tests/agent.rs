@@ -127,6 +127,12 @@ async fn heartbeats_only_while_the_check_passes() {
         "deregistered {took:?} after the check began failing (3 checks at 100 ms)"
     );
     tap.silent_for(Duration::from_millis(300)).await;
+    let log = process.stderr_text();
+    assert!(
+        log.contains("health check failed too often; deregistering")
+            && log.contains("answered 503"),
+        "the log says why: {log}"
+    );
 
     healthy.store(true, Ordering::SeqCst);
     tap.until(EventKind::Register, "py-1", WAIT).await;

@@ -181,6 +181,34 @@ async fn sequential_requests_rotate_exactly_over_three_instances() {
 }
 
 #[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let web = backends(&["web-1"]).await;
+    let lb = TestBalancer::start(&["web"]).await;
+    lb.publish(snapshot("web", 1, &[&web[0]])).await;
+    for path in ["/", "/empty", "/headers", "/", "/empty"]
+        .iter()
+        .cycle()
+        .take(20)
+    {
+        let (status, _) = lb.get(path).await;
+        assert!(status.is_success(), "{path}: {status}");
+    }
+    let request = http::Request::head(lb.url("/"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = lb.client.request(request).await.expect("HEAD answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(lb.get("/").await.1, "web-1");
+    assert_eq!(web[0].served(), 22);
+    assert_eq!(
+        web[0].connections(),
+        1,
+        "sequential requests share one connection"
+    );
+    lb.stop().await;
+}
+
+#[tokio::test]
 async fn a_joining_instance_gets_traffic_and_a_removed_one_none() {
     let web = backends(&["web-1", "web-2", "web-3"]).await;
     let lb = TestBalancer::start(&["web"]).await;

@@ -6,14 +6,16 @@
 mod nats_extra;
 mod support;
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use nats_extra::Cluster;
-use rollcall::catalog::Update;
+use nats_extra::{get, http_backend, Cluster};
+use rollcall::balancer::{self, routes::Routes, BalancerConfig};
 use rollcall::catalog_stream;
 use rollcall::connect::NatsOptions;
 use rollcall::protocol::Subjects;
+use rollcall::subscription::{self, SubscriptionStats};
 
 /// A JetStream meta leader election takes several seconds (nats-server
 /// draws its election timeout from 4-9 s), and a catalog read that hit the
@@ -24,11 +26,28 @@ fn register_json(id: &str, port: u16) -> String {
     format!(r#"{{"service":"web","id":"{id}","address":"127.0.0.1","port":{port},"ttl_ms":60000}}"#)
 }
 
-async fn next_update(updates: &mut (impl futures::Stream<Item = Update> + Unpin)) -> Update {
-    tokio::time::timeout(LIMIT, updates.next())
-        .await
-        .expect("an update in time")
-        .expect("updates open")
+/// Polls until `condition` holds, or panics naming `what`.
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut condition: impl FnMut() -> F,
+) {
+    let start = Instant::now();
+    while !condition().await {
+        assert!(start.elapsed() < LIMIT, "{what}: not within {LIMIT:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The bodies of `n` requests through the balancer; every one must be a 200.
+async fn bodies(port: u16, n: usize) -> Vec<String> {
+    let mut bodies = Vec::new();
+    for _ in 0..n {
+        let (status, body) = get(port, "/").await.expect("the balancer answers");
+        assert_eq!(status, 200, "{body}");
+        bodies.push(body);
+    }
+    bodies.sort();
+    bodies
 }
 
 async fn register(service: &async_nats::Client, id: &str, port: u16) {
@@ -92,24 +111,38 @@ async fn kill_the_balancers_node(victim: Victim) -> (Duration, Duration) {
     // moves there when its node goes away.
     let discovery = support::RunningDiscovery::start(&cluster.nodes[other].url()).await;
     let service = support::client(&cluster.nodes[third].url()).await;
-    register(&service, "web-1", 5001).await;
-    register(&service, "web-2", 5002).await;
+    let (port_1, backend_1) = http_backend("one").await;
+    let (port_2, backend_2) = http_backend("two").await;
+    let (port_3, backend_3) = http_backend("three").await;
+    register(&service, "web-1", port_1).await;
+    register(&service, "web-2", port_2).await;
 
-    let balancer = NatsOptions::new(cluster.nodes[doomed].url())
+    // The balancer, following the catalog through the doomed node.
+    let connection = NatsOptions::new(cluster.nodes[doomed].url())
         .connect("test-balancer")
         .await
         .expect("connect to the doomed node");
-    let mut events = balancer.events();
-    let mut updates = Box::pin(rollcall::subscription::follow(&balancer, subjects.clone()));
-    // The first reset may come before both registers were folded.
-    let mut held = 0;
-    while held < 2 {
-        held = match next_update(&mut updates).await {
-            Update::Reset(snapshots) => snapshots.iter().map(|s| s.instances.len()).sum(),
-            Update::Service(snapshot) => snapshot.instances.len(),
-        };
-    }
+    let mut events = connection.events();
+    let stats = Arc::new(SubscriptionStats::default());
+    let updates = subscription::follow_with_stats(&connection, subjects.clone(), stats.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the balancer");
+    let proxy = listener.local_addr().expect("balancer address").port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = BalancerConfig::new(Routes::parse(&["web"]).expect("route"));
+    let balancer = tokio::spawn(balancer::serve(listener, None, config, updates, async {
+        let _ = stopped.await;
+    }));
+    eventually("the balancer routes to both instances", || async {
+        get(proxy, "/")
+            .await
+            .is_some_and(|(status, _)| status == 200)
+            && bodies(proxy, 2).await == ["one", "two"]
+    })
+    .await;
 
+    let resets_before = stats.resets.load(Ordering::Relaxed);
     let killed = Instant::now();
     cluster.nodes[doomed].stop();
     let reconnected = tokio::time::timeout(LIMIT, async {
@@ -121,33 +154,44 @@ async fn kill_the_balancers_node(victim: Victim) -> (Duration, Duration) {
     })
     .await
     .expect("the balancer reconnected to another node");
-    let resynced = loop {
-        if let Update::Reset(snapshots) = next_update(&mut updates).await {
-            assert_eq!(snapshots.len(), 1);
-            let ids: Vec<&str> = snapshots[0]
-                .instances
-                .iter()
-                .map(|i| i.id.as_str())
-                .collect();
-            assert_eq!(ids, ["web-1", "web-2"], "the whole catalog came back");
-            break killed.elapsed();
-        }
-    };
+    // Serving all along: every request until the re-sync reaches a live
+    // instance.
+    let mut served = 0;
+    while stats.resets.load(Ordering::Relaxed) == resets_before {
+        assert!(
+            killed.elapsed() < LIMIT,
+            "no catalog re-sync within {LIMIT:?}"
+        );
+        assert_eq!(bodies(proxy, 2).await, ["one", "two"]);
+        served += 2;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resynced = killed.elapsed();
     eprintln!(
         "killed the balancer's node {doomed_name} ({victim:?}; meta leader {meta_leader}, \
          stream leader {stream_leader}): reconnected after {reconnected:?}, \
-         catalog re-synced from the stream after {resynced:?}"
+         catalog re-synced from the stream after {resynced:?}; \
+         {served} requests served meanwhile, none failed"
     );
 
-    // Changes still flow live, and discovery (on a surviving node) kept the
-    // catalog.
-    register(&service, "web-3", 5003).await;
-    let Update::Service(snapshot) = next_update(&mut updates).await else {
-        panic!("a live snapshot after the re-sync")
-    };
-    assert_eq!(snapshot.instances.len(), 3);
+    // Changes still reach the balancer, and discovery (on a surviving node)
+    // kept the catalog.
+    register(&service, "web-3", port_3).await;
+    eventually("the new instance takes traffic", || async {
+        bodies(proxy, 3).await == ["one", "three", "two"]
+    })
+    .await;
     assert_eq!(discovery.get().catalog()[0].instances.len(), 3);
+
+    let _ = stop.send(());
+    balancer
+        .await
+        .expect("the balancer task ran")
+        .expect("the balancer stopped cleanly");
     discovery.stop().await;
+    for backend in [backend_1, backend_2, backend_3] {
+        backend.abort();
+    }
     (reconnected, resynced)
 }
 

@@ -599,3 +599,110 @@ async fn discovery_and_balancer_work_end_to_end_under_secure_conf() {
     let _ = stop.send(());
     discovery.wait().await.expect("discovery stops cleanly");
 }
+
+#[tokio::test]
+async fn the_stack_serves_http_with_every_component_under_its_own_user() {
+    use rollcall::announcer::Announcer;
+    use rollcall::balancer::{self, routes::Routes, BalancerConfig};
+    use rollcall::protocol::Instance;
+
+    let server = ConfiguredServer::from_file("nats/secure.conf");
+    let subjects = Subjects::default();
+    let discovery = RunningDiscovery::start(&server.secure_url("discovery")).await;
+
+    // Two web instances, announced by the library as the `web` user.
+    let web = connect_as(&server, "web").await;
+    let (port_1, backend_1) = nats_extra::http_backend("one").await;
+    let (port_2, backend_2) = nats_extra::http_backend("two").await;
+    let mut announcements = Vec::new();
+    for (id, port) in [("web-1", port_1), ("web-2", port_2)] {
+        let instance = Instance::new("web", id, "127.0.0.1", port);
+        announcements.push(
+            Announcer::new(&web, subjects.clone(), instance)
+                .start()
+                .await
+                .expect("web may announce web instances"),
+        );
+    }
+
+    // The balancer, as the `balancer` user.
+    let connection = connect_as(&server, "balancer").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the balancer");
+    let proxy = listener.local_addr().expect("balancer address").port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let balancer = tokio::spawn(balancer::serve(
+        listener,
+        None,
+        BalancerConfig::new(Routes::parse(&["web"]).expect("route")),
+        rollcall::subscription::follow(&connection, subjects.clone()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let start = Instant::now();
+    loop {
+        let mut bodies = Vec::new();
+        for _ in 0..2 {
+            if let Some((200, body)) = nats_extra::get(proxy, "/").await {
+                bodies.push(body);
+            }
+        }
+        bodies.sort();
+        if bodies == ["one", "two"] {
+            break;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "the balancer never routed to both: {bodies:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Leaving works too: web-1 deregisters and takes no more requests.
+    let first = announcements.remove(0);
+    first
+        .deregister()
+        .await
+        .expect("web may deregister its instance");
+    let start = Instant::now();
+    while nats_extra::get(proxy, "/").await.map(|(_, body)| body) != Some("two".into())
+        || nats_extra::get(proxy, "/").await.map(|(_, body)| body) != Some("two".into())
+    {
+        assert!(start.elapsed() < LIMIT, "web-1 never left the rotation");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    for (who, connection) in [("web", &web), ("balancer", &connection)] {
+        assert_eq!(connection.denied_count(), 0, "{who} was refused something");
+    }
+
+    // People look with the read-only `watch` user.
+    let catalog = tokio::process::Command::new(env!("CARGO_BIN_EXE_rollcall"))
+        .args(["catalog", "--json", "--nats"])
+        .arg(server.secure_url("watch"))
+        .env("ROLLCALL_LOG", "warn")
+        .output()
+        .await
+        .expect("run rollcall catalog");
+    let stdout = String::from_utf8_lossy(&catalog.stdout);
+    assert!(
+        catalog.status.success(),
+        "rollcall catalog as watch: {}",
+        String::from_utf8_lossy(&catalog.stderr)
+    );
+    assert!(stdout.contains("web-2"), "{stdout}");
+    assert!(!String::from_utf8_lossy(&catalog.stderr).contains("permission denied"));
+    let _ = stop.send(());
+    balancer
+        .await
+        .expect("the balancer task ran")
+        .expect("the balancer stopped cleanly");
+    for announcement in announcements {
+        announcement.deregister().await.expect("deregister");
+    }
+    discovery.stop().await;
+    backend_1.abort();
+    backend_2.abort();
+}

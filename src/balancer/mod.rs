@@ -8,6 +8,7 @@
 //! - [`rotation`]: one service's round-robin set, swapped whole on change.
 //! - [`routes`]: `ROUTE` arguments → which service a request goes to.
 //! - [`proxy`]: the hyper reverse proxy (retries, ejections, own answers).
+//! - [`upstream`]: each instance's pool of kept-alive connections.
 //! - [`admin`]: `/healthz`, `/metrics`, `/catalog`.
 //!
 //! Updates: `Update::Service` replaces one service's set when its revision
@@ -23,6 +24,7 @@ pub mod admin;
 pub mod proxy;
 pub mod rotation;
 pub mod routes;
+pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;

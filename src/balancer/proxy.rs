@@ -3,20 +3,19 @@
 //! streamed both ways.
 //!
 //! Clients speak HTTP/1.1 or h2c (hyper-util's auto server); instances are
-//! reached over pooled keep-alive HTTP/1.1 connections.
+//! reached over kept-alive HTTP/1.1 connections pooled per instance
+//! ([`super::upstream`]).
 //!
-//! Retry: when a connection to an instance cannot be made (refused, reset
-//! or timed out while connecting: the request never left), the instance is
-//! ejected and the request goes to the next one, at most once per live
-//! instance. That needs the request again, so only replayable requests are
-//! retried: those without a body, and those whose body has a declared length
-//! of at most [`REPLAY_LIMIT`] (read whole before the first attempt). Any
-//! other body is streamed on the first attempt and a failure answers 502.
-//! The method does not matter: a request whose connection failed reached no
-//! one, so sending it elsewhere cannot do anything twice. A request whose
-//! kept-alive connection closed before any answer (the instance exited
-//! between two requests) may have reached it, so it is retried only when its
-//! method is idempotent (GET, HEAD, PUT, DELETE, OPTIONS, TRACE).
+//! Retry: when no connection to an instance can be made (refused, reset or
+//! timed out while connecting), the instance is ejected and the request goes
+//! to the next one, at most once per live instance. The request has not
+//! been built at that point, so any request qualifies, whatever its method
+//! or body. Once a request went out on a connection that then closed
+//! without an answer, it is sent elsewhere only when it can be sent again:
+//! its body is empty or was small enough to keep ([`REPLAY_LIMIT`], read
+//! whole before the first attempt), and either it never left or its method
+//! is idempotent (GET, HEAD, PUT, DELETE, OPTIONS, TRACE), since the
+//! instance may have acted on it.
 //!
 //! Answers of its own: 404 no route, 503 no live instance (naming the
 //! service), 502 no instance reachable, 504 no response head within the
@@ -31,29 +30,25 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme, Uri};
+use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Incoming};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use super::rotation::Member;
+use super::upstream::{ConnectError, PooledBody, RequestBody};
 use super::{BalancerConfig, Shared};
 
 /// The largest request body kept in memory so the request can be retried on
 /// another instance. Bigger or unsized bodies stream without retry.
 pub const REPLAY_LIMIT: u64 = 64 * 1024;
 
-/// Body of requests sent upstream: the client's own stream, or bytes kept
-/// for replay.
-type UpstreamBody = Either<Incoming, Full<Bytes>>;
 /// Body of responses to clients: an instance's stream, or an answer of ours.
-pub type ClientBody = Either<Incoming, Full<Bytes>>;
+pub type ClientBody = Either<PooledBody, Full<Bytes>>;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -74,8 +69,8 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 
 struct Proxy {
     shared: Arc<Shared>,
-    client: Client<HttpConnector, UpstreamBody>,
     upstream_timeout: Duration,
+    connect_timeout: Duration,
 }
 
 /// Accepts on `listener` until `shutdown`; then drains in-flight requests
@@ -86,17 +81,10 @@ pub(super) async fn serve(
     config: &BalancerConfig,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    let client = Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector);
     let proxy = Arc::new(Proxy {
         shared,
-        client,
         upstream_timeout: config.upstream_timeout,
+        connect_timeout: config.connect_timeout,
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
@@ -236,19 +224,17 @@ impl Proxy {
                 }
                 return unreachable_answer(service, &tried);
             };
-            let Some(upstream_request) = prepared.request_for(&member) else {
-                return own_answer(
-                    StatusCode::BAD_GATEWAY,
-                    format!(
-                        "cannot build the request for instance {:?} of service {service:?}\n",
-                        member.id()
-                    ),
-                );
+            let connect_timeout = self.connect_timeout;
+            let attempt = async {
+                let checkout = member
+                    .upstream
+                    .checkout(connect_timeout)
+                    .await
+                    .map_err(Failure::Connect)?;
+                let request = prepared.request().ok_or(Failure::BodyGone)?;
+                checkout.send(request).await.map_err(Failure::Send)
             };
-            let sent =
-                tokio::time::timeout(self.upstream_timeout, self.client.request(upstream_request))
-                    .await;
-            match sent {
+            match tokio::time::timeout(self.upstream_timeout, attempt).await {
                 Ok(Ok(response)) => {
                     if member.health.failures > 0 {
                         rotation.recovered(member.id());
@@ -258,7 +244,7 @@ impl Proxy {
                     strip_hop_by_hop(&mut parts.headers);
                     return Response::from_parts(parts, Either::Left(body));
                 }
-                Ok(Err(error)) if error.is_connect() => {
+                Ok(Err(Failure::Connect(error))) => {
                     let metrics = &self.shared.metrics;
                     metrics.connect_failures.fetch_add(1, Ordering::Relaxed);
                     let now = tokio::time::Instant::now().into_std();
@@ -267,20 +253,20 @@ impl Proxy {
                         tracing::warn!(
                             service = %service,
                             instance = %member.id(),
-                            address = %member.authority,
-                            error = %error_chain(&error),
+                            %error,
                             ejected_for = ?length,
                             "cannot connect to instance; ejected"
                         );
                     }
                     tried.push(member);
-                    if !prepared.can_replay() || tried.len() >= live {
+                    // The request was not built yet: any body can still go.
+                    if tried.len() >= live {
                         return unreachable_answer(service, &tried);
                     }
                     metrics.retries.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(Err(error))
-                    if prepared.can_replay() && closed_before_answer(&error, &prepared.method) =>
+                Ok(Err(Failure::Send(error)))
+                    if prepared.can_replay() && unanswered(&error, &prepared.method) =>
                 {
                     // A kept-alive connection the instance closed as the
                     // request went out: an instance that just exited, or an
@@ -299,20 +285,23 @@ impl Proxy {
                     }
                     self.shared.metrics.retries.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(Err(error)) => {
+                Ok(Err(failure)) => {
+                    let reason = match &failure {
+                        Failure::Send(error) => error_chain(error),
+                        other => other.to_string(),
+                    };
                     tracing::warn!(
                         service = %service,
                         instance = %member.id(),
                         address = %member.authority,
-                        error = %error_chain(&error),
+                        %reason,
                         "request to instance failed"
                     );
                     return own_answer(
                         StatusCode::BAD_GATEWAY,
                         format!(
-                            "instance {:?} of service {service:?} failed: {}\n",
+                            "instance {:?} of service {service:?} failed: {reason}\n",
                             member.id(),
-                            error_chain(&error)
                         ),
                     );
                 }
@@ -351,21 +340,26 @@ fn pick(set: &super::rotation::ServiceSet, tried: &[Arc<Member>]) -> Option<Arc<
     None
 }
 
-/// Whether the request failed because its (pooled) connection closed
-/// before any response byte, for a method that may be sent twice: then the
-/// instance may have seen it, so only idempotent methods qualify.
-fn closed_before_answer(error: &hyper_util::client::legacy::Error, method: &http::Method) -> bool {
-    if !method.is_idempotent() {
-        return false;
-    }
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
-            return hyper_error.is_incomplete_message() || hyper_error.is_canceled();
-        }
-        source = cause.source();
-    }
-    false
+/// Whether a send failed without an answer in a way that allows sending the
+/// request elsewhere: it never left (the connection closed first), or its
+/// kept-alive connection closed before any response byte and the method is
+/// idempotent (the instance may have seen it, so only a request that may be
+/// repeated qualifies).
+fn unanswered(error: &hyper::Error, method: &http::Method) -> bool {
+    error.is_canceled()
+        || error.is_closed()
+        || (error.is_incomplete_message() && method.is_idempotent())
+}
+
+/// How one attempt at an instance failed.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Connect(ConnectError),
+    #[error("{0}")]
+    Send(hyper::Error),
+    #[error("the request body was already sent to another instance")]
+    BodyGone,
 }
 
 fn unreachable_answer(service: &str, tried: &[Arc<Member>]) -> Response<ClientBody> {
@@ -381,15 +375,10 @@ impl Prepared {
         matches!(self.body, Replay::Bytes(_))
     }
 
-    /// The request for one attempt at `member`. The headers are cloned only
+    /// The request for one attempt, in origin form (`/path?query`): the
+    /// connection already goes to the instance. The headers are cloned only
     /// when the request might be sent again.
-    fn request_for(&mut self, member: &Member) -> Option<Request<UpstreamBody>> {
-        let uri = Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(member.authority.clone())
-            .path_and_query(self.path_and_query.clone())
-            .build()
-            .ok()?;
+    fn request(&mut self) -> Option<Request<RequestBody>> {
         let (body, headers) = match &mut self.body {
             Replay::Bytes(bytes) => (
                 Either::Right(Full::new(bytes.clone().unwrap_or_default())),
@@ -402,7 +391,7 @@ impl Prepared {
         };
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
-        *request.uri_mut() = uri;
+        *request.uri_mut() = Uri::from(self.path_and_query.clone());
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = headers;
         Some(request)
@@ -493,8 +482,8 @@ fn own_answer(status: StatusCode, body: String) -> Response<ClientBody> {
     response
 }
 
-/// An error and its causes on one line: the legacy client's own message
-/// only says "client error (Connect)".
+/// An error and its causes on one line: hyper's own message leaves the
+/// cause (the I/O error) out.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();

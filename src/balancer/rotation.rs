@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http::uri::Authority;
 
+use super::upstream::Upstream;
 use crate::protocol::{Instance, Snapshot};
 
 /// How long an instance that refused a connection stays out of rotation the
@@ -41,13 +42,16 @@ pub const MAX_EJECTION: Duration = Duration::from_secs(30);
 /// at most 32 KiB. A set with more instances than this gets one slot each.
 pub const MAX_SEQUENCE: usize = 8192;
 
-/// One instance as the proxy sees it: where to connect and whether it is
-/// ejected.
+/// One instance as the proxy sees it: where to connect, its kept-alive
+/// connections, and whether it is ejected.
 #[derive(Debug)]
 pub struct Member {
     pub instance: Instance,
     /// `address:port`, parsed once so a request only clones it.
     pub authority: Authority,
+    /// Carried into every new set while the address stays the same, so the
+    /// connections outlive set changes and close when the instance leaves.
+    pub upstream: Arc<Upstream>,
     pub health: Health,
 }
 
@@ -181,15 +185,19 @@ impl ServiceSet {
                 skipped.push(instance.id.clone());
                 continue;
             };
-            let health = previous
+            let kept = previous
                 .members
                 .iter()
-                .find(|m| m.id() == instance.id && m.authority == authority)
-                .map(|m| m.health)
-                .unwrap_or_default();
+                .find(|m| m.id() == instance.id && m.authority == authority);
+            let health = kept.map(|m| m.health).unwrap_or_default();
+            let upstream = match kept {
+                Some(m) => m.upstream.clone(),
+                None => Arc::new(Upstream::new(&instance.address, instance.port)),
+            };
             members.push(Arc::new(Member {
                 instance: instance.clone(),
                 authority,
+                upstream,
                 health,
             }));
         }
@@ -210,6 +218,7 @@ impl ServiceSet {
         members[index] = Arc::new(Member {
             instance: old.instance.clone(),
             authority: old.authority.clone(),
+            upstream: old.upstream.clone(),
             health: update(old.health),
         });
         Some(ServiceSet::assemble(

@@ -5,6 +5,7 @@
 //! - anything else: `<name>` (and header `x-backend: <name>`);
 //! - `/headers`: the request's headers, one `name: value` line each, sorted;
 //! - `/echo`: the request body streamed back as it arrives;
+//! - `/empty`: 204 without a body;
 //! - `/slow?ms=N`: its name after N milliseconds;
 //! - `/crash/<name>`: the backend called `<name>` closes the connection
 //!   without an answer (others answer as usual).
@@ -35,6 +36,7 @@ pub struct HttpBackend {
     pub addr: SocketAddr,
     served: Arc<AtomicUsize>,
     received: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -46,17 +48,20 @@ impl HttpBackend {
         let addr = listener.local_addr().expect("backend address");
         let served = Arc::new(AtomicUsize::new(0));
         let received = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(accept(
             listener,
             name.to_owned(),
             served.clone(),
             received.clone(),
+            connections.clone(),
         ));
         HttpBackend {
             name: name.to_owned(),
             addr,
             served,
             received,
+            connections,
             task,
         }
     }
@@ -73,6 +78,11 @@ impl HttpBackend {
     /// Requests that reached the backend, answered or not yet.
     pub fn received(&self) -> usize {
         self.received.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// Closes the listener and all connections, without a word to anyone.
@@ -92,6 +102,7 @@ async fn accept(
     name: String,
     served: Arc<AtomicUsize>,
     received: Arc<AtomicUsize>,
+    connection_count: Arc<AtomicUsize>,
 ) {
     // Connections live in this set, so aborting the accept task ends them too.
     let mut connections = JoinSet::new();
@@ -99,6 +110,7 @@ async fn accept(
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        connection_count.fetch_add(1, Ordering::SeqCst);
         let name = name.clone();
         let served = served.clone();
         let received = received.clone();
@@ -138,6 +150,11 @@ async fn answer(name: &str, request: Request<Incoming>) -> Response<Body> {
             Response::new(full(lines.join("\n") + "\n"))
         }
         "/echo" => Response::new(request.into_body().boxed()),
+        "/empty" => {
+            let mut response = Response::new(full(String::new()));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            response
+        }
         "/slow" => {
             let ms: u64 = query
                 .strip_prefix("ms=")

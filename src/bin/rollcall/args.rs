@@ -55,7 +55,6 @@ fn parse_prefix(prefix: &str) -> Result<Subjects, String> {
 }
 
 /// Reads `500ms`, `3s`, `1m`.
-#[allow(dead_code)] // TEMP until the agent and balancer flags land
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .map_err(|e| format!("{e}; write a duration like 500ms, 3s or 1m"))

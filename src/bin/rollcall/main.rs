@@ -3,7 +3,9 @@
 
 mod agent;
 mod args;
+mod balancer;
 mod catalog;
+mod demo;
 mod discovery;
 mod watch;
 
@@ -26,12 +28,17 @@ enum Command {
     /// Fold register/heartbeat/deregister events into the live catalog and
     /// publish a snapshot per service on every change.
     Discovery(discovery::Args),
+    /// The HTTP reverse proxy: each request to a live instance of its
+    /// route's service, round-robin, following the catalog over NATS.
+    Balancer(balancer::Args),
     /// Announce a service written in any language, gated by its health check.
     Agent(Box<agent::Args>),
     /// Print every event and snapshot as it happens, one line each.
     Watch(watch::Args),
     /// Print the current catalog once, from the catalog stream.
     Catalog(catalog::Args),
+    /// The whole stack on one machine, for a first look.
+    Demo(demo::Args),
 }
 
 #[tokio::main]
@@ -45,9 +52,11 @@ async fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Discovery(args) => discovery::run(args).await,
+        Command::Balancer(args) => balancer::run(args).await,
         Command::Agent(args) => agent::run(*args).await,
         Command::Watch(args) => watch::run(args).await,
         Command::Catalog(args) => catalog::run(args).await,
+        Command::Demo(args) => demo::run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

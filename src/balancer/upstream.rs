@@ -1,0 +1,238 @@
+//! Stage 4c′, upstream connections: one instance's pool of kept-alive
+//! HTTP/1.1 connections, handing the proxy a connection ready for one
+//! request and taking it back when the response body has been read.
+//!
+//! Each [`Member`](super::rotation::Member) carries its instance's pool, and
+//! a new set keeps the pools of members whose address did not change. So a
+//! pool lives exactly as long as its instance is in some set: when an
+//! instance leaves, its idle connections close with the last set holding it.
+//!
+//! Why not hyper-util's pooled client: it keys one global pool by
+//! scheme+authority (a hash and a lock per checkout and per return), races a
+//! lazy connect against each checkout and moves large futures around. Here a
+//! checkout is a short lock on the instance's own idle list and a `pop`.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Body of requests sent upstream: the client's own stream, or bytes kept
+/// so the request can be sent again.
+pub type RequestBody = Either<Incoming, Full<Bytes>>;
+
+/// At most this many idle connections are kept per instance; a connection
+/// coming back to a full pool is closed.
+pub const MAX_IDLE: usize = 512;
+
+/// Why no connection to an instance could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect to {address}: {source}")]
+    Tcp {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {address} within {timeout:?}")]
+    Timeout { address: String, timeout: Duration },
+    #[error("HTTP/1.1 handshake with {address} failed: {source}")]
+    Handshake {
+        address: String,
+        source: hyper::Error,
+    },
+}
+
+/// The kept-alive connections to one instance.
+pub struct Upstream {
+    host: String,
+    port: u16,
+    idle: Mutex<Vec<SendRequest<RequestBody>>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    pub fn new(host: &str, port: u16) -> Self {
+        Upstream {
+            host: host.to_owned(),
+            port,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// An idle connection that is ready for a request, or a new one.
+    pub async fn checkout(
+        self: &Arc<Self>,
+        connect_timeout: Duration,
+    ) -> Result<Checkout, ConnectError> {
+        loop {
+            let popped = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            let Some(mut sender) = popped else { break };
+            if sender.is_closed() {
+                continue;
+            }
+            // Just back from a response, the connection may not have
+            // signalled readiness yet; it does so at once unless it closed.
+            if sender.is_ready() || sender.ready().await.is_ok() {
+                return Ok(Checkout {
+                    sender,
+                    upstream: self.clone(),
+                });
+            }
+        }
+        let sender = self.connect(connect_timeout).await?;
+        Ok(Checkout {
+            sender,
+            upstream: self.clone(),
+        })
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<SendRequest<RequestBody>, ConnectError> {
+        let address = || format!("{}:{}", self.host, self.port);
+        let stream = match tokio::time::timeout(
+            timeout,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(source)) => {
+                return Err(ConnectError::Tcp {
+                    address: address(),
+                    source,
+                })
+            }
+            Err(_) => {
+                return Err(ConnectError::Timeout {
+                    address: address(),
+                    timeout,
+                })
+            }
+        };
+        // Small requests must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                address: address(),
+                source,
+            })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn give_back(&self, sender: SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
+    }
+}
+
+/// A connection taken from the pool for one request.
+pub struct Checkout {
+    sender: SendRequest<RequestBody>,
+    upstream: Arc<Upstream>,
+}
+
+impl Checkout {
+    /// Sends `request`; the connection goes back to the pool once the
+    /// response body has been read to its end.
+    pub async fn send(
+        mut self,
+        request: Request<RequestBody>,
+    ) -> Result<Response<PooledBody>, hyper::Error> {
+        let response = self.sender.send_request(request).await?;
+        Ok(response.map(|body| {
+            let mut pooled = PooledBody {
+                body,
+                checkout: Some(self),
+            };
+            pooled.release_if_done();
+            pooled
+        }))
+    }
+}
+
+/// A response body that returns its connection to the pool at its end. A
+/// body dropped before its end takes the connection with it (closed), since
+/// the rest of the response would still be on the wire.
+pub struct PooledBody {
+    body: Incoming,
+    checkout: Option<Checkout>,
+}
+
+impl PooledBody {
+    fn release_if_done(&mut self) {
+        if self.body.is_end_stream() {
+            if let Some(checkout) = self.checkout.take() {
+                checkout.upstream.give_back(checkout.sender);
+            }
+        }
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        self.release_if_done();
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some(checkout) = this.checkout.take() {
+                    checkout.upstream.give_back(checkout.sender);
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => this.release_if_done(),
+            Poll::Ready(Some(Err(_))) => this.checkout = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
