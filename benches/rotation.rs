@@ -36,8 +36,7 @@ fn rotation(instances: usize, weights: impl Fn(usize) -> u32) -> Rotation {
 /// the pick cannot be optimised away.
 fn pick(rotation: &Rotation) -> usize {
     let set = rotation.load();
-    set.next(Instant::now)
-        .map_or(0, |m| m.authority.port_u16().unwrap_or(0) as usize)
+    set.next(Instant::now).map_or(0, |m| m.id().len())
 }
 
 fn single_thread(c: &mut Criterion) {
