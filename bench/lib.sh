@@ -297,3 +297,6 @@ run_wrk() {
   local res; res="$(grep '^WRKRESULT' "$out" || echo 'WRKRESULT failed=1')"
   echo "${res#WRKRESULT } $cpus"
 }
+
+# kv KEY "line": the value of key=value in a result line
+kv() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"; }
