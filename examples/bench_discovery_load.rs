@@ -196,7 +196,7 @@ async fn main() -> anyhow::Result<()> {
                     break;
                 }
                 let due = (rate as f64 * elapsed.as_secs_f64()) as u64;
-                while sent < due && !count.is_some_and(|c| sent as usize >= c) {
+                while sent < due && count.is_none_or(|c| (sent as usize) < c) {
                     let (subject, payload) = &fleet[next];
                     nats.publish(subject.clone(), payload.clone()).await?;
                     next = (next + 1) % fleet.len();
