@@ -58,6 +58,9 @@ pub enum Update {
 #[derive(Debug)]
 struct Live {
     instance: Instance,
+    /// A digest of the payload that last carried this record, so a repeated
+    /// heartbeat can be recognised without parsing it.
+    digest: Option<u64>,
     deadline: Instant,
     /// The deadline of this instance's entry in the heap; the one entry that
     /// counts when several were pushed.
@@ -112,6 +115,7 @@ impl Catalog {
             let id = instance.id.clone();
             let live = Live {
                 instance,
+                digest: None,
                 deadline,
                 scheduled: deadline,
             };
@@ -180,6 +184,7 @@ impl Catalog {
             id.clone(),
             Live {
                 instance,
+                digest: None,
                 deadline,
                 scheduled: deadline,
             },
@@ -194,6 +199,37 @@ impl Catalog {
             kind: ChangeKind::Joined,
             revision: entry.revision,
         })
+    }
+
+    /// The fast path of a heartbeat that repeats the last one byte for byte:
+    /// when `service`/`id` is live and [`Catalog::set_digest`] recorded
+    /// `digest` for it, only its deadline moves, and `true` says the event
+    /// is fully handled (it changed nothing). Otherwise nothing is touched.
+    pub fn refresh(&mut self, service: &str, id: &str, digest: u64, now: Instant) -> bool {
+        let Some(live) = self
+            .services
+            .get_mut(service)
+            .and_then(|entry| entry.instances.get_mut(id))
+        else {
+            return false;
+        };
+        if live.digest != Some(digest) {
+            return false;
+        }
+        live.deadline = now + live.instance.ttl();
+        true
+    }
+
+    /// Records the digest of the payload whose record `service`/`id` now
+    /// holds (after [`Catalog::apply`] of that payload's event).
+    pub fn set_digest(&mut self, service: &str, id: &str, digest: u64) {
+        if let Some(live) = self
+            .services
+            .get_mut(service)
+            .and_then(|entry| entry.instances.get_mut(id))
+        {
+            live.digest = Some(digest);
+        }
     }
 
     /// Removes every instance whose deadline is at or before `now`.
@@ -411,6 +447,28 @@ mod tests {
             .expire(back + Duration::from_millis(2999))
             .is_empty());
         assert_eq!(catalog.expire(back + Duration::from_secs(3)).len(), 1);
+    }
+
+    #[test]
+    fn a_repeated_payload_only_moves_the_deadline() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        assert!(!catalog.refresh("web", "a", 7, t0), "unknown instance");
+        catalog.apply(Event::Register(instance("web", "a", 1)), t0);
+        assert!(
+            !catalog.refresh("web", "a", 7, t0),
+            "no digest recorded yet"
+        );
+        catalog.set_digest("web", "a", 7);
+        assert!(!catalog.refresh("web", "a", 8, t0), "another payload");
+        let t1 = t0 + Duration::from_secs(2);
+        assert!(catalog.refresh("web", "a", 7, t1));
+        assert!(catalog.expire(t0 + Duration::from_secs(3)).is_empty());
+        assert_eq!(catalog.expire(t1 + Duration::from_secs(3)).len(), 1);
+        assert!(
+            !catalog.refresh("web", "a", 7, t1),
+            "gone instances are not revived"
+        );
     }
 
     #[test]

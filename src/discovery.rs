@@ -21,11 +21,15 @@ use tokio::time::Instant;
 
 use crate::catalog::{Catalog, Change, Update};
 use crate::catalog_stream::{self, CatalogStreamError};
-use crate::protocol::{Snapshot, Subjects};
+use crate::protocol::{EventKind, Snapshot, Subjects};
 
 /// Events folded before the changed services are published: under load one
 /// snapshot covers many changes; when idle every event publishes at once.
 const BATCH: usize = 4096;
+/// The longest a change waits to be published while events keep arriving
+/// faster than they are folded (a fleet joining at once): snapshots of a
+/// busy service go out every few milliseconds, not once per event.
+const MAX_COALESCE: Duration = Duration::from_millis(5);
 /// How often to look at the connection again while it is down.
 const BLIND_RECHECK: Duration = Duration::from_millis(100);
 
@@ -317,31 +321,21 @@ impl<O: Outlet> Fold<O> {
         tokio::pin!(shutdown);
         let mut blind = false;
         let mut connections = self.outlet.connections();
+        // When the oldest unpublished change happened, if any.
+        let mut dirty_since: Option<Instant> = None;
         loop {
             let wake = if blind {
                 Some(Instant::now() + BLIND_RECHECK)
             } else {
                 self.catalog.next_deadline().map(Instant::from_std)
             };
+            // Publish once nothing more is waiting, or when changes have
+            // waited long enough under a load that never lets up.
+            let mut publish = true;
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                message = events.next() => {
-                    let Some(message) = message else {
-                        return Err(DiscoveryError::Closed { subject: self.subjects.all() });
-                    };
-                    self.handle(&message);
-                    // Fold whatever else is already here before publishing.
-                    for _ in 1..BATCH {
-                        match events.next().now_or_never() {
-                            Some(Some(message)) => self.handle(&message),
-                            Some(None) => {
-                                return Err(DiscoveryError::Closed { subject: self.subjects.all() })
-                            }
-                            None => break,
-                        }
-                    }
-                }
+                // Before the events, so that expiry runs under any load.
                 () = sleep_until(wake) => {
                     // A reconnect since the last look means a spell in which
                     // nothing could be heard, however short.
@@ -361,8 +355,41 @@ impl<O: Outlet> Fold<O> {
                         self.expire();
                     }
                 }
+                message = events.next() => {
+                    let Some(message) = message else {
+                        return Err(DiscoveryError::Closed { subject: self.subjects.all() });
+                    };
+                    self.handle(&message);
+                    // Fold whatever else is already here before publishing.
+                    // Unconstrained: tokio's cooperative budget would end the
+                    // batch early and make every few events a snapshot.
+                    let mut drained = false;
+                    for _ in 1..BATCH {
+                        match tokio::task::unconstrained(events.next()).now_or_never() {
+                            Some(Some(message)) => self.handle(&message),
+                            Some(None) => {
+                                return Err(DiscoveryError::Closed { subject: self.subjects.all() })
+                            }
+                            None => {
+                                drained = true;
+                                break;
+                            }
+                        }
+                    }
+                    if !drained && !self.dirty.is_empty() {
+                        let since = *dirty_since.get_or_insert_with(Instant::now);
+                        publish = since.elapsed() >= MAX_COALESCE;
+                    }
+                    if !drained {
+                        // Let the timer and other tasks in between batches.
+                        tokio::task::yield_now().await;
+                    }
+                }
             }
-            self.publish_dirty().await;
+            if publish {
+                dirty_since = None;
+                self.publish_dirty().await;
+            }
         }
         self.outlet.flush().await;
         tracing::info!(
@@ -376,6 +403,19 @@ impl<O: Outlet> Fold<O> {
 
     fn handle(&mut self, message: &async_nats::Message) {
         Stats::bump(&self.stats.events);
+        let now = Instant::now().into_std();
+        // Most events are heartbeats repeating the last one byte for byte:
+        // those only move a deadline, without parsing the JSON again.
+        let repeatable = match self.subjects.parse_event_subject(&message.subject) {
+            Ok((EventKind::Deregister, _, _)) | Err(_) => None,
+            Ok((_, service, id)) => {
+                let digest = payload_digest(&message.payload);
+                if self.catalog.refresh(service, id, digest, now) {
+                    return;
+                }
+                Some((service, id, digest))
+            }
+        };
         let event = match self
             .subjects
             .parse_event(&message.subject, &message.payload)
@@ -387,8 +427,11 @@ impl<O: Outlet> Fold<O> {
                 return;
             }
         };
-        if let Some(change) = self.catalog.apply(event, Instant::now().into_std()) {
+        if let Some(change) = self.catalog.apply(event, now) {
             self.note(change);
+        }
+        if let Some((service, id, digest)) = repeatable {
+            self.catalog.set_digest(service, id, digest);
         }
     }
 
@@ -459,6 +502,15 @@ impl<O: Outlet> Fold<O> {
     }
 }
 
+/// A digest of an event's bytes: equal digests stand for equal payloads
+/// (a collision needs 2^64 tries).
+fn payload_digest(payload: &[u8]) -> u64 {
+    use std::hash::{DefaultHasher, Hasher};
+    let mut hasher = DefaultHasher::new();
+    hasher.write(payload);
+    hasher.finish()
+}
+
 async fn sleep_until(wake: Option<Instant>) {
     match wake {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -474,7 +526,7 @@ mod tests {
     use tokio::sync::{mpsc, oneshot};
 
     use super::*;
-    use crate::protocol::{EventKind, Instance};
+    use crate::protocol::Instance;
 
     /// Stands in for NATS on the publishing side only: the fold's own
     /// behaviour in time is what these tests pin down.
