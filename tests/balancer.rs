@@ -318,6 +318,23 @@ async fn a_connection_closed_before_the_answer_is_retried_only_when_idempotent()
 }
 
 #[tokio::test]
+async fn a_connection_reset_before_the_answer_is_retried_when_idempotent() {
+    let web = [
+        HttpBackend::start("web-1").await,
+        HttpBackend::start_resetting("web-2").await,
+    ];
+    let lb = TestBalancer::start(&["web"]).await;
+    lb.publish(snapshot("web", 1, &[&web[0], &web[1]])).await;
+    for _ in 0..2 {
+        let (status, body) = lb.get("/crash/web-2").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body, "web-1");
+    }
+    assert_eq!(lb.metric("rollcall_balancer_retries_total").await, 1);
+    lb.stop().await;
+}
+
+#[tokio::test]
 async fn no_live_instance_answers_503_naming_the_service() {
     let web = backends(&["web-1"]).await;
     let lb = TestBalancer::start(&["web", "/api=api"]).await;

@@ -352,13 +352,30 @@ fn pick(set: &super::rotation::ServiceSet, tried: &[Arc<Member>]) -> Option<Arc<
 
 /// Whether a send failed without an answer in a way that allows sending the
 /// request elsewhere: it never left (the connection closed first), or its
-/// kept-alive connection closed before any response byte and the method is
-/// idempotent (the instance may have seen it, so only a request that may be
-/// repeated qualifies).
+/// kept-alive connection closed or was reset before a whole response head
+/// came back and the method is idempotent (the instance may have seen it, so
+/// only a request that may be repeated qualifies). A reset is how a kept-alive
+/// connection to an instance that just died usually ends.
 fn unanswered(error: &hyper::Error, method: &http::Method) -> bool {
     error.is_canceled()
         || error.is_closed()
-        || (error.is_incomplete_message() && method.is_idempotent())
+        || ((error.is_incomplete_message() || was_reset(error)) && method.is_idempotent())
+}
+
+fn was_reset(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// How one attempt at an instance failed.

@@ -8,7 +8,9 @@
 //! - `/empty`: 204 without a body;
 //! - `/slow?ms=N`: its name after N milliseconds;
 //! - `/crash/<name>`: the backend called `<name>` closes the connection
-//!   without an answer (others answer as usual).
+//!   without an answer (others answer as usual); a backend started with
+//!   [`HttpBackend::start_resetting`] resets it instead, as the kernel does
+//!   for a process that died with a request unread.
 #![allow(dead_code)] // each test binary uses its own part of the support code
 
 use std::net::SocketAddr;
@@ -42,6 +44,15 @@ pub struct HttpBackend {
 
 impl HttpBackend {
     pub async fn start(name: &str) -> HttpBackend {
+        Self::start_with(name, false).await
+    }
+
+    /// A backend whose connections end with a reset (RST), not a close.
+    pub async fn start_resetting(name: &str) -> HttpBackend {
+        Self::start_with(name, true).await
+    }
+
+    async fn start_with(name: &str, reset: bool) -> HttpBackend {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a backend on 127.0.0.1:0");
@@ -55,6 +66,7 @@ impl HttpBackend {
             served.clone(),
             received.clone(),
             connections.clone(),
+            reset,
         ));
         HttpBackend {
             name: name.to_owned(),
@@ -103,6 +115,7 @@ async fn accept(
     served: Arc<AtomicUsize>,
     received: Arc<AtomicUsize>,
     connection_count: Arc<AtomicUsize>,
+    reset: bool,
 ) {
     // Connections live in this set, so aborting the accept task ends them too.
     let mut connections = JoinSet::new();
@@ -110,6 +123,15 @@ async fn accept(
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        if reset {
+            // Linger 0: closing sends RST instead of FIN. (The deprecation is
+            // about a lingering close blocking the thread; a zero linger
+            // never waits.)
+            #[allow(deprecated)]
+            stream
+                .set_linger(Some(Duration::ZERO))
+                .expect("set SO_LINGER on a backend connection");
+        }
         connection_count.fetch_add(1, Ordering::SeqCst);
         let name = name.clone();
         let served = served.clone();
