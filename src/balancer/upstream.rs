@@ -131,6 +131,8 @@ impl Upstream {
         // Small requests must not wait for Nagle.
         let _ = stream.set_nodelay(true);
         let (sender, connection) = http1::Builder::new()
+            // See the server side (`proxy::serve`): one buffer, one write(2).
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| ConnectError::Handshake {
