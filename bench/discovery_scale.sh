@@ -34,7 +34,7 @@ for n in $SIZES; do
   for rate in $RATES; do
     start_nats
     start_discovery
-    line="$(timeout 300 "$EXAMPLES_DIR/bench_discovery_load" --nats "$NATS_URL_BENCH" --discovery-pid "$DISCOVERY_PID" \
+    line="$(timeout 400 "$EXAMPLES_DIR/bench_discovery_load" --nats "$NATS_URL_BENCH" --discovery-pid "$DISCOVERY_PID" \
       --instances "$n" --services "$SERVICES" --rate "$rate" --duration "${DUR}s" || echo "DISCOVERY_SCALE instances=$n rate_target=$rate failed=1")"
     slow_server="$(varz)"
     conn="$(discovery_conn)"
