@@ -13,3 +13,4 @@ cargo bench --bench fold --bench rotation -- --warm-up-time 1 --measurement-time
 CONN_MODE=close "$here/churn.sh" | grep '^CHURN_SUMMARY'
 "$here/convergence.sh" | grep '^CONVERGENCE'
 "$here/discovery_scale.sh" | grep -E '^(DISCOVERY_SCALE|NATS_RAW)'
+"$here/balancer_memory.sh" | grep "^BALANCER_MEMORY"
