@@ -12,7 +12,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin rollcall --example web_service \
     && mkdir -p /out \
-    && cp target/release/rollcall target/release/examples/web_service /out/
+    && cp target/release/rollcall target/release/examples/web_service /out/ \
+    && strip /out/rollcall /out/web_service
 
 FROM debian:bookworm-slim
 # ca-certificates: for TLS to NATS with a public CA. bash (already in the

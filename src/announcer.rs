@@ -122,10 +122,6 @@ impl Publisher {
 }
 
 impl<W: Wire> Publisher<W> {
-    pub fn subjects(&self) -> &Subjects {
-        &self.subjects
-    }
-
     pub async fn register(&self, instance: &Instance) -> Result<(), AnnounceError> {
         self.send(EventKind::Register, instance, true).await
     }

@@ -39,9 +39,11 @@ pub struct LastSnapshots {
 }
 
 /// The stream's configuration: the catalog subjects, one message per
-/// subject, kept on disk.
-pub fn stream_config(subjects: &Subjects) -> stream::Config {
+/// subject, kept on disk in `replicas` copies (1 on a single server; 3 in a
+/// three-node cluster, so the catalog survives the loss of a node).
+pub fn stream_config(subjects: &Subjects, replicas: usize) -> stream::Config {
     stream::Config {
+        num_replicas: replicas,
         name: subjects.catalog_stream(),
         description: Some("rollcall: the last catalog snapshot of every service".to_owned()),
         subjects: vec![subjects.catalog_wildcard()],
@@ -53,11 +55,13 @@ pub fn stream_config(subjects: &Subjects) -> stream::Config {
     }
 }
 
-/// Opens the catalog stream, creating it if missing. Returns whether it was
-/// created, so that a caller holding a catalog knows the server forgot it.
+/// Opens the catalog stream, creating it with `replicas` copies if missing.
+/// Returns whether it was created, so that a caller holding a catalog knows
+/// the server forgot it.
 pub async fn ensure(
     js: &jetstream::Context,
     subjects: &Subjects,
+    replicas: usize,
 ) -> Result<bool, CatalogStreamError> {
     let name = subjects.catalog_stream();
     match js.get_stream(&name).await {
@@ -75,7 +79,7 @@ pub async fn ensure(
             Ok(false)
         }
         Err(error) if is_stream_not_found(&error.kind()) => {
-            js.create_stream(stream_config(subjects))
+            js.create_stream(stream_config(subjects, replicas))
                 .await
                 .map_err(|e| CatalogStreamError::Create {
                     stream: name.clone(),

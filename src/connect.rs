@@ -6,7 +6,7 @@
 //! subject and the user, logged, counted and broadcast.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -281,6 +281,7 @@ impl NatsOptions {
         let denial_count = Arc::clone(&denied);
         let denial_identity = identity.clone();
         let log_url = url.clone();
+        let closing = Arc::new(AtomicBool::new(false));
         options = options
             .name(name)
             .ping_interval(self.ping_interval)
@@ -288,6 +289,12 @@ impl NatsOptions {
             .max_reconnects(None)
             .reconnect_delay_callback(reconnect_delay)
             .event_callback(move |event| {
+                if matches!(
+                    event,
+                    async_nats::Event::Draining | async_nats::Event::Closed
+                ) {
+                    closing.store(true, Ordering::Relaxed);
+                }
                 let denial = match &event {
                     async_nats::Event::ServerError(async_nats::ServerError::Other(message)) => {
                         PermissionDenied::from_server_error(message, &denial_identity)
@@ -301,7 +308,7 @@ impl NatsOptions {
                         // Nobody listening is fine: the denial is logged.
                         let _ = denial_sender.send(denied);
                     }
-                    None => log_event(&log_url, &event),
+                    None => log_event(&log_url, &event, closing.load(Ordering::Relaxed)),
                 }
                 let _ = sender.send(event);
                 async {}
@@ -345,10 +352,15 @@ fn reconnect_delay(attempts: usize) -> Duration {
     Duration::from_millis(100 * 2u64.pow(exponent)).min(Duration::from_secs(2))
 }
 
-fn log_event(url: &str, event: &async_nats::Event) {
+/// Logs one connection event. Once the client is closing on purpose, the
+/// end of the connection is no news.
+fn log_event(url: &str, event: &async_nats::Event, closing: bool) {
     use async_nats::Event;
     match event {
         Event::Connected => tracing::info!(%url, "connected to NATS"),
+        Event::Disconnected | Event::ClientError(_) if closing => {
+            tracing::debug!(%url, event = %event, "NATS connection closed")
+        }
         Event::Disconnected => {
             tracing::warn!(%url, "lost the NATS connection; reconnecting")
         }

@@ -134,6 +134,29 @@ pub async fn spawn(
     subjects: Subjects,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Discovery, DiscoveryError> {
+    spawn_with(client, subjects, DiscoveryConfig::default(), shutdown).await
+}
+
+/// Settings of discovery beyond the connection and the prefix.
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    /// Copies of the catalog stream when discovery has to create it.
+    pub stream_replicas: usize,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig { stream_replicas: 1 }
+    }
+}
+
+/// [`spawn`] with explicit settings.
+pub async fn spawn_with(
+    client: Client,
+    subjects: Subjects,
+    config: DiscoveryConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Discovery, DiscoveryError> {
     // One subscription for all kinds: NATS keeps one sender's messages in
     // order only within a subscription, and a deregister must not overtake
     // the heartbeat sent before it.
@@ -154,7 +177,7 @@ pub async fn spawn(
             reason: e.to_string(),
         })?;
     let js = jetstream::new(client.clone());
-    catalog_stream::ensure(&js, &subjects).await?;
+    catalog_stream::ensure(&js, &subjects, config.stream_replicas).await?;
     let stored = catalog_stream::read_last(&js, &subjects)
         .await
         .map_err(DiscoveryError::Adopt)?;
@@ -182,6 +205,7 @@ pub async fn spawn(
         client,
         js,
         subjects: subjects.clone(),
+        replicas: config.stream_replicas,
     };
     Ok(start(
         outlet, events, subjects, catalog, latest, stats, shutdown,
@@ -234,6 +258,7 @@ struct NatsOutlet {
     client: Client,
     js: jetstream::Context,
     subjects: Subjects,
+    replicas: usize,
 }
 
 impl Outlet for NatsOutlet {
@@ -255,7 +280,7 @@ impl Outlet for NatsOutlet {
     }
 
     async fn catalog_lost(&mut self) -> bool {
-        match catalog_stream::ensure(&self.js, &self.subjects).await {
+        match catalog_stream::ensure(&self.js, &self.subjects, self.replicas).await {
             Ok(created) => created,
             Err(error) => {
                 tracing::error!(%error, "cannot check the catalog stream after reconnecting");

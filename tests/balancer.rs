@@ -431,6 +431,7 @@ async fn forwarded_headers_are_added_and_hop_by_hop_ones_dropped() {
         &[
             ("host", "shop.example:9000"),
             ("x-forwarded-for", "10.1.2.3"),
+            ("x-forwarded-for", "10.4.5.6"),
             ("connection", "x-session-hop"),
             ("x-session-hop", "drop me"),
             ("keep-alive", "timeout=5"),
@@ -445,7 +446,7 @@ async fn forwarded_headers_are_added_and_hop_by_hop_ones_dropped() {
     assert_eq!(status, StatusCode::OK);
     let headers: Vec<&str> = body.lines().collect();
     for expected in [
-        "x-forwarded-for: 10.1.2.3, 127.0.0.1",
+        "x-forwarded-for: 10.1.2.3, 10.4.5.6, 127.0.0.1",
         "x-forwarded-proto: http",
         "x-forwarded-host: shop.example:9000",
         "host: shop.example:9000",
@@ -664,6 +665,43 @@ async fn shutdown_finishes_an_in_flight_request_then_stops_accepting() {
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "the listener is closed after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_waits_no_longer_than_the_drain_timeout() {
+    let web = backends(&["web-1"]).await;
+    let lb = TestBalancer::start_with(&["web"], |config| {
+        config.drain_timeout = Duration::from_millis(200);
+    })
+    .await;
+    lb.publish(snapshot("web", 1, &[&web[0]])).await;
+    let in_flight = tokio::spawn({
+        let url = lb.url("/slow?ms=10000");
+        async move { get(&client(), &url).await }
+    });
+    let deadline = Instant::now() + DEADLINE;
+    while web[0].received() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request never reached the backend"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let started = Instant::now();
+    lb.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let cut = tokio::time::timeout(DEADLINE, in_flight)
+        .await
+        .expect("the cut request ends at once")
+        .expect("task");
+    assert!(
+        cut.is_err(),
+        "the connection was closed, not answered: {cut:?}"
     );
 }
 

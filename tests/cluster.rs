@@ -81,10 +81,7 @@ async fn kill_the_balancers_node(victim: Victim) -> (Duration, Duration) {
     // discovery starts (discovery keeps a stream that exists).
     let admin = support::client(&cluster.nodes[0].url()).await;
     let mut stream = async_nats::jetstream::new(admin)
-        .create_stream(async_nats::jetstream::stream::Config {
-            num_replicas: 3,
-            ..catalog_stream::stream_config(&subjects)
-        })
+        .create_stream(catalog_stream::stream_config(&subjects, 3))
         .await
         .expect("create the replicated catalog stream");
     let stream_leader = stream

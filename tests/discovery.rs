@@ -26,6 +26,11 @@ async fn publish(client: &async_nats::Client, subject: &str, payload: String) {
     client.flush().await.expect("flush");
 }
 
+async fn register(client: &async_nats::Client, id: &str, port: u16, ttl_ms: u64) {
+    let subject = format!("rollcall.register.web.{id}");
+    publish(client, &subject, register_json(id, port, ttl_ms)).await;
+}
+
 async fn stored(client: &async_nats::Client) -> Vec<rollcall::protocol::Snapshot> {
     let js = async_nats::jetstream::new(client.clone());
     catalog_stream::read_last(&js, &Subjects::default())
@@ -37,13 +42,26 @@ async fn stored(client: &async_nats::Client) -> Vec<rollcall::protocol::Snapshot
         .collect()
 }
 
-#[tokio::test]
-async fn register_reaches_the_catalog_subject_and_the_stream() {
+/// A server, discovery on it, and a client subscribed to `catalog_subject`.
+async fn setup(
+    catalog_subject: &str,
+) -> (
+    NatsServer,
+    RunningDiscovery,
+    async_nats::Client,
+    async_nats::Subscriber,
+) {
     let server = NatsServer::start();
     let discovery = RunningDiscovery::start(&server.url()).await;
     let service = client(&server.url()).await;
-    let mut catalog = service.subscribe("rollcall.catalog.>").await.unwrap();
+    let catalog = service.subscribe(catalog_subject.to_owned()).await.unwrap();
     service.flush().await.unwrap();
+    (server, discovery, service, catalog)
+}
+
+#[tokio::test]
+async fn register_reaches_the_catalog_subject_and_the_stream() {
+    let (_server, discovery, service, mut catalog) = setup("rollcall.catalog.>").await;
 
     let sent = Instant::now();
     publish(
@@ -67,18 +85,9 @@ async fn register_reaches_the_catalog_subject_and_the_stream() {
 
 #[tokio::test]
 async fn heartbeats_publish_nothing_and_deregister_removes() {
-    let server = NatsServer::start();
-    let discovery = RunningDiscovery::start(&server.url()).await;
-    let service = client(&server.url()).await;
-    let mut catalog = service.subscribe("rollcall.catalog.>").await.unwrap();
-    service.flush().await.unwrap();
+    let (_server, discovery, service, mut catalog) = setup("rollcall.catalog.>").await;
 
-    publish(
-        &service,
-        "rollcall.register.web.a",
-        register_json("a", 1, 3000),
-    )
-    .await;
+    register(&service, "a", 1, 3000).await;
     assert_eq!(next_snapshot(&mut catalog, LIMIT).await.revision, 1);
     for _ in 0..20 {
         publish(
@@ -100,18 +109,9 @@ async fn heartbeats_publish_nothing_and_deregister_removes() {
 
 #[tokio::test]
 async fn silent_instances_expire_after_their_ttl() {
-    let server = NatsServer::start();
-    let discovery = RunningDiscovery::start(&server.url()).await;
-    let service = client(&server.url()).await;
-    let mut catalog = service.subscribe("rollcall.catalog.web").await.unwrap();
-    service.flush().await.unwrap();
+    let (_server, discovery, service, mut catalog) = setup("rollcall.catalog.web").await;
 
-    publish(
-        &service,
-        "rollcall.register.web.a",
-        register_json("a", 1, 300),
-    )
-    .await;
+    register(&service, "a", 1, 300).await;
     let joined = next_snapshot(&mut catalog, LIMIT).await;
     let heard = Instant::now();
     assert_eq!(joined.instances.len(), 1);
@@ -128,17 +128,8 @@ async fn silent_instances_expire_after_their_ttl() {
 
 #[tokio::test]
 async fn invalid_events_change_nothing_and_discovery_keeps_running() {
-    let server = NatsServer::start();
-    let discovery = RunningDiscovery::start(&server.url()).await;
-    let service = client(&server.url()).await;
-    let mut catalog = service.subscribe("rollcall.catalog.>").await.unwrap();
-    service.flush().await.unwrap();
-    publish(
-        &service,
-        "rollcall.register.web.a",
-        register_json("a", 1, 3000),
-    )
-    .await;
+    let (_server, discovery, service, mut catalog) = setup("rollcall.catalog.>").await;
+    register(&service, "a", 1, 3000).await;
     let before = next_snapshot(&mut catalog, LIMIT).await;
 
     let bad: [(&str, String); 8] = [
@@ -163,12 +154,7 @@ async fn invalid_events_change_nothing_and_discovery_keeps_running() {
     for (subject, payload) in &bad {
         publish(&service, subject, payload.clone()).await;
     }
-    publish(
-        &service,
-        "rollcall.register.web.z",
-        register_json("z", 2, 3000),
-    )
-    .await;
+    register(&service, "z", 2, 3000).await;
     let after = next_snapshot(&mut catalog, LIMIT).await;
     let ids: Vec<_> = after.instances.iter().map(|i| i.id.as_str()).collect();
     assert_eq!(ids, ["a", "z"]);
@@ -184,24 +170,10 @@ async fn invalid_events_change_nothing_and_discovery_keeps_running() {
 
 #[tokio::test]
 async fn a_restarted_discovery_adopts_the_catalog_and_publishes_no_shrunken_set() {
-    let server = NatsServer::start();
-    let first = RunningDiscovery::start(&server.url()).await;
-    let service = client(&server.url()).await;
-    let mut catalog = service.subscribe("rollcall.catalog.>").await.unwrap();
-    service.flush().await.unwrap();
-    publish(
-        &service,
-        "rollcall.register.web.a",
-        register_json("a", 1, 3000),
-    )
-    .await;
+    let (server, first, service, mut catalog) = setup("rollcall.catalog.>").await;
+    register(&service, "a", 1, 3000).await;
     next_snapshot(&mut catalog, LIMIT).await;
-    publish(
-        &service,
-        "rollcall.register.web.b",
-        register_json("b", 2, 3000),
-    )
-    .await;
+    register(&service, "b", 2, 3000).await;
     let last = next_snapshot(&mut catalog, LIMIT).await;
     first.stop().await;
 
@@ -209,12 +181,7 @@ async fn a_restarted_discovery_adopts_the_catalog_and_publishes_no_shrunken_set(
     assert_eq!(second.get().catalog(), std::slice::from_ref(&last));
     // The next thing on the wire is the next change, with the next revision:
     // nothing empty or shrunken was published at start.
-    publish(
-        &service,
-        "rollcall.register.web.c",
-        register_json("c", 3, 3000),
-    )
-    .await;
+    register(&service, "c", 3, 3000).await;
     let next = next_snapshot(&mut catalog, LIMIT).await;
     assert_eq!(next.revision, last.revision + 1);
     assert_eq!(next.instances.len(), 3);
@@ -226,12 +193,7 @@ async fn the_catalog_converges_after_a_nats_server_restart() {
     let mut server = NatsServer::start();
     let discovery = RunningDiscovery::start(&server.url()).await;
     let service = client(&server.url()).await;
-    publish(
-        &service,
-        "rollcall.register.web.a",
-        register_json("a", 1, 3000),
-    )
-    .await;
+    register(&service, "a", 1, 3000).await;
     let watcher = client(&server.url()).await;
     let js = async_nats::jetstream::new(watcher.clone());
     wait_until(|| async {

@@ -184,9 +184,14 @@ async fn a_creds_file_connects_with_operator_signed_jwts() {
     let operator = dir.path().join("operator.jwt");
     std::fs::write(&operator, &chain.operator_jwt).expect("write operator JWT");
     let server = ConfiguredServer::from_text(&format!(
-        "listen: 127.0.0.1:{{port}}\noperator: {operator:?}\nresolver: MEMORY\n\
-         resolver_preload: {{ {}: \"{}\" }}\n",
-        chain.account_public, chain.account_jwt
+        "listen: 127.0.0.1:{{port}}\njetstream {{ store_dir: {{store}} }}\n\
+         operator: {operator:?}\nsystem_account: {}\nresolver: MEMORY\n\
+         resolver_preload: {{ {}: \"{}\", {}: \"{}\" }}\n",
+        chain.system_public,
+        chain.account_public,
+        chain.account_jwt,
+        chain.system_public,
+        chain.system_jwt
     ));
     let creds = dir.path().join("balancer.creds");
     std::fs::write(&creds, chain.creds()).expect("write creds file");
@@ -206,6 +211,13 @@ async fn a_creds_file_connects_with_operator_signed_jwts() {
         denied.user,
         format!("the user of creds file {}", creds.display())
     );
+
+    // The same file through the CLI's environment variable.
+    catalog_with_env(&[
+        ("NATS_URL", server.url()),
+        ("NATS_CREDS", creds.display().to_string()),
+    ])
+    .expect("NATS_CREDS connects");
 
     let missing = NatsOptions {
         creds_file: Some(dir.path().join("missing.creds")),
@@ -291,22 +303,111 @@ fn the_cli_says_why_when_the_password_is_wrong_and_exits_non_zero() {
     );
 }
 
-#[test]
-fn a_discovery_started_under_the_wrong_user_exits_naming_the_refusal() {
+/// Runs a rollcall subcommand as `user` under secure.conf; it must exit
+/// non-zero at once with a message naming the refused subject and the user.
+fn refused_at_start(args: &[&str], user: &str, expected: &str) {
     let server = ConfiguredServer::from_file("nats/secure.conf");
+    let started = std::time::Instant::now();
     let output = Command::new(env!("CARGO_BIN_EXE_rollcall"))
-        .args(["discovery", "--nats"])
-        .arg(server.secure_url("balancer"))
+        .args(args)
+        .arg("--nats")
+        .arg(server.secure_url(user))
         .env("ROLLCALL_LOG", "error")
         .env("NO_COLOR", "1")
         .output()
         .expect("run rollcall");
     assert!(!output.status.success(), "exit status {:?}", output.status);
     let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(expected), "stderr: {stderr}");
     assert!(
-        stderr.contains("permission denied subscribing to rollcall.*.*.* as user balancer"),
-        "stderr: {stderr}"
+        started.elapsed() < Duration::from_secs(5),
+        "the refusal took {:?} to surface",
+        started.elapsed()
     );
+}
+
+#[test]
+fn a_discovery_started_under_the_wrong_user_exits_naming_the_refusal() {
+    refused_at_start(
+        &["discovery"],
+        "balancer",
+        "permission denied subscribing to rollcall.*.*.* as user balancer",
+    );
+}
+
+#[test]
+fn a_balancer_started_under_a_service_user_exits_naming_the_refusal() {
+    refused_at_start(
+        &["balancer", "--listen", "127.0.0.1:0", "web"],
+        "web",
+        "permission denied subscribing to rollcall.catalog.> as user web",
+    );
+}
+
+/// Runs `rollcall catalog` with only environment variables for NATS; Ok
+/// when it got as far as JetStream (connected, authenticated), else stderr.
+fn catalog_with_env(env: &[(&str, String)]) -> Result<(), String> {
+    let output = Command::new(env!("CARGO_BIN_EXE_rollcall"))
+        .arg("catalog")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("ROLLCALL_LOG", "off")
+        .output()
+        .expect("run rollcall catalog");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    // No discovery ran, so the stream is missing: that error proves the
+    // connection itself worked.
+    if stderr.contains("ROLLCALL_CATALOG does not exist yet") {
+        Ok(())
+    } else {
+        Err(stderr)
+    }
+}
+
+#[test]
+fn the_cli_takes_every_credential_kind_from_the_environment() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tls = TlsFiles::generate(dir.path());
+    let user = nkeys::KeyPair::new_user();
+    let server = ConfiguredServer::from_text(&format!(
+        "listen: 127.0.0.1:{{port}}\njetstream {{ store_dir: {{store}} }}\n\
+         tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}\n\
+         authorization {{ users: [ {{ nkey: {} }} ] }}\n",
+        tls.server_cert,
+        tls.server_key,
+        tls.ca,
+        user.public_key()
+    ));
+    let tls_env = |cert: &std::path::Path| {
+        vec![
+            ("NATS_URL", server.url()),
+            ("NATS_CA", tls.ca.display().to_string()),
+            ("NATS_CERT", cert.display().to_string()),
+            ("NATS_KEY", tls.client_key.display().to_string()),
+        ]
+    };
+    let mut env = tls_env(&tls.client_cert);
+    env.push(("NATS_NKEY", user.seed().expect("seed")));
+    catalog_with_env(&env).expect("NATS_URL, NATS_CA/CERT/KEY and NATS_NKEY connect");
+
+    let mut stranger = tls_env(&tls.client_cert);
+    stranger.push((
+        "NATS_NKEY",
+        nkeys::KeyPair::new_user().seed().expect("seed"),
+    ));
+    let refused = catalog_with_env(&stranger).expect_err("an unknown nkey is refused");
+    assert!(
+        refused.contains("refused the credentials of nkey U"),
+        "{refused}"
+    );
+
+    let token_server = ConfiguredServer::from_text(
+        "listen: 127.0.0.1:{port}\njetstream { store_dir: {store} }\nauthorization { token: \"t0ken\" }\n",
+    );
+    catalog_with_env(&[
+        ("NATS_URL", token_server.url()),
+        ("NATS_TOKEN", "t0ken".into()),
+    ])
+    .expect("NATS_TOKEN connects");
 }
 
 // ---------------------------------------------------------------- permissions
@@ -491,11 +592,26 @@ async fn a_balancer_cannot_publish_a_snapshot_nor_change_the_stream() {
         "{denied}"
     );
 
+    // The start-up check says the same, for a publish as for a subscription.
+    let refused = balancer
+        .check_access(&[
+            Access::Subscribe("rollcall.catalog.>".into()),
+            Access::Publish("rollcall.catalog.web".into()),
+        ])
+        .await
+        .expect_err("the balancer may not publish snapshots");
+    assert!(
+        matches!(&refused, AccessError::Denied(d) if d.operation == Operation::Publish),
+        "{refused}"
+    );
+    let denied = next_denial(&mut denials).await;
+    assert_eq!(denied.subject, "rollcall.catalog.web");
+
     let js = quick_jetstream(&balancer);
     assert!(js.delete_stream("ROLLCALL_CATALOG").await.is_err());
     let denied = next_denial(&mut denials).await;
     assert_eq!(denied.subject, "$JS.API.STREAM.DELETE.ROLLCALL_CATALOG");
-    assert_eq!(balancer.denied_count(), 2);
+    assert_eq!(balancer.denied_count(), 3);
 
     // The refused snapshot reached nobody: the next catalog message watch
     // sees is discovery's own.

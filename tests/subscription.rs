@@ -84,7 +84,7 @@ async fn a_late_balancer_starts_from_the_stream_then_follows_live() {
 async fn snapshots_that_are_not_newer_are_dropped() {
     let server = NatsServer::start();
     let js = async_nats::jetstream::new(client(&server.url()).await);
-    rollcall::catalog_stream::ensure(&js, &Subjects::default())
+    rollcall::catalog_stream::ensure(&js, &Subjects::default(), 1)
         .await
         .unwrap();
     let mut updates = follow(&server.url()).await;

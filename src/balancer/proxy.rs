@@ -88,6 +88,9 @@ pub(super) async fn serve(
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
+    // Held here so that connections still open after the drain timeout end
+    // with `serve`, not whenever the runtime goes.
+    let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
@@ -99,11 +102,13 @@ pub(super) async fn serve(
                         .serve_connection(TokioIo::new(stream), service(proxy.clone(), peer))
                         .into_owned();
                     let connection = graceful.watch(connection);
-                    tokio::spawn(async move {
+                    connections.spawn(async move {
                         if let Err(error) = connection.await {
                             tracing::debug!(%peer, %error, "client connection ended with an error");
                         }
                     });
+                    // Reap finished connections so the set only holds open ones.
+                    while connections.try_join_next().is_some() {}
                 }
                 Err(error) => {
                     // Out of file descriptors, mostly: wait instead of spinning.
@@ -119,9 +124,14 @@ pub(super) async fn serve(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections finished"),
         () = tokio::time::sleep(config.drain_timeout) => {
-            tracing::warn!(timeout = ?config.drain_timeout, "drain timeout reached; closing the remaining connections");
+            tracing::warn!(
+                timeout = ?config.drain_timeout,
+                open = connections.len(),
+                "drain timeout reached; closing the remaining connections"
+            );
         }
     }
+    connections.shutdown().await;
 }
 
 fn service(
@@ -329,9 +339,9 @@ impl Proxy {
 /// The next member not tried yet for this request.
 fn pick(set: &super::rotation::ServiceSet, tried: &[Arc<Member>]) -> Option<Arc<Member>> {
     let now = || tokio::time::Instant::now().into_std();
-    // With weights a member appears several times per period, so a few
-    // picks may land on one already tried.
-    for _ in 0..set.members().len().max(1) * 2 {
+    // With weights a member appears several times per period, so picks may
+    // land on one already tried; one period reaches every member.
+    for _ in 0..set.period() {
         let member = set.next(now)?;
         if !tried.iter().any(|t| t.id() == member.id()) {
             return Some(member.clone());
@@ -415,6 +425,12 @@ async fn replayable(body: Incoming) -> Result<Replay, hyper::Error> {
 
 /// Removes the headers that describe one connection, not the message.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the few names present costs
+    // less than a hash lookup per hop-by-hop name. Headers named in
+    // `Connection` only count when `Connection` itself is there.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(connection) = headers.get(header::CONNECTION) {
         let named: Vec<HeaderName> = connection
             .to_str()
@@ -444,31 +460,44 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name.as_str().starts_with("proxy-")
+}
+
 /// Appends the client to `X-Forwarded-For`; sets `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` to what this hop saw, and keeps the `Host` the client
 /// asked for (an h2 client sends it as the URI authority).
 fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, client_ip: HeaderValue) {
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
-        Some(earlier) => {
-            let mut joined = Vec::with_capacity(earlier.len() + 2 + client_ip.len());
-            joined.extend_from_slice(earlier.as_bytes());
-            joined.extend_from_slice(b", ");
+    // Entries, not get-then-insert: one hash lookup per header.
+    match headers.entry(X_FORWARDED_FOR) {
+        header::Entry::Occupied(mut earlier) => {
+            // Several lines count as one comma-separated list, in order.
+            let mut joined = Vec::new();
+            for value in earlier.iter() {
+                joined.extend_from_slice(value.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
             joined.extend_from_slice(client_ip.as_bytes());
-            HeaderValue::from_bytes(&joined).unwrap_or(client_ip)
+            earlier.insert(HeaderValue::from_bytes(&joined).unwrap_or(client_ip));
         }
-        None => client_ip,
-    };
-    headers.insert(X_FORWARDED_FOR, forwarded_for);
+        header::Entry::Vacant(none) => {
+            none.insert(client_ip);
+        }
+    }
     headers.insert(X_FORWARDED_PROTO, HTTP);
-    let host = match headers.get(header::HOST) {
-        Some(host) => Some(host.clone()),
-        None => uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-    };
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST, host.clone());
-        headers.entry(header::HOST).or_insert(host);
+    match headers.get(header::HOST).cloned() {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+        None => {
+            if let Some(host) = uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                headers.insert(X_FORWARDED_HOST, host.clone());
+                headers.insert(header::HOST, host);
+            }
+        }
     }
 }
 

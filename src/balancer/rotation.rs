@@ -120,6 +120,11 @@ impl ServiceSet {
         &self.members
     }
 
+    /// Picks in one full round of the rotation.
+    pub fn period(&self) -> usize {
+        self.sequence.len()
+    }
+
     /// Members that take traffic (weight above 0), ejected or not.
     pub fn live_count(&self) -> usize {
         self.live

@@ -281,6 +281,9 @@ pub fn meta_leader(monitor_port: u16) -> Option<String> {
 /// signs the user.
 pub struct JwtChain {
     pub operator_jwt: String,
+    /// The system account JetStream needs in operator mode.
+    pub system_public: String,
+    pub system_jwt: String,
     pub account_public: String,
     pub account_jwt: String,
     pub user_jwt: String,
@@ -292,11 +295,21 @@ impl JwtChain {
         let operator = nkeys::KeyPair::new_operator();
         let account = nkeys::KeyPair::new_account();
         let user = nkeys::KeyPair::new_user();
+        let system = nkeys::KeyPair::new_account();
+        let system_jwt = sign_jwt(
+            &operator,
+            &system.public_key(),
+            "SYS",
+            serde_json::json!({"type": "account", "version": 2}),
+        );
         let operator_jwt = sign_jwt(
             &operator,
             &operator.public_key(),
             "rollcall-test-operator",
-            serde_json::json!({"type": "operator", "version": 2}),
+            serde_json::json!({
+                "type": "operator", "version": 2,
+                "system_account": system.public_key()
+            }),
         );
         let account_jwt = sign_jwt(
             &operator,
@@ -304,7 +317,9 @@ impl JwtChain {
             "rollcall-test-account",
             serde_json::json!({
                 "limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1,
-                           "exports": -1, "wildcards": true, "conn": -1, "leaf": -1},
+                           "exports": -1, "wildcards": true, "conn": -1, "leaf": -1,
+                           "mem_storage": -1, "disk_storage": -1, "streams": -1,
+                           "consumer": -1},
                 "default_permissions": {"pub": {}, "sub": {}},
                 "type": "account", "version": 2
             }),
@@ -314,13 +329,16 @@ impl JwtChain {
             &user.public_key(),
             user_name,
             serde_json::json!({
-                "pub": {"allow": ["rollcall.>"]}, "sub": {"allow": ["rollcall.>"]},
+                "pub": {"allow": ["rollcall.>", "$JS.API.>"]},
+                "sub": {"allow": ["rollcall.>", "_INBOX.>"]},
                 "subs": -1, "data": -1, "payload": -1,
                 "type": "user", "version": 2
             }),
         );
         JwtChain {
             operator_jwt,
+            system_public: system.public_key(),
+            system_jwt,
             account_public: account.public_key(),
             account_jwt,
             user_jwt,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use rollcall::agent::{AgentConfig, AgentError, Check, DEFAULT_FAIL_AFTER};
 use rollcall::protocol::{validate_name, Instance, ProtocolError, TTL_MS_RANGE, WEIGHT_RANGE};
 
-use crate::args::{parse_duration, shutdown_signal, NatsArgs};
+use crate::args::{parse_duration, parse_service, shutdown_signal, NatsArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -50,11 +50,6 @@ pub struct Args {
     /// Deregister after this many failed checks in a row.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), default_value_t = DEFAULT_FAIL_AFTER)]
     fail_after: u32,
-}
-
-fn parse_service(name: &str) -> Result<String, String> {
-    validate_name("service", name).map_err(|e| e.to_string())?;
-    Ok(name.to_owned())
 }
 
 fn parse_id(name: &str) -> Result<String, String> {

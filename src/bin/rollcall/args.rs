@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use rollcall::connect::{NatsOptions, DEFAULT_URL};
-use rollcall::protocol::{Subjects, DEFAULT_PREFIX};
+use rollcall::protocol::{validate_name, Subjects, DEFAULT_PREFIX};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct NatsArgs {
@@ -52,6 +52,12 @@ impl NatsArgs {
 
 fn parse_prefix(prefix: &str) -> Result<Subjects, String> {
     Subjects::new(prefix).map_err(|e| e.to_string())
+}
+
+/// A service name argument, checked by the protocol's name rules.
+pub fn parse_service(name: &str) -> Result<String, String> {
+    validate_name("service", name).map_err(|e| e.to_string())?;
+    Ok(name.to_owned())
 }
 
 /// Reads `500ms`, `3s`, `1m`.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use rollcall::balancer::routes::Routes;
 use rollcall::balancer::BalancerConfig;
+use rollcall::permissions::balancer_needs;
 use tokio::net::TcpListener;
 
 use crate::args::{parse_duration, shutdown_signal, NatsArgs};
@@ -53,6 +54,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let connection = args.nats.options().connect("rollcall-balancer").await?;
+    // A refused catalog subscription would leave the balancer blind, not dead.
+    connection
+        .check_access(&balancer_needs(&args.nats.prefix))
+        .await?;
     let updates = rollcall::subscription::follow(&connection, args.nats.prefix.clone());
     let config = BalancerConfig {
         routes,

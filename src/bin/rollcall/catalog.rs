@@ -5,9 +5,8 @@ use std::time::SystemTime;
 
 use rollcall::catalog_stream;
 use rollcall::fleet_view::{catalog_json, catalog_table};
-use rollcall::protocol::validate_name;
 
-use crate::args::NatsArgs;
+use crate::args::{parse_service, NatsArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -19,11 +18,6 @@ pub struct Args {
     /// JSON instead of a table.
     #[arg(long)]
     json: bool,
-}
-
-fn parse_service(name: &str) -> Result<String, String> {
-    validate_name("service", name).map_err(|e| e.to_string())?;
-    Ok(name.to_owned())
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {

@@ -129,7 +129,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     discovery.wait().await.context("discovery")?;
     // Close the connection before the server goes, so nothing reports the
     // server's exit as a lost connection.
-    drop(connection);
+    let mut events = connection.events();
+    if let Err(error) = connection.client.drain().await {
+        tracing::debug!(%error, "closing the NATS connection");
+    }
+    let closed = async {
+        while let Ok(event) = events.recv().await {
+            if event == async_nats::Event::Closed {
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(2), closed)
+        .await
+        .is_err()
+    {
+        tracing::debug!("the NATS connection did not close within 2 s");
+    }
     if let Some(server) = nats_server {
         server.stop().await;
     }

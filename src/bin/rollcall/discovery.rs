@@ -1,6 +1,8 @@
 //! `rollcall discovery`: the catalog fold as a process.
 
 use anyhow::Context;
+use rollcall::discovery::DiscoveryConfig;
+use rollcall::permissions::discovery_needs;
 
 use crate::args::{shutdown_signal, NatsArgs};
 
@@ -8,13 +10,24 @@ use crate::args::{shutdown_signal, NatsArgs};
 pub struct Args {
     #[command(flatten)]
     pub nats: NatsArgs,
+    /// Copies of the catalog stream when discovery creates it: 1 on a single
+    /// server, 3 on a three-node cluster. An existing stream is kept as is.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5), value_name = "N")]
+    pub replicas: u8,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let connection = args.nats.options().connect("rollcall-discovery").await?;
-    let discovery = rollcall::discovery::spawn(
+    // A refused subscription would otherwise leave discovery deaf, not dead.
+    connection
+        .check_access(&discovery_needs(&args.nats.prefix))
+        .await?;
+    let discovery = rollcall::discovery::spawn_with(
         connection.client.clone(),
         args.nats.prefix.clone(),
+        DiscoveryConfig {
+            stream_replicas: usize::from(args.replicas),
+        },
         shutdown_signal(),
     )
     .await

@@ -6,9 +6,8 @@ use std::time::SystemTime;
 
 use futures::StreamExt;
 use rollcall::fleet_view::Observed;
-use rollcall::protocol::validate_name;
 
-use crate::args::{shutdown_signal, NatsArgs};
+use crate::args::{parse_service, shutdown_signal, NatsArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -20,11 +19,6 @@ pub struct Args {
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
-}
-
-fn parse_service(name: &str) -> Result<String, String> {
-    validate_name("service", name).map_err(|e| e.to_string())?;
-    Ok(name.to_owned())
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
