@@ -34,11 +34,11 @@ for n in $SIZES; do
   for rate in $RATES; do
     start_nats
     start_discovery
-    line="$(timeout 300 "$EXAMPLES_DIR/bench_discovery_load" --nats "$NATS_URL_BENCH" --discovery-pid "$DISCOVERY_PID" \
+    line="$(timeout 400 "$EXAMPLES_DIR/bench_discovery_load" --nats "$NATS_URL_BENCH" --discovery-pid "$DISCOVERY_PID" \
       --instances "$n" --services "$SERVICES" --rate "$rate" --duration "${DUR}s" || echo "DISCOVERY_SCALE instances=$n rate_target=$rate failed=1")"
     slow_server="$(varz)"
     conn="$(discovery_conn)"
-    slow_log="$(grep -ci 'slow consumer' "$DISCOVERY_LOG" || true)"
+    slow_log="$(grep -c 'slow consumer: NATS dropped' "$DISCOVERY_LOG" || true)"
     echo "$line server_slow_consumers=$slow_server discovery_slow_consumer_logs=$slow_log $conn"
     stop_pid "$DISCOVERY_PID"; stop_pid "$NATS_PID"
   done

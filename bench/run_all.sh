@@ -7,9 +7,10 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/.."
 cargo bench --bench fold --bench rotation -- --warm-up-time 1 --measurement-time 3 2>/dev/null \
-  | awk '/^[a-z_]+\/[a-z0-9_]+/{name=$1} /thrpt:/{print "CRITERION figure=" name " thrpt=" $4 $5 " [" $2 $3 ".." $6 $7 "]"}'
+  | awk '/^[a-z_]+\/[a-z0-9_]+/{name=$1} /thrpt:/ && name!="" {gsub(/[][]/,""); print "CRITERION figure=" name " thrpt=" $4 $5 " [" $2 $3 ".." $6 $7 "]"; name=""}'
 "$here/proxy.sh" | grep -E '^(VERSIONS|SUMMARY|RATIO)'
 "$here/churn.sh" | grep '^CHURN_SUMMARY'
 CONN_MODE=close "$here/churn.sh" | grep '^CHURN_SUMMARY'
 "$here/convergence.sh" | grep '^CONVERGENCE'
 "$here/discovery_scale.sh" | grep -E '^(DISCOVERY_SCALE|NATS_RAW)'
+"$here/balancer_memory.sh" | grep "^BALANCER_MEMORY"

@@ -29,6 +29,9 @@ use rollcall::protocol::{EventKind, Instance, Subjects};
 mod bench_support;
 use bench_support::{now_ns, publish, summary_ms};
 
+/// How long the whole fleet may take to appear in the catalog.
+const JOIN_LIMIT: Duration = Duration::from_secs(150);
+
 #[derive(Parser)]
 struct Args {
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
@@ -211,21 +214,27 @@ async fn main() -> anyhow::Result<()> {
     // Join: every instance once, then wait until the snapshots list them all.
     let join_start = Instant::now();
     publish_for(Duration::from_secs(120), Some(args.instances)).await?;
-    let all_in = bench_support::until(Duration::from_secs(60), || {
-        let seen = seen.lock().expect("not poisoned");
-        seen.iter()
+    let live_load = |seen: &Seen| {
+        seen.lock()
+            .expect("not poisoned")
+            .iter()
             .filter(|(s, _)| s.starts_with("load-"))
             .map(|(_, ids)| ids.len())
             .sum::<usize>()
-            == args.instances
-    })
-    .await;
+    };
+    let all_in = bench_support::until(JOIN_LIMIT, || live_load(&seen) == args.instances).await;
     let joined_in = join_start.elapsed();
     if !all_in {
-        anyhow::bail!(
-            "the catalog did not reach {} instances within 60 s",
-            args.instances
+        // Itself a figure: how far the catalog got.
+        println!(
+            "DISCOVERY_SCALE instances={} services={} rate_target={} join_incomplete_after_s={} live_seen={}",
+            args.instances,
+            args.services.min(args.instances),
+            args.rate,
+            JOIN_LIMIT.as_secs(),
+            live_load(&seen)
         );
+        return Ok(());
     }
     let rss_joined = match args.discovery_pid {
         Some(pid) => proc_usage(pid)?.1,
@@ -287,13 +296,7 @@ async fn main() -> anyhow::Result<()> {
     // Heartbeats that change nothing publish nothing: any other snapshot in
     // the load phase means an instance expired, i.e. heartbeats were lost.
     let unexpected = snapshots_seen.load(Ordering::Relaxed) - snapshots_before - probes;
-    let live = seen
-        .lock()
-        .expect("not poisoned")
-        .iter()
-        .filter(|(s, _)| s.starts_with("load-"))
-        .map(|(_, ids)| ids.len())
-        .sum::<usize>();
+    let live = live_load(&seen);
     let cpu_pct = (ticks2 - ticks1) as f64 / took.as_secs_f64(); // 100 ticks/s
     println!(
         "DISCOVERY_SCALE instances={} services={} payload_bytes={payload_len} rate_target={} rate_sent={:.0} \
