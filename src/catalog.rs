@@ -55,6 +55,15 @@ pub enum Update {
     Service(Snapshot),
 }
 
+/// A digest of an event's payload bytes, for [`Catalog::refresh`]: equal
+/// digests stand for equal payloads (a collision needs about 2^64 tries).
+pub fn payload_digest(payload: &[u8]) -> u64 {
+    use std::hash::{DefaultHasher, Hasher};
+    let mut hasher = DefaultHasher::new();
+    hasher.write(payload);
+    hasher.finish()
+}
+
 #[derive(Debug)]
 struct Live {
     instance: Instance,

@@ -19,7 +19,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::catalog::{Catalog, Change, Update};
+use crate::catalog::{payload_digest, Catalog, Change, Update};
 use crate::catalog_stream::{self, CatalogStreamError};
 use crate::protocol::{EventKind, Snapshot, Subjects};
 
@@ -500,15 +500,6 @@ impl<O: Outlet> Fold<O> {
         // Nobody following the updates is fine.
         let _ = self.updates.send(Update::Service(snapshot));
     }
-}
-
-/// A digest of an event's bytes: equal digests stand for equal payloads
-/// (a collision needs 2^64 tries).
-fn payload_digest(payload: &[u8]) -> u64 {
-    use std::hash::{DefaultHasher, Hasher};
-    let mut hasher = DefaultHasher::new();
-    hasher.write(payload);
-    hasher.finish()
 }
 
 async fn sleep_until(wake: Option<Instant>) {
