@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::{jetstream, Client};
+use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -78,7 +79,7 @@ impl Stats {
 /// A running discovery component.
 pub struct Discovery {
     updates: broadcast::Sender<Update>,
-    latest: Arc<Mutex<BTreeMap<String, Snapshot>>>,
+    latest: Latest,
     stats: Arc<Stats>,
     task: JoinHandle<Result<(), DiscoveryError>>,
 }
@@ -120,12 +121,16 @@ impl Discovery {
     }
 }
 
-fn current(latest: &Mutex<BTreeMap<String, Snapshot>>) -> Vec<Snapshot> {
+/// The last published snapshot of every service, kept as the bytes that were
+/// published (shared with the NATS client, not a second copy of the catalog).
+type Latest = Arc<Mutex<BTreeMap<String, Bytes>>>;
+
+fn current(latest: &Mutex<BTreeMap<String, Bytes>>) -> Vec<Snapshot> {
     latest
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .values()
-        .cloned()
+        .filter_map(|payload| serde_json::from_slice(payload).ok())
         .collect()
 }
 
@@ -191,7 +196,9 @@ pub async fn spawn_with(
     let now = Instant::now().into_std();
     let mut latest = BTreeMap::new();
     for stored in stored.snapshots {
-        latest.insert(stored.snapshot.service.clone(), stored.snapshot.clone());
+        if let Ok(payload) = serde_json::to_vec(&stored.snapshot) {
+            latest.insert(stored.snapshot.service.clone(), Bytes::from(payload));
+        }
         catalog.adopt(stored.snapshot, now);
         Stats::bump(&stats.adopted_services);
     }
@@ -221,7 +228,7 @@ fn start<O: Outlet + 'static>(
     events: impl Stream<Item = async_nats::Message> + Unpin + Send + 'static,
     subjects: Subjects,
     catalog: Catalog,
-    latest: BTreeMap<String, Snapshot>,
+    latest: BTreeMap<String, Bytes>,
     stats: Arc<Stats>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Discovery {
@@ -251,7 +258,12 @@ trait Outlet: Send {
     fn connected(&self) -> bool;
     /// How many times the connection was (re)established so far.
     fn connections(&self) -> u64;
-    fn publish(&mut self, snapshot: &Snapshot) -> impl Future<Output = Result<(), String>> + Send;
+    /// Publishes one service's snapshot, already serialized.
+    fn publish(
+        &mut self,
+        service: &str,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<(), String>> + Send;
     /// After a reconnect: whether the server forgot the stored catalog (so
     /// everything must be published again).
     fn catalog_lost(&mut self) -> impl Future<Output = bool> + Send;
@@ -274,11 +286,9 @@ impl Outlet for NatsOutlet {
         self.client.statistics().connects.load(Ordering::Relaxed)
     }
 
-    async fn publish(&mut self, snapshot: &Snapshot) -> Result<(), String> {
-        let subject = self.subjects.catalog(&snapshot.service);
-        let payload = serde_json::to_vec(snapshot).map_err(|e| e.to_string())?;
+    async fn publish(&mut self, service: &str, payload: Bytes) -> Result<(), String> {
         self.client
-            .publish(subject, payload.into())
+            .publish(self.subjects.catalog(service), payload)
             .await
             .map_err(|e| e.to_string())
     }
@@ -307,7 +317,7 @@ struct Fold<O> {
     catalog: Catalog,
     stats: Arc<Stats>,
     updates: broadcast::Sender<Update>,
-    latest: Arc<Mutex<BTreeMap<String, Snapshot>>>,
+    latest: Latest,
     /// Services changed since the last publish.
     dirty: BTreeSet<String>,
 }
@@ -486,7 +496,19 @@ impl<O: Outlet> Fold<O> {
     }
 
     async fn publish(&mut self, snapshot: Snapshot) {
-        match self.outlet.publish(&snapshot).await {
+        let payload = match serde_json::to_vec(&snapshot) {
+            Ok(payload) => Bytes::from(payload),
+            Err(error) => {
+                Stats::bump(&self.stats.publish_failures);
+                tracing::error!(service = %snapshot.service, %error, "cannot serialize a snapshot");
+                return;
+            }
+        };
+        match self
+            .outlet
+            .publish(&snapshot.service, payload.clone())
+            .await
+        {
             Ok(()) => Stats::bump(&self.stats.published),
             Err(error) => {
                 Stats::bump(&self.stats.publish_failures);
@@ -496,7 +518,7 @@ impl<O: Outlet> Fold<O> {
         self.latest
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(snapshot.service.clone(), snapshot.clone());
+            .insert(snapshot.service.clone(), payload);
         // Nobody following the updates is fine.
         let _ = self.updates.send(Update::Service(snapshot));
     }
@@ -536,10 +558,10 @@ mod tests {
             self.connections.load(Ordering::SeqCst)
         }
 
-        async fn publish(&mut self, snapshot: &Snapshot) -> Result<(), String> {
-            self.published
-                .send(snapshot.clone())
-                .map_err(|e| e.to_string())
+        async fn publish(&mut self, service: &str, payload: Bytes) -> Result<(), String> {
+            let snapshot: Snapshot = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+            assert_eq!(snapshot.service, service);
+            self.published.send(snapshot).map_err(|e| e.to_string())
         }
 
         async fn catalog_lost(&mut self) -> bool {
@@ -569,7 +591,8 @@ mod tests {
             let mut catalog = Catalog::new();
             let mut latest = BTreeMap::new();
             for snapshot in adopted {
-                latest.insert(snapshot.service.clone(), snapshot.clone());
+                let payload = serde_json::to_vec(&snapshot).expect("a snapshot serializes");
+                latest.insert(snapshot.service.clone(), Bytes::from(payload));
                 catalog.adopt(snapshot, Instant::now().into_std());
             }
             let discovery = start(
