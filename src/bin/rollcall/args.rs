@@ -54,6 +54,19 @@ fn parse_prefix(prefix: &str) -> Result<Subjects, String> {
     Subjects::new(prefix).map_err(|e| e.to_string())
 }
 
+/// The flags of the commands that show the fleet (`watch`, `catalog`).
+#[derive(clap::Args, Debug)]
+pub struct FleetArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Only this service.
+    #[arg(value_parser = parse_service)]
+    pub service: Option<String>,
+    /// JSON instead of text (`watch`: one object per line).
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// A service name argument, checked by the protocol's name rules.
 pub fn parse_service(name: &str) -> Result<String, String> {
     validate_name("service", name).map_err(|e| e.to_string())?;

@@ -6,19 +6,10 @@ use std::time::SystemTime;
 use rollcall::catalog_stream;
 use rollcall::fleet_view::{catalog_json, catalog_table};
 
-use crate::args::{parse_service, NatsArgs};
+use crate::args::FleetArgs;
 
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    #[command(flatten)]
-    nats: NatsArgs,
-    /// Only this service.
-    #[arg(value_parser = parse_service)]
-    service: Option<String>,
-    /// JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-}
+/// What to show: the fleet or one service, as text or JSON.
+pub type Args = FleetArgs;
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let connection = args.nats.options().connect("rollcall catalog").await?;

@@ -7,19 +7,10 @@ use std::time::SystemTime;
 use futures::StreamExt;
 use rollcall::fleet_view::Observed;
 
-use crate::args::{parse_service, shutdown_signal, NatsArgs};
+use crate::args::{shutdown_signal, FleetArgs};
 
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    #[command(flatten)]
-    nats: NatsArgs,
-    /// Only this service's events and snapshots.
-    #[arg(value_parser = parse_service)]
-    service: Option<String>,
-    /// One JSON object per line instead of text.
-    #[arg(long)]
-    json: bool,
-}
+/// What to show: the fleet or one service, as text or JSON.
+pub type Args = FleetArgs;
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let subjects = &args.nats.prefix;
