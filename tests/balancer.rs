@@ -655,23 +655,31 @@ async fn membership_churn_under_load_fails_no_request() {
     }
 }
 
+/// Sends `GET path` in the background and returns once `backend` has it.
+async fn send_in_flight(
+    lb: &TestBalancer,
+    backend: &HttpBackend,
+    path: &str,
+) -> tokio::task::JoinHandle<Result<(StatusCode, String), String>> {
+    let url = lb.url(path);
+    let in_flight = tokio::spawn(async move { get(&client(), &url).await });
+    let deadline = Instant::now() + DEADLINE;
+    while backend.received() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the backend"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    in_flight
+}
+
 #[tokio::test]
 async fn shutdown_finishes_an_in_flight_request_then_stops_accepting() {
     let web = backends(&["web-1"]).await;
     let lb = TestBalancer::start(&["web"]).await;
     lb.publish(snapshot("web", 1, &[&web[0]])).await;
-    let in_flight = tokio::spawn({
-        let url = lb.url("/slow?ms=400");
-        async move { get(&client(), &url).await }
-    });
-    let deadline = Instant::now() + DEADLINE;
-    while web[0].received() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the slow request never reached the backend"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let in_flight = send_in_flight(&lb, &web[0], "/slow?ms=400").await;
     let addr = lb.addr;
     lb.stop().await;
     let answer = in_flight
@@ -693,18 +701,7 @@ async fn shutdown_waits_no_longer_than_the_drain_timeout() {
     })
     .await;
     lb.publish(snapshot("web", 1, &[&web[0]])).await;
-    let in_flight = tokio::spawn({
-        let url = lb.url("/slow?ms=10000");
-        async move { get(&client(), &url).await }
-    });
-    let deadline = Instant::now() + DEADLINE;
-    while web[0].received() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the slow request never reached the backend"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let in_flight = send_in_flight(&lb, &web[0], "/slow?ms=10000").await;
     let started = Instant::now();
     lb.stop().await;
     assert!(
