@@ -15,9 +15,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::broadcast;
 use tokio::time::MissedTickBehavior;
 
-use crate::announcer::{next_event, AnnounceError, Publisher};
+use crate::announcer::{check_announcement, next_event, AnnounceError, Publisher};
 use crate::connect::Connection;
-use crate::protocol::{Instance, ProtocolError, Subjects};
+use crate::protocol::{Instance, Subjects};
 
 /// Consecutive failed checks after which the instance is deregistered.
 pub const DEFAULT_FAIL_AFTER: u32 = 3;
@@ -27,12 +27,8 @@ pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// A configuration the agent cannot run with, naming what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("instance record refused: {0}")]
-    InvalidInstance(#[source] ProtocolError),
     #[error("check URL {url:?} {reason}")]
     BadCheckUrl { url: String, reason: &'static str },
-    #[error("interval {interval:?} must be above zero and below the ttl {ttl:?}, or the instance expires between heartbeats")]
-    BadInterval { interval: Duration, ttl: Duration },
     #[error("fail-after must be at least 1")]
     FailAfterZero,
     #[error(transparent)]
@@ -83,15 +79,7 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     pub fn validate(&self) -> Result<(), AgentError> {
-        self.instance
-            .validate()
-            .map_err(AgentError::InvalidInstance)?;
-        if self.interval.is_zero() || self.interval >= self.instance.ttl() {
-            return Err(AgentError::BadInterval {
-                interval: self.interval,
-                ttl: self.instance.ttl(),
-            });
-        }
+        check_announcement(&self.instance, self.interval)?;
         if self.fail_after == 0 {
             return Err(AgentError::FailAfterZero);
         }
@@ -352,7 +340,7 @@ mod tests {
         };
         assert!(matches!(
             slow.validate(),
-            Err(AgentError::BadInterval { .. })
+            Err(AgentError::Announce(AnnounceError::IntervalTooLong { .. }))
         ));
         let never = AgentConfig {
             fail_after: 0,

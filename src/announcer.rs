@@ -44,6 +44,22 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 /// before it counts as failed: NATS being away must not hang a shutdown.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Checks that `instance` may be announced with heartbeats every `interval`:
+/// a valid record, and an interval above zero and below its TTL (or it
+/// would expire between heartbeats).
+pub fn check_announcement(instance: &Instance, interval: Duration) -> Result<(), AnnounceError> {
+    instance
+        .validate()
+        .map_err(AnnounceError::InvalidInstance)?;
+    if interval.is_zero() || interval >= instance.ttl() {
+        return Err(AnnounceError::IntervalTooLong {
+            interval,
+            ttl: instance.ttl(),
+        });
+    }
+    Ok(())
+}
+
 /// What went wrong while announcing, with the subject or instance involved.
 #[derive(Debug, thiserror::Error)]
 pub enum AnnounceError {
@@ -204,15 +220,7 @@ impl<W: Wire> Announcer<W> {
     /// Checks the record, registers (flushed: it is on the wire when this
     /// returns) and starts heartbeating in a background task.
     pub async fn start(self) -> Result<Announcement, AnnounceError> {
-        self.instance
-            .validate()
-            .map_err(AnnounceError::InvalidInstance)?;
-        if self.interval.is_zero() || self.interval >= self.instance.ttl() {
-            return Err(AnnounceError::IntervalTooLong {
-                interval: self.interval,
-                ttl: self.instance.ttl(),
-            });
-        }
+        check_announcement(&self.instance, self.interval)?;
         self.publisher.register(&self.instance).await?;
         tracing::info!(
             service = %self.instance.service,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rollcall::agent::{AgentConfig, AgentError, Check, DEFAULT_FAIL_AFTER};
+use rollcall::announcer::AnnounceError;
 use rollcall::protocol::{validate_name, Instance, ProtocolError, TTL_MS_RANGE, WEIGHT_RANGE};
 
 use crate::args::{parse_duration, parse_service, shutdown_signal, NatsArgs};
@@ -105,8 +106,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Refuse a bad record (say, --address with a space) before connecting.
     config.validate().map_err(|error| {
         let flag = match &error {
-            AgentError::InvalidInstance(ProtocolError::BadAddress { .. }) => "--address",
-            AgentError::BadInterval { .. } => "--interval",
+            AgentError::Announce(AnnounceError::InvalidInstance(ProtocolError::BadAddress {
+                ..
+            })) => "--address",
+            AgentError::Announce(AnnounceError::IntervalTooLong { .. }) => "--interval",
             _ => "flags",
         };
         anyhow::anyhow!("invalid {flag}: {error}")
