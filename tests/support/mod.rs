@@ -2,6 +2,7 @@
 //! with its own store, killed on drop.
 #![allow(dead_code)] // each test binary uses its own part of the support code
 
+use std::future::Future;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -130,6 +131,28 @@ pub fn wait_for_port(port: u16, limit: Duration) {
             "nothing listened on 127.0.0.1:{port} within {limit:?}"
         );
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Awaits `probe` until it yields `Some`, checking again every few
+/// milliseconds, and returns what it yielded; panics naming `what` when
+/// `limit` passes first. The one way tests wait for something they cannot
+/// await directly.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {limit:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
