@@ -11,8 +11,8 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use ::http::StatusCode;
+use futures::StreamExt;
 use nats_extra::{ConfiguredServer, JwtChain, TlsFiles};
 use rollcall::catalog::Update;
 use rollcall::connect::{AccessError, ConnectError, Connection, NatsOptions};
@@ -85,7 +85,10 @@ async fn publish(connection: &Connection, subject: &str, payload: String) {
 
 /// Waits until `condition` holds, or panics naming `what`.
 async fn eventually(what: &str, condition: impl Fn() -> bool) {
-    support::eventually(what, LIMIT, || std::future::ready(condition().then_some(()))).await;
+    support::eventually(what, LIMIT, || {
+        std::future::ready(condition().then_some(()))
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------- credentials
@@ -726,7 +729,10 @@ async fn the_stack_serves_http_with_every_component_under_its_own_user() {
 
     // Two web instances, announced by the library as the `web` user.
     let web = connect_as(&server, "web").await;
-    let backends = [HttpBackend::start("one").await, HttpBackend::start("two").await];
+    let backends = [
+        HttpBackend::start("one").await,
+        HttpBackend::start("two").await,
+    ];
     let mut announcements = Vec::new();
     for (id, backend) in ["web-1", "web-2"].into_iter().zip(&backends) {
         let instance = Instance::new("web", id, "127.0.0.1", backend.port());
