@@ -34,7 +34,7 @@ impl Tap {
             .expect("tap connects to NATS");
         let subjects = Subjects::default();
         let subscriber = client
-            .subscribe(format!("{}.*.*.*", subjects.prefix()))
+            .subscribe(subjects.events_wildcard())
             .await
             .expect("tap subscribes");
         client.flush().await.expect("subscription is on the server");
