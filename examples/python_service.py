@@ -3,7 +3,7 @@
 (a nats-server on 127.0.0.1:4222, or `--nats URL`).
 
 A tiny HTTP service in Python, standard library plus nats-py, that announces
-itself by following the rollcall wire protocol (shared PROTOCOL.md) by hand:
+itself by following the rollcall wire protocol (docs/protocol.md) by hand:
 register on start, heartbeat every interval with the whole record, register
 again after a reconnect, deregister on SIGINT/SIGTERM before it stops
 listening. `GET /` answers "<message> from <name>", `GET /health` 200.

@@ -24,7 +24,7 @@ pub enum Observed {
         instance: Option<Instance>,
     },
     Snapshot(Snapshot),
-    /// Anything under the prefix that breaks PROTOCOL.md, and why.
+    /// Anything under the prefix that breaks docs/protocol.md, and why.
     Invalid {
         subject: String,
         reason: String,
@@ -35,15 +35,11 @@ impl Observed {
     /// Reads one message: a catalog subject as a snapshot, anything else as
     /// an event.
     pub fn read(subjects: &Subjects, subject: &str, payload: &[u8]) -> Observed {
-        let is_catalog = subject
-            .strip_prefix(subjects.prefix())
-            .and_then(|rest| rest.strip_prefix(".catalog."))
-            .is_some();
         let invalid = |error: crate::protocol::ProtocolError| Observed::Invalid {
             subject: subject.to_owned(),
             reason: error.to_string(),
         };
-        if is_catalog {
+        if subjects.is_catalog(subject) {
             return subjects
                 .parse_snapshot(subject, payload)
                 .map_or_else(invalid, Observed::Snapshot);

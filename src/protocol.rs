@@ -546,6 +546,17 @@ impl Subjects {
         snapshot.validate()?;
         Ok(snapshot)
     }
+
+    /// `<prefix>.*.<service>.*`: every event of one service.
+    pub fn service_events(&self, service: &str) -> String {
+        format!("{}.*.{service}.*", self.prefix)
+    }
+
+    /// Whether `subject` is under `<prefix>.catalog.`, valid or not.
+    pub fn is_catalog(&self, subject: &str) -> bool {
+        self.strip_prefix(subject)
+            .is_ok_and(|rest| rest.starts_with("catalog."))
+    }
 }
 
 fn check_tokens(

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use cli::{http_get, Process, Tap};
 use rollcall::protocol::{Event, EventKind, Subjects};
-use support::{crate_root, NatsServer};
+use support::{crate_root, eventually, NatsServer};
 use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -45,7 +45,7 @@ async fn the_python_service_registers_heartbeats_and_deregisters() {
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
 
-    // Tap::until panics on any message that does not parse as PROTOCOL.md says.
+    // Tap::until panics on any message that does not parse as docs/protocol.md says.
     let register = tap.until(EventKind::Register, "py-1", WAIT).await;
     let Event::Register(instance) = register.event else {
         unreachable!("until returns the kind asked for")
@@ -61,18 +61,16 @@ async fn the_python_service_registers_heartbeats_and_deregisters() {
         "heartbeats {gap:?} apart at an interval of 200 ms"
     );
 
-    let deadline = std::time::Instant::now() + WAIT;
-    while !discovery
-        .catalog()
-        .iter()
-        .any(|s| s.service == "web" && s.instances.iter().any(|i| i.id == "py-1"))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "discovery never listed py-1"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let lists_py_1 = || {
+        discovery
+            .catalog()
+            .iter()
+            .any(|s| s.service == "web" && s.instances.iter().any(|i| i.id == "py-1"))
+    };
+    eventually("discovery to list py-1", WAIT, || async {
+        lists_py_1().then_some(())
+    })
+    .await;
     assert_eq!(
         http_get(&authority, "/"),
         (200, "hi from py-1\n".to_owned())
@@ -83,13 +81,8 @@ async fn the_python_service_registers_heartbeats_and_deregisters() {
     let seen = tap.until(EventKind::Deregister, "py-1", WAIT).await;
     assert_eq!(seen.subject, "rollcall.deregister.web.py-1");
     assert_eq!(service.wait(WAIT), Some(0), "{}", service.stderr_text());
-    let deadline = std::time::Instant::now() + WAIT;
-    while discovery
-        .catalog()
-        .iter()
-        .any(|s| s.instances.iter().any(|i| i.id == "py-1"))
-    {
-        assert!(std::time::Instant::now() < deadline, "discovery kept py-1");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("discovery to drop py-1", WAIT, || async {
+        (!lists_py_1()).then_some(())
+    })
+    .await;
 }

@@ -11,12 +11,14 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use ::http::StatusCode;
 use futures::StreamExt;
 use nats_extra::{ConfiguredServer, JwtChain, TlsFiles};
 use rollcall::catalog::Update;
 use rollcall::connect::{AccessError, ConnectError, Connection, NatsOptions};
 use rollcall::permissions::{self, Access, Operation, PermissionDenied};
 use rollcall::protocol::Subjects;
+use support::http::{self, HttpBackend};
 use support::RunningDiscovery;
 
 const LIMIT: Duration = Duration::from_secs(5);
@@ -69,7 +71,7 @@ fn quick_jetstream(connection: &Connection) -> async_nats::jetstream::Context {
 }
 
 fn register_json(service: &str, id: &str, port: u16) -> String {
-    format!(r#"{{"service":"{service}","id":"{id}","address":"127.0.0.1","port":{port}}}"#)
+    support::register_json(service, id, port, serde_json::json!({}))
 }
 
 async fn publish(connection: &Connection, subject: &str, payload: String) {
@@ -81,13 +83,12 @@ async fn publish(connection: &Connection, subject: &str, payload: String) {
     connection.client.flush().await.expect("flush");
 }
 
-/// Polls `condition` until it holds, or panics naming `what`.
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !condition() {
-        assert!(start.elapsed() < LIMIT, "{what}: not within {LIMIT:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+/// Waits until `condition` holds, or panics naming `what`.
+async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    support::eventually(what, LIMIT, || {
+        std::future::ready(condition().then_some(()))
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------- credentials
@@ -728,11 +729,13 @@ async fn the_stack_serves_http_with_every_component_under_its_own_user() {
 
     // Two web instances, announced by the library as the `web` user.
     let web = connect_as(&server, "web").await;
-    let (port_1, backend_1) = nats_extra::http_backend("one").await;
-    let (port_2, backend_2) = nats_extra::http_backend("two").await;
+    let backends = [
+        HttpBackend::start("one").await,
+        HttpBackend::start("two").await,
+    ];
     let mut announcements = Vec::new();
-    for (id, port) in [("web-1", port_1), ("web-2", port_2)] {
-        let instance = Instance::new("web", id, "127.0.0.1", port);
+    for (id, backend) in ["web-1", "web-2"].into_iter().zip(&backends) {
+        let instance = Instance::new("web", id, "127.0.0.1", backend.port());
         announcements.push(
             Announcer::new(&web, subjects.clone(), instance)
                 .start()
@@ -757,24 +760,23 @@ async fn the_stack_serves_http_with_every_component_under_its_own_user() {
             let _ = stopped.await;
         },
     ));
-    let start = Instant::now();
-    loop {
+    let client = http::client();
+    let url = format!("http://127.0.0.1:{proxy}/");
+    // The bodies of two requests, sorted; failed ones left out.
+    let two_bodies = || async {
         let mut bodies = Vec::new();
         for _ in 0..2 {
-            if let Some((200, body)) = nats_extra::get(proxy, "/").await {
+            if let Ok((StatusCode::OK, body)) = http::get(&client, &url).await {
                 bodies.push(body);
             }
         }
         bodies.sort();
-        if bodies == ["one", "two"] {
-            break;
-        }
-        assert!(
-            start.elapsed() < LIMIT,
-            "the balancer never routed to both: {bodies:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        bodies
+    };
+    support::eventually("the balancer routes to both", LIMIT, || async {
+        (two_bodies().await == ["one", "two"]).then_some(())
+    })
+    .await;
 
     // Leaving works too: web-1 deregisters and takes no more requests.
     let first = announcements.remove(0);
@@ -782,13 +784,10 @@ async fn the_stack_serves_http_with_every_component_under_its_own_user() {
         .deregister()
         .await
         .expect("web may deregister its instance");
-    let start = Instant::now();
-    while nats_extra::get(proxy, "/").await.map(|(_, body)| body) != Some("two".into())
-        || nats_extra::get(proxy, "/").await.map(|(_, body)| body) != Some("two".into())
-    {
-        assert!(start.elapsed() < LIMIT, "web-1 never left the rotation");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    support::eventually("web-1 leaves the rotation", LIMIT, || async {
+        (two_bodies().await == ["two", "two"]).then_some(())
+    })
+    .await;
 
     for (who, connection) in [("web", &web), ("balancer", &connection)] {
         assert_eq!(connection.denied_count(), 0, "{who} was refused something");
@@ -819,6 +818,4 @@ async fn the_stack_serves_http_with_every_component_under_its_own_user() {
         announcement.deregister().await.expect("deregister");
     }
     discovery.stop().await;
-    backend_1.abort();
-    backend_2.abort();
 }

@@ -53,23 +53,17 @@ async fn announce(fleet: &Fleet, service: &str, id: &str, port: u16) -> Announce
 /// Waits until the catalog stream holds `count` instances of `service`.
 async fn stored(fleet: &Fleet, service: &str, count: usize) {
     let js = async_nats::jetstream::new(fleet.client.clone());
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        if let Ok(last) = rollcall::catalog_stream::read_last(&js, &Subjects::default()).await {
-            if last
-                .snapshots
-                .iter()
-                .any(|s| s.snapshot.service == service && s.snapshot.instances.len() == count)
-            {
-                return;
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the catalog stream never held {count} instances of {service}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("the catalog stream to hold {count} instances of {service}");
+    support::eventually(&what, WAIT, || async {
+        let last = rollcall::catalog_stream::read_last(&js, &Subjects::default())
+            .await
+            .ok()?;
+        last.snapshots
+            .iter()
+            .any(|s| s.snapshot.service == service && s.snapshot.instances.len() == count)
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

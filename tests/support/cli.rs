@@ -1,5 +1,5 @@
 //! Helpers for the service-side tests: a tap on the fleet's subjects that
-//! parses every message as PROTOCOL.md says, and the `rollcall` binary (or
+//! parses every message as docs/protocol.md says, and the `rollcall` binary (or
 //! any program) as a real child process, killed on drop, with its output
 //! read line by line against a deadline.
 #![allow(dead_code)] // each test binary uses its own part of the support code
@@ -34,7 +34,7 @@ impl Tap {
             .expect("tap connects to NATS");
         let subjects = Subjects::default();
         let subscriber = client
-            .subscribe(format!("{}.*.*.*", subjects.prefix()))
+            .subscribe(subjects.events_wildcard())
             .await
             .expect("tap subscribes");
         client.flush().await.expect("subscription is on the server");
@@ -247,28 +247,8 @@ pub fn run(command: Command, limit: Duration) -> (Option<i32>, String, String) {
 /// A blocking `GET path` to `authority` (127.0.0.1:port) on a fresh
 /// connection: the status code and the body.
 pub fn http_get(authority: &str, path: &str) -> (u16, String) {
-    use std::io::Write;
-    let mut stream = std::net::TcpStream::connect(authority)
-        .unwrap_or_else(|e| panic!("cannot connect to {authority}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("set a read timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .unwrap_or_else(|e| panic!("reading the answer of {authority}{path}: {e}"));
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of headers in {response:?}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    (status, body.to_owned())
+    let url = format!("http://{authority}{path}");
+    crate::support::http::get_blocking(&url, Duration::from_secs(5))
+        .map(|(status, body)| (status.as_u16(), body))
+        .unwrap_or_else(|e| panic!("{e}"))
 }

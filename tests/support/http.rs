@@ -1,5 +1,6 @@
-//! Real HTTP backends and a client for the balancer's tests: hyper servers in
-//! this process on 127.0.0.1:0, each answering with its name.
+//! The tests' one HTTP backend and one HTTP client: hyper servers in this
+//! process on 127.0.0.1:0, each answering with its name, and a hyper client
+//! (awaited, or blocking for code that cannot await).
 //!
 //! Paths a backend serves:
 //! - anything else: `<name>` (and header `x-backend: <name>`);
@@ -244,4 +245,26 @@ pub async fn must_get(client: &TestClient, url: &str) -> (StatusCode, String) {
         Ok(answer) => answer,
         Err(error) => panic!("{error}"),
     }
+}
+
+/// [`get`] on a connection of its own, for code that cannot await (a plain
+/// `#[test]`, a start-up wait): runs on a runtime of its own in a thread of
+/// its own, so it works inside an async test too; an error after `limit`.
+pub fn get_blocking(url: &str, limit: Duration) -> Result<(StatusCode, String), String> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("a runtime for GET {url}: {e}"))?;
+                runtime.block_on(async {
+                    tokio::time::timeout(limit, get(&client(), url))
+                        .await
+                        .map_err(|_| format!("GET {url}: no answer within {limit:?}"))?
+                })
+            })
+            .join()
+            .expect("the GET thread does not panic")
+    })
 }

@@ -1,7 +1,15 @@
 //! Real processes for integration tests: a `nats-server -js` on a free port
-//! with its own store, killed on drop.
+//! with its own store, killed on drop; discovery and a balancer running
+//! in-process against it; the one wait helper, [`eventually`]; and, in
+//! [`http`], the one HTTP backend and client.
 #![allow(dead_code)] // each test binary uses its own part of the support code
 
+// Test binaries written before `support::http` existed load this file as
+// `#[path = "support/http.rs"] mod http_support;` too.
+#[allow(clippy::duplicate_mod)]
+pub mod http;
+
+use std::ffi::OsString;
 use std::future::Future;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -10,10 +18,9 @@ use std::time::{Duration, Instant};
 
 /// A running `nats-server` with JetStream, on 127.0.0.1.
 pub struct NatsServer {
-    child: Option<Child>,
+    process: ServerProcess,
     port: u16,
-    store: tempfile::TempDir,
-    config: Option<PathBuf>,
+    _store: tempfile::TempDir,
 }
 
 impl NatsServer {
@@ -25,20 +32,24 @@ impl NatsServer {
     /// Starts a server with `config` (a path, relative to the crate root or
     /// absolute); the port and store dir are still chosen here.
     pub fn with_config(config: impl AsRef<Path>) -> NatsServer {
-        let path = crate_root().join(config);
-        Self::start_inner(Some(path))
+        Self::start_inner(Some(crate_root().join(config)))
     }
 
     fn start_inner(config: Option<PathBuf>) -> NatsServer {
         let store = tempfile::tempdir().expect("create a temp dir for the JetStream store");
-        let mut server = NatsServer {
-            child: None,
-            port: free_port(),
-            store,
-            config,
-        };
-        server.spawn();
-        server
+        let port = free_port();
+        let mut args: Vec<OsString> = Vec::new();
+        if let Some(config) = config {
+            args.extend(["-c".into(), config.into()]);
+        }
+        args.extend(["-js", "-a", "127.0.0.1", "-p"].map(OsString::from));
+        args.push(port.to_string().into());
+        args.extend(["-sd".into(), store.path().into()]);
+        NatsServer {
+            process: ServerProcess::start(args, port),
+            port,
+            _store: store,
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -52,46 +63,72 @@ impl NatsServer {
 
     /// Stops the server (SIGKILL: as abrupt as a crash).
     pub fn stop(&mut self) {
+        self.process.stop();
+    }
+
+    /// Starts it again on the same port and store, after [`NatsServer::stop`].
+    pub fn restart(&mut self) {
+        self.process.restart();
+    }
+}
+
+/// One `nats-server` child process: started with its arguments, ready once
+/// its client port accepts connections, killed (SIGKILL, as abrupt as a
+/// crash) on [`ServerProcess::stop`] or drop. Every server the tests run,
+/// alone or in a cluster, goes through here.
+pub struct ServerProcess {
+    child: Option<Child>,
+    args: Vec<OsString>,
+    port: u16,
+}
+
+impl ServerProcess {
+    /// `nats-server <args>`, waited for on `port`.
+    pub fn start(args: Vec<OsString>, port: u16) -> ServerProcess {
+        let mut process = ServerProcess {
+            child: None,
+            args,
+            port,
+        };
+        process.spawn();
+        process
+    }
+
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    /// Starts it again on the same port and store, after [`NatsServer::stop`].
+    /// Starts it again with the same arguments (so the same port and store).
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
     }
 
     fn spawn(&mut self) {
-        let mut command = Command::new(nats_server_bin());
-        if let Some(config) = &self.config {
-            command.arg("-c").arg(config);
-        }
-        command
-            .args(["-js", "-a", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            .arg("-sd")
-            .arg(self.store.path())
+        let child = Command::new(nats_server_bin())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(if std::env::var_os("NATS_SERVER_LOG").is_some() {
                 Stdio::inherit()
             } else {
                 Stdio::null()
+            })
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {:?}: {e}; run scripts/test.sh (it installs nats-server) or put nats-server on PATH",
+                    nats_server_bin()
+                )
             });
-        let child = command.spawn().unwrap_or_else(|e| {
-            panic!(
-                "cannot start {:?}: {e}; run scripts/test.sh (it installs nats-server) or put nats-server on PATH",
-                nats_server_bin()
-            )
-        });
         self.child = Some(child);
         wait_for_port(self.port, Duration::from_secs(10));
     }
 }
 
-impl Drop for NatsServer {
+impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.stop();
     }
@@ -221,4 +258,20 @@ pub async fn next_snapshot(
     rollcall::protocol::Subjects::default()
         .parse_snapshot(&message.subject, &message.payload)
         .expect("discovery publishes valid snapshots")
+}
+
+/// A register (or heartbeat) payload written by hand, as a client in another
+/// language would: an instance of `service` at 127.0.0.1:`port`, with the
+/// fields of `extra` (an object, e.g. `{"ttl_ms": 60000}`) added.
+pub fn register_json(service: &str, id: &str, port: u16, extra: serde_json::Value) -> String {
+    let mut record = serde_json::json!({
+        "service": service,
+        "id": id,
+        "address": "127.0.0.1",
+        "port": port,
+    });
+    if let (Some(record), serde_json::Value::Object(extra)) = (record.as_object_mut(), extra) {
+        record.extend(extra);
+    }
+    record.to_string()
 }

@@ -6,26 +6,24 @@
 //! certificates.
 #![allow(dead_code)] // each test binary uses its own part of the support code
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 
-use crate::support::{crate_root, free_port, nats_server_bin, wait_for_port};
+use crate::support::http::{self, HttpBackend};
+use crate::support::{crate_root, free_port, nats_server_bin, ServerProcess};
 
 /// `nats-server -c CONFIG` with the config's ports and store replaced by
 /// free ones; killed on drop.
 pub struct ConfiguredServer {
-    child: Option<Child>,
+    process: ServerProcess,
     pub port: u16,
     pub monitor_port: u16,
     /// N of a cluster node's `server_name: rollcall-N`; 0 elsewhere.
     pub name_number: usize,
     dir: tempfile::TempDir,
-    config: PathBuf,
 }
 
 impl ConfiguredServer {
@@ -66,16 +64,13 @@ impl ConfiguredServer {
         let store = dir.path().join("store");
         let config = dir.path().join("server.conf");
         std::fs::write(&config, make(port, monitor_port, &store)).expect("write server config");
-        let mut server = ConfiguredServer {
-            child: None,
+        ConfiguredServer {
+            process: ServerProcess::start(vec!["-c".into(), config.into()], port),
             port,
             monitor_port,
             name_number: 0,
             dir,
-            config,
-        };
-        server.spawn();
-        server
+        }
     }
 
     /// A directory that lives as long as the server, for key and cert files.
@@ -99,32 +94,7 @@ impl ConfiguredServer {
 
     /// SIGKILL, as abrupt as a crash.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new(nats_server_bin())
-            .arg("-c")
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("NATS_SERVER_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", nats_server_bin()));
-        self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(10));
-    }
-}
-
-impl Drop for ConfiguredServer {
-    fn drop(&mut self) {
-        self.stop();
+        self.process.stop();
     }
 }
 
@@ -218,7 +188,6 @@ impl Cluster {
             .collect();
         let cluster = Cluster { nodes };
         for node in &cluster.nodes {
-            wait_for_port(node.port, Duration::from_secs(10));
             wait_healthy(node.monitor_port, Duration::from_secs(20));
         }
         cluster
@@ -251,28 +220,23 @@ pub fn wait_healthy(monitor_port: u16, limit: Duration) {
 }
 
 fn http_status(port: u16, path: &str) -> Option<u16> {
-    http_get(port, path)?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    monitor_get(port, path).map(|(status, _)| status)
 }
 
-/// The whole HTTP/1.0 response, headers and body.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    Some(response)
+/// A GET on a node's monitor port: status and body.
+fn monitor_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http::get_blocking(
+        &format!("http://127.0.0.1:{port}{path}"),
+        Duration::from_secs(2),
+    )
+    .ok()
+    .map(|(status, body)| (status.as_u16(), body))
 }
 
 /// The server name of the JetStream meta leader, as a node's `/jsz` sees it.
 pub fn meta_leader(monitor_port: u16) -> Option<String> {
-    let response = http_get(monitor_port, "/jsz")?;
-    let (_, body) = response.split_once("\r\n\r\n")?;
-    let jsz: serde_json::Value = serde_json::from_str(body).ok()?;
+    let (_, body) = monitor_get(monitor_port, "/jsz")?;
+    let jsz: serde_json::Value = serde_json::from_str(&body).ok()?;
     jsz["meta_cluster"]["leader"].as_str().map(str::to_owned)
 }
 
@@ -445,49 +409,23 @@ impl TlsFiles {
 }
 
 /// An HTTP backend on 127.0.0.1 answering every request with `body`;
-/// runs until the returned task is aborted.
+/// runs until the returned task is aborted. An [`HttpBackend`] underneath;
+/// new tests use that directly.
 pub async fn http_backend(body: &'static str) -> (u16, tokio::task::JoinHandle<()>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind a backend");
-    let port = listener.local_addr().expect("backend address").port();
+    let backend = HttpBackend::start(body).await;
+    let port = backend.port();
+    // Aborting the task drops the backend, which stops it.
     let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buffer = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buffer[..n]),
-                    }
-                }
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(response.as_bytes()).await;
-            });
-        }
+        let _backend = backend;
+        std::future::pending::<()>().await
     });
     (port, task)
 }
 
 /// `GET path` on 127.0.0.1:port over a fresh connection: status and body.
 pub async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    http::get(&http::client(), &format!("http://127.0.0.1:{port}{path}"))
         .await
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let (_, body) = response.split_once("\r\n\r\n")?;
-    Some((status, body.to_owned()))
+        .ok()
+        .map(|(status, body)| (status.as_u16(), body))
 }

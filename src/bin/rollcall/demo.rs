@@ -13,10 +13,10 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::Response;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rollcall::announcer::Announcer;
+use rollcall::announcer::{Announcement, Announcer};
 use rollcall::balancer::routes::Routes;
 use rollcall::balancer::BalancerConfig;
-use rollcall::connect::NatsOptions;
+use rollcall::connect::{Connection, NatsOptions};
 use rollcall::protocol::{Instance, Subjects};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -61,7 +61,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await
     .context("discovery could not start")?;
-
     let routes = Routes::parse(&["web"]).context("the demo's route")?;
     let updates = rollcall::subscription::follow(&connection, subjects.clone());
     let balancer = tokio::spawn(rollcall::balancer::serve(
@@ -71,7 +70,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         updates,
         stop.clone().cancelled_owned(),
     ));
+    let (announcements, lines) = start_instances(&connection, &subjects, &stop).await?;
+    wait_for_catalog(&discovery).await;
+    print_banner(&url, nats_server.is_some(), &subjects, args.listen, &lines);
 
+    shutdown_signal().await;
+    // Out of the rotation first, then stop everything else.
+    for announcement in announcements {
+        if let Err(error) = announcement.deregister().await {
+            tracing::warn!(%error, "deregister failed");
+        }
+    }
+    stop.cancel();
+    balancer.await?.context("balancer")?;
+    discovery.wait().await.context("discovery")?;
+    close(&connection).await;
+    if let Some(server) = nats_server {
+        server.stop().await;
+    }
+    println!("rollcall demo stopped");
+    Ok(())
+}
+
+/// Serves and announces the three instances; their announcements, and a
+/// line each for the banner.
+async fn start_instances(
+    connection: &Connection,
+    subjects: &Subjects,
+    stop: &CancellationToken,
+) -> anyhow::Result<(Vec<Announcement>, Vec<String>)> {
     let mut announcements = Vec::new();
     let mut lines = Vec::new();
     for (id, message) in INSTANCES {
@@ -80,7 +107,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let body = Bytes::from(format!("{message} from {id}\n"));
         tokio::spawn(serve_instance(listener, body, stop.clone()));
         let instance = Instance::new("web", id, "127.0.0.1", address.port());
-        let announcement = Announcer::new(&connection, subjects.clone(), instance)
+        let announcement = Announcer::new(connection, subjects.clone(), instance)
             .start()
             .await
             .with_context(|| format!("cannot announce {id}"))?;
@@ -89,9 +116,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "  {id:<12} http://{address}  says \"{message} from {id}\""
         ));
     }
-    wait_for_catalog(&discovery).await;
+    Ok((announcements, lines))
+}
 
-    let started = if nats_server.is_some() {
+/// What runs where, and what to try.
+fn print_banner(
+    url: &str,
+    own_server: bool,
+    subjects: &Subjects,
+    listen: SocketAddr,
+    instances: &[String],
+) {
+    let started = if own_server {
         "started by the demo"
     } else {
         "given with --nats"
@@ -104,31 +140,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         subjects.catalog_wildcard()
     );
     println!(
-        "  {:<12} http://{}  routing every request to service web",
-        "balancer", args.listen
+        "  {:<12} http://{listen}  routing every request to service web",
+        "balancer"
     );
-    for line in lines {
+    for line in instances {
         println!("{line}");
     }
-    println!(
-        "try:   curl http://{}/   (again: each answer comes from the next instance)",
-        args.listen
-    );
+    println!("try:   curl http://{listen}/   (again: each answer comes from the next instance)");
     println!("watch: rollcall watch --nats {url}");
     println!("ctrl-c stops everything");
+}
 
-    shutdown_signal().await;
-    // Out of the rotation first, then stop everything else.
-    for announcement in announcements {
-        if let Err(error) = announcement.deregister().await {
-            tracing::warn!(%error, "deregister failed");
-        }
-    }
-    stop.cancel();
-    balancer.await?.context("balancer")?;
-    discovery.wait().await.context("discovery")?;
-    // Close the connection before the server goes, so nothing reports the
-    // server's exit as a lost connection.
+/// Closes the connection before the server goes, so nothing reports the
+/// server's exit as a lost connection.
+async fn close(connection: &Connection) {
     let mut events = connection.events();
     if let Err(error) = connection.client.drain().await {
         tracing::debug!(%error, "closing the NATS connection");
@@ -146,11 +171,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     {
         tracing::debug!("the NATS connection did not close within 2 s");
     }
-    if let Some(server) = nats_server {
-        server.stop().await;
-    }
-    println!("rollcall demo stopped");
-    Ok(())
 }
 
 /// Waits (up to 5 s) until discovery lists all three instances, so the curl

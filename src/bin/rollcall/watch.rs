@@ -17,10 +17,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let connection = args.nats.options().connect("rollcall watch").await?;
     let client = &connection.client;
     let filters = match &args.service {
-        Some(service) => vec![
-            format!("{}.*.{service}.*", subjects.prefix()),
-            subjects.catalog(service),
-        ],
+        Some(service) => vec![subjects.service_events(service), subjects.catalog(service)],
         None => vec![subjects.all()],
     };
     let mut subscriptions = Vec::new();
