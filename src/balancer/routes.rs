@@ -1,5 +1,6 @@
-//! Stage 4b, routing: the `ROUTE` arguments, checked once at start, turn a
-//! request's host and path into the service whose set it goes to.
+//! Routing, the balancer's first decision: the `ROUTE` arguments, checked
+//! once at start, turn a request's host and path into the service whose set
+//! it goes to.
 //!
 //! A route is `SERVICE`, `/PATH=SERVICE`, `HOST=SERVICE` or
 //! `HOST/PATH=SERVICE`. The most specific match wins: a route naming the
