@@ -660,6 +660,9 @@ impl std::fmt::Display for Chain<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balancer::routes::Routes;
+    use crate::catalog::Update;
+    use crate::protocol::{Instance, Snapshot};
 
     const GET_EMPTY: RequestFacts = RequestFacts {
         idempotent: true,
@@ -738,6 +741,47 @@ mod tests {
         assert_eq!(error.failure(), Failure::Connect);
         let text = Chain(&error).to_string();
         assert_eq!(text, "cannot connect to 127.0.0.1:9: connection refused");
+    }
+
+    /// Under paused time the clock jumps to the next timer whenever the
+    /// runtime waits on sockets; the only timers here are the proxy's own,
+    /// so the jump lands on the upstream timeout.
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_that_never_answers_gets_504_at_the_upstream_timeout() {
+        let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = silent.local_addr().expect("address").port();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = silent.accept().await {
+                held.push(stream);
+            }
+        });
+        let shared = Arc::new(Shared::new(Routes::parse(&["web"]).expect("routes")));
+        shared.apply(Update::Service(Snapshot {
+            service: "web".into(),
+            revision: 1,
+            instances: vec![Instance::new("web", "web-1", "127.0.0.1", port)],
+        }));
+        let proxy = Proxy {
+            shared: shared.clone(),
+            upstream_timeout: Duration::from_millis(200),
+            connect_timeout: Duration::from_secs(2),
+        };
+        let prepared = Prepared {
+            method: http::Method::GET,
+            path_and_query: PathAndQuery::from_static("/"),
+            headers: HeaderMap::new(),
+            body: Replay::Bytes(None),
+        };
+        let started = tokio::time::Instant::now();
+        let response = proxy.forward(0, prepared).await;
+        let took = started.elapsed();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(took >= Duration::from_millis(200), "{took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert_eq!(shared.metrics.retries.get(), 0, "a timeout is not retried");
+        assert_eq!(shared.metrics.ejections.get(), 0);
+        holder.abort();
     }
 
     #[test]
