@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use http_support::{client, get, HttpBackend, TestClient};
-use support::{free_port, wait_for_port, NatsServer, RunningDiscovery};
+use support::{eventually, free_port, wait_for_port, NatsServer, RunningDiscovery};
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -44,15 +44,12 @@ async fn until(
     accept: impl Fn(&(StatusCode, String)) -> bool,
 ) -> Duration {
     let start = Instant::now();
-    loop {
-        if let Ok(answer) = get(client, url).await {
-            if accept(&answer) {
-                return start.elapsed();
-            }
-        }
-        assert!(start.elapsed() < LIMIT, "{what}: not within {LIMIT:?}");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let accept = &accept;
+    eventually(what, LIMIT, || async move {
+        get(client, url).await.ok().filter(accept).map(|_| ())
+    })
+    .await;
+    start.elapsed()
 }
 
 /// The bodies of `n` sequential requests.
@@ -118,13 +115,11 @@ async fn register_deregister_and_a_nats_restart_under_the_balancer() {
     announce(&nats, "deregister", &web1).await;
     // Within a few requests the set no longer holds web-1; once it does not,
     // no request reaches it.
-    let deadline = Instant::now() + LIMIT;
-    while bodies(&http, &url, 2).await.iter().any(|b| b == "web-1") {
-        assert!(
-            Instant::now() < deadline,
-            "web-1 still routed after deregister"
-        );
-    }
+    eventually("web-1 no longer routed after deregister", LIMIT, || async {
+        let seen = bodies(&http, &url, 2).await;
+        seen.iter().all(|b| b != "web-1").then_some(())
+    })
+    .await;
     let after = web1.served();
     assert!(bodies(&http, &url, 10).await.iter().all(|b| b == "web-2"));
     assert_eq!(
@@ -140,19 +135,12 @@ async fn register_deregister_and_a_nats_restart_under_the_balancer() {
     // Back: the subscription re-syncs and follows live changes again. The
     // new instance heartbeats, as a real one does, since whatever it sent
     // while clients were still reconnecting may be lost.
-    let deadline = Instant::now() + LIMIT;
-    loop {
+    eventually("web-3 routed after the NATS restart", LIMIT, || async {
         heartbeat(&nats, &web3).await;
         let seen = bodies(&http, &url, 2).await;
-        if seen.iter().any(|b| b == "web-3") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "web-3 not routed after the NATS restart"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        seen.iter().any(|b| b == "web-3").then_some(())
+    })
+    .await;
     let _ = stop.send(());
     tokio::time::timeout(LIMIT, balancer)
         .await
@@ -219,17 +207,11 @@ async fn the_cli_routes_what_registers_and_stops_on_sigterm() {
         .status()
         .expect("run kill");
     assert!(terminated.success());
-    let deadline = Instant::now() + LIMIT;
-    let status = loop {
-        if let Some(status) = balancer.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the balancer did not exit on SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let status = eventually("the balancer to exit on SIGTERM", LIMIT, || {
+        let exited = balancer.0.try_wait().expect("wait");
+        async move { exited }
+    })
+    .await;
     assert!(status.success(), "{status:?}");
     discovery.stop().await;
 }
