@@ -79,7 +79,7 @@ impl BalancerConfig {
 /// Why the balancer could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BalancerError {
-    #[error("cannot read the address of the {what} listener: {source}")]
+    #[error("cannot read the address of the {what} listener")]
     LocalAddr {
         what: &'static str,
         source: std::io::Error,

@@ -185,16 +185,16 @@ impl Proxy {
         let (parts, body) = request.into_parts();
         let index = match self.route(&parts) {
             Ok(index) => index,
-            Err(answer) => return answer,
+            Err(refusal) => return refusal.into_response(),
         };
         match prepare(parts, body, client_ip).await {
             Ok(prepared) => self.forward(index, prepared).await,
-            Err(answer) => answer,
+            Err(refusal) => refusal.into_response(),
         }
     }
 
     /// The index of the service the request goes to, or the 404 answer.
-    fn route(&self, parts: &http::request::Parts) -> Result<usize, Response<ClientBody>> {
+    fn route(&self, parts: &http::request::Parts) -> Result<usize, Refusal> {
         let host = parts
             .headers
             .get(header::HOST)
@@ -203,15 +203,13 @@ impl Proxy {
         self.shared
             .routes
             .find(host, parts.uri.path())
-            .ok_or_else(|| {
-                own_answer(
-                    StatusCode::NOT_FOUND,
-                    format!(
-                        "no route for host {:?} path {:?}\n",
-                        host.unwrap_or(""),
-                        parts.uri.path()
-                    ),
-                )
+            .ok_or_else(|| Refusal {
+                status: StatusCode::NOT_FOUND,
+                text: format!(
+                    "no route for host {:?} path {:?}\n",
+                    host.unwrap_or(""),
+                    parts.uri.path()
+                ),
             })
     }
 
@@ -241,7 +239,7 @@ impl Proxy {
                 self.eject(rotation, service, &member, &error);
             }
             let next = next_step(failure, prepared.facts(), tried.len() + 1, set.live_count());
-            log_failure(service, &member, &error, next);
+            log_failure(service, &member, &error, failure, next);
             tried.push(member);
             match next {
                 Next::Retry => self.shared.metrics.retries.inc(),
@@ -306,8 +304,8 @@ fn answered(
 /// Logs a failed attempt at the level its consequence deserves: connection
 /// failures were logged when ejecting, a resend is routine, an answer of
 /// ours is not.
-fn log_failure(service: &str, member: &Member, error: &AttemptError, next: Next) {
-    match (error.failure(), next) {
+fn log_failure(service: &str, member: &Member, error: &AttemptError, failure: Failure, next: Next) {
+    match (failure, next) {
         (Failure::Connect, Next::Retry | Next::AllTried) => {}
         (_, Next::Retry | Next::AllTried) => {
             // A kept-alive connection the instance closed as the request
@@ -338,7 +336,7 @@ async fn prepare(
     parts: http::request::Parts,
     body: Incoming,
     client_ip: HeaderValue,
-) -> Result<Prepared, Response<ClientBody>> {
+) -> Result<Prepared, Refusal> {
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     add_forwarded(&mut headers, &parts.uri, client_ip);
@@ -347,11 +345,9 @@ async fn prepare(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let body = replayable(body).await.map_err(|error| {
-        own_answer(
-            StatusCode::BAD_REQUEST,
-            format!("could not read the request body: {}\n", Chain(&error)),
-        )
+    let body = replayable(body).await.map_err(|error| Refusal {
+        status: StatusCode::BAD_REQUEST,
+        text: format!("could not read the request body: {}\n", Chain(&error)),
     })?;
     Ok(Prepared {
         method: parts.method,
@@ -359,6 +355,19 @@ async fn prepare(
         headers,
         body,
     })
+}
+
+/// A request refused before any instance saw it: an answer of ours, kept
+/// small until it becomes a response.
+struct Refusal {
+    status: StatusCode,
+    text: String,
+}
+
+impl Refusal {
+    fn into_response(self) -> Response<ClientBody> {
+        own_answer(self.status, self.text)
+    }
 }
 
 /// The next member not tried yet for this request.
