@@ -222,3 +222,37 @@ pub fn catalog(shared: &Shared) -> String {
     let routes: Vec<&str> = shared.routes.routes().map(|r| r.text.as_str()).collect();
     serde_json::json!({ "routes": routes, "services": services }).to_string() + "\n"
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::routes::Routes;
+
+    #[test]
+    fn every_sample_follows_the_help_and_type_of_its_family() {
+        let shared = Shared::new(Routes::parse(&["web", "/api=api"]).expect("routes"));
+        shared.metrics.retries.inc();
+        let text = metrics(&shared);
+        let mut family = "";
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap_or("");
+            } else if !line.starts_with("# HELP ") {
+                let name = line.split(['{', ' ']).next().unwrap_or("");
+                assert_eq!(name, family, "{line:?} outside its family in\n{text}");
+            }
+        }
+        assert!(
+            text.contains("\nrollcall_balancer_retries_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nrollcall_balancer_ejected_instances{service=\"api\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nrollcall_balancer_last_catalog_update_age_seconds -1\n"),
+            "{text}"
+        );
+    }
+}
