@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use rollcall::balancer::routes::Routes;
-use rollcall::balancer::BalancerConfig;
+use rollcall::balancer::{Applied, Balancer, BalancerConfig};
 use rollcall::connect::NatsOptions;
 use rollcall::protocol::{Instance, Subjects};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use http_support::{client, get, HttpBackend, TestClient};
 use support::{eventually, free_port, wait_for_port, NatsServer, RunningDiscovery};
@@ -52,6 +52,14 @@ async fn until(
     start.elapsed()
 }
 
+/// Waits until the balancer routes on revision `revision` of `web`.
+async fn routes_on(applied: &mut watch::Receiver<Applied>, revision: u64) {
+    tokio::time::timeout(LIMIT, applied.wait_for(|a| a.revision("web") >= revision))
+        .await
+        .unwrap_or_else(|_| panic!("web never reached revision {revision}"))
+        .expect("the balancer is running");
+}
+
 /// The bodies of `n` sequential requests.
 async fn bodies(client: &TestClient, url: &str, n: usize) -> Vec<String> {
     let mut seen = Vec::new();
@@ -80,46 +88,36 @@ async fn register_deregister_and_a_nats_restart_under_the_balancer() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}/", listener.local_addr().expect("address"));
     let (stop, stopped) = oneshot::channel::<()>();
-    let balancer = tokio::spawn(rollcall::balancer::serve(
-        listener,
-        None,
-        BalancerConfig::new(Routes::parse(&["web"]).expect("routes")),
-        updates,
-        async {
-            let _ = stopped.await;
-        },
+    let balancer = Balancer::new(BalancerConfig::new(
+        Routes::parse(&["web"]).expect("routes"),
     ));
+    let mut applied = balancer.applied();
+    let balancer = tokio::spawn(balancer.serve(listener, None, updates, async {
+        let _ = stopped.await;
+    }));
     let http = client();
 
     let (status, body) = get(&http, &url).await.expect("answer");
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
 
+    // Each register and deregister below is one revision of `web`.
+    let start = Instant::now();
     announce(&nats, "register", &web1).await;
-    let took = until(&http, &url, "web-1 routed after register", |a| {
-        a.1 == "web-1"
-    })
-    .await;
+    routes_on(&mut applied, 1).await;
+    let took = start.elapsed();
     assert!(
         took < Duration::from_secs(1),
         "register → routed took {took:?}"
     );
+    assert_eq!(bodies(&http, &url, 2).await, ["web-1", "web-1"]);
     announce(&nats, "register", &web2).await;
-    until(&http, &url, "web-2 routed after register", |a| {
-        a.1 == "web-2"
-    })
-    .await;
+    routes_on(&mut applied, 2).await;
     let mut seen = bodies(&http, &url, 4).await;
     seen.sort();
     assert_eq!(seen, ["web-1", "web-1", "web-2", "web-2"]);
 
     announce(&nats, "deregister", &web1).await;
-    // Within a few requests the set no longer holds web-1; once it does not,
-    // no request reaches it.
-    eventually("web-1 no longer routed after deregister", LIMIT, || async {
-        let seen = bodies(&http, &url, 2).await;
-        seen.iter().all(|b| b != "web-1").then_some(())
-    })
-    .await;
+    routes_on(&mut applied, 3).await;
     let after = web1.served();
     assert!(bodies(&http, &url, 10).await.iter().all(|b| b == "web-2"));
     assert_eq!(
