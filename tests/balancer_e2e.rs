@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use rollcall::balancer::routes::Routes;
-use rollcall::balancer::BalancerConfig;
+use rollcall::balancer::{Applied, Balancer, BalancerConfig};
 use rollcall::connect::NatsOptions;
 use rollcall::protocol::{Instance, Subjects};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use http_support::{client, get, HttpBackend, TestClient};
-use support::{free_port, wait_for_port, NatsServer, RunningDiscovery};
+use support::{eventually, free_port, wait_for_port, NatsServer, RunningDiscovery};
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -44,15 +44,20 @@ async fn until(
     accept: impl Fn(&(StatusCode, String)) -> bool,
 ) -> Duration {
     let start = Instant::now();
-    loop {
-        if let Ok(answer) = get(client, url).await {
-            if accept(&answer) {
-                return start.elapsed();
-            }
-        }
-        assert!(start.elapsed() < LIMIT, "{what}: not within {LIMIT:?}");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let accept = &accept;
+    eventually(what, LIMIT, || async move {
+        get(client, url).await.ok().filter(accept).map(|_| ())
+    })
+    .await;
+    start.elapsed()
+}
+
+/// Waits until the balancer routes on revision `revision` of `web`.
+async fn routes_on(applied: &mut watch::Receiver<Applied>, revision: u64) {
+    tokio::time::timeout(LIMIT, applied.wait_for(|a| a.revision("web") >= revision))
+        .await
+        .unwrap_or_else(|_| panic!("web never reached revision {revision}"))
+        .expect("the balancer is running");
 }
 
 /// The bodies of `n` sequential requests.
@@ -83,48 +88,36 @@ async fn register_deregister_and_a_nats_restart_under_the_balancer() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}/", listener.local_addr().expect("address"));
     let (stop, stopped) = oneshot::channel::<()>();
-    let balancer = tokio::spawn(rollcall::balancer::serve(
-        listener,
-        None,
-        BalancerConfig::new(Routes::parse(&["web"]).expect("routes")),
-        updates,
-        async {
-            let _ = stopped.await;
-        },
+    let balancer = Balancer::new(BalancerConfig::new(
+        Routes::parse(&["web"]).expect("routes"),
     ));
+    let mut applied = balancer.applied();
+    let balancer = tokio::spawn(balancer.serve(listener, None, updates, async {
+        let _ = stopped.await;
+    }));
     let http = client();
 
     let (status, body) = get(&http, &url).await.expect("answer");
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
 
+    // Each register and deregister below is one revision of `web`.
+    let start = Instant::now();
     announce(&nats, "register", &web1).await;
-    let took = until(&http, &url, "web-1 routed after register", |a| {
-        a.1 == "web-1"
-    })
-    .await;
+    routes_on(&mut applied, 1).await;
+    let took = start.elapsed();
     assert!(
         took < Duration::from_secs(1),
         "register → routed took {took:?}"
     );
+    assert_eq!(bodies(&http, &url, 2).await, ["web-1", "web-1"]);
     announce(&nats, "register", &web2).await;
-    until(&http, &url, "web-2 routed after register", |a| {
-        a.1 == "web-2"
-    })
-    .await;
+    routes_on(&mut applied, 2).await;
     let mut seen = bodies(&http, &url, 4).await;
     seen.sort();
     assert_eq!(seen, ["web-1", "web-1", "web-2", "web-2"]);
 
     announce(&nats, "deregister", &web1).await;
-    // Within a few requests the set no longer holds web-1; once it does not,
-    // no request reaches it.
-    let deadline = Instant::now() + LIMIT;
-    while bodies(&http, &url, 2).await.iter().any(|b| b == "web-1") {
-        assert!(
-            Instant::now() < deadline,
-            "web-1 still routed after deregister"
-        );
-    }
+    routes_on(&mut applied, 3).await;
     let after = web1.served();
     assert!(bodies(&http, &url, 10).await.iter().all(|b| b == "web-2"));
     assert_eq!(
@@ -140,19 +133,12 @@ async fn register_deregister_and_a_nats_restart_under_the_balancer() {
     // Back: the subscription re-syncs and follows live changes again. The
     // new instance heartbeats, as a real one does, since whatever it sent
     // while clients were still reconnecting may be lost.
-    let deadline = Instant::now() + LIMIT;
-    loop {
+    eventually("web-3 routed after the NATS restart", LIMIT, || async {
         heartbeat(&nats, &web3).await;
         let seen = bodies(&http, &url, 2).await;
-        if seen.iter().any(|b| b == "web-3") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "web-3 not routed after the NATS restart"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        seen.iter().any(|b| b == "web-3").then_some(())
+    })
+    .await;
     let _ = stop.send(());
     tokio::time::timeout(LIMIT, balancer)
         .await
@@ -219,17 +205,11 @@ async fn the_cli_routes_what_registers_and_stops_on_sigterm() {
         .status()
         .expect("run kill");
     assert!(terminated.success());
-    let deadline = Instant::now() + LIMIT;
-    let status = loop {
-        if let Some(status) = balancer.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the balancer did not exit on SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let status = eventually("the balancer to exit on SIGTERM", LIMIT, || {
+        let exited = balancer.0.try_wait().expect("wait");
+        async move { exited }
+    })
+    .await;
     assert!(status.success(), "{status:?}");
     discovery.stop().await;
 }

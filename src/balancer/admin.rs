@@ -1,12 +1,11 @@
-//! Stage 4d, the admin endpoint: what the balancer routes on and how it
-//! fares, for people and for Prometheus. `GET /healthz`, `GET /metrics`
+//! The admin endpoint, beside the proxy: what the balancer routes on and how
+//! it fares, for people and for Prometheus. `GET /healthz`, `GET /metrics`
 //! (Prometheus text format), `GET /catalog` (JSON).
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -80,99 +79,114 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
 pub fn metrics(shared: &Shared) -> String {
     let m = &shared.metrics;
     let mut out = String::new();
-    let counter = |out: &mut String, name: &str, help: &str, value: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-        );
-    };
-    let _ = writeln!(
-        out,
-        "# HELP rollcall_balancer_responses_total Responses sent to clients, by status class.\n# TYPE rollcall_balancer_responses_total counter"
-    );
-    for (i, count) in m.responses.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "rollcall_balancer_responses_total{{class=\"{}xx\"}} {}",
-            i + 1,
-            count.load(Ordering::Relaxed)
-        );
-    }
-    counter(
+    let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+    family(
         &mut out,
-        "rollcall_balancer_upstream_connect_failures_total",
-        "Connections to instances that could not be made.",
-        m.connect_failures.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut out,
-        "rollcall_balancer_retries_total",
-        "Requests sent again to another instance after a failed connection.",
-        m.retries.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut out,
-        "rollcall_balancer_ejections_total",
-        "Instances taken out of rotation after a failed connection.",
-        m.ejections.load(Ordering::Relaxed),
-    );
-    let _ = writeln!(
-        out,
-        "# HELP rollcall_balancer_catalog_updates_total Catalog snapshots received, by outcome.\n# TYPE rollcall_balancer_catalog_updates_total counter"
-    );
-    for (result, count) in [
-        ("applied", &m.updates_applied),
-        ("stale", &m.updates_stale),
-        ("unrouted", &m.updates_unrouted),
-        ("bad_instance", &m.updates_bad),
-    ] {
-        let _ = writeln!(
-            out,
-            "rollcall_balancer_catalog_updates_total{{result=\"{result}\"}} {}",
-            count.load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP rollcall_balancer_live_instances Instances taking traffic, per service (ejected ones included).\n# TYPE rollcall_balancer_live_instances gauge"
-    );
-    let now = Instant::now();
-    for rotation in &shared.rotations {
-        let set = rotation.load();
-        let ejected = set
-            .members()
+        "rollcall_balancer_responses_total",
+        "counter",
+        "Responses sent to clients, by status class.",
+        classes
             .iter()
-            .filter(|member| !member.is_eligible(now))
-            .count();
-        let _ = writeln!(
-            out,
-            "rollcall_balancer_live_instances{{service=\"{}\"}} {}\nrollcall_balancer_ejected_instances{{service=\"{}\"}} {}",
-            set.service(),
-            set.live_count(),
-            set.service(),
-            ejected
-        );
-    }
-    let last = m.last_update_ms.load(Ordering::Relaxed);
-    let _ = writeln!(
-        out,
-        "# HELP rollcall_balancer_last_catalog_update_age_seconds Time since the last catalog update was applied (-1: none yet).\n# TYPE rollcall_balancer_last_catalog_update_age_seconds gauge"
+            .zip(&m.responses)
+            .map(|(class, count)| (Some(("class", *class)), count.get())),
     );
-    let age = if last == 0 {
-        -1.0
-    } else {
-        (shared.started.elapsed().as_millis() as u64).saturating_sub(last) as f64 / 1000.0
-    };
-    let _ = writeln!(
-        out,
-        "rollcall_balancer_last_catalog_update_age_seconds {age}"
+    for (name, help, count) in [
+        (
+            "rollcall_balancer_upstream_connect_failures_total",
+            "Connections to instances that could not be made.",
+            &m.connect_failures,
+        ),
+        (
+            "rollcall_balancer_retries_total",
+            "Requests sent again to another instance after a failed connection.",
+            &m.retries,
+        ),
+        (
+            "rollcall_balancer_ejections_total",
+            "Instances taken out of rotation after a failed connection.",
+            &m.ejections,
+        ),
+    ] {
+        family(&mut out, name, "counter", help, [(None, count.get())]);
+    }
+    family(
+        &mut out,
+        "rollcall_balancer_catalog_updates_total",
+        "counter",
+        "Catalog snapshots received, by outcome.",
+        [
+            ("applied", &m.updates_applied),
+            ("stale", &m.updates_stale),
+            ("unrouted", &m.updates_unrouted),
+            ("bad_instance", &m.updates_bad),
+        ]
+        .map(|(result, count)| (Some(("result", result)), count.get())),
+    );
+    instance_gauges(&mut out, shared);
+    family(
+        &mut out,
+        "rollcall_balancer_last_catalog_update_age_seconds",
+        "gauge",
+        "Time since the last catalog update was applied (-1: none yet).",
+        [(None, last_update_age(shared))],
     );
     out
 }
 
+/// Per service: instances taking traffic, and those of them ejected.
+fn instance_gauges(out: &mut String, shared: &Shared) {
+    let now = tokio::time::Instant::now().into_std();
+    let sets: Vec<_> = shared.rotations.iter().map(|r| r.load_full()).collect();
+    family(
+        out,
+        "rollcall_balancer_live_instances",
+        "gauge",
+        "Instances taking traffic, per service (ejected ones included).",
+        sets.iter()
+            .map(|set| (Some(("service", set.service())), set.live_count())),
+    );
+    family(
+        out,
+        "rollcall_balancer_ejected_instances",
+        "gauge",
+        "Instances out of rotation after failed connections, per service.",
+        sets.iter().map(|set| {
+            let ejected = set.members().iter().filter(|m| !m.is_eligible(now));
+            (Some(("service", set.service())), ejected.count())
+        }),
+    );
+}
+
+/// Seconds since the last catalog update was applied; -1 before the first.
+fn last_update_age(shared: &Shared) -> f64 {
+    let last = shared.metrics.last_update_ms.load(Ordering::Relaxed);
+    if last == 0 {
+        return -1.0;
+    }
+    (shared.started.elapsed().as_millis() as u64).saturating_sub(last) as f64 / 1000.0
+}
+
+/// One metric family: its `HELP` and `TYPE` lines, then a sample per
+/// `(label, value)`, the label as `(name, value)` when there is one.
+fn family<'a, V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Option<(&'a str, &'a str)>, V)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (label, value) in samples {
+        let _ = match label {
+            Some((key, label)) => writeln!(out, "{name}{{{key}=\"{label}\"}} {value}"),
+            None => writeln!(out, "{name} {value}"),
+        };
+    }
+}
+
 /// The sets the balancer routes on, as JSON.
 pub fn catalog(shared: &Shared) -> String {
-    let now = Instant::now();
+    let now = tokio::time::Instant::now().into_std();
     let services: Vec<serde_json::Value> = shared
         .rotations
         .iter()
@@ -207,4 +221,38 @@ pub fn catalog(shared: &Shared) -> String {
         .collect();
     let routes: Vec<&str> = shared.routes.routes().map(|r| r.text.as_str()).collect();
     serde_json::json!({ "routes": routes, "services": services }).to_string() + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::routes::Routes;
+
+    #[test]
+    fn every_sample_follows_the_help_and_type_of_its_family() {
+        let shared = Shared::new(Routes::parse(&["web", "/api=api"]).expect("routes"));
+        shared.metrics.retries.inc();
+        let text = metrics(&shared);
+        let mut family = "";
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap_or("");
+            } else if !line.starts_with("# HELP ") {
+                let name = line.split(['{', ' ']).next().unwrap_or("");
+                assert_eq!(name, family, "{line:?} outside its family in\n{text}");
+            }
+        }
+        assert!(
+            text.contains("\nrollcall_balancer_retries_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nrollcall_balancer_ejected_instances{service=\"api\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nrollcall_balancer_last_catalog_update_age_seconds -1\n"),
+            "{text}"
+        );
+    }
 }

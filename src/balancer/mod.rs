@@ -1,9 +1,11 @@
-//! Stage 4, the balancer: a stream of catalog [`Update`]s in, HTTP requests
-//! from clients spread round-robin over each service's live instances out.
+//! The balancer, last stage of the data path: a stream of catalog
+//! [`Update`]s in, HTTP requests from clients spread round-robin over each
+//! service's live instances out.
 //!
-//! It never sees NATS: [`serve`] takes a listener, its configuration, any
-//! `Stream` of updates and a shutdown future, so tests feed it from a
-//! channel and the binary from `subscription::follow`.
+//! It never sees NATS: [`serve`] (or [`Balancer::serve`]) takes a listener,
+//! its configuration, any `Stream` of updates and a shutdown future, so
+//! tests feed it from a channel and the binary from `subscription::follow`.
+//! [`Balancer::applied`] tells a caller which revisions it routes on.
 //!
 //! - [`rotation`]: one service's round-robin set, swapped whole on change.
 //! - [`routes`]: `ROUTE` arguments → which service a request goes to.
@@ -16,8 +18,8 @@
 //! `Update::Reset` is authoritative only for the services it lists: a
 //! service it does not list keeps its current set, because a Reset after a
 //! reconnect may come from a catalog stream that does not (yet) hold every
-//! service, and the protocol asks a balancer to keep routing on the last
-//! snapshot it has rather than drop traffic. A service that really lost
+//! service, and the protocol (`docs/protocol.md`) asks a balancer to keep
+//! routing on the last snapshot it has rather than drop traffic. A service that really lost
 //! its last instance arrives as a snapshot with no instances.
 
 pub mod admin;
@@ -26,6 +28,7 @@ pub mod rotation;
 pub mod routes;
 pub mod upstream;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,10 +37,11 @@ use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::catalog::Update;
 use crate::protocol::Snapshot;
-use rotation::{Applied, Rotation};
+use rotation::{Outcome, Rotation};
 use routes::Routes;
 
 /// Default time from sending a request upstream to its response head.
@@ -75,7 +79,7 @@ impl BalancerConfig {
 /// Why the balancer could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BalancerError {
-    #[error("cannot read the address of the {what} listener: {source}")]
+    #[error("cannot read the address of the {what} listener")]
     LocalAddr {
         what: &'static str,
         source: std::io::Error,
@@ -90,6 +94,7 @@ pub struct Shared {
     pub rotations: Vec<Rotation>,
     pub metrics: Metrics,
     pub started: Instant,
+    applied: watch::Sender<Applied>,
 }
 
 impl Shared {
@@ -100,6 +105,7 @@ impl Shared {
             rotations,
             metrics: Metrics::default(),
             started: Instant::now(),
+            applied: watch::Sender::new(Applied::default()),
         }
     }
 
@@ -111,33 +117,42 @@ impl Shared {
             .map(|index| &self.rotations[index])
     }
 
-    /// Applies one catalog update to the sets.
+    /// Applies one catalog update to the sets, then tells the watchers of
+    /// [`Balancer::applied`].
     pub fn apply(&self, update: Update) {
-        match update {
+        let snapshots = match update {
             Update::Reset(snapshots) => {
                 tracing::debug!(services = snapshots.len(), "catalog reset");
-                for snapshot in &snapshots {
-                    self.apply_snapshot(snapshot);
-                }
+                snapshots
             }
-            Update::Service(snapshot) => self.apply_snapshot(&snapshot),
-        }
+            Update::Service(snapshot) => vec![snapshot],
+        };
+        let held: Vec<(&str, u64)> = snapshots
+            .iter()
+            .filter_map(|snapshot| self.apply_snapshot(snapshot))
+            .collect();
         self.metrics
             .last_update_ms
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.applied.send_modify(|applied| {
+            applied.updates += 1;
+            for (service, revision) in held {
+                applied.revisions.insert(service.to_owned(), revision);
+            }
+        });
     }
 
-    fn apply_snapshot(&self, snapshot: &Snapshot) {
+    /// Applies one snapshot; for a routed service, the service and the
+    /// revision its set holds afterwards.
+    fn apply_snapshot<'s>(&self, snapshot: &'s Snapshot) -> Option<(&'s str, u64)> {
         let Some(rotation) = self.rotation(&snapshot.service) else {
-            self.metrics
-                .updates_unrouted
-                .fetch_add(1, Ordering::Relaxed);
+            self.metrics.updates_unrouted.inc();
             tracing::debug!(service = %snapshot.service, "snapshot of a service no route names, ignored");
-            return;
+            return None;
         };
         match rotation.apply(snapshot) {
-            Applied::Stale { held } => {
-                self.metrics.updates_stale.fetch_add(1, Ordering::Relaxed);
+            Outcome::Stale { held } => {
+                self.metrics.updates_stale.inc();
                 tracing::debug!(
                     service = %snapshot.service,
                     revision = snapshot.revision,
@@ -145,13 +160,13 @@ impl Shared {
                     "snapshot not newer than the set held, ignored"
                 );
             }
-            Applied::Replaced {
+            Outcome::Replaced {
                 membership_changed,
                 skipped,
             } => {
-                self.metrics.updates_applied.fetch_add(1, Ordering::Relaxed);
+                self.metrics.updates_applied.inc();
                 for id in skipped {
-                    self.metrics.updates_bad.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.updates_bad.inc();
                     tracing::warn!(
                         service = %snapshot.service,
                         instance = %id,
@@ -175,21 +190,40 @@ impl Shared {
                 }
             }
         }
+        Some((&snapshot.service, rotation.load().revision()))
     }
 }
 
-/// Counters for `/metrics`. Relaxed atomics: each is independent.
+/// What the balancer has applied so far, as [`Balancer::applied`] reports
+/// it after each catalog update.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Catalog updates taken in, whatever came of them (applied, stale or
+    /// naming no routed service).
+    pub updates: u64,
+    revisions: BTreeMap<String, u64>,
+}
+
+impl Applied {
+    /// The revision of the set `service` routes on; 0 before its first
+    /// snapshot or for a service no route names.
+    pub fn revision(&self, service: &str) -> u64 {
+        self.revisions.get(service).copied().unwrap_or(0)
+    }
+}
+
+/// What `/metrics` reports.
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Responses sent to clients by status class: index 0 is 1xx … 4 is 5xx.
-    pub responses: [AtomicU64; 5],
-    pub connect_failures: AtomicU64,
-    pub retries: AtomicU64,
-    pub ejections: AtomicU64,
-    pub updates_applied: AtomicU64,
-    pub updates_stale: AtomicU64,
-    pub updates_unrouted: AtomicU64,
-    pub updates_bad: AtomicU64,
+    pub responses: [Counter; 5],
+    pub connect_failures: Counter,
+    pub retries: Counter,
+    pub ejections: Counter,
+    pub updates_applied: Counter,
+    pub updates_stale: Counter,
+    pub updates_unrouted: Counter,
+    pub updates_bad: Counter,
     /// Milliseconds after start when the last update was applied; 0 for none.
     pub last_update_ms: AtomicU64,
 }
@@ -197,16 +231,83 @@ pub struct Metrics {
 impl Metrics {
     pub fn count_response(&self, status: http::StatusCode) {
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        self.responses[class].fetch_add(1, Ordering::Relaxed);
+        self.responses[class].inc();
     }
 }
 
-/// Runs the balancer on `listener` (and, when given, the admin endpoint on
-/// `admin`) until `shutdown` resolves; then stops accepting, lets in-flight
-/// requests finish (up to `config.drain_timeout`) and returns.
-///
-/// While `updates` is open its items replace the sets; when it ends, the
-/// balancer keeps routing on the last sets it has.
+/// A count that only goes up. Relaxed: no counter orders any other memory.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A balancer not yet serving: built first so a caller can watch what it
+/// applies before any update arrives.
+#[derive(Debug)]
+pub struct Balancer {
+    config: BalancerConfig,
+    shared: Arc<Shared>,
+}
+
+impl Balancer {
+    pub fn new(config: BalancerConfig) -> Self {
+        let shared = Arc::new(Shared::new(config.routes.clone()));
+        Balancer { config, shared }
+    }
+
+    /// Changes after each catalog update has been applied to the sets, so a
+    /// caller can await a revision instead of polling `/catalog`.
+    pub fn applied(&self) -> watch::Receiver<Applied> {
+        self.shared.applied.subscribe()
+    }
+
+    /// Runs the balancer on `listener` (and, when given, the admin endpoint
+    /// on `admin`) until `shutdown` resolves; then stops accepting, lets
+    /// in-flight requests finish (up to `drain_timeout`) and returns.
+    ///
+    /// While `updates` is open its items replace the sets; when it ends,
+    /// the balancer keeps routing on the last sets it has.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        updates: impl Stream<Item = Update> + Send + 'static,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), BalancerError> {
+        let Balancer { config, shared } = self;
+        let address = local_addr(&listener, "proxy")?;
+        let follower = tokio::spawn(follow(shared.clone(), updates));
+        let admin_task = match admin {
+            Some(admin) => {
+                let admin_address = local_addr(&admin, "admin")?;
+                tracing::info!(address = %admin_address, "admin endpoint listening");
+                Some(tokio::spawn(admin::serve(admin, shared.clone())))
+            }
+            None => None,
+        };
+        tracing::info!(
+            %address,
+            routes = ?config.routes.routes().map(|r| r.text.as_str()).collect::<Vec<_>>(),
+            "balancer listening"
+        );
+        proxy::serve(listener, shared, &config, shutdown).await;
+        follower.abort();
+        if let Some(task) = admin_task {
+            task.abort();
+        }
+        Ok(())
+    }
+}
+
+/// [`Balancer::serve`] for a caller that does not watch what is applied.
 pub async fn serve(
     listener: TcpListener,
     admin: Option<TcpListener>,
@@ -214,28 +315,9 @@ pub async fn serve(
     updates: impl Stream<Item = Update> + Send + 'static,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BalancerError> {
-    let address = local_addr(&listener, "proxy")?;
-    let shared = Arc::new(Shared::new(config.routes.clone()));
-    let follower = tokio::spawn(follow(shared.clone(), updates));
-    let admin_task = match admin {
-        Some(admin) => {
-            let admin_address = local_addr(&admin, "admin")?;
-            tracing::info!(address = %admin_address, "admin endpoint listening");
-            Some(tokio::spawn(admin::serve(admin, shared.clone())))
-        }
-        None => None,
-    };
-    tracing::info!(
-        %address,
-        routes = ?config.routes.routes().map(|r| r.text.as_str()).collect::<Vec<_>>(),
-        "balancer listening"
-    );
-    proxy::serve(listener, shared, &config, shutdown).await;
-    follower.abort();
-    if let Some(task) = admin_task {
-        task.abort();
-    }
-    Ok(())
+    Balancer::new(config)
+        .serve(listener, admin, updates, shutdown)
+        .await
 }
 
 fn local_addr(listener: &TcpListener, what: &'static str) -> Result<SocketAddr, BalancerError> {
@@ -283,7 +365,7 @@ mod tests {
         shared.apply(Update::Reset(vec![snapshot("web", 2, &["w1", "w2"])]));
         assert_eq!(ids(&shared, "web"), ["w1", "w2"]);
         assert_eq!(ids(&shared, "api"), ["a1"], "api keeps its last set");
-        assert_eq!(shared.metrics.updates_applied.load(Ordering::Relaxed), 3);
+        assert_eq!(shared.metrics.updates_applied.get(), 3);
     }
 
     #[test]
@@ -295,8 +377,8 @@ mod tests {
             snapshot("other", 9, &["o1"]),
         ]));
         assert_eq!(ids(&shared, "web"), ["w1"]);
-        assert_eq!(shared.metrics.updates_stale.load(Ordering::Relaxed), 1);
-        assert_eq!(shared.metrics.updates_unrouted.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.metrics.updates_stale.get(), 1);
+        assert_eq!(shared.metrics.updates_unrouted.get(), 1);
     }
 
     #[test]
@@ -306,6 +388,27 @@ mod tests {
         bad.instances[0].address = "bad host".into();
         shared.apply(Update::Service(bad));
         assert_eq!(ids(&shared, "web"), ["w2"]);
-        assert_eq!(shared.metrics.updates_bad.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.metrics.updates_bad.get(), 1);
+    }
+
+    #[test]
+    fn applied_reports_each_update_and_the_revisions_held() {
+        let shared = Shared::new(Routes::parse(&["web", "/api=api"]).expect("routes"));
+        let applied = shared.applied.subscribe();
+        shared.apply(Update::Service(snapshot("web", 2, &["w1"])));
+        shared.apply(Update::Reset(vec![
+            snapshot("web", 1, &[]),
+            snapshot("api", 4, &["a1"]),
+            snapshot("other", 9, &["o1"]),
+        ]));
+        let seen = applied.borrow();
+        assert_eq!(seen.updates, 2);
+        assert_eq!(
+            seen.revision("web"),
+            2,
+            "a stale snapshot keeps the revision held"
+        );
+        assert_eq!(seen.revision("api"), 4);
+        assert_eq!(seen.revision("other"), 0, "unrouted services are not held");
     }
 }

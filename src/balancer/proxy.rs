@@ -1,6 +1,6 @@
-//! Stage 4c, the reverse proxy: a client's request → its route's service →
-//! the next instance of that service's set → the instance's response, body
-//! streamed both ways.
+//! The reverse proxy, the balancer's data path: a client's request → its
+//! route's service → the next instance of that service's set → the
+//! instance's response, body streamed both ways.
 //!
 //! Clients speak HTTP/1.1 or h2c (hyper-util's auto server); instances are
 //! reached over kept-alive HTTP/1.1 connections pooled per instance
@@ -24,7 +24,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,8 +38,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use super::rotation::Member;
-use super::upstream::{ConnectError, PooledBody, RequestBody};
+use super::rotation::{Member, Rotation, ServiceSet};
+use super::upstream::{PooledBody, RequestBody, UpstreamConnectError};
 use super::{BalancerConfig, Shared};
 
 /// The largest request body kept in memory so the request can be retried on
@@ -176,58 +175,52 @@ enum Replay {
 }
 
 impl Proxy {
+    /// Route → prepare → attempts at instances until one answers or the
+    /// retry policy ([`next_step`]) says what to answer instead.
     async fn handle(
         &self,
         request: Request<Incoming>,
         client_ip: HeaderValue,
     ) -> Response<ClientBody> {
         let (parts, body) = request.into_parts();
+        let index = match self.route(&parts) {
+            Ok(index) => index,
+            Err(refusal) => return refusal.into_response(),
+        };
+        match prepare(parts, body, client_ip).await {
+            Ok(prepared) => self.forward(index, prepared).await,
+            Err(refusal) => refusal.into_response(),
+        }
+    }
+
+    /// The index of the service the request goes to, or the 404 answer.
+    fn route(&self, parts: &http::request::Parts) -> Result<usize, Refusal> {
         let host = parts
             .headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| parts.uri.authority().map(|a| a.as_str()));
-        let Some(index) = self.shared.routes.find(host, parts.uri.path()) else {
-            return own_answer(
-                StatusCode::NOT_FOUND,
-                format!(
+        self.shared
+            .routes
+            .find(host, parts.uri.path())
+            .ok_or_else(|| Refusal {
+                status: StatusCode::NOT_FOUND,
+                text: format!(
                     "no route for host {:?} path {:?}\n",
                     host.unwrap_or(""),
                     parts.uri.path()
                 ),
-            );
-        };
+            })
+    }
+
+    /// Sends `prepared` to the service's instances in rotation, one after
+    /// another while the retry policy allows.
+    async fn forward(&self, index: usize, mut prepared: Prepared) -> Response<ClientBody> {
         let service = &self.shared.routes.services()[index];
         let rotation = &self.shared.rotations[index];
-
-        let mut headers = parts.headers;
-        strip_hop_by_hop(&mut headers);
-        add_forwarded(&mut headers, &parts.uri, client_ip);
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let body = match replayable(body).await {
-            Ok(body) => body,
-            Err(error) => {
-                return own_answer(
-                    StatusCode::BAD_REQUEST,
-                    format!("could not read the request body: {error}\n"),
-                )
-            }
-        };
-        let mut prepared = Prepared {
-            method: parts.method,
-            path_and_query,
-            headers,
-            body,
-        };
-
         let mut tried: Vec<Arc<Member>> = Vec::new();
         loop {
             let set = rotation.load_full();
-            let live = set.live_count();
             let Some(member) = pick(&set, &tried) else {
                 if tried.is_empty() {
                     return own_answer(
@@ -237,110 +230,148 @@ impl Proxy {
                 }
                 return unreachable_answer(service, &tried);
             };
-            let connect_timeout = self.connect_timeout;
-            let attempt = async {
-                let checkout = member
-                    .upstream
-                    .checkout(connect_timeout)
-                    .await
-                    .map_err(Failure::Connect)?;
-                let request = prepared.request().ok_or(Failure::BodyGone)?;
-                checkout.send(request).await.map_err(Failure::Send)
+            let error = match self.attempt(&member, &mut prepared).await {
+                Ok(response) => return answered(rotation, service, &member, response),
+                Err(error) => error,
             };
-            match tokio::time::timeout(self.upstream_timeout, attempt).await {
-                Ok(Ok(response)) => {
-                    if member.health.failures > 0 {
-                        rotation.recovered(member.id());
-                        tracing::info!(service = %service, instance = %member.id(), "instance answers again");
-                    }
-                    let (mut parts, body) = response.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    return Response::from_parts(parts, Either::Left(body));
-                }
-                Ok(Err(Failure::Connect(error))) => {
-                    let metrics = &self.shared.metrics;
-                    metrics.connect_failures.fetch_add(1, Ordering::Relaxed);
-                    let now = tokio::time::Instant::now().into_std();
-                    if let Some(length) = rotation.eject(member.id(), now) {
-                        metrics.ejections.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            service = %service,
-                            instance = %member.id(),
-                            %error,
-                            ejected_for = ?length,
-                            "cannot connect to instance; ejected"
-                        );
-                    }
-                    tried.push(member);
-                    // The request was not built yet: any body can still go.
-                    if tried.len() >= live {
-                        return unreachable_answer(service, &tried);
-                    }
-                    metrics.retries.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Err(Failure::Send(error)))
-                    if prepared.can_replay() && unanswered(&error, &prepared.method) =>
-                {
-                    // A kept-alive connection the instance closed as the
-                    // request went out: an instance that just exited, or an
-                    // idle timeout racing us. Not proof enough to eject;
-                    // if the instance is gone, the next connection to it fails
-                    // and ejects it.
-                    tracing::debug!(
-                        service = %service,
-                        instance = %member.id(),
-                        error = %error_chain(&error),
-                        "connection closed before an answer; trying the next instance"
-                    );
-                    tried.push(member);
-                    if tried.len() >= live {
-                        return unreachable_answer(service, &tried);
-                    }
-                    self.shared.metrics.retries.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Err(failure)) => {
-                    let reason = match &failure {
-                        Failure::Send(error) => error_chain(error),
-                        other => other.to_string(),
-                    };
-                    tracing::warn!(
-                        service = %service,
-                        instance = %member.id(),
-                        address = %member.authority,
-                        %reason,
-                        "request to instance failed"
-                    );
-                    return own_answer(
-                        StatusCode::BAD_GATEWAY,
-                        format!(
-                            "instance {:?} of service {service:?} failed: {reason}\n",
-                            member.id(),
-                        ),
-                    );
-                }
-                Err(_elapsed) => {
-                    tracing::warn!(
-                        service = %service,
-                        instance = %member.id(),
-                        timeout = ?self.upstream_timeout,
-                        "instance did not answer in time"
-                    );
-                    return own_answer(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!(
-                            "instance {:?} of service {service:?} did not answer within {:?}\n",
-                            member.id(),
-                            self.upstream_timeout
-                        ),
-                    );
-                }
+            let failure = error.failure();
+            if failure == Failure::Connect {
+                self.eject(rotation, service, &member, &error);
             }
+            let next = next_step(failure, prepared.facts(), tried.len() + 1, set.live_count());
+            log_failure(service, &member, &error, failure, next);
+            tried.push(member);
+            match next {
+                Next::Retry => self.shared.metrics.retries.inc(),
+                Next::AllTried => return unreachable_answer(service, &tried),
+                Next::Answer(status) => return failed_answer(status, service, &tried, &error),
+            }
+        }
+    }
+
+    /// One attempt at `member`: a connection, the request, the response
+    /// head, all within the upstream timeout.
+    async fn attempt(
+        &self,
+        member: &Member,
+        prepared: &mut Prepared,
+    ) -> Result<Response<PooledBody>, AttemptError> {
+        let attempt = async {
+            let checkout = member.upstream.checkout(self.connect_timeout).await?;
+            let request = prepared.request().ok_or(AttemptError::BodyGone)?;
+            checkout.send(request).await.map_err(AttemptError::Send)
+        };
+        tokio::time::timeout(self.upstream_timeout, attempt)
+            .await
+            .unwrap_or(Err(AttemptError::TimedOut(self.upstream_timeout)))
+    }
+
+    /// Takes `member` out of rotation after a failed connection.
+    fn eject(&self, rotation: &Rotation, service: &str, member: &Member, error: &AttemptError) {
+        let metrics = &self.shared.metrics;
+        metrics.connect_failures.inc();
+        let now = tokio::time::Instant::now().into_std();
+        if let Some(length) = rotation.eject(member.id(), now) {
+            metrics.ejections.inc();
+            tracing::warn!(
+                service = %service,
+                instance = %member.id(),
+                error = %Chain(error),
+                ejected_for = ?length,
+                "cannot connect to instance; ejected"
+            );
         }
     }
 }
 
+/// The instance's response, passed on; an instance that had failed before
+/// counts as healthy again.
+fn answered(
+    rotation: &Rotation,
+    service: &str,
+    member: &Member,
+    response: Response<PooledBody>,
+) -> Response<ClientBody> {
+    if member.health.failures > 0 {
+        rotation.recovered(member.id());
+        tracing::info!(service = %service, instance = %member.id(), "instance answers again");
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, Either::Left(body))
+}
+
+/// Logs a failed attempt at the level its consequence deserves: connection
+/// failures were logged when ejecting, a resend is routine, an answer of
+/// ours is not.
+fn log_failure(service: &str, member: &Member, error: &AttemptError, failure: Failure, next: Next) {
+    match (failure, next) {
+        (Failure::Connect, Next::Retry | Next::AllTried) => {}
+        (_, Next::Retry | Next::AllTried) => {
+            // A kept-alive connection the instance closed as the request
+            // went out: an instance that just exited, or an idle timeout
+            // racing us. Not proof enough to eject; if the instance is gone,
+            // the next connection to it fails and ejects it.
+            tracing::debug!(
+                service = %service,
+                instance = %member.id(),
+                error = %Chain(error),
+                "connection closed before an answer; trying the next instance"
+            );
+        }
+        (_, Next::Answer(_)) => tracing::warn!(
+            service = %service,
+            instance = %member.id(),
+            address = %member.authority,
+            error = %Chain(error),
+            "request to instance failed"
+        ),
+    }
+}
+
+/// The request's route and headers made ready to go upstream, and its body
+/// read whole when small enough to send again; or the 400 answer when the
+/// body cannot be read.
+async fn prepare(
+    parts: http::request::Parts,
+    body: Incoming,
+    client_ip: HeaderValue,
+) -> Result<Prepared, Refusal> {
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    add_forwarded(&mut headers, &parts.uri, client_ip);
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let body = replayable(body).await.map_err(|error| Refusal {
+        status: StatusCode::BAD_REQUEST,
+        text: format!("could not read the request body: {}\n", Chain(&error)),
+    })?;
+    Ok(Prepared {
+        method: parts.method,
+        path_and_query,
+        headers,
+        body,
+    })
+}
+
+/// A request refused before any instance saw it: an answer of ours, kept
+/// small until it becomes a response.
+struct Refusal {
+    status: StatusCode,
+    text: String,
+}
+
+impl Refusal {
+    fn into_response(self) -> Response<ClientBody> {
+        own_answer(self.status, self.text)
+    }
+}
+
 /// The next member not tried yet for this request.
-fn pick(set: &super::rotation::ServiceSet, tried: &[Arc<Member>]) -> Option<Arc<Member>> {
+fn pick(set: &ServiceSet, tried: &[Arc<Member>]) -> Option<Arc<Member>> {
     let now = || tokio::time::Instant::now().into_std();
     // With weights a member appears several times per period, so picks may
     // land on one already tried; one period reaches every member.
@@ -353,16 +384,64 @@ fn pick(set: &super::rotation::ServiceSet, tried: &[Arc<Member>]) -> Option<Arc<
     None
 }
 
-/// Whether a send failed without an answer in a way that allows sending the
-/// request elsewhere: it never left (the connection closed first), or its
-/// kept-alive connection closed or was reset before a whole response head
-/// came back and the method is idempotent (the instance may have seen it, so
-/// only a request that may be repeated qualifies). A reset is how a kept-alive
-/// connection to an instance that just died usually ends.
-fn unanswered(error: &hyper::Error, method: &http::Method) -> bool {
-    error.is_canceled()
-        || error.is_closed()
-        || ((error.is_incomplete_message() || was_reset(error)) && method.is_idempotent())
+/// How an attempt failed, as far as the retry policy cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// No connection could be had (refused, reset or timed out while
+    /// connecting): the request was not built yet.
+    Connect,
+    /// The connection closed before the request went out.
+    NotSent,
+    /// The request went out on a kept-alive connection that then closed or
+    /// was reset before a whole response head came back: the instance may
+    /// have acted on it.
+    Unanswered,
+    /// Anything else the instance did wrong.
+    Broken,
+    /// No response head within the upstream timeout.
+    TimedOut,
+}
+
+/// What the retry policy needs to know of the request.
+#[derive(Debug, Clone, Copy)]
+struct RequestFacts {
+    /// Its method may be repeated (GET, HEAD, PUT, DELETE, OPTIONS, TRACE).
+    idempotent: bool,
+    /// Its body can be sent again: none, or small enough to have been kept.
+    replayable: bool,
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Send the request to the next instance not tried yet.
+    Retry,
+    /// Every live instance has been tried: 502, naming them.
+    AllTried,
+    /// Answer the client with this status, naming the instance that failed.
+    Answer(StatusCode),
+}
+
+/// The retry policy, after a `failure` with `tried` instances tried for this
+/// request (the failed one included) out of `live`. A request is sent
+/// elsewhere only when it can be sent again: it was never built (connect
+/// failure), or its body was kept and either it never left or its method
+/// is idempotent.
+fn next_step(failure: Failure, request: RequestFacts, tried: usize, live: usize) -> Next {
+    let may_resend = match failure {
+        Failure::Connect => true,
+        Failure::NotSent => request.replayable,
+        Failure::Unanswered => request.replayable && request.idempotent,
+        Failure::Broken => false,
+        Failure::TimedOut => return Next::Answer(StatusCode::GATEWAY_TIMEOUT),
+    };
+    if !may_resend {
+        Next::Answer(StatusCode::BAD_GATEWAY)
+    } else if tried >= live {
+        Next::AllTried
+    } else {
+        Next::Retry
+    }
 }
 
 fn was_reset(error: &hyper::Error) -> bool {
@@ -381,15 +460,52 @@ fn was_reset(error: &hyper::Error) -> bool {
     false
 }
 
-/// How one attempt at an instance failed.
+/// Why one attempt at an instance failed.
 #[derive(Debug, thiserror::Error)]
-enum Failure {
+enum AttemptError {
     #[error(transparent)]
-    Connect(ConnectError),
-    #[error("{0}")]
+    Connect(#[from] UpstreamConnectError),
+    #[error(transparent)]
     Send(hyper::Error),
     #[error("the request body was already sent to another instance")]
     BodyGone,
+    #[error("no response head within {0:?}")]
+    TimedOut(Duration),
+}
+
+impl AttemptError {
+    fn failure(&self) -> Failure {
+        match self {
+            AttemptError::Connect(_) => Failure::Connect,
+            AttemptError::Send(error) if error.is_canceled() || error.is_closed() => {
+                Failure::NotSent
+            }
+            // A reset is how a kept-alive connection to an instance that
+            // just died usually ends.
+            AttemptError::Send(error) if error.is_incomplete_message() || was_reset(error) => {
+                Failure::Unanswered
+            }
+            AttemptError::Send(_) | AttemptError::BodyGone => Failure::Broken,
+            AttemptError::TimedOut(_) => Failure::TimedOut,
+        }
+    }
+}
+
+/// An answer of ours for the last instance `tried`.
+fn failed_answer(
+    status: StatusCode,
+    service: &str,
+    tried: &[Arc<Member>],
+    error: &AttemptError,
+) -> Response<ClientBody> {
+    let id = tried.last().map(|m| m.id()).unwrap_or_default();
+    own_answer(
+        status,
+        format!(
+            "instance {id:?} of service {service:?} failed: {}\n",
+            Chain(error)
+        ),
+    )
 }
 
 fn unreachable_answer(service: &str, tried: &[Arc<Member>]) -> Response<ClientBody> {
@@ -401,8 +517,11 @@ fn unreachable_answer(service: &str, tried: &[Arc<Member>]) -> Response<ClientBo
 }
 
 impl Prepared {
-    fn can_replay(&self) -> bool {
-        matches!(self.body, Replay::Bytes(_))
+    fn facts(&self) -> RequestFacts {
+        RequestFacts {
+            idempotent: self.method.is_idempotent(),
+            replayable: matches!(self.body, Replay::Bytes(_)),
+        }
     }
 
     /// The request for one attempt, in origin form (`/path?query`): the
@@ -531,15 +650,153 @@ fn own_answer(status: StatusCode, body: String) -> Response<ClientBody> {
     response
 }
 
-/// An error and its causes on one line: hyper's own message leaves the
-/// cause (the I/O error) out.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+/// An error and its causes on one line, each printed once: errors here
+/// keep their cause as `source` and leave it out of their own message.
+struct Chain<'e>(&'e dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
     }
-    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::routes::Routes;
+    use crate::catalog::Update;
+    use crate::protocol::{Instance, Snapshot};
+
+    const GET_EMPTY: RequestFacts = RequestFacts {
+        idempotent: true,
+        replayable: true,
+    };
+    const POST_SMALL: RequestFacts = RequestFacts {
+        idempotent: false,
+        replayable: true,
+    };
+    const PUT_STREAMED: RequestFacts = RequestFacts {
+        idempotent: true,
+        replayable: false,
+    };
+    const BAD_GATEWAY: Next = Next::Answer(StatusCode::BAD_GATEWAY);
+
+    #[test]
+    fn a_connect_failure_moves_on_whatever_the_request() {
+        for request in [GET_EMPTY, POST_SMALL, PUT_STREAMED] {
+            assert_eq!(next_step(Failure::Connect, request, 1, 3), Next::Retry);
+            assert_eq!(next_step(Failure::Connect, request, 2, 3), Next::Retry);
+        }
+    }
+
+    #[test]
+    fn once_every_live_instance_is_tried_the_answer_names_them() {
+        assert_eq!(next_step(Failure::Connect, GET_EMPTY, 3, 3), Next::AllTried);
+        assert_eq!(next_step(Failure::NotSent, GET_EMPTY, 2, 2), Next::AllTried);
+        assert_eq!(
+            next_step(Failure::Unanswered, GET_EMPTY, 1, 1),
+            Next::AllTried
+        );
+        // A set that shrank meanwhile still ends the tries.
+        assert_eq!(
+            next_step(Failure::Connect, POST_SMALL, 3, 2),
+            Next::AllTried
+        );
+    }
+
+    #[test]
+    fn an_unanswered_request_is_resent_only_when_idempotent_and_kept() {
+        assert_eq!(next_step(Failure::Unanswered, GET_EMPTY, 1, 3), Next::Retry);
+        assert_eq!(
+            next_step(Failure::Unanswered, POST_SMALL, 1, 3),
+            BAD_GATEWAY
+        );
+        assert_eq!(
+            next_step(Failure::Unanswered, PUT_STREAMED, 1, 3),
+            BAD_GATEWAY
+        );
+    }
+
+    #[test]
+    fn a_request_that_never_left_is_resent_when_its_body_was_kept() {
+        assert_eq!(next_step(Failure::NotSent, GET_EMPTY, 1, 3), Next::Retry);
+        assert_eq!(next_step(Failure::NotSent, POST_SMALL, 1, 3), Next::Retry);
+        assert_eq!(next_step(Failure::NotSent, PUT_STREAMED, 1, 3), BAD_GATEWAY);
+    }
+
+    #[test]
+    fn other_failures_answer_502_and_a_timeout_504_without_retry() {
+        for request in [GET_EMPTY, POST_SMALL, PUT_STREAMED] {
+            assert_eq!(next_step(Failure::Broken, request, 1, 3), BAD_GATEWAY);
+            assert_eq!(
+                next_step(Failure::TimedOut, request, 1, 3),
+                Next::Answer(StatusCode::GATEWAY_TIMEOUT)
+            );
+        }
+    }
+
+    #[test]
+    fn a_connect_error_prints_each_cause_once() {
+        let error = AttemptError::from(UpstreamConnectError::Tcp {
+            address: "127.0.0.1:9".into(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        });
+        assert_eq!(error.failure(), Failure::Connect);
+        let text = Chain(&error).to_string();
+        assert_eq!(text, "cannot connect to 127.0.0.1:9: connection refused");
+    }
+
+    /// Under paused time the clock jumps to the next timer whenever the
+    /// runtime waits on sockets; the only timers here are the proxy's own,
+    /// so the jump lands on the upstream timeout.
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_that_never_answers_gets_504_at_the_upstream_timeout() {
+        let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = silent.local_addr().expect("address").port();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = silent.accept().await {
+                held.push(stream);
+            }
+        });
+        let shared = Arc::new(Shared::new(Routes::parse(&["web"]).expect("routes")));
+        shared.apply(Update::Service(Snapshot {
+            service: "web".into(),
+            revision: 1,
+            instances: vec![Instance::new("web", "web-1", "127.0.0.1", port)],
+        }));
+        let proxy = Proxy {
+            shared: shared.clone(),
+            upstream_timeout: Duration::from_millis(200),
+            connect_timeout: Duration::from_secs(2),
+        };
+        let prepared = Prepared {
+            method: http::Method::GET,
+            path_and_query: PathAndQuery::from_static("/"),
+            headers: HeaderMap::new(),
+            body: Replay::Bytes(None),
+        };
+        let started = tokio::time::Instant::now();
+        let response = proxy.forward(0, prepared).await;
+        let took = started.elapsed();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(took >= Duration::from_millis(200), "{took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert_eq!(shared.metrics.retries.get(), 0, "a timeout is not retried");
+        assert_eq!(shared.metrics.ejections.get(), 0);
+        holder.abort();
+    }
+
+    #[test]
+    fn a_timeout_is_classified_as_one() {
+        let error = AttemptError::TimedOut(Duration::from_millis(200));
+        assert_eq!(error.failure(), Failure::TimedOut);
+        assert_eq!(Chain(&error).to_string(), "no response head within 200ms");
+    }
 }

@@ -1,6 +1,7 @@
-//! Stage 4a, the round-robin set: one service's live instances, their weights
-//! and their ejection state in ONE immutable snapshot behind one atomic swap,
-//! handing the proxy the next instance to try.
+//! The round-robin set, first step of the balancer: one service's live
+//! instances, their weights and their ejection state in ONE immutable
+//! snapshot behind one atomic swap, handing the proxy the next instance to
+//! try.
 //!
 //! `next()` is a `load()` plus a `fetch_add` and an index into a precomputed
 //! sequence: no lock, no allocation. Everything that changes the set (a
@@ -371,13 +372,11 @@ impl Rotation {
 
     /// Replaces the set with `snapshot` when its revision is above the one
     /// held. Returns what happened.
-    pub fn apply(&self, snapshot: &Snapshot) -> Applied {
+    pub fn apply(&self, snapshot: &Snapshot) -> Outcome {
         let _writer = self.write.lock().unwrap_or_else(PoisonError::into_inner);
         let previous = self.current.load_full();
-        if previous.revision >= snapshot.revision {
-            return Applied::Stale {
-                held: previous.revision,
-            };
+        if let Some(stale) = stale(&previous, snapshot) {
+            return stale;
         }
         let (set, skipped) = ServiceSet::from_snapshot(snapshot, &previous);
         let membership_changed = previous.members.len() != set.members.len()
@@ -387,7 +386,7 @@ impl Rotation {
                     || a.instance.weight != b.instance.weight
             });
         self.current.store(Arc::new(set));
-        Applied::Replaced {
+        Outcome::Replaced {
             membership_changed,
             skipped,
         }
@@ -422,9 +421,17 @@ impl Rotation {
     }
 }
 
+/// The stale-revision filter: a snapshot whose revision is not above the
+/// one `held` changes nothing.
+fn stale(held: &ServiceSet, snapshot: &Snapshot) -> Option<Outcome> {
+    (held.revision >= snapshot.revision).then_some(Outcome::Stale {
+        held: held.revision,
+    })
+}
+
 /// The outcome of [`Rotation::apply`].
 #[derive(Debug, PartialEq, Eq)]
-pub enum Applied {
+pub enum Outcome {
     /// The snapshot's revision was not above the one held: nothing changed.
     Stale { held: u64 },
     /// The set was replaced. `skipped` lists instances whose address cannot
@@ -559,11 +566,11 @@ mod tests {
         rotation.apply(&snapshot(5, &[("a", 1)]));
         assert_eq!(
             rotation.apply(&snapshot(5, &[("a", 1), ("b", 1)])),
-            Applied::Stale { held: 5 }
+            Outcome::Stale { held: 5 }
         );
         assert_eq!(
             rotation.apply(&snapshot(4, &[])),
-            Applied::Stale { held: 5 }
+            Outcome::Stale { held: 5 }
         );
         assert_eq!(rotation.load().members().len(), 1);
     }

@@ -1,5 +1,6 @@
-//! Stage 4b, routing: the `ROUTE` arguments, checked once at start, turn a
-//! request's host and path into the service whose set it goes to.
+//! Routing, the balancer's first decision: the `ROUTE` arguments, checked
+//! once at start, turn a request's host and path into the service whose set
+//! it goes to.
 //!
 //! A route is `SERVICE`, `/PATH=SERVICE`, `HOST=SERVICE` or
 //! `HOST/PATH=SERVICE`. The most specific match wins: a route naming the
@@ -13,7 +14,7 @@ use crate::protocol::{validate_name, ProtocolError};
 /// Why a `ROUTE` argument was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
-    #[error("route {route:?}: {source}; a route is SERVICE, /PATH=SERVICE, HOST=SERVICE or HOST/PATH=SERVICE")]
+    #[error("route {route:?} names no valid service (a route is SERVICE, /PATH=SERVICE, HOST=SERVICE or HOST/PATH=SERVICE)")]
     BadService {
         route: String,
         source: ProtocolError,
@@ -306,6 +307,17 @@ mod tests {
         assert_eq!(service(&table, None, "/anything"), Some("root"));
     }
 
+    /// The error's message and its causes, as the binary prints them.
+    fn with_causes(error: &dyn std::error::Error) -> String {
+        let mut text = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            text = format!("{text}: {cause}");
+            source = cause.source();
+        }
+        text
+    }
+
     #[test]
     fn bad_routes_are_refused_naming_the_argument() {
         let cases = [
@@ -319,7 +331,7 @@ mod tests {
             ("/a//b=web", "empty segment"),
         ];
         for (argument, expected) in cases {
-            let error = Route::parse(argument).expect_err(argument).to_string();
+            let error = with_causes(&Route::parse(argument).expect_err(argument));
             assert!(error.contains(&format!("{argument:?}")), "{error}");
             assert!(error.contains(expected), "{argument}: {error}");
         }

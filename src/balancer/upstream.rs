@@ -1,4 +1,4 @@
-//! Stage 4c′, upstream connections: one instance's pool of kept-alive
+//! Upstream connections, under the proxy: one instance's pool of kept-alive
 //! HTTP/1.1 connections, handing the proxy a connection ready for one
 //! request and taking it back when the response body has been read.
 //!
@@ -33,19 +33,22 @@ pub type RequestBody = Either<Incoming, Full<Bytes>>;
 /// coming back to a full pool is closed.
 pub const MAX_IDLE: usize = 512;
 
-/// Why no connection to an instance could be had.
+/// Why no connection to an instance could be had. The message names the
+/// address; the cause, when there is one, is the `source`.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("cannot connect to {address}: {source}")]
+pub enum UpstreamConnectError {
+    #[error("cannot connect to {address}")]
     Tcp {
         address: String,
+        #[source]
         source: std::io::Error,
     },
     #[error("cannot connect to {address} within {timeout:?}")]
     Timeout { address: String, timeout: Duration },
-    #[error("HTTP/1.1 handshake with {address} failed: {source}")]
+    #[error("HTTP/1.1 handshake with {address} failed")]
     Handshake {
         address: String,
+        #[source]
         source: hyper::Error,
     },
 }
@@ -79,7 +82,7 @@ impl Upstream {
     pub async fn checkout(
         self: &Arc<Self>,
         connect_timeout: Duration,
-    ) -> Result<Checkout, ConnectError> {
+    ) -> Result<Checkout, UpstreamConnectError> {
         loop {
             let popped = self
                 .idle
@@ -106,7 +109,10 @@ impl Upstream {
         })
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<SendRequest<RequestBody>, ConnectError> {
+    async fn connect(
+        &self,
+        timeout: Duration,
+    ) -> Result<SendRequest<RequestBody>, UpstreamConnectError> {
         let address = || format!("{}:{}", self.host, self.port);
         let stream = match tokio::time::timeout(
             timeout,
@@ -116,13 +122,13 @@ impl Upstream {
         {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => {
-                return Err(ConnectError::Tcp {
+                return Err(UpstreamConnectError::Tcp {
                     address: address(),
                     source,
                 })
             }
             Err(_) => {
-                return Err(ConnectError::Timeout {
+                return Err(UpstreamConnectError::Timeout {
                     address: address(),
                     timeout,
                 })
@@ -135,7 +141,7 @@ impl Upstream {
             .writev(false)
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| ConnectError::Handshake {
+            .map_err(|source| UpstreamConnectError::Handshake {
                 address: address(),
                 source,
             })?;
