@@ -44,17 +44,6 @@ impl ChangeKind {
     }
 }
 
-/// An item of a catalog change stream, as discovery hands it on and as a
-/// balancer consumes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Update {
-    /// The whole catalog: sent first, and again after every reconnect.
-    /// Services not listed are unknown, not necessarily empty.
-    Reset(Vec<Snapshot>),
-    /// One service's new live set.
-    Service(Snapshot),
-}
-
 /// A digest of an event's payload bytes, for [`Catalog::refresh`]: equal
 /// digests stand for equal payloads (a collision needs about 2^64 tries).
 pub fn payload_digest(payload: &[u8]) -> u64 {

@@ -15,7 +15,7 @@ use rollcall::balancer::{self, routes::Routes, BalancerConfig};
 use rollcall::catalog_stream;
 use rollcall::connect::NatsOptions;
 use rollcall::protocol::Subjects;
-use rollcall::subscription::{self, SubscriptionStats};
+use rollcall::subscription::{self, Stats as SubscriptionStats};
 
 /// A JetStream meta leader election takes several seconds (nats-server
 /// draws its election timeout from 4-9 s), and a catalog read that hit the
@@ -119,7 +119,7 @@ async fn kill_the_balancers_node(victim: Victim) -> (Duration, Duration) {
         .connect("test-balancer")
         .await
         .expect("connect to the doomed node");
-    let mut events = connection.events();
+    let mut link = connection.link();
     let stats = Arc::new(SubscriptionStats::default());
     let updates = subscription::follow_with_stats(&connection, subjects.clone(), stats.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -143,11 +143,8 @@ async fn kill_the_balancers_node(victim: Victim) -> (Duration, Duration) {
     let killed = Instant::now();
     cluster.nodes[doomed].stop();
     let reconnected = tokio::time::timeout(LIMIT, async {
-        loop {
-            if let Ok(async_nats::Event::Connected) = events.recv().await {
-                return killed.elapsed();
-            }
-        }
+        let _ = link.wait_for(|link| link.generation > 1).await;
+        killed.elapsed()
     })
     .await
     .expect("the balancer reconnected to another node");

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 
-use crate::catalog::Update;
 use crate::protocol::Snapshot;
+use crate::subscription::Update;
 use rotation::{Applied, Rotation};
 use routes::Routes;
 
