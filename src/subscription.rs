@@ -197,7 +197,7 @@ impl Follower {
         };
         loop {
             let due = match read {
-                StreamRead::Due { attempt, .. } => Some(Instant::now() + retry_delay(attempt)),
+                StreamRead::Due { at, .. } => Some(at),
                 StreamRead::Done => None,
             };
             tokio::select! {
@@ -219,6 +219,8 @@ impl Follower {
                                 tracing::debug!(%error, attempt, "catalog stream still unreadable");
                             }
                             let attempt = attempt.saturating_add(1);
+                            // An absolute deadline: live snapshots arriving
+                            // in between must not put the retry off.
                             StreamRead::Due { attempt, at: Instant::now() + retry_delay(attempt) }
                         }
                     };
@@ -423,6 +425,41 @@ mod tests {
         async fn update(&mut self) -> Update {
             self.updates.recv().await.expect("the follower is running")
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn live_snapshots_do_not_put_off_a_failed_stream_read() {
+        let mut h = Harness::start(true, Vec::new());
+        let first = h.read().await;
+        // Live snapshots every 50 ms, faster than the 100 ms retry delay.
+        let live = h.live.clone();
+        let publisher = tokio::spawn(async move {
+            for revision in 1..=40 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let payload = serde_json::to_vec(&snapshot(revision, 1)).expect("serializes");
+                let message = async_nats::Message {
+                    subject: "rollcall.catalog.web".into(),
+                    reply: None,
+                    length: payload.len(),
+                    payload: payload.into(),
+                    headers: None,
+                    status: None,
+                    description: None,
+                };
+                if live.send(message).is_err() {
+                    return;
+                }
+            }
+        });
+        let second = h.read().await;
+        assert_eq!(
+            second - first,
+            retry_delay(1),
+            "the retry kept its deadline"
+        );
+        let third = h.read().await;
+        assert_eq!(third - second, retry_delay(2));
+        publisher.abort();
     }
 
     #[tokio::test(start_paused = true)]
