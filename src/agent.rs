@@ -27,6 +27,12 @@ pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 pub enum AgentError {
     #[error("check URL {url:?} {reason}")]
     BadCheckUrl { url: String, reason: &'static str },
+    #[error("check URL {url:?} is not a URL; write it like http://127.0.0.1:8080/health")]
+    NotAUrl {
+        url: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
     #[error("fail-after must be at least 1")]
     FailAfterZero,
     #[error(transparent)]
@@ -47,9 +53,10 @@ impl Check {
             url: url.to_owned(),
             reason,
         };
-        let uri: Uri = url
-            .parse()
-            .map_err(|_| bad("is not a URL; write it like http://127.0.0.1:8080/health"))?;
+        let uri: Uri = url.parse().map_err(|source| AgentError::NotAUrl {
+            url: url.to_owned(),
+            source,
+        })?;
         match uri.scheme_str() {
             Some("http") => {}
             Some(_) => return Err(bad("must use http:// (the check speaks plain HTTP)")),

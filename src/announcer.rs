@@ -66,7 +66,7 @@ pub fn check_announcement(instance: &Instance, interval: Duration) -> Result<(),
 /// What went wrong while announcing, with the subject or instance involved.
 #[derive(Debug, thiserror::Error)]
 pub enum AnnounceError {
-    #[error("instance record refused before announcing: {0}")]
+    #[error("instance record refused before announcing")]
     InvalidInstance(#[source] ProtocolError),
     #[error("heartbeat interval {interval:?} is not below the instance's ttl_ms ({ttl:?}); the instance would expire between heartbeats")]
     IntervalTooLong { interval: Duration, ttl: Duration },
@@ -486,6 +486,17 @@ impl<W: Wire, G: Gate> Task<W, G> {
 mod tests {
     use super::*;
 
+    /// An error and its causes, as the binary prints them.
+    fn printed(error: &dyn std::error::Error) -> String {
+        let mut text = error.to_string();
+        let mut cause = error.source();
+        while let Some(next) = cause {
+            text = format!("{text}: {next}");
+            cause = next.source();
+        }
+        text
+    }
+
     /// Records what would have gone to NATS.
     #[derive(Clone)]
     struct Recorder(mpsc::UnboundedSender<(String, Instance)>);
@@ -685,7 +696,7 @@ mod tests {
         let (mut bad, _sent) = announcer(still());
         bad.instance.port = 0;
         let error = bad.start().await.expect_err("port 0 is refused");
-        assert!(error.to_string().contains("port"), "{error}");
+        assert!(printed(&error).contains("port"), "{error}");
 
         let (mut slow, _sent) = announcer(still());
         slow.interval = Duration::from_secs(3);
@@ -709,6 +720,6 @@ mod tests {
             .update(Instance::new("web", "web-1", "has space", 8081))
             .await
             .expect_err("bad address");
-        assert!(error.to_string().contains("address"), "{error}");
+        assert!(printed(&error).contains("address"), "{error}");
     }
 }

@@ -26,20 +26,34 @@ pub const ACCESS_CHECK_GRACE: Duration = Duration::from_millis(250);
 /// Where NATS is when nothing else says.
 pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
 
-/// An async-nats error shown as its kind alone. async-nats writes the cause
-/// into its own message *and* returns it as the source, so a printer that
-/// walks the chain (`anyhow`'s `{:#}`) would show the cause twice.
+/// An async-nats error that prints each cause once. async-nats writes its
+/// cause into its own message *and* returns it as the source, so a printer
+/// that walks the chain (`anyhow`'s `{:#}`) would show the cause twice. This
+/// shows the cause's text (or the kind, when there is no cause) and hands on
+/// the cause's own source.
 #[derive(Debug)]
 pub struct NatsError<K>(pub async_nats::error::Error<K>)
 where
     K: Clone + fmt::Debug + fmt::Display + PartialEq;
+
+impl<K> NatsError<K>
+where
+    K: Clone + fmt::Debug + fmt::Display + PartialEq,
+{
+    fn cause(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
+}
 
 impl<K> fmt::Display for NatsError<K>
 where
     K: Clone + fmt::Debug + fmt::Display + PartialEq,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0.kind())
+        match self.cause() {
+            Some(cause) => write!(f, "{cause}"),
+            None => write!(f, "{}", self.0.kind()),
+        }
     }
 }
 
@@ -48,27 +62,27 @@ where
     K: Clone + fmt::Debug + fmt::Display + PartialEq,
 {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        std::error::Error::source(&self.0)
+        self.cause().and_then(std::error::Error::source)
     }
 }
 
 /// A connection that could not be made, with what to check.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsConnectError {
-    #[error("NATS at {url} refused the credentials{user}: check the user/password, token, nkey or .creds file")]
+    #[error("NATS at {url} refused the credentials{user} (check the user/password, token, nkey or .creds file)")]
     Unauthorized {
         url: String,
         user: String,
         #[source]
         source: NatsError<ConnectErrorKind>,
     },
-    #[error("cannot reach NATS at {url}; is nats-server running there?")]
+    #[error("cannot reach NATS at {url} (is nats-server running there?)")]
     Unreachable {
         url: String,
         #[source]
         source: NatsError<ConnectErrorKind>,
     },
-    #[error("TLS with NATS at {url} failed; check the CA, certificate and key files")]
+    #[error("TLS with NATS at {url} failed (check the CA, certificate and key files)")]
     Tls {
         url: String,
         #[source]

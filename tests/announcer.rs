@@ -152,11 +152,22 @@ async fn bad_records_fail_at_start_naming_the_field() {
         matches!(error, AnnounceError::InvalidInstance(_)),
         "{error}"
     );
-    assert!(error.to_string().contains("ttl_ms"), "{error}");
+    assert!(printed(&error).contains("ttl_ms"), "{error}");
 
     let error = Announcer::with_client(client, Subjects::default(), web("a.b"))
         .start()
         .await
         .expect_err("a dot in the id is refused");
-    assert!(error.to_string().contains("id"), "{error}");
+    assert!(printed(&error).contains("id"), "{error}");
+}
+
+/// An error and its causes, as the binary prints them (`{:#}`).
+fn printed(error: &AnnounceError) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(next) = cause {
+        text = format!("{text}: {next}");
+        cause = next.source();
+    }
+    text
 }
