@@ -1,4 +1,4 @@
-//! Stage 1, the fold: validated events and the passing of time turn into the
+//! The fold: validated events and the passing of time turn into the
 //! live catalog, and into the [`Change`]s that discovery publishes as snapshots.
 //!
 //! Pure: state, event and `now` in, changes out. No clock, no NATS, no tasks.

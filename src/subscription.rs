@@ -48,7 +48,11 @@ pub struct Stats {
 }
 
 impl Stats {
-    fn bump(counter: &AtomicU64, by: u64) {
+    fn bump(counter: &AtomicU64) {
+        Stats::add(counter, 1);
+    }
+
+    fn add(counter: &AtomicU64, by: u64) {
         counter.fetch_add(by, Ordering::Relaxed);
     }
 }
@@ -206,7 +210,7 @@ impl Follower {
                     let StreamRead::Due { attempt, .. } = read else { continue };
                     read = match source.read_stream().await {
                         Ok(last) => {
-                            Stats::bump(&self.stats.invalid, last.invalid as u64);
+                            Stats::add(&self.stats.invalid, last.invalid as u64);
                             if !self.reset(last.snapshots.into_iter().map(|s| s.snapshot)).await {
                                 return;
                             }
@@ -258,18 +262,18 @@ impl Follower {
         {
             Ok(snapshot) => snapshot,
             Err(error) => {
-                Stats::bump(&self.stats.invalid, 1);
+                Stats::bump(&self.stats.invalid);
                 tracing::warn!(subject = %message.subject, %error, "ignoring an invalid snapshot");
                 return true;
             }
         };
         let (service, revision) = (snapshot.service.clone(), snapshot.revision);
         if let Err(held) = self.held.offer(snapshot.clone()) {
-            Stats::bump(&self.stats.stale, 1);
+            Stats::bump(&self.stats.stale);
             tracing::debug!(%service, revision, held, "ignoring a snapshot that is not newer");
             return true;
         }
-        Stats::bump(&self.stats.applied, 1);
+        Stats::bump(&self.stats.applied);
         self.sender.send(Update::Service(snapshot)).await.is_ok()
     }
 
@@ -282,7 +286,7 @@ impl Follower {
         }
         let all = self.held.all();
         tracing::info!(services = all.len(), "catalog synced from the stream");
-        Stats::bump(&self.stats.resets, 1);
+        Stats::bump(&self.stats.resets);
         self.sender.send(Update::Reset(all)).await.is_ok()
     }
 }
