@@ -324,9 +324,10 @@ impl<W: Wire> Worker<W> {
         tokio::pin!(shutdown);
         loop {
             // Blind, only the link's return can end the spell.
-            let wake = match self.blind {
-                true => None,
-                false => self.catalog.next_deadline().map(Instant::from_std),
+            let wake = if self.blind {
+                None
+            } else {
+                self.catalog.next_deadline().map(Instant::from_std)
             };
             // Publish once nothing more is waiting, or when changes have
             // waited long enough under a load that never lets up.
@@ -406,10 +407,8 @@ impl<W: Wire> Worker<W> {
                 None => return Ok(true),
             }
         }
-        let publish = match self.dirty.is_empty() {
-            true => true,
-            false => self.dirty_since.get_or_insert_with(Instant::now).elapsed() >= MAX_COALESCE,
-        };
+        let publish = self.dirty.is_empty()
+            || self.dirty_since.get_or_insert_with(Instant::now).elapsed() >= MAX_COALESCE;
         // Let the timer and other tasks in between batches.
         tokio::task::yield_now().await;
         Ok(publish)
