@@ -332,6 +332,20 @@ mod tests {
         }
     }
 
+    /// `snapshot` as discovery publishes it.
+    fn live_message(snapshot: &Snapshot) -> async_nats::Message {
+        let payload = serde_json::to_vec(snapshot).expect("a snapshot serializes");
+        async_nats::Message {
+            subject: Subjects::default().catalog(&snapshot.service).into(),
+            reply: None,
+            length: payload.len(),
+            payload: payload.into(),
+            headers: None,
+            status: None,
+            description: None,
+        }
+    }
+
     /// Stands in for NATS: stream reads fail while `failing`, and each read
     /// reports when it happened.
     struct Scripted {
@@ -408,17 +422,8 @@ mod tests {
         }
 
         fn publish(&self, snapshot: &Snapshot) {
-            let payload = serde_json::to_vec(snapshot).expect("a snapshot serializes");
             self.live
-                .send(async_nats::Message {
-                    subject: Subjects::default().catalog(&snapshot.service).into(),
-                    reply: None,
-                    length: payload.len(),
-                    payload: payload.into(),
-                    headers: None,
-                    status: None,
-                    description: None,
-                })
+                .send(live_message(snapshot))
                 .expect("the follower is running");
         }
 
@@ -440,17 +445,7 @@ mod tests {
         let publisher = tokio::spawn(async move {
             for revision in 1..=40 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let payload = serde_json::to_vec(&snapshot(revision, 1)).expect("serializes");
-                let message = async_nats::Message {
-                    subject: "rollcall.catalog.web".into(),
-                    reply: None,
-                    length: payload.len(),
-                    payload: payload.into(),
-                    headers: None,
-                    status: None,
-                    description: None,
-                };
-                if live.send(message).is_err() {
+                if live.send(live_message(&snapshot(revision, 1))).is_err() {
                     return;
                 }
             }
