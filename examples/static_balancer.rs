@@ -12,8 +12,8 @@ use anyhow::Context;
 use futures::StreamExt;
 use rollcall::balancer::routes::Routes;
 use rollcall::balancer::{serve, BalancerConfig};
-use rollcall::catalog::Update;
 use rollcall::protocol::{Instance, Snapshot};
+use rollcall::subscription::Update;
 
 fn main() -> anyhow::Result<()> {
     // ROLLCALL_RUNTIME=current_thread measures the single-threaded scheduler.

@@ -1,23 +1,21 @@
-//! Stage 1, the sender for services in any language: announces an instance
-//! on its behalf, heartbeating only while the instance's HTTP health check
-//! answers 2xx, deregistering after a run of failed checks and registering
-//! again when it recovers. Hands discovery the same events as the announcer.
+//! The sender for services in any language: announces an instance on its
+//! behalf through the [`announcer`](crate::announcer), gated by the
+//! instance's HTTP health check: heartbeats only while it answers 2xx,
+//! deregisters after a run of failed checks, registers again when it
+//! recovers.
 
 use std::future::Future;
 use std::time::Duration;
 
+use crate::announcer::{check_announcement, AnnounceError, Announcer, Gate, Verdict};
+use crate::connect::Connection;
+use crate::protocol::{Instance, Subjects};
 use bytes::Bytes;
 use http::Uri;
 use http_body_util::Empty;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::broadcast;
-use tokio::time::MissedTickBehavior;
-
-use crate::announcer::{check_announcement, next_event, AnnounceError, Publisher};
-use crate::connect::Connection;
-use crate::protocol::{Instance, Subjects};
 
 /// Consecutive failed checks after which the instance is deregistered.
 pub const DEFAULT_FAIL_AFTER: u32 = 3;
@@ -29,6 +27,12 @@ pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 pub enum AgentError {
     #[error("check URL {url:?} {reason}")]
     BadCheckUrl { url: String, reason: &'static str },
+    #[error("check URL {url:?} is not a URL; write it like http://127.0.0.1:8080/health")]
+    NotAUrl {
+        url: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
     #[error("fail-after must be at least 1")]
     FailAfterZero,
     #[error(transparent)]
@@ -49,9 +53,10 @@ impl Check {
             url: url.to_owned(),
             reason,
         };
-        let uri: Uri = url
-            .parse()
-            .map_err(|_| bad("is not a URL; write it like http://127.0.0.1:8080/health"))?;
+        let uri: Uri = url.parse().map_err(|source| AgentError::NotAUrl {
+            url: url.to_owned(),
+            source,
+        })?;
         match uri.scheme_str() {
             Some("http") => {}
             Some(_) => return Err(bad("must use http:// (the check speaks plain HTTP)")),
@@ -90,29 +95,17 @@ impl AgentConfig {
     }
 }
 
-/// What to send after a check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Register,
-    Heartbeat,
-    Deregister,
-    /// Failing, but not yet `fail_after` times in a row: stay silent and let
-    /// the TTL decide if it lasts.
-    Hold,
-    /// Failing and already out of the catalog.
-    Nothing,
-}
-
-/// The pure decision: check results in, actions out.
+/// The pure decision: check results in, verdicts out. Failing checks hold
+/// heartbeats until `fail_after` of them in a row withdraw the instance.
 #[derive(Debug, Clone)]
-pub struct Gate {
+pub struct FailureRun {
     fail_after: u32,
     failures: u32,
 }
 
-impl Gate {
+impl FailureRun {
     pub fn new(fail_after: u32) -> Self {
-        Gate {
+        FailureRun {
             fail_after,
             failures: 0,
         }
@@ -123,22 +116,17 @@ impl Gate {
         self.failures
     }
 
-    /// The action after one check, given whether the instance is in the
-    /// catalog now.
-    pub fn next(&mut self, healthy: bool, registered: bool) -> Action {
+    /// The verdict after one check.
+    pub fn next(&mut self, healthy: bool) -> Verdict {
         if healthy {
             self.failures = 0;
-            return if registered {
-                Action::Heartbeat
-            } else {
-                Action::Register
-            };
+            return Verdict::Announce;
         }
         self.failures = self.failures.saturating_add(1);
-        match (registered, self.failures >= self.fail_after) {
-            (true, true) => Action::Deregister,
-            (true, false) => Action::Hold,
-            (false, _) => Action::Nothing,
+        if self.failures >= self.fail_after {
+            Verdict::Withdraw
+        } else {
+            Verdict::Hold
         }
     }
 }
@@ -152,106 +140,60 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     config.validate()?;
-    let publisher = Publisher::new(connection.client.clone(), subjects);
-    let mut events = Some(connection.events());
-    let prober = config.check.as_ref().map(Prober::new);
-    let instance = &config.instance;
-    let mut gate = Gate::new(config.fail_after);
-    let mut registered = false;
-    let mut disconnected = false;
-    // The first tick is immediate: register (or check) at once.
-    let mut ticker = tokio::time::interval(config.interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            _ = ticker.tick() => {
-                let outcome = match &prober {
-                    Some(prober) => prober.probe().await,
-                    None => Ok(()),
-                };
-                let action = gate.next(outcome.is_ok(), registered);
-                if let Err(reason) = &outcome {
-                    log_failed_check(instance, &gate, action, reason);
-                }
-                registered = perform(&publisher, instance, action, registered).await;
-            }
-            event = next_event(&mut events) => match event {
-                Ok(async_nats::Event::Disconnected) => disconnected = true,
-                Ok(async_nats::Event::Connected) if disconnected && registered => {
-                    disconnected = false;
-                    registered = perform(&publisher, instance, Action::Register, false).await;
-                }
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) if registered => {
-                    registered = perform(&publisher, instance, Action::Register, false).await;
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => events = None,
-            },
-        }
-    }
-    if registered {
-        publisher.deregister(instance).await?;
-        tracing::info!(service = %instance.service, id = %instance.id, "deregistered on shutdown");
-    }
+    let gate = HealthGate {
+        prober: config.check.as_ref().map(Prober::new),
+        run: FailureRun::new(config.fail_after),
+        service: config.instance.service.clone(),
+        id: config.instance.id.clone(),
+    };
+    let announcement = Announcer::new(connection, subjects, config.instance)
+        .interval(config.interval)
+        .gate(gate)
+        .start()
+        .await?;
+    shutdown.await;
+    announcement.deregister().await?;
     Ok(())
 }
 
-/// Sends what `action` says; whether the instance is in the catalog after.
-async fn perform(
-    publisher: &Publisher,
-    instance: &Instance,
-    action: Action,
-    registered: bool,
-) -> bool {
-    let (service, id) = (&instance.service, &instance.id);
-    match action {
-        Action::Register => match publisher.register(instance).await {
-            Ok(()) => {
-                tracing::info!(%service, %id, address = %instance.authority(), "registered");
-                true
-            }
-            Err(error) => {
-                tracing::warn!(%error, "register not sent; retrying at the next interval");
-                false
-            }
-        },
-        Action::Heartbeat => {
-            if let Err(error) = publisher.heartbeat(instance).await {
-                tracing::warn!(%error, "heartbeat not sent; retrying at the next interval");
-            }
-            true
+/// The health check as the announcer's gate.
+struct HealthGate {
+    prober: Option<Prober>,
+    run: FailureRun,
+    service: String,
+    id: String,
+}
+
+impl Gate for HealthGate {
+    async fn verdict(&mut self) -> Verdict {
+        let outcome = match &self.prober {
+            Some(prober) => prober.probe().await,
+            None => Ok(()),
+        };
+        let verdict = self.run.next(outcome.is_ok());
+        if let Err(reason) = &outcome {
+            self.log_failure(verdict, reason);
         }
-        Action::Deregister => match publisher.deregister(instance).await {
-            Ok(()) => {
-                tracing::info!(%service, %id, "deregistered");
-                false
-            }
-            Err(error) => {
-                tracing::warn!(%error, "deregister not sent; the instance leaves at its TTL");
-                false
-            }
-        },
-        Action::Hold | Action::Nothing => registered,
+        verdict
     }
 }
 
-/// Every failed check is logged with its reason: at warn while it changes
-/// something (heartbeats held, then the deregister), at debug while the
-/// instance is out and the check keeps failing.
-fn log_failed_check(instance: &Instance, gate: &Gate, action: Action, reason: &str) {
-    let (service, id) = (&instance.service, &instance.id);
-    let failures = gate.failures();
-    match action {
-        Action::Hold => {
-            tracing::warn!(%service, %id, failures, %reason, "health check failed; holding heartbeats")
+impl HealthGate {
+    /// Every failed check is logged with its reason: at warn while it
+    /// changes something (heartbeats held, then the deregister), at debug
+    /// while the instance is out and the check keeps failing.
+    fn log_failure(&self, verdict: Verdict, reason: &str) {
+        let (service, id) = (&self.service, &self.id);
+        let failures = self.run.failures();
+        match verdict {
+            Verdict::Hold => {
+                tracing::warn!(%service, %id, failures, %reason, "health check failed; holding heartbeats")
+            }
+            Verdict::Withdraw if failures == self.run.fail_after => {
+                tracing::warn!(%service, %id, failures, %reason, "health check failed too often; deregistering")
+            }
+            _ => tracing::debug!(%service, %id, failures, %reason, "health check still failing"),
         }
-        Action::Deregister => {
-            tracing::warn!(%service, %id, failures, %reason, "health check failed too often; deregistering")
-        }
-        _ => tracing::debug!(%service, %id, failures, %reason, "health check still failing"),
     }
 }
 
@@ -291,24 +233,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_gate_holds_then_deregisters_after_a_run_of_failures_and_recovers() {
-        let mut gate = Gate::new(3);
-        assert_eq!(gate.next(false, false), Action::Nothing, "never up yet");
-        assert_eq!(gate.next(true, false), Action::Register);
-        assert_eq!(gate.next(true, true), Action::Heartbeat);
-        assert_eq!(gate.next(false, true), Action::Hold);
-        assert_eq!(gate.next(true, true), Action::Heartbeat, "one blip resets");
-        assert_eq!(gate.next(false, true), Action::Hold);
-        assert_eq!(gate.next(false, true), Action::Hold);
-        assert_eq!(gate.next(false, true), Action::Deregister);
-        assert_eq!(gate.next(false, false), Action::Nothing);
-        assert_eq!(gate.next(true, false), Action::Register);
+    fn a_run_of_failures_holds_then_withdraws_and_one_success_resets_it() {
+        use Verdict::{Announce, Hold, Withdraw};
+        let mut run = FailureRun::new(3);
+        let checks = [true, true, false, true, false, false, false, false, true];
+        let verdicts: Vec<Verdict> = checks.iter().map(|&ok| run.next(ok)).collect();
+        assert_eq!(
+            verdicts,
+            [Announce, Announce, Hold, Announce, Hold, Hold, Withdraw, Withdraw, Announce],
+            "one blip resets the run"
+        );
     }
 
     #[test]
-    fn fail_after_one_deregisters_at_the_first_failure() {
-        let mut gate = Gate::new(1);
-        assert_eq!(gate.next(false, true), Action::Deregister);
+    fn fail_after_one_withdraws_at_the_first_failure() {
+        let mut run = FailureRun::new(1);
+        assert_eq!(run.next(false), Verdict::Withdraw);
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! Stage 1, the sender: a Rust service announces itself. Registers on start,
+//! The sender: a Rust service announces itself. Registers on start,
 //! heartbeats every interval, re-registers when its record changes or NATS
 //! comes back, and deregisters on shutdown; it hands discovery the register,
-//! heartbeat and deregister events of PROTOCOL.md.
+//! heartbeat and deregister events of docs/protocol.md. A [`Gate`] consulted
+//! at every beat can hold heartbeats or withdraw the instance (`rollcall
+//! agent` gates on an HTTP health check); this is the one heartbeat engine.
 //!
 //! Deregistration is explicit and awaited ([`Announcement::deregister`]) so a
 //! service can take itself out of rotation *before* its listener closes;
@@ -31,11 +33,12 @@
 use std::future::Future;
 use std::time::Duration;
 
+use async_nats::client::{FlushErrorKind, PublishErrorKind};
 use bytes::Bytes;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::connect::Connection;
+use crate::connect::{Connection, Link, NatsError};
 use crate::protocol::{EventKind, Instance, ProtocolError, Subjects};
 
 /// How often a heartbeat goes out when nothing else is said.
@@ -63,7 +66,7 @@ pub fn check_announcement(instance: &Instance, interval: Duration) -> Result<(),
 /// What went wrong while announcing, with the subject or instance involved.
 #[derive(Debug, thiserror::Error)]
 pub enum AnnounceError {
-    #[error("instance record refused before announcing: {0}")]
+    #[error("instance record refused before announcing")]
     InvalidInstance(#[source] ProtocolError),
     #[error("heartbeat interval {interval:?} is not below the instance's ttl_ms ({ttl:?}); the instance would expire between heartbeats")]
     IntervalTooLong { interval: Duration, ttl: Duration },
@@ -74,15 +77,17 @@ pub enum AnnounceError {
         new_service: String,
         new_id: String,
     },
-    #[error("cannot publish on {subject}: {source}")]
+    #[error("cannot publish on {subject}")]
     Publish {
         subject: String,
-        source: async_nats::PublishError,
+        #[source]
+        source: NatsError<PublishErrorKind>,
     },
-    #[error("cannot flush {subject} to NATS: {source}")]
+    #[error("cannot flush {subject} to NATS")]
     Flush {
         subject: String,
-        source: async_nats::client::FlushError,
+        #[source]
+        source: NatsError<FlushErrorKind>,
     },
     #[error("NATS did not take {subject} within {after:?}; is the connection up?")]
     Timeout { subject: String, after: Duration },
@@ -106,7 +111,10 @@ impl Wire for async_nats::Client {
     async fn publish(&self, subject: String, payload: Bytes) -> Result<(), AnnounceError> {
         async_nats::Client::publish(self, subject.clone(), payload)
             .await
-            .map_err(|source| AnnounceError::Publish { subject, source })
+            .map_err(|source| AnnounceError::Publish {
+                subject,
+                source: NatsError(source),
+            })
     }
 
     async fn flush(&self, subject: &str) -> Result<(), AnnounceError> {
@@ -114,7 +122,7 @@ impl Wire for async_nats::Client {
             .await
             .map_err(|source| AnnounceError::Flush {
                 subject: subject.to_owned(),
-                source,
+                source: NatsError(source),
             })
     }
 }
@@ -158,7 +166,7 @@ impl<W: Wire> Publisher<W> {
     ) -> Result<(), AnnounceError> {
         let subject = self.subjects.event(kind, &instance.service, &instance.id);
         // The deregister carries the record too: a reader with `nats sub`
-        // sees who left, and PROTOCOL.md allows it.
+        // sees who left, and docs/protocol.md allows it.
         let payload = Bytes::from(
             serde_json::to_vec(instance).expect("an Instance always serializes to JSON"),
         );
@@ -180,66 +188,114 @@ impl<W: Wire> Publisher<W> {
     }
 }
 
+/// What a [`Gate`] allows at one beat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Be in the catalog: heartbeat, or register if out.
+    Announce,
+    /// Stay silent this beat and let the TTL decide if it lasts.
+    Hold,
+    /// Leave the catalog: deregister if in, stay out.
+    Withdraw,
+}
+
+/// Consulted before every beat (and before the first register): whether the
+/// instance may be announced now.
+pub trait Gate: Send + 'static {
+    fn verdict(&mut self) -> impl Future<Output = Verdict> + Send;
+}
+
+/// The gate of a service that announces itself: always open.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Always;
+
+impl Gate for Always {
+    async fn verdict(&mut self) -> Verdict {
+        Verdict::Announce
+    }
+}
+
 /// Configures one announcement; [`Announcer::start`] begins it.
-pub struct Announcer<W = async_nats::Client> {
+pub struct Announcer<W = async_nats::Client, G = Always> {
     publisher: Publisher<W>,
     instance: Instance,
     interval: Duration,
-    events: Option<broadcast::Receiver<async_nats::Event>>,
+    link: watch::Receiver<Link>,
+    gate: G,
 }
 
 impl Announcer {
     /// Announces `instance` over `connection`, re-registering right after
-    /// every reconnect (learned from the connection's events).
+    /// every reconnect (learned from the connection's [`Link`]).
     pub fn new(connection: &Connection, subjects: Subjects, instance: Instance) -> Self {
         let mut announcer = Self::with_client(connection.client.clone(), subjects, instance);
-        announcer.events = Some(connection.events());
+        announcer.link = connection.link();
         announcer
     }
 
-    /// Announces over a bare client. Without connection events a reconnect is
-    /// noticed by nobody here; the next heartbeat, which carries the whole
-    /// record, brings the instance back within one interval.
+    /// Announces over a bare client. Without the connection's link a
+    /// reconnect is noticed by nobody here; the next heartbeat, which carries
+    /// the whole record, brings the instance back within one interval.
     pub fn with_client(client: async_nats::Client, subjects: Subjects, instance: Instance) -> Self {
         Announcer {
             publisher: Publisher::new(client, subjects),
             instance,
             interval: DEFAULT_INTERVAL,
-            events: None,
+            // A link that never changes: its sender is gone.
+            link: watch::channel(Link::default()).1,
+            gate: Always,
         }
     }
 }
 
-impl<W: Wire> Announcer<W> {
+impl<W: Wire, G: Gate> Announcer<W, G> {
     /// Heartbeat interval; [`DEFAULT_INTERVAL`] unless set.
     pub fn interval(mut self, interval: Duration) -> Self {
         self.interval = interval;
         self
     }
 
-    /// Checks the record, registers (flushed: it is on the wire when this
-    /// returns) and starts heartbeating in a background task.
-    pub async fn start(self) -> Result<Announcement, AnnounceError> {
+    /// Consults `gate` before the first register and every beat after.
+    pub fn gate<H: Gate>(self, gate: H) -> Announcer<W, H> {
+        Announcer {
+            publisher: self.publisher,
+            instance: self.instance,
+            interval: self.interval,
+            link: self.link,
+            gate,
+        }
+    }
+
+    /// Checks the record, asks the gate, registers if it allows (flushed: on
+    /// the wire when this returns) and starts heartbeating in a background
+    /// task.
+    pub async fn start(mut self) -> Result<Announcement, AnnounceError> {
         check_announcement(&self.instance, self.interval)?;
-        self.publisher.register(&self.instance).await?;
-        tracing::info!(
-            service = %self.instance.service,
-            id = %self.instance.id,
-            address = %self.instance.authority(),
-            "registered"
-        );
+        let registered = self.gate.verdict().await == Verdict::Announce;
+        if registered {
+            self.publisher.register(&self.instance).await?;
+            tracing::info!(
+                service = %self.instance.service,
+                id = %self.instance.id,
+                address = %self.instance.authority(),
+                "registered"
+            );
+        }
         let (commands, receiver) = mpsc::channel(8);
         let handle = Announcement {
             commands,
             service: self.instance.service.clone(),
             id: self.instance.id.clone(),
         };
+        let generation = self.link.borrow_and_update().generation;
         let task = Task {
             publisher: self.publisher,
             instance: self.instance,
             interval: self.interval,
-            events: self.events,
-            disconnected: false,
+            link: self.link,
+            generation,
+            gate: self.gate,
+            registered,
             commands: receiver,
         };
         tokio::spawn(task.run());
@@ -280,7 +336,7 @@ impl Announcement {
     }
 
     /// Deregisters (flushed: on the wire when this returns) and stops
-    /// heartbeating.
+    /// heartbeating. Sends nothing when the gate had withdrawn the instance.
     pub async fn deregister(self) -> Result<(), AnnounceError> {
         self.ask(Command::Deregister).await
     }
@@ -302,18 +358,21 @@ impl Announcement {
     }
 }
 
-struct Task<W> {
+struct Task<W, G> {
     publisher: Publisher<W>,
     instance: Instance,
     interval: Duration,
-    events: Option<broadcast::Receiver<async_nats::Event>>,
-    /// Set by a disconnect, so the `Connected` of the first connection, which
-    /// may arrive late, does not count as a reconnect.
-    disconnected: bool,
+    link: watch::Receiver<Link>,
+    /// The link generation the instance was last registered on.
+    generation: u64,
+    gate: G,
+    /// Whether the instance is meant to be in the catalog (the gate has not
+    /// withdrawn it).
+    registered: bool,
     commands: mpsc::Receiver<Command>,
 }
 
-impl<W: Wire> Task<W> {
+impl<W: Wire, G: Gate> Task<W, G> {
     async fn run(mut self) {
         let mut ticker = tokio::time::interval_at(Instant::now() + self.interval, self.interval);
         // After a stall, beat once and keep the rhythm from there, rather
@@ -321,16 +380,13 @@ impl<W: Wire> Task<W> {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = ticker.tick() => {
-                    if let Err(error) = self.publisher.heartbeat(&self.instance).await {
-                        tracing::warn!(%error, "heartbeat not sent; retrying at the next interval");
-                    }
-                }
+                _ = ticker.tick() => self.beat().await,
                 command = self.commands.recv() => match command {
                     Some(Command::Update(instance, reply)) => {
                         self.instance = instance;
                         let result = self.publisher.register(&self.instance).await;
                         if result.is_ok() {
+                            self.registered = true;
                             tracing::info!(service = %self.instance.service, id = %self.instance.id, "re-registered with a new record");
                         }
                         ticker.reset();
@@ -348,8 +404,10 @@ impl<W: Wire> Task<W> {
                         return;
                     }
                 },
-                event = next_event(&mut self.events) => {
-                    if self.on_connection_event(event).await {
+                // Without a sender (a bare client) the link never changes
+                // and this branch stays off.
+                Ok(()) = self.link.changed() => {
+                    if self.on_link().await {
                         ticker.reset();
                     }
                 }
@@ -357,7 +415,42 @@ impl<W: Wire> Task<W> {
         }
     }
 
-    async fn deregister(&self) -> Result<(), AnnounceError> {
+    /// One beat: what the gate allows.
+    async fn beat(&mut self) {
+        let (service, id) = (&self.instance.service, &self.instance.id);
+        match self.gate.verdict().await {
+            Verdict::Announce if self.registered => {
+                if let Err(error) = self.publisher.heartbeat(&self.instance).await {
+                    tracing::warn!(%error, "heartbeat not sent; retrying at the next interval");
+                }
+            }
+            Verdict::Announce => match self.publisher.register(&self.instance).await {
+                Ok(()) => {
+                    self.registered = true;
+                    tracing::info!(%service, %id, address = %self.instance.authority(), "registered");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "register not sent; retrying at the next interval")
+                }
+            },
+            Verdict::Hold => {}
+            Verdict::Withdraw if self.registered => {
+                self.registered = false;
+                match self.publisher.deregister(&self.instance).await {
+                    Ok(()) => tracing::info!(%service, %id, "deregistered"),
+                    Err(error) => {
+                        tracing::warn!(%error, "deregister not sent; the instance leaves at its TTL")
+                    }
+                }
+            }
+            Verdict::Withdraw => {}
+        }
+    }
+
+    async fn deregister(&mut self) -> Result<(), AnnounceError> {
+        if !self.registered {
+            return Ok(());
+        }
         let result = self.publisher.deregister(&self.instance).await;
         if result.is_ok() {
             tracing::info!(service = %self.instance.service, id = %self.instance.id, "deregistered");
@@ -365,53 +458,44 @@ impl<W: Wire> Task<W> {
         result
     }
 
-    /// Re-registers after a reconnect (or after missing events, to be safe);
-    /// true when a register went out.
-    async fn on_connection_event(
-        &mut self,
-        event: Result<async_nats::Event, broadcast::error::RecvError>,
-    ) -> bool {
-        match event {
-            Ok(async_nats::Event::Disconnected) => {
-                self.disconnected = true;
-                false
+    /// Re-registers once the link is back after a spell away (whatever the
+    /// server forgot meanwhile); true when a register went out.
+    async fn on_link(&mut self) -> bool {
+        let link = *self.link.borrow_and_update();
+        if !link.connected || link.generation == self.generation {
+            return false;
+        }
+        self.generation = link.generation;
+        if !self.registered {
+            return false;
+        }
+        match self.publisher.register(&self.instance).await {
+            Ok(()) => {
+                tracing::info!(service = %self.instance.service, id = %self.instance.id, "re-registered after reconnect");
+                true
             }
-            Ok(async_nats::Event::Connected) if !self.disconnected => false,
-            Ok(async_nats::Event::Connected) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                self.disconnected = false;
-                match self.publisher.register(&self.instance).await {
-                    Ok(()) => {
-                        tracing::info!(service = %self.instance.service, id = %self.instance.id, "re-registered after reconnect");
-                        true
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "re-register after reconnect failed; the next heartbeat carries the record");
-                        false
-                    }
-                }
-            }
-            Ok(_) => false,
-            Err(broadcast::error::RecvError::Closed) => {
-                self.events = None;
+            Err(error) => {
+                tracing::warn!(%error, "re-register after reconnect failed; the next heartbeat carries the record");
                 false
             }
         }
     }
 }
 
-/// The next connection event, or never when there is no event source.
-pub(crate) async fn next_event(
-    events: &mut Option<broadcast::Receiver<async_nats::Event>>,
-) -> Result<async_nats::Event, broadcast::error::RecvError> {
-    match events {
-        Some(events) => events.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error and its causes, as the binary prints them.
+    fn printed(error: &dyn std::error::Error) -> String {
+        let mut text = error.to_string();
+        let mut cause = error.source();
+        while let Some(next) = cause {
+            text = format!("{text}: {next}");
+            cause = next.source();
+        }
+        text
+    }
 
     /// Records what would have gone to NATS.
     #[derive(Clone)]
@@ -430,7 +514,7 @@ mod tests {
     }
 
     fn announcer(
-        events: Option<broadcast::Receiver<async_nats::Event>>,
+        link: watch::Receiver<Link>,
     ) -> (
         Announcer<Recorder>,
         mpsc::UnboundedReceiver<(String, Instance)>,
@@ -443,10 +527,21 @@ mod tests {
             },
             instance: Instance::new("web", "web-1", "127.0.0.1", 8081),
             interval: Duration::from_millis(500),
-            events,
+            link,
+            gate: Always,
         };
         (announcer, receiver)
     }
+
+    /// A link nobody changes.
+    fn still() -> watch::Receiver<Link> {
+        watch::channel(Link::default()).1
+    }
+
+    const UP: Link = Link {
+        connected: true,
+        generation: 1,
+    };
 
     async fn next(
         sent: &mut mpsc::UnboundedReceiver<(String, Instance)>,
@@ -457,7 +552,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn registers_then_heartbeats_exactly_at_the_interval() {
-        let (announcer, mut sent) = announcer(None);
+        let (announcer, mut sent) = announcer(still());
         let started = Instant::now();
         let handle = announcer.start().await.expect("valid record");
         let (subject, _, at) = next(&mut sent).await;
@@ -477,7 +572,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn update_registers_at_once_and_restarts_the_rhythm() {
-        let (announcer, mut sent) = announcer(None);
+        let (announcer, mut sent) = announcer(still());
         let handle = announcer.start().await.expect("valid record");
         next(&mut sent).await;
         tokio::time::advance(Duration::from_millis(200)).await;
@@ -496,26 +591,99 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_reconnect_re_registers_immediately() {
-        let (events, receiver) = broadcast::channel(4);
-        let (announcer, mut sent) = announcer(Some(receiver));
+        let (link, receiver) = watch::channel(UP);
+        let (announcer, mut sent) = announcer(receiver);
         let _handle = announcer.start().await.expect("valid record");
         next(&mut sent).await;
         tokio::time::advance(Duration::from_millis(100)).await;
         let reconnected_at = Instant::now();
-        events
-            .send(async_nats::Event::Disconnected)
-            .expect("task listens");
-        events
-            .send(async_nats::Event::Connected)
-            .expect("task listens");
+        link.send(Link {
+            connected: false,
+            ..UP
+        })
+        .expect("task listens");
+        link.send(Link {
+            connected: true,
+            generation: 2,
+        })
+        .expect("task listens");
         let (subject, _, at) = next(&mut sent).await;
         assert_eq!(subject, "rollcall.register.web.web-1");
         assert_eq!(at, reconnected_at);
     }
 
+    /// A gate that answers from a script, one verdict per beat, then keeps
+    /// the last.
+    struct Scripted(std::collections::VecDeque<Verdict>);
+
+    impl Gate for Scripted {
+        async fn verdict(&mut self) -> Verdict {
+            match self.0.len() {
+                0 => Verdict::Announce,
+                1 => self.0[0],
+                _ => self.0.pop_front().unwrap_or(Verdict::Announce),
+            }
+        }
+    }
+
+    fn scripted(verdicts: &[Verdict]) -> Scripted {
+        Scripted(verdicts.iter().copied().collect())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gate_holds_heartbeats_withdraws_and_lets_back_in() {
+        use Verdict::{Announce, Hold, Withdraw};
+        let (announcer, mut sent) = announcer(still());
+        let gate = scripted(&[Announce, Announce, Hold, Hold, Withdraw, Withdraw, Announce]);
+        let started = Instant::now();
+        let handle = announcer.gate(gate).start().await.expect("valid record");
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let (subject, _, at) = next(&mut sent).await;
+            seen.push((subject, at - started));
+        }
+        let ms = Duration::from_millis;
+        assert_eq!(
+            seen,
+            [
+                ("rollcall.register.web.web-1".to_owned(), ms(0)),
+                ("rollcall.heartbeat.web.web-1".to_owned(), ms(500)),
+                ("rollcall.deregister.web.web-1".to_owned(), ms(2000)),
+                ("rollcall.register.web.web-1".to_owned(), ms(3000)),
+            ],
+            "held at 1000 and 1500 ms, out at 2000 and silent at 2500 ms"
+        );
+        let (subject, _, at) = next(&mut sent).await;
+        assert_eq!(subject, "rollcall.heartbeat.web.web-1");
+        assert_eq!(at - started, ms(3500));
+        handle.deregister().await.expect("deregisters");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_withdrawn_instance_stays_out_through_reconnects_and_shutdown() {
+        let (link, receiver) = watch::channel(UP);
+        let (announcer, mut sent) = announcer(receiver);
+        let handle = announcer
+            .gate(scripted(&[Verdict::Withdraw]))
+            .start()
+            .await
+            .expect("valid record");
+        link.send(Link {
+            connected: true,
+            generation: 2,
+        })
+        .expect("task listens");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        handle.deregister().await.expect("nothing to send");
+        assert!(
+            sent.recv().await.is_none(),
+            "never in the catalog, so nothing was sent"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn dropping_the_handle_deregisters() {
-        let (announcer, mut sent) = announcer(None);
+        let (announcer, mut sent) = announcer(still());
         let handle = announcer.start().await.expect("valid record");
         next(&mut sent).await;
         drop(handle);
@@ -525,12 +693,12 @@ mod tests {
 
     #[tokio::test]
     async fn bad_records_and_updates_are_refused_naming_the_field() {
-        let (mut bad, _sent) = announcer(None);
+        let (mut bad, _sent) = announcer(still());
         bad.instance.port = 0;
         let error = bad.start().await.expect_err("port 0 is refused");
-        assert!(error.to_string().contains("port"), "{error}");
+        assert!(printed(&error).contains("port"), "{error}");
 
-        let (mut slow, _sent) = announcer(None);
+        let (mut slow, _sent) = announcer(still());
         slow.interval = Duration::from_secs(3);
         let error = slow.start().await.expect_err("interval must be below ttl");
         assert!(
@@ -538,7 +706,7 @@ mod tests {
             "{error}"
         );
 
-        let (good, _sent) = announcer(None);
+        let (good, _sent) = announcer(still());
         let handle = good.start().await.expect("valid");
         let error = handle
             .update(Instance::new("web", "web-2", "127.0.0.1", 8081))
@@ -552,6 +720,6 @@ mod tests {
             .update(Instance::new("web", "web-1", "has space", 8081))
             .await
             .expect_err("bad address");
-        assert!(error.to_string().contains("address"), "{error}");
+        assert!(printed(&error).contains("address"), "{error}");
     }
 }

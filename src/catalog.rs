@@ -1,4 +1,4 @@
-//! Stage 1, the fold: validated events and the passing of time turn into the
+//! The fold: validated events and the passing of time turn into the
 //! live catalog, and into the [`Change`]s that discovery publishes as snapshots.
 //!
 //! Pure: state, event and `now` in, changes out. No clock, no NATS, no tasks.
@@ -42,17 +42,6 @@ impl ChangeKind {
             ChangeKind::Expired => "expired",
         }
     }
-}
-
-/// An item of a catalog change stream, as discovery hands it on and as a
-/// balancer consumes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Update {
-    /// The whole catalog: sent first, and again after every reconnect.
-    /// Services not listed are unknown, not necessarily empty.
-    Reset(Vec<Snapshot>),
-    /// One service's new live set.
-    Service(Snapshot),
 }
 
 /// A digest of an event's payload bytes, for [`Catalog::refresh`]: equal

@@ -1,4 +1,4 @@
-//! Stage 2½, the memory of the catalog: the `<PREFIX>_CATALOG` JetStream
+//! The memory of the catalog: the `<PREFIX>_CATALOG` JetStream
 //! stream keeps the last snapshot of every service. Discovery creates it and
 //! adopts it on restart; balancers and `rollcall catalog` read it to start
 //! from the whole catalog instead of waiting for the next change.
@@ -8,6 +8,9 @@ use std::time::{Duration, SystemTime};
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 
+use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
+
+use crate::connect::NatsError;
 use crate::protocol::{Snapshot, Subjects};
 
 /// What went wrong with the catalog stream, naming it.
@@ -15,12 +18,26 @@ use crate::protocol::{Snapshot, Subjects};
 pub enum CatalogStreamError {
     #[error("the JetStream stream {stream} does not exist yet: start `rollcall discovery` (it creates the stream) and try again")]
     Missing { stream: String },
-    #[error("cannot look up the JetStream stream {stream}: {reason}; is JetStream enabled on the server (nats-server -js) and may this user use its API?")]
-    Lookup { stream: String, reason: String },
-    #[error("cannot create the JetStream stream {stream}: {reason}; is JetStream enabled on the server (nats-server -js) and may this user create it?")]
-    Create { stream: String, reason: String },
-    #[error("cannot read the last snapshots from {stream}: {reason}")]
-    Read { stream: String, reason: String },
+    #[error("cannot look up the JetStream stream {stream} (is JetStream enabled on the server, nats-server -js, and may this user use its API?)")]
+    Lookup {
+        stream: String,
+        #[source]
+        source: NatsError<GetStreamErrorKind>,
+    },
+    #[error("cannot create the JetStream stream {stream} (is JetStream enabled on the server, nats-server -js, and may this user create it?)")]
+    Create {
+        stream: String,
+        #[source]
+        source: NatsError<CreateStreamErrorKind>,
+    },
+    #[error("cannot read the last snapshots from {stream}")]
+    Read {
+        stream: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the server announced {pending} more snapshots in {stream} but delivered none")]
+    Starved { stream: String, pending: u64 },
 }
 
 /// A snapshot as the stream keeps it, with the time it was stored.
@@ -81,16 +98,16 @@ pub async fn ensure(
         Err(error) if is_stream_not_found(&error.kind()) => {
             js.create_stream(stream_config(subjects, replicas))
                 .await
-                .map_err(|e| CatalogStreamError::Create {
+                .map_err(|source| CatalogStreamError::Create {
                     stream: name.clone(),
-                    reason: e.to_string(),
+                    source: NatsError(source),
                 })?;
             tracing::info!(stream = %name, "created the catalog stream");
             Ok(true)
         }
-        Err(error) => Err(CatalogStreamError::Lookup {
+        Err(source) => Err(CatalogStreamError::Lookup {
             stream: name,
-            reason: error.to_string(),
+            source: NatsError(source),
         }),
     }
 }
@@ -102,14 +119,14 @@ pub async fn read_last(
     subjects: &Subjects,
 ) -> Result<LastSnapshots, CatalogStreamError> {
     let name = subjects.catalog_stream();
-    let read_error = |reason: String| CatalogStreamError::Read {
+    let read_error = |source: Box<dyn std::error::Error + Send + Sync>| CatalogStreamError::Read {
         stream: name.clone(),
-        reason,
+        source,
     };
-    let stream = match js.get_stream_no_info(&name).await {
-        Ok(stream) => stream,
-        Err(error) => return Err(read_error(error.to_string())),
-    };
+    let stream = js
+        .get_stream_no_info(&name)
+        .await
+        .map_err(|e| read_error(Box::new(NatsError(e))))?;
     let consumer = stream
         .create_consumer(consumer::pull::Config {
             deliver_policy: consumer::DeliverPolicy::LastPerSubject,
@@ -128,7 +145,7 @@ pub async fn read_last(
                     stream: name.clone(),
                 }
             }
-            _ => read_error(e.to_string()),
+            _ => read_error(Box::new(NatsError(e))),
         })?;
     let mut pending = consumer.cached_info().num_pending;
     let mut last = LastSnapshots::default();
@@ -140,12 +157,12 @@ pub async fn read_last(
             .expires(Duration::from_secs(2))
             .messages()
             .await
-            .map_err(|e| read_error(e.to_string()))?;
+            .map_err(|e| read_error(Box::new(NatsError(e))))?;
         let mut got = 0;
         while let Some(message) = batch.next().await {
-            let message = message.map_err(|e| read_error(e.to_string()))?;
+            let message = message.map_err(read_error)?;
             got += 1;
-            let info = message.info().map_err(|e| read_error(e.to_string()))?;
+            let info = message.info().map_err(read_error)?;
             pending = info.pending;
             let published = SystemTime::from(info.published);
             match subjects.parse_snapshot(&message.subject, &message.payload) {
@@ -160,9 +177,10 @@ pub async fn read_last(
             }
         }
         if got == 0 {
-            return Err(read_error(format!(
-                "the server announced {pending} more snapshots but delivered none"
-            )));
+            return Err(CatalogStreamError::Starved {
+                stream: name,
+                pending,
+            });
         }
     }
     last.snapshots

@@ -1,17 +1,18 @@
 //! How every component reaches NATS: the URL and any credential kind (user
 //! and password in the URL, a token, an nkey seed, a `.creds` file, TLS), a
 //! short ping interval so a hung server is noticed in seconds, unlimited
-//! reconnects with backoff, and connection events logged and handed on;
-//! permission violations become [`PermissionDenied`] errors naming the
-//! subject and the user, logged, counted and broadcast.
+//! reconnects with backoff, and the state of the link as one [`Link`] every
+//! component watches; permission violations become [`PermissionDenied`]
+//! errors naming the subject and the user, logged, counted and broadcast.
 
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{Client, ConnectErrorKind, ConnectOptions};
-use tokio::sync::broadcast;
+use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event};
+use tokio::sync::{broadcast, watch};
 
 use crate::permissions::{Access, PermissionDenied};
 
@@ -25,28 +26,72 @@ pub const ACCESS_CHECK_GRACE: Duration = Duration::from_millis(250);
 /// Where NATS is when nothing else says.
 pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
 
+/// An async-nats error that prints each cause once. async-nats writes its
+/// cause into its own message *and* returns it as the source, so a printer
+/// that walks the chain (`anyhow`'s `{:#}`) would show the cause twice. This
+/// shows the cause's text (or the kind, when there is no cause) and hands on
+/// the cause's own source.
+#[derive(Debug)]
+pub struct NatsError<K>(pub async_nats::error::Error<K>)
+where
+    K: Clone + fmt::Debug + fmt::Display + PartialEq;
+
+impl<K> NatsError<K>
+where
+    K: Clone + fmt::Debug + fmt::Display + PartialEq,
+{
+    fn cause(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
+}
+
+impl<K> fmt::Display for NatsError<K>
+where
+    K: Clone + fmt::Debug + fmt::Display + PartialEq,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.cause() {
+            Some(cause) => write!(f, "{cause}"),
+            None => write!(f, "{}", self.0.kind()),
+        }
+    }
+}
+
+impl<K> std::error::Error for NatsError<K>
+where
+    K: Clone + fmt::Debug + fmt::Display + PartialEq,
+{
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause().and_then(std::error::Error::source)
+    }
+}
+
 /// A connection that could not be made, with what to check.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("NATS at {url} refused the credentials{user}: check the user/password, token, nkey or .creds file ({source})")]
+pub enum NatsConnectError {
+    #[error("NATS at {url} refused the credentials{user} (check the user/password, token, nkey or .creds file)")]
     Unauthorized {
         url: String,
         user: String,
-        source: async_nats::ConnectError,
+        #[source]
+        source: NatsError<ConnectErrorKind>,
     },
-    #[error("cannot reach NATS at {url}: {source}; is nats-server running there?")]
+    #[error("cannot reach NATS at {url} (is nats-server running there?)")]
     Unreachable {
         url: String,
-        source: async_nats::ConnectError,
+        #[source]
+        source: NatsError<ConnectErrorKind>,
     },
-    #[error("TLS with NATS at {url} failed: {source}; check the CA, certificate and key files")]
+    #[error("TLS with NATS at {url} failed (check the CA, certificate and key files)")]
     Tls {
         url: String,
-        source: async_nats::ConnectError,
+        #[source]
+        source: NatsError<ConnectErrorKind>,
     },
-    #[error("cannot read the credentials file {path}: {source}")]
+    #[error("cannot read the credentials file {path}")]
     CredsFile {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("--tls-cert and --tls-key go together; only {given} was given")]
@@ -58,8 +103,12 @@ pub enum ConnectError {
 pub enum AccessError {
     #[error(transparent)]
     Denied(#[from] PermissionDenied),
-    #[error("cannot check {access} on NATS: {reason}")]
-    Check { access: Access, reason: String },
+    #[error("cannot check {access} on NATS")]
+    Check {
+        access: Access,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Everything needed to open a NATS connection.
@@ -93,21 +142,51 @@ impl Default for NatsOptions {
     }
 }
 
-/// An open client, and the connection events (disconnected, reconnected,
-/// server errors such as permission violations) for whoever needs them.
+/// The state of the link to NATS, as every component sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Link {
+    /// Whether messages can flow right now; false for good once the client
+    /// is closed.
+    pub connected: bool,
+    /// How many times the link was established: 1 after the first
+    /// connection, one more for every reconnect. A change while `connected`
+    /// stayed true still means a spell in which nothing could be heard.
+    pub generation: u64,
+}
+
+impl Link {
+    /// The link after `event`; `None` when the event does not change it.
+    /// async-nats may report the first `Connected` after `connect` returned,
+    /// so a `Connected` while connected is no reconnect.
+    pub fn after(self, event: &Event) -> Option<Link> {
+        match event {
+            Event::Connected if !self.connected => Some(Link {
+                connected: true,
+                generation: self.generation + 1,
+            }),
+            Event::Disconnected | Event::Closed if self.connected => Some(Link {
+                connected: false,
+                ..self
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// An open client, the state of its link, and the server's refusals.
 #[derive(Debug, Clone)]
 pub struct Connection {
     pub client: Client,
-    events: broadcast::Sender<async_nats::Event>,
+    link: watch::Receiver<Link>,
     denials: broadcast::Sender<PermissionDenied>,
     denied: Arc<AtomicU64>,
     identity: String,
 }
 
 impl Connection {
-    /// Connection events from now on. A lagging receiver loses the oldest.
-    pub fn events(&self) -> broadcast::Receiver<async_nats::Event> {
-        self.events.subscribe()
+    /// The state of the link, now and as it changes.
+    pub fn link(&self) -> watch::Receiver<Link> {
+        self.link.clone()
     }
 
     /// Permission violations from now on, already parsed (and logged at
@@ -136,9 +215,9 @@ impl Connection {
         let mut denials = self.denials();
         let mut probes = Vec::new();
         for access in needs {
-            let failed = |reason: String| AccessError::Check {
+            let failed = |source: Box<dyn std::error::Error + Send + Sync>| AccessError::Check {
                 access: access.clone(),
-                reason,
+                source,
             };
             match access {
                 Access::Subscribe(subject) => {
@@ -146,20 +225,20 @@ impl Connection {
                         .client
                         .subscribe(subject.clone())
                         .await
-                        .map_err(|e| failed(e.to_string()))?;
+                        .map_err(|e| failed(Box::new(NatsError(e))))?;
                     probes.push(subscriber);
                 }
                 Access::Publish(subject) => self
                     .client
                     .publish(subject.clone(), bytes::Bytes::new())
                     .await
-                    .map_err(|e| failed(e.to_string()))?,
+                    .map_err(|e| failed(Box::new(NatsError(e))))?,
             }
         }
         if let Some(access) = needs.first() {
             self.client.flush().await.map_err(|e| AccessError::Check {
                 access: access.clone(),
-                reason: e.to_string(),
+                source: Box::new(NatsError(e)),
             })?;
         }
         let refusal = async {
@@ -228,18 +307,65 @@ impl NatsOptions {
     /// Connects, naming the connection `name` on the server (it shows in
     /// `nats server report connections`). Fails at once, with the cause, when
     /// the first connection cannot be made; reconnects forever afterwards.
-    pub async fn connect(&self, name: &str) -> Result<Connection, ConnectError> {
+    pub async fn connect(&self, name: &str) -> Result<Connection, NatsConnectError> {
         let url = self.redacted_url();
+        let identity = self.identity();
+        let (link_sender, link) = watch::channel(Link::default());
+        let (denials, _) = broadcast::channel(64);
+        let denied = Arc::new(AtomicU64::new(0));
+        let watcher = EventWatcher {
+            url: url.clone(),
+            identity: identity.clone(),
+            link: link_sender.clone(),
+            denials: denials.clone(),
+            denied: Arc::clone(&denied),
+            closing: Arc::new(AtomicBool::new(false)),
+        };
+        let client = self
+            .credentials()
+            .await?
+            .name(name)
+            .ping_interval(self.ping_interval)
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None)
+            .reconnect_delay_callback(reconnect_delay)
+            .event_callback(move |event| {
+                watcher.on(event);
+                async {}
+            })
+            .connect(self.url.as_str())
+            .await
+            .map_err(|source| refused(source, &url, &identity))?;
+        // The first `Connected` event may come later, or may have come.
+        link_sender.send_if_modified(|link| {
+            let first = link.generation == 0;
+            if first {
+                *link = Link {
+                    connected: true,
+                    generation: 1,
+                };
+            }
+            first
+        });
+        Ok(Connection {
+            client,
+            link,
+            denials,
+            denied,
+            identity,
+        })
+    }
+
+    /// The async-nats options carrying the credentials and TLS settings.
+    async fn credentials(&self) -> Result<ConnectOptions, NatsConnectError> {
         let mut options = ConnectOptions::new();
         if let Some(path) = &self.creds_file {
-            options =
-                options
-                    .credentials_file(path)
-                    .await
-                    .map_err(|source| ConnectError::CredsFile {
-                        path: path.clone(),
-                        source,
-                    })?;
+            options = options.credentials_file(path).await.map_err(|source| {
+                NatsConnectError::CredsFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         }
         if let Some(seed) = &self.nkey_seed {
             options = options.nkey(seed.clone());
@@ -259,86 +385,72 @@ impl NatsOptions {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
         match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => {
-                options = options
-                    .add_client_certificate(cert.clone(), key.clone())
-                    .require_tls(true);
-            }
-            (Some(_), None) => {
-                return Err(ConnectError::HalfClientCert {
-                    given: "--tls-cert",
-                })
-            }
-            (None, Some(_)) => return Err(ConnectError::HalfClientCert { given: "--tls-key" }),
-            (None, None) => {}
+            (Some(cert), Some(key)) => Ok(options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true)),
+            (Some(_), None) => Err(NatsConnectError::HalfClientCert {
+                given: "--tls-cert",
+            }),
+            (None, Some(_)) => Err(NatsConnectError::HalfClientCert { given: "--tls-key" }),
+            (None, None) => Ok(options),
         }
-        let (events, _) = broadcast::channel(64);
-        let (denials, _) = broadcast::channel(64);
-        let denied = Arc::new(AtomicU64::new(0));
-        let identity = self.identity();
-        let sender = events.clone();
-        let denial_sender = denials.clone();
-        let denial_count = Arc::clone(&denied);
-        let denial_identity = identity.clone();
-        let log_url = url.clone();
-        let closing = Arc::new(AtomicBool::new(false));
-        options = options
-            .name(name)
-            .ping_interval(self.ping_interval)
-            .connection_timeout(Duration::from_secs(5))
-            .max_reconnects(None)
-            .reconnect_delay_callback(reconnect_delay)
-            .event_callback(move |event| {
-                if matches!(
-                    event,
-                    async_nats::Event::Draining | async_nats::Event::Closed
-                ) {
-                    closing.store(true, Ordering::Relaxed);
-                }
-                let denial = match &event {
-                    async_nats::Event::ServerError(async_nats::ServerError::Other(message)) => {
-                        PermissionDenied::from_server_error(message, &denial_identity)
-                    }
-                    _ => None,
-                };
-                match denial {
-                    Some(denied) => {
-                        denial_count.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(url = %log_url, "{denied}");
-                        // Nobody listening is fine: the denial is logged.
-                        let _ = denial_sender.send(denied);
-                    }
-                    None => log_event(&log_url, &event, closing.load(Ordering::Relaxed)),
-                }
-                let _ = sender.send(event);
-                async {}
-            });
-        let client =
-            options
-                .connect(self.url.as_str())
-                .await
-                .map_err(|source| match source.kind() {
-                    ConnectErrorKind::AuthorizationViolation => ConnectError::Unauthorized {
-                        user: format!(" of {identity}"),
-                        url: url.clone(),
-                        source,
-                    },
-                    ConnectErrorKind::Tls => ConnectError::Tls {
-                        url: url.clone(),
-                        source,
-                    },
-                    _ => ConnectError::Unreachable {
-                        url: url.clone(),
-                        source,
-                    },
-                })?;
-        Ok(Connection {
-            client,
-            events,
-            denials,
-            denied,
-            identity,
-        })
+    }
+}
+
+/// Why the first connection failed, in the terms of what to check.
+fn refused(source: async_nats::ConnectError, url: &str, identity: &str) -> NatsConnectError {
+    let url = url.to_owned();
+    let source = NatsError(source);
+    match source.0.kind() {
+        ConnectErrorKind::AuthorizationViolation => NatsConnectError::Unauthorized {
+            user: format!(" of {identity}"),
+            url,
+            source,
+        },
+        ConnectErrorKind::Tls => NatsConnectError::Tls { url, source },
+        _ => NatsConnectError::Unreachable { url, source },
+    }
+}
+
+/// Receives the client's connection events: moves the [`Link`], turns
+/// permission violations into [`PermissionDenied`], logs the rest.
+struct EventWatcher {
+    url: String,
+    identity: String,
+    link: watch::Sender<Link>,
+    denials: broadcast::Sender<PermissionDenied>,
+    denied: Arc<AtomicU64>,
+    /// Set once the client drains or closes on purpose.
+    closing: Arc<AtomicBool>,
+}
+
+impl EventWatcher {
+    fn on(&self, event: Event) {
+        if matches!(event, Event::Draining | Event::Closed) {
+            self.closing.store(true, Ordering::Relaxed);
+        }
+        self.link.send_if_modified(|link| match link.after(&event) {
+            Some(next) => {
+                *link = next;
+                true
+            }
+            None => false,
+        });
+        let denial = match &event {
+            Event::ServerError(async_nats::ServerError::Other(message)) => {
+                PermissionDenied::from_server_error(message, &self.identity)
+            }
+            _ => None,
+        };
+        match denial {
+            Some(denied) => {
+                self.denied.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(url = %self.url, "{denied}");
+                // Nobody listening is fine: the denial is logged.
+                let _ = self.denials.send(denied);
+            }
+            None => log_event(&self.url, &event, self.closing.load(Ordering::Relaxed)),
+        }
     }
 }
 
@@ -354,8 +466,7 @@ fn reconnect_delay(attempts: usize) -> Duration {
 
 /// Logs one connection event. Once the client is closing on purpose, the
 /// end of the connection is no news.
-fn log_event(url: &str, event: &async_nats::Event, closing: bool) {
-    use async_nats::Event;
+fn log_event(url: &str, event: &Event, closing: bool) {
     match event {
         Event::Connected => tracing::info!(%url, "connected to NATS"),
         Event::Disconnected | Event::ClientError(_) if closing => {
@@ -483,5 +594,25 @@ mod tests {
             .map(|a| reconnect_delay(a).as_millis() as u64)
             .collect();
         assert_eq!(delays, [0, 100, 200, 400, 800, 1600, 2000, 2000]);
+    }
+
+    #[test]
+    fn the_link_counts_connections_once_each() {
+        let mut link = Link::default();
+        let mut seen = Vec::new();
+        for event in [
+            Event::Connected,
+            Event::Connected,
+            Event::Disconnected,
+            Event::Disconnected,
+            Event::Connected,
+            Event::SlowConsumer(1),
+        ] {
+            if let Some(next) = link.after(&event) {
+                link = next;
+                seen.push((link.connected, link.generation));
+            }
+        }
+        assert_eq!(seen, [(true, 1), (false, 1), (true, 2)]);
     }
 }

@@ -1,7 +1,7 @@
-//! Stage 2, discovery: register/heartbeat/deregister messages from NATS go
-//! through the [`catalog`](crate::catalog) fold; every change is published as
-//! a snapshot on `<prefix>.catalog.<service>` (kept by the catalog stream) and
-//! handed on as a stream of [`Update`]s.
+//! Discovery: register/heartbeat/deregister messages from NATS go through
+//! the [`catalog`](crate::catalog) fold; every change is published as a
+//! snapshot on `<prefix>.catalog.<service>` (kept by the catalog stream),
+//! where [`subscription`](crate::subscription) picks it up for balancers.
 //!
 //! Expiry sleeps until the catalog's next deadline; nothing scans. While the
 //! NATS connection is down nothing can be heard, so nothing expires, and on
@@ -13,15 +13,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use async_nats::client::{FlushErrorKind, SubscribeErrorKind};
 use async_nats::{jetstream, Client};
 use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
-use tokio::sync::broadcast;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::catalog::{payload_digest, Catalog, Change, Update};
+use crate::catalog::{payload_digest, Catalog, Change};
 use crate::catalog_stream::{self, CatalogStreamError};
+use crate::connect::{Connection, Link, NatsError};
 use crate::protocol::{EventKind, Snapshot, Subjects};
 
 /// Events folded before the changed services are published: under load one
@@ -31,21 +33,29 @@ const BATCH: usize = 4096;
 /// faster than they are folded (a fleet joining at once): snapshots of a
 /// busy service go out every few milliseconds, not once per event.
 const MAX_COALESCE: Duration = Duration::from_millis(5);
-/// How often to look at the connection again while it is down.
-const BLIND_RECHECK: Duration = Duration::from_millis(100);
 
 /// Why discovery could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("cannot subscribe to {subject}: {reason}")]
-    Subscribe { subject: String, reason: String },
+    #[error("cannot subscribe to {subject}")]
+    Subscribe {
+        subject: String,
+        #[source]
+        source: NatsError<SubscribeErrorKind>,
+    },
+    #[error("cannot flush the subscription to {subject}")]
+    Flush {
+        subject: String,
+        #[source]
+        source: NatsError<FlushErrorKind>,
+    },
     #[error(transparent)]
     CatalogStream(#[from] CatalogStreamError),
-    #[error("cannot adopt the stored catalog: {0}")]
-    Adopt(CatalogStreamError),
+    #[error("cannot adopt the stored catalog")]
+    Adopt(#[source] CatalogStreamError),
     #[error("the NATS connection closed for good while following {subject}")]
     Closed { subject: String },
-    #[error("the discovery task failed: {0}")]
+    #[error("the discovery task failed")]
     Task(#[from] tokio::task::JoinError),
 }
 
@@ -78,37 +88,16 @@ impl Stats {
 
 /// A running discovery component.
 pub struct Discovery {
-    updates: broadcast::Sender<Update>,
     latest: Latest,
     stats: Arc<Stats>,
     task: JoinHandle<Result<(), DiscoveryError>>,
 }
 
 impl Discovery {
-    /// The catalog as it changes: first a [`Update::Reset`] with every
-    /// service, then one [`Update::Service`] per published snapshot. A
-    /// consumer that falls behind gets a fresh `Reset` instead of the
-    /// updates it missed.
-    pub fn updates(&self) -> impl Stream<Item = Update> + Send + 'static {
-        let receiver = self.updates.subscribe();
-        let latest = Arc::clone(&self.latest);
-        let reset = Update::Reset(current(&latest));
-        futures::stream::once(async move { reset }).chain(futures::stream::unfold(
-            (receiver, latest),
-            |(mut receiver, latest)| async move {
-                let update = match receiver.recv().await {
-                    Ok(update) => update,
-                    Err(broadcast::error::RecvError::Lagged(_)) => Update::Reset(current(&latest)),
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                };
-                Some((update, (receiver, latest)))
-            },
-        ))
-    }
-
-    /// The last published snapshot of every service.
+    /// The last published snapshot of every service: what an embedding
+    /// program (the demo) or a test can look at without a NATS round trip.
     pub fn catalog(&self) -> Vec<Snapshot> {
-        current(&self.latest)
+        latest_snapshots(&self.latest)
     }
 
     pub fn stats(&self) -> &Stats {
@@ -125,7 +114,7 @@ impl Discovery {
 /// published (shared with the NATS client, not a second copy of the catalog).
 type Latest = Arc<Mutex<BTreeMap<String, Bytes>>>;
 
-fn current(latest: &Mutex<BTreeMap<String, Bytes>>) -> Vec<Snapshot> {
+fn latest_snapshots(latest: &Mutex<BTreeMap<String, Bytes>>) -> Vec<Snapshot> {
     latest
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -134,16 +123,16 @@ fn current(latest: &Mutex<BTreeMap<String, Bytes>>) -> Vec<Snapshot> {
         .collect()
 }
 
-/// Starts discovery on `client`: subscribes to the event subjects, makes sure
-/// the catalog stream exists, adopts the snapshots it keeps, then folds
+/// Starts discovery on `connection`: subscribes to the event subjects, makes
+/// sure the catalog stream exists, adopts the snapshots it keeps, then folds
 /// events until `shutdown` resolves. Errors here are start-up errors; the
 /// running task survives bad events and NATS outages.
 pub async fn spawn(
-    client: Client,
+    connection: &Connection,
     subjects: Subjects,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Discovery, DiscoveryError> {
-    spawn_with(client, subjects, DiscoveryConfig::default(), shutdown).await
+    spawn_with(connection, subjects, DiscoveryConfig::default(), shutdown).await
 }
 
 /// Settings of discovery beyond the connection and the prefix.
@@ -161,11 +150,12 @@ impl Default for DiscoveryConfig {
 
 /// [`spawn`] with explicit settings.
 pub async fn spawn_with(
-    client: Client,
+    connection: &Connection,
     subjects: Subjects,
     config: DiscoveryConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Discovery, DiscoveryError> {
+    let client = connection.client.clone();
     // One subscription for all kinds: NATS keeps one sender's messages in
     // order only within a subscription, and a deregister must not overtake
     // the heartbeat sent before it.
@@ -174,32 +164,57 @@ pub async fn spawn_with(
         client
             .subscribe(subject.clone())
             .await
-            .map_err(|e| DiscoveryError::Subscribe {
+            .map_err(|source| DiscoveryError::Subscribe {
                 subject: subject.clone(),
-                reason: e.to_string(),
+                source: NatsError(source),
             })?;
     client
         .flush()
         .await
-        .map_err(|e| DiscoveryError::Subscribe {
+        .map_err(|source| DiscoveryError::Flush {
             subject,
-            reason: e.to_string(),
+            source: NatsError(source),
         })?;
     let js = jetstream::new(client.clone());
     catalog_stream::ensure(&js, &subjects, config.stream_replicas).await?;
     let stored = catalog_stream::read_last(&js, &subjects)
         .await
         .map_err(DiscoveryError::Adopt)?;
+    let adopted: Vec<Snapshot> = stored.snapshots.into_iter().map(|s| s.snapshot).collect();
+    let wire = NatsWire {
+        client,
+        js,
+        subjects: subjects.clone(),
+        replicas: config.stream_replicas,
+    };
+    Ok(start(
+        wire,
+        events,
+        connection.link(),
+        subjects,
+        adopted,
+        shutdown,
+    ))
+}
 
+/// Adopts `adopted` and runs the worker in a task of its own.
+fn start<W: Wire + 'static>(
+    wire: W,
+    events: impl Stream<Item = async_nats::Message> + Unpin + Send + 'static,
+    link: watch::Receiver<Link>,
+    subjects: Subjects,
+    adopted: Vec<Snapshot>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Discovery {
     let stats = Arc::new(Stats::default());
     let mut catalog = Catalog::new();
     let now = Instant::now().into_std();
     let mut latest = BTreeMap::new();
-    for stored in stored.snapshots {
-        if let Ok(payload) = serde_json::to_vec(&stored.snapshot) {
-            latest.insert(stored.snapshot.service.clone(), Bytes::from(payload));
+    for snapshot in adopted {
+        if let Ok(payload) = serde_json::to_vec(&snapshot) {
+            latest.insert(snapshot.service.clone(), Bytes::from(payload));
         }
-        catalog.adopt(stored.snapshot, now);
+        catalog.adopt(snapshot, now);
         Stats::bump(&stats.adopted_services);
     }
     stats
@@ -211,86 +226,57 @@ pub async fn spawn_with(
         prefix = subjects.prefix(),
         "discovery started; adopted the stored catalog"
     );
-
-    let outlet = NatsOutlet {
-        client,
-        js,
-        subjects: subjects.clone(),
-        replicas: config.stream_replicas,
-    };
-    Ok(start(
-        outlet, events, subjects, catalog, latest, stats, shutdown,
-    ))
-}
-
-fn start<O: Outlet + 'static>(
-    outlet: O,
-    events: impl Stream<Item = async_nats::Message> + Unpin + Send + 'static,
-    subjects: Subjects,
-    catalog: Catalog,
-    latest: BTreeMap<String, Bytes>,
-    stats: Arc<Stats>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Discovery {
-    let (updates, _) = broadcast::channel(1024);
     let latest = Arc::new(Mutex::new(latest));
-    let fold = Fold {
-        outlet,
+    let generation = link.borrow().generation;
+    let worker = Worker {
+        wire,
         subjects,
         catalog,
         stats: Arc::clone(&stats),
-        updates: updates.clone(),
         latest: Arc::clone(&latest),
         dirty: BTreeSet::new(),
+        dirty_since: None,
+        blind: false,
+        generation,
     };
-    let task = tokio::spawn(fold.run(events, shutdown));
+    let task = tokio::spawn(worker.run(events, link, shutdown));
     Discovery {
-        updates,
         latest,
         stats,
         task,
     }
 }
 
-/// Where the fold's snapshots go. NATS, but for the fold's own tests.
-trait Outlet: Send {
-    /// Whether events can be heard right now.
-    fn connected(&self) -> bool;
-    /// How many times the connection was (re)established so far.
-    fn connections(&self) -> u64;
+/// Where discovery's snapshots go: NATS, but for the worker's own tests.
+trait Wire: Send {
     /// Publishes one service's snapshot, already serialized.
     fn publish(
         &mut self,
         service: &str,
         payload: Bytes,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), async_nats::PublishError>> + Send;
     /// After a reconnect: whether the server forgot the stored catalog (so
     /// everything must be published again).
     fn catalog_lost(&mut self) -> impl Future<Output = bool> + Send;
     fn flush(&mut self) -> impl Future<Output = ()> + Send;
 }
 
-struct NatsOutlet {
+struct NatsWire {
     client: Client,
     js: jetstream::Context,
     subjects: Subjects,
     replicas: usize,
 }
 
-impl Outlet for NatsOutlet {
-    fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
-    }
-
-    fn connections(&self) -> u64 {
-        self.client.statistics().connects.load(Ordering::Relaxed)
-    }
-
-    async fn publish(&mut self, service: &str, payload: Bytes) -> Result<(), String> {
+impl Wire for NatsWire {
+    async fn publish(
+        &mut self,
+        service: &str,
+        payload: Bytes,
+    ) -> Result<(), async_nats::PublishError> {
         self.client
             .publish(self.subjects.catalog(service), payload)
             .await
-            .map_err(|e| e.to_string())
     }
 
     async fn catalog_lost(&mut self) -> bool {
@@ -310,32 +296,36 @@ impl Outlet for NatsOutlet {
     }
 }
 
-/// The state of the running loop.
-struct Fold<O> {
-    outlet: O,
+/// The running loop around the catalog fold: events in, expiry on time,
+/// snapshots out.
+struct Worker<W> {
+    wire: W,
     subjects: Subjects,
     catalog: Catalog,
     stats: Arc<Stats>,
-    updates: broadcast::Sender<Update>,
     latest: Latest,
     /// Services changed since the last publish.
     dirty: BTreeSet<String>,
+    /// When the oldest unpublished change happened, if any.
+    dirty_since: Option<Instant>,
+    /// NATS was found unreachable: nothing can be heard, nothing expires.
+    blind: bool,
+    /// The link generation at the last look.
+    generation: u64,
 }
 
-impl<O: Outlet> Fold<O> {
+impl<W: Wire> Worker<W> {
     async fn run(
         mut self,
         mut events: impl Stream<Item = async_nats::Message> + Unpin + Send,
+        mut link: watch::Receiver<Link>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), DiscoveryError> {
         tokio::pin!(shutdown);
-        let mut blind = false;
-        let mut connections = self.outlet.connections();
-        // When the oldest unpublished change happened, if any.
-        let mut dirty_since: Option<Instant> = None;
         loop {
-            let wake = if blind {
-                Some(Instant::now() + BLIND_RECHECK)
+            // Blind, only the link's return can end the spell.
+            let wake = if self.blind {
+                None
             } else {
                 self.catalog.next_deadline().map(Instant::from_std)
             };
@@ -346,62 +336,27 @@ impl<O: Outlet> Fold<O> {
                 biased;
                 () = &mut shutdown => break,
                 // Before the events, so that expiry runs under any load.
-                () = sleep_until(wake) => {
-                    // A reconnect since the last look means a spell in which
-                    // nothing could be heard, however short.
-                    let reconnected = self.outlet.connections() != connections;
-                    if !self.outlet.connected() {
-                        if !blind {
-                            tracing::warn!("NATS is unreachable: holding the catalog, no instance expires until it is back");
-                        }
-                        blind = true;
-                    } else if blind || reconnected {
-                        blind = false;
-                        connections = self.outlet.connections();
-                        self.catalog.refresh_all(Instant::now().into_std());
-                        tracing::info!("NATS is back: every instance counts as just heard");
-                        self.recover_stream().await;
-                    } else {
-                        self.expire();
-                    }
+                () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
+                    let now = *link.borrow_and_update();
+                    self.look(now).await;
+                }
+                Ok(()) = link.changed(), if self.blind => {
+                    let now = *link.borrow_and_update();
+                    self.look(now).await;
                 }
                 message = events.next() => {
                     let Some(message) = message else {
                         return Err(DiscoveryError::Closed { subject: self.subjects.all() });
                     };
-                    self.handle(&message);
-                    // Fold whatever else is already here before publishing.
-                    // Unconstrained: tokio's cooperative budget would end the
-                    // batch early and make every few events a snapshot.
-                    let mut drained = false;
-                    for _ in 1..BATCH {
-                        match tokio::task::unconstrained(events.next()).now_or_never() {
-                            Some(Some(message)) => self.handle(&message),
-                            Some(None) => {
-                                return Err(DiscoveryError::Closed { subject: self.subjects.all() })
-                            }
-                            None => {
-                                drained = true;
-                                break;
-                            }
-                        }
-                    }
-                    if !drained && !self.dirty.is_empty() {
-                        let since = *dirty_since.get_or_insert_with(Instant::now);
-                        publish = since.elapsed() >= MAX_COALESCE;
-                    }
-                    if !drained {
-                        // Let the timer and other tasks in between batches.
-                        tokio::task::yield_now().await;
-                    }
+                    publish = self.fold_batch(&message, &mut events).await?;
                 }
             }
             if publish {
-                dirty_since = None;
+                self.dirty_since = None;
                 self.publish_dirty().await;
             }
         }
-        self.outlet.flush().await;
+        self.wire.flush().await;
         tracing::info!(
             events = self.stats.events.load(Ordering::Relaxed),
             invalid = self.stats.invalid.load(Ordering::Relaxed),
@@ -409,6 +364,54 @@ impl<O: Outlet> Fold<O> {
             "discovery stopped"
         );
         Ok(())
+    }
+
+    /// At a deadline, or when the link changes while blind: expire what is
+    /// due, unless the link is down (go blind) or came back since the last
+    /// look, however briefly (forgive the silence).
+    async fn look(&mut self, link: Link) {
+        if !link.connected {
+            if !self.blind {
+                tracing::warn!("NATS is unreachable: holding the catalog, no instance expires until it is back");
+            }
+            self.blind = true;
+        } else if self.blind || link.generation != self.generation {
+            self.blind = false;
+            self.generation = link.generation;
+            self.catalog.refresh_all(Instant::now().into_std());
+            tracing::info!("NATS is back: every instance counts as just heard");
+            self.recover_stream().await;
+        } else {
+            self.expire();
+        }
+    }
+
+    /// Folds `first` and whatever else is already waiting, up to [`BATCH`];
+    /// whether to publish now.
+    async fn fold_batch(
+        &mut self,
+        first: &async_nats::Message,
+        events: &mut (impl Stream<Item = async_nats::Message> + Unpin + Send),
+    ) -> Result<bool, DiscoveryError> {
+        self.handle(first);
+        // Unconstrained: tokio's cooperative budget would end the batch
+        // early and make every few events a snapshot.
+        for _ in 1..BATCH {
+            match tokio::task::unconstrained(events.next()).now_or_never() {
+                Some(Some(message)) => self.handle(&message),
+                Some(None) => {
+                    return Err(DiscoveryError::Closed {
+                        subject: self.subjects.all(),
+                    })
+                }
+                None => return Ok(true),
+            }
+        }
+        let publish = self.dirty.is_empty()
+            || self.dirty_since.get_or_insert_with(Instant::now).elapsed() >= MAX_COALESCE;
+        // Let the timer and other tasks in between batches.
+        tokio::task::yield_now().await;
+        Ok(publish)
     }
 
     fn handle(&mut self, message: &async_nats::Message) {
@@ -472,7 +475,7 @@ impl<O: Outlet> Fold<O> {
     /// When the server lost the catalog stream (restarted without its
     /// store), fills it again with what this discovery knows.
     async fn recover_stream(&mut self) {
-        if self.outlet.catalog_lost().await {
+        if self.wire.catalog_lost().await {
             tracing::warn!("the catalog stream was gone; publishing every service again");
             for snapshot in self.catalog.snapshots() {
                 self.publish(snapshot).await;
@@ -504,64 +507,44 @@ impl<O: Outlet> Fold<O> {
                 return;
             }
         };
-        match self
-            .outlet
-            .publish(&snapshot.service, payload.clone())
-            .await
-        {
+        self.latest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(snapshot.service.clone(), payload.clone());
+        match self.wire.publish(&snapshot.service, payload).await {
             Ok(()) => Stats::bump(&self.stats.published),
             Err(error) => {
                 Stats::bump(&self.stats.publish_failures);
                 tracing::error!(service = %snapshot.service, %error, "cannot publish a snapshot");
             }
         }
-        self.latest
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(snapshot.service.clone(), payload);
-        // Nobody following the updates is fine.
-        let _ = self.updates.send(Update::Service(snapshot));
-    }
-}
-
-async fn sleep_until(wake: Option<Instant>) {
-    match wake {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::pin::Pin;
-    use std::sync::atomic::AtomicBool;
-
     use tokio::sync::{mpsc, oneshot};
 
     use super::*;
     use crate::protocol::Instance;
 
-    /// Stands in for NATS on the publishing side only: the fold's own
+    /// Stands in for NATS on the publishing side only: the worker's own
     /// behaviour in time is what these tests pin down.
-    struct RecordingOutlet {
-        connected: Arc<AtomicBool>,
-        connections: Arc<AtomicU64>,
+    struct RecordingWire {
         published: mpsc::UnboundedSender<Snapshot>,
     }
 
-    impl Outlet for RecordingOutlet {
-        fn connected(&self) -> bool {
-            self.connected.load(Ordering::SeqCst)
-        }
-
-        fn connections(&self) -> u64 {
-            self.connections.load(Ordering::SeqCst)
-        }
-
-        async fn publish(&mut self, service: &str, payload: Bytes) -> Result<(), String> {
-            let snapshot: Snapshot = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+    impl Wire for RecordingWire {
+        async fn publish(
+            &mut self,
+            service: &str,
+            payload: Bytes,
+        ) -> Result<(), async_nats::PublishError> {
+            let snapshot: Snapshot = serde_json::from_slice(&payload).expect("a snapshot");
             assert_eq!(snapshot.service, service);
-            self.published.send(snapshot).map_err(|e| e.to_string())
+            self.published
+                .send(snapshot)
+                .map_err(|_| async_nats::client::PublishErrorKind::Send.into())
         }
 
         async fn catalog_lost(&mut self) -> bool {
@@ -571,12 +554,15 @@ mod tests {
         async fn flush(&mut self) {}
     }
 
+    const UP: Link = Link {
+        connected: true,
+        generation: 1,
+    };
+
     struct Harness {
         events: mpsc::UnboundedSender<async_nats::Message>,
-        updates: Pin<Box<dyn Stream<Item = Update> + Send>>,
         published: mpsc::UnboundedReceiver<Snapshot>,
-        connected: Arc<AtomicBool>,
-        connections: Arc<AtomicU64>,
+        link: watch::Sender<Link>,
         discovery: Discovery,
         _stop: oneshot::Sender<()>,
     }
@@ -585,43 +571,26 @@ mod tests {
         async fn start(adopted: Vec<Snapshot>) -> Harness {
             let (events, receiver) = mpsc::unbounded_channel();
             let (published_tx, published) = mpsc::unbounded_channel();
-            let connected = Arc::new(AtomicBool::new(true));
-            let connections = Arc::new(AtomicU64::new(1));
+            let (link, link_rx) = watch::channel(UP);
             let (stop, stopped) = oneshot::channel::<()>();
-            let mut catalog = Catalog::new();
-            let mut latest = BTreeMap::new();
-            for snapshot in adopted {
-                let payload = serde_json::to_vec(&snapshot).expect("a snapshot serializes");
-                latest.insert(snapshot.service.clone(), Bytes::from(payload));
-                catalog.adopt(snapshot, Instant::now().into_std());
-            }
             let discovery = start(
-                RecordingOutlet {
-                    connected: Arc::clone(&connected),
-                    connections: Arc::clone(&connections),
+                RecordingWire {
                     published: published_tx,
                 },
                 Box::pin(futures::stream::unfold(receiver, |mut r| async move {
                     r.recv().await.map(|m| (m, r))
                 })),
+                link_rx,
                 Subjects::default(),
-                catalog,
-                latest,
-                Arc::default(),
+                adopted,
                 async {
                     let _ = stopped.await;
                 },
             );
-            let mut updates: Pin<Box<dyn Stream<Item = Update> + Send>> =
-                Box::pin(discovery.updates());
-            let first = updates.next().await;
-            assert!(matches!(first, Some(Update::Reset(_))), "{first:?}");
             Harness {
                 events,
-                updates,
                 published,
-                connected,
-                connections,
+                link,
                 discovery,
                 _stop: stop,
             }
@@ -638,7 +607,7 @@ mod tests {
                     description: None,
                     length: payload.len(),
                 })
-                .expect("the fold is running");
+                .expect("the worker is running");
         }
 
         fn register(&self, instance: &Instance) {
@@ -653,15 +622,20 @@ mod tests {
             self.send(&subject, &serde_json::to_string(instance).unwrap());
         }
 
+        fn set_link(&self, connected: bool, generation: u64) {
+            self.link
+                .send(Link {
+                    connected,
+                    generation,
+                })
+                .expect("the worker watches the link");
+        }
+
         async fn next_snapshot(&mut self) -> Snapshot {
-            let update = self.updates.next().await.expect("discovery is running");
-            let Update::Service(snapshot) = update else {
-                panic!("expected one service's snapshot, got {update:?}");
-            };
-            let published = self.published.recv().await.expect("published");
-            assert_eq!(
-                published, snapshot,
-                "what is handed on is what is published"
+            let snapshot = self.published.recv().await.expect("published");
+            assert!(
+                self.discovery.catalog().contains(&snapshot),
+                "what is published is what the catalog shows"
             );
             snapshot
         }
@@ -753,18 +727,17 @@ mod tests {
         let mut h = Harness::start(Vec::new()).await;
         h.register(&web("a", 1000));
         h.next_snapshot().await;
-        h.connected.store(false, Ordering::SeqCst);
+        h.set_link(false, 1);
         tokio::time::advance(Duration::from_secs(30)).await;
-        h.connected.store(true, Ordering::SeqCst);
-        h.connections.fetch_add(1, Ordering::SeqCst);
-        // Once the fold sees the reconnect, a full TTL of grace.
+        h.set_link(true, 2);
+        // From the reconnect, a full TTL of grace.
         let back = Instant::now();
         let expired = h.next_snapshot().await;
         assert!(expired.instances.is_empty());
         let waited = back.elapsed();
-        assert!(
-            waited >= Duration::from_millis(1000)
-                && waited <= BLIND_RECHECK + Duration::from_millis(1000),
+        assert_eq!(
+            waited,
+            Duration::from_millis(1000),
             "expired {waited:?} after NATS came back"
         );
         assert_eq!(expired.revision, 2);
@@ -776,7 +749,7 @@ mod tests {
         h.register(&web("a", 1000));
         h.next_snapshot().await;
         // The link dropped and came back before the deadline was looked at.
-        h.connections.fetch_add(1, Ordering::SeqCst);
+        h.set_link(true, 2);
         let t0 = Instant::now();
         let expired = h.next_snapshot().await;
         assert!(expired.instances.is_empty());

@@ -16,7 +16,7 @@
 //! - [`subscription`]: catalog messages from NATS into a stream of updates,
 //!   the only input of a balancer.
 //! - [`connect`]: how every component reaches NATS (credentials, TLS,
-//!   reconnects, connection events).
+//!   reconnects, the [`Link`](connect::Link) state every component watches).
 //! - [`balancer`]: the HTTP reverse proxy: catalog updates in, each request
 //!   sent round-robin to a live instance of its route's service.
 //! - [`announcer`]: a Rust service registers, heartbeats and deregisters

@@ -1,4 +1,4 @@
-//! Stage 0, the wire: the JSON records and NATS subjects of protocol version 1
+//! The wire: the JSON records and NATS subjects of protocol version 1
 //! (`docs/protocol.md`), and the rules every sender and receiver checks.
 //!
 //! Everything that crosses NATS is built and parsed here and nowhere else; the
@@ -596,7 +596,7 @@ mod tests {
     fn the_protocol_example_parses_and_round_trips() {
         let event = subjects()
             .parse_event("rollcall.register.web.web-1", WEB_1.as_bytes())
-            .expect("the example of PROTOCOL.md is valid");
+            .expect("the example of docs/protocol.md is valid");
         let Event::Register(instance) = event else {
             panic!("a register subject gives a Register event, got {event:?}");
         };

@@ -1,5 +1,6 @@
-//! Stage 3, the catalog subscription: the one place that turns catalog
-//! messages from NATS into a stream of [`Update`]s for a balancer.
+//! The catalog subscription: the one place that turns catalog messages from
+//! NATS into a stream of [`Update`]s for a balancer, and the one place that
+//! drops stale revisions ([`Held`]).
 //!
 //! On start, and again after every reconnect, it reads the last snapshot of
 //! every service from the catalog stream and hands on a [`Update::Reset`];
@@ -9,22 +10,33 @@
 //! on the last catalog it has.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{jetstream, Client};
 use futures::{Stream, StreamExt};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
-use crate::catalog::Update;
-use crate::catalog_stream;
-use crate::connect::Connection;
+use crate::catalog_stream::{self, CatalogStreamError, LastSnapshots};
+use crate::connect::{Connection, Link};
 use crate::protocol::{Snapshot, Subjects};
 
-/// Counters of a catalog subscription.
+/// An item of the catalog feed, as a balancer consumes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// The whole catalog: sent first, and again after every reconnect.
+    /// Services not listed are unknown, not necessarily empty.
+    Reset(Vec<Snapshot>),
+    /// One service's new live set.
+    Service(Snapshot),
+}
+
+/// Counters of a catalog subscription, readable at any time.
 #[derive(Debug, Default)]
-pub struct SubscriptionStats {
+pub struct Stats {
     /// Live snapshots handed on.
     pub applied: AtomicU64,
     /// Snapshots dropped because their revision was not newer.
@@ -33,6 +45,42 @@ pub struct SubscriptionStats {
     pub invalid: AtomicU64,
     /// Resets handed on (start and every re-sync).
     pub resets: AtomicU64,
+}
+
+impl Stats {
+    fn bump(counter: &AtomicU64) {
+        Stats::add(counter, 1);
+    }
+
+    fn add(counter: &AtomicU64, by: u64) {
+        counter.fetch_add(by, Ordering::Relaxed);
+    }
+}
+
+/// The newest snapshot of every service seen: the filter that keeps a
+/// revision from going backwards.
+#[derive(Debug, Default)]
+pub struct Held(HashMap<String, Snapshot>);
+
+impl Held {
+    /// Keeps `snapshot` when its revision is above the one held for its
+    /// service (or none is held); otherwise returns the revision held.
+    pub fn offer(&mut self, snapshot: Snapshot) -> Result<(), u64> {
+        match self.0.get(&snapshot.service) {
+            Some(held) if snapshot.revision <= held.revision => Err(held.revision),
+            _ => {
+                self.0.insert(snapshot.service.clone(), snapshot);
+                Ok(())
+            }
+        }
+    }
+
+    /// Every snapshot held, by service name.
+    pub fn all(&self) -> Vec<Snapshot> {
+        let mut all: Vec<Snapshot> = self.0.values().cloned().collect();
+        all.sort_by(|a, b| a.service.cmp(&b.service));
+        all
+    }
 }
 
 /// Follows the catalog of the fleet under `subjects`. The stream ends only
@@ -48,77 +96,125 @@ pub fn follow(
 pub fn follow_with_stats(
     connection: &Connection,
     subjects: Subjects,
-    stats: Arc<SubscriptionStats>,
+    stats: Arc<Stats>,
 ) -> impl Stream<Item = Update> + Send + 'static {
     let (sender, receiver) = mpsc::channel(256);
-    let follower = Follower {
-        client: connection.client.clone(),
-        events: connection.events(),
-        subjects,
-        held: HashMap::new(),
-        sender,
-        stats,
-    };
-    tokio::spawn(follower.run());
+    let client = connection.client.clone();
+    let link = connection.link();
+    tokio::spawn(async move {
+        let follower = Follower {
+            subjects: subjects.clone(),
+            held: Held::default(),
+            sender,
+            stats,
+        };
+        if let Some(source) = NatsSource::subscribe(client, subjects, &follower.sender).await {
+            follower.run(source, link).await;
+        }
+    });
     futures::stream::unfold(receiver, |mut receiver| async move {
         receiver.recv().await.map(|update| (update, receiver))
     })
 }
 
-struct Follower {
-    client: Client,
-    events: broadcast::Receiver<async_nats::Event>,
-    subjects: Subjects,
-    /// The newest snapshot of every service seen, from the stream or live.
-    held: HashMap<String, Snapshot>,
-    sender: mpsc::Sender<Update>,
-    stats: Arc<SubscriptionStats>,
+/// What the follower reads: NATS, but for the follower's own tests.
+trait Source: Send {
+    /// The last snapshot of every service, from the catalog stream.
+    fn read_stream(
+        &mut self,
+    ) -> impl Future<Output = Result<LastSnapshots, CatalogStreamError>> + Send;
+    /// The next live catalog message; `None` once the client is closed.
+    fn next_live(&mut self) -> impl Future<Output = Option<async_nats::Message>> + Send;
 }
 
-/// The state of the stream read.
-enum Sync {
-    /// Read the stream (again) at the next chance.
-    Needed {
+struct NatsSource {
+    js: jetstream::Context,
+    subjects: Subjects,
+    live: async_nats::Subscriber,
+}
+
+impl NatsSource {
+    /// Subscribes to live snapshots, retrying until it works or nobody
+    /// listens any more. Subscribed before the stream is read, so nothing
+    /// published in between is missed; async-nats re-subscribes after
+    /// reconnects.
+    async fn subscribe(
+        client: Client,
+        subjects: Subjects,
+        listener: &mpsc::Sender<Update>,
+    ) -> Option<NatsSource> {
+        let subject = subjects.catalog_wildcard();
+        loop {
+            match client.subscribe(subject.clone()).await {
+                Ok(live) => {
+                    return Some(NatsSource {
+                        js: jetstream::new(client),
+                        subjects,
+                        live,
+                    })
+                }
+                Err(error) => {
+                    tracing::error!(%subject, %error, "cannot subscribe to the catalog; retrying");
+                    if listener.is_closed() {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Source for NatsSource {
+    async fn read_stream(&mut self) -> Result<LastSnapshots, CatalogStreamError> {
+        catalog_stream::read_last(&self.js, &self.subjects).await
+    }
+
+    async fn next_live(&mut self) -> Option<async_nats::Message> {
+        self.live.next().await
+    }
+}
+
+struct Follower {
+    subjects: Subjects,
+    held: Held,
+    sender: mpsc::Sender<Update>,
+    stats: Arc<Stats>,
+}
+
+/// Where the read of the catalog stream stands.
+enum StreamRead {
+    /// Read the stream (again) at `at`.
+    Due {
         attempt: u32,
+        at: Instant,
     },
     Done,
 }
 
 impl Follower {
-    async fn run(mut self) {
-        let subject = self.subjects.catalog_wildcard();
-        // Subscribed before the stream is read, so nothing published in
-        // between is missed; async-nats re-subscribes after reconnects.
-        let mut live = loop {
-            match self.client.subscribe(subject.clone()).await {
-                Ok(subscription) => break subscription,
-                Err(error) => {
-                    tracing::error!(%subject, %error, "cannot subscribe to the catalog; retrying");
-                    if self.sender.is_closed() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
+    async fn run(mut self, mut source: impl Source, mut link: watch::Receiver<Link>) {
+        let mut generation = link.borrow_and_update().generation;
+        let mut read = StreamRead::Due {
+            attempt: 0,
+            at: Instant::now(),
         };
-        let js = jetstream::new(self.client.clone());
-        let mut sync = Sync::Needed { attempt: 0 };
         loop {
-            let retry = match sync {
-                Sync::Needed { attempt } => Some(retry_delay(attempt)),
-                Sync::Done => None,
+            let due = match read {
+                StreamRead::Due { at, .. } => Some(at),
+                StreamRead::Done => None,
             };
             tokio::select! {
                 () = self.sender.closed() => return,
-                () = sleep_or_never(retry) => {
-                    let Sync::Needed { attempt } = sync else { continue };
-                    sync = match catalog_stream::read_last(&js, &self.subjects).await {
+                () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                    let StreamRead::Due { attempt, .. } = read else { continue };
+                    read = match source.read_stream().await {
                         Ok(last) => {
-                            self.stats.invalid.fetch_add(last.invalid as u64, Ordering::Relaxed);
+                            Stats::add(&self.stats.invalid, last.invalid as u64);
                             if !self.reset(last.snapshots.into_iter().map(|s| s.snapshot)).await {
                                 return;
                             }
-                            Sync::Done
+                            StreamRead::Done
                         }
                         Err(error) => {
                             if attempt == 0 {
@@ -126,35 +222,34 @@ impl Follower {
                             } else {
                                 tracing::debug!(%error, attempt, "catalog stream still unreadable");
                             }
-                            Sync::Needed { attempt: attempt.saturating_add(1) }
+                            let attempt = attempt.saturating_add(1);
+                            // An absolute deadline: live snapshots arriving
+                            // in between must not put the retry off.
+                            StreamRead::Due { attempt, at: Instant::now() + retry_delay(attempt) }
                         }
                     };
                 }
-                message = live.next() => {
+                message = source.next_live() => {
                     let Some(message) = message else {
-                        tracing::error!(%subject, "the catalog subscription ended: the NATS client was closed");
+                        tracing::error!(subject = %self.subjects.catalog_wildcard(), "the catalog subscription ended: the NATS client was closed");
                         return;
                     };
                     if !self.live(&message).await {
                         return;
                     }
                 }
-                event = self.events.recv() => match event {
-                    Ok(async_nats::Event::Connected) => {
-                        tracing::info!("NATS connection back: re-reading the catalog stream");
-                        sync = Sync::Needed { attempt: 0 };
-                    }
-                    Ok(async_nats::Event::Disconnected) => {
+                // Without a sender the link never changes and this branch
+                // stays off: live snapshots go on, without re-syncs.
+                Ok(()) = link.changed() => {
+                    let now = *link.borrow_and_update();
+                    if !now.connected {
                         tracing::warn!("NATS connection lost: the catalog is stale until it is back; routing on the last one");
+                    } else if now.generation != generation {
+                        generation = now.generation;
+                        tracing::info!("NATS connection back: re-reading the catalog stream");
+                        read = StreamRead::Due { attempt: 0, at: Instant::now() };
                     }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => sync = Sync::Needed { attempt: 0 },
-                    Err(broadcast::error::RecvError::Closed) => {
-                        // The connection's event sender is gone; keep
-                        // following live snapshots without re-syncs.
-                        self.events = broadcast::channel(1).1;
-                    }
-                },
+                }
             }
         }
     }
@@ -167,20 +262,18 @@ impl Follower {
         {
             Ok(snapshot) => snapshot,
             Err(error) => {
-                self.stats.invalid.fetch_add(1, Ordering::Relaxed);
+                Stats::bump(&self.stats.invalid);
                 tracing::warn!(subject = %message.subject, %error, "ignoring an invalid snapshot");
                 return true;
             }
         };
-        if let Some(held) = self.held.get(&snapshot.service) {
-            if snapshot.revision <= held.revision {
-                self.stats.stale.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(service = %snapshot.service, revision = snapshot.revision, held = held.revision, "ignoring a snapshot that is not newer");
-                return true;
-            }
+        let (service, revision) = (snapshot.service.clone(), snapshot.revision);
+        if let Err(held) = self.held.offer(snapshot.clone()) {
+            Stats::bump(&self.stats.stale);
+            tracing::debug!(%service, revision, held, "ignoring a snapshot that is not newer");
+            return true;
         }
-        self.held.insert(snapshot.service.clone(), snapshot.clone());
-        self.stats.applied.fetch_add(1, Ordering::Relaxed);
+        Stats::bump(&self.stats.applied);
         self.sender.send(Update::Service(snapshot)).await.is_ok()
     }
 
@@ -188,18 +281,12 @@ impl Follower {
     /// wins) and hands the whole on as a Reset.
     async fn reset(&mut self, stored: impl Iterator<Item = Snapshot>) -> bool {
         for snapshot in stored {
-            let newer = self
-                .held
-                .get(&snapshot.service)
-                .is_none_or(|held| snapshot.revision > held.revision);
-            if newer {
-                self.held.insert(snapshot.service.clone(), snapshot);
-            }
+            // An older stored revision loses to the one held: nothing to do.
+            let _ = self.held.offer(snapshot);
         }
-        let mut all: Vec<Snapshot> = self.held.values().cloned().collect();
-        all.sort_by(|a, b| a.service.cmp(&b.service));
+        let all = self.held.all();
         tracing::info!(services = all.len(), "catalog synced from the stream");
-        self.stats.resets.fetch_add(1, Ordering::Relaxed);
+        Stats::bump(&self.stats.resets);
         self.sender.send(Update::Reset(all)).await.is_ok()
     }
 }
@@ -213,20 +300,200 @@ fn retry_delay(attempt: u32) -> Duration {
     Duration::from_millis(100u64 << (attempt - 1).min(3))
 }
 
-async fn sleep_or_never(delay: Option<Duration>) {
-    match delay {
-        Some(delay) => tokio::time::sleep(delay).await,
-        None => std::future::pending().await,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::retry_delay;
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::catalog_stream::Stored;
+    use crate::protocol::Instance;
 
     #[test]
     fn resync_retries_quickly_and_keeps_trying() {
         let delays: Vec<u128> = (0..7).map(|a| retry_delay(a).as_millis()).collect();
         assert_eq!(delays, [0, 100, 200, 400, 800, 800, 800]);
+    }
+
+    #[test]
+    fn only_a_newer_revision_is_held() {
+        let mut held = Held::default();
+        assert_eq!(held.offer(snapshot(5, 1)), Ok(()));
+        assert_eq!(held.offer(snapshot(5, 2)), Err(5));
+        assert_eq!(held.offer(snapshot(4, 3)), Err(5));
+        assert_eq!(held.offer(snapshot(6, 4)), Ok(()));
+        assert_eq!(held.all(), [snapshot(6, 4)]);
+    }
+
+    fn snapshot(revision: u64, port: u16) -> Snapshot {
+        Snapshot {
+            service: "web".into(),
+            revision,
+            instances: vec![Instance::new("web", "a", "127.0.0.1", port)],
+        }
+    }
+
+    /// `snapshot` as discovery publishes it.
+    fn live_message(snapshot: &Snapshot) -> async_nats::Message {
+        let payload = serde_json::to_vec(snapshot).expect("a snapshot serializes");
+        async_nats::Message {
+            subject: Subjects::default().catalog(&snapshot.service).into(),
+            reply: None,
+            length: payload.len(),
+            payload: payload.into(),
+            headers: None,
+            status: None,
+            description: None,
+        }
+    }
+
+    /// Stands in for NATS: stream reads fail while `failing`, and each read
+    /// reports when it happened.
+    struct Scripted {
+        failing: Arc<AtomicBool>,
+        stored: Vec<Snapshot>,
+        reads: mpsc::UnboundedSender<Instant>,
+        live: mpsc::UnboundedReceiver<async_nats::Message>,
+    }
+
+    impl Source for Scripted {
+        async fn read_stream(&mut self) -> Result<LastSnapshots, CatalogStreamError> {
+            let _ = self.reads.send(Instant::now());
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(CatalogStreamError::Missing {
+                    stream: "ROLLCALL_CATALOG".into(),
+                });
+            }
+            Ok(LastSnapshots {
+                snapshots: (self.stored.iter().cloned())
+                    .map(|snapshot| Stored {
+                        snapshot,
+                        published: std::time::SystemTime::UNIX_EPOCH,
+                    })
+                    .collect(),
+                invalid: 0,
+            })
+        }
+
+        async fn next_live(&mut self) -> Option<async_nats::Message> {
+            self.live.recv().await
+        }
+    }
+
+    struct Harness {
+        failing: Arc<AtomicBool>,
+        reads: mpsc::UnboundedReceiver<Instant>,
+        live: mpsc::UnboundedSender<async_nats::Message>,
+        link: watch::Sender<Link>,
+        updates: mpsc::Receiver<Update>,
+    }
+
+    const UP: Link = Link {
+        connected: true,
+        generation: 1,
+    };
+
+    impl Harness {
+        fn start(failing: bool, stored: Vec<Snapshot>) -> Harness {
+            let failing = Arc::new(AtomicBool::new(failing));
+            let (reads_tx, reads) = mpsc::unbounded_channel();
+            let (live, live_rx) = mpsc::unbounded_channel();
+            let (link, link_rx) = watch::channel(UP);
+            let (sender, updates) = mpsc::channel(256);
+            let source = Scripted {
+                failing: Arc::clone(&failing),
+                stored,
+                reads: reads_tx,
+                live: live_rx,
+            };
+            let follower = Follower {
+                subjects: Subjects::default(),
+                held: Held::default(),
+                sender,
+                stats: Arc::default(),
+            };
+            tokio::spawn(follower.run(source, link_rx));
+            Harness {
+                failing,
+                reads,
+                live,
+                link,
+                updates,
+            }
+        }
+
+        fn publish(&self, snapshot: &Snapshot) {
+            self.live
+                .send(live_message(snapshot))
+                .expect("the follower is running");
+        }
+
+        async fn read(&mut self) -> Instant {
+            self.reads.recv().await.expect("the follower is running")
+        }
+
+        async fn update(&mut self) -> Update {
+            self.updates.recv().await.expect("the follower is running")
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn live_snapshots_do_not_put_off_a_failed_stream_read() {
+        let mut h = Harness::start(true, Vec::new());
+        let first = h.read().await;
+        // Live snapshots every 50 ms, faster than the 100 ms retry delay.
+        let live = h.live.clone();
+        let publisher = tokio::spawn(async move {
+            for revision in 1..=40 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if live.send(live_message(&snapshot(revision, 1))).is_err() {
+                    return;
+                }
+            }
+        });
+        let second = h.read().await;
+        assert_eq!(
+            second - first,
+            retry_delay(1),
+            "the retry kept its deadline"
+        );
+        let third = h.read().await;
+        assert_eq!(third - second, retry_delay(2));
+        publisher.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_first_then_newer_live_snapshots_and_a_resync_on_reconnect() {
+        let mut h = Harness::start(false, vec![snapshot(3, 1)]);
+        assert_eq!(h.update().await, Update::Reset(vec![snapshot(3, 1)]));
+        for (revision, port) in [(3, 2), (2, 3), (4, 4)] {
+            h.publish(&snapshot(revision, port));
+        }
+        assert_eq!(h.update().await, Update::Service(snapshot(4, 4)));
+
+        h.link
+            .send(Link {
+                connected: false,
+                ..UP
+            })
+            .expect("follower listens");
+        h.failing.store(true, Ordering::SeqCst);
+        let lost = h.read().await;
+        h.link
+            .send(Link {
+                connected: true,
+                generation: 2,
+            })
+            .expect("follower listens");
+        let back = Instant::now();
+        let failed = h.read().await;
+        assert_eq!(failed, back, "a reconnect re-reads at once");
+        h.failing.store(false, Ordering::SeqCst);
+        assert_eq!(h.read().await - failed, retry_delay(1));
+        assert!(lost <= back);
+        assert_eq!(
+            h.update().await,
+            Update::Reset(vec![snapshot(4, 4)]),
+            "the held revision beats the older stored one"
+        );
     }
 }

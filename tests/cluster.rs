@@ -17,7 +17,7 @@ use rollcall::balancer::{self, routes::Routes, BalancerConfig};
 use rollcall::catalog_stream;
 use rollcall::connect::NatsOptions;
 use rollcall::protocol::Subjects;
-use rollcall::subscription::{self, SubscriptionStats};
+use rollcall::subscription::{self, Stats as SubscriptionStats};
 use support::eventually;
 use support::http::{self, HttpBackend, TestClient};
 

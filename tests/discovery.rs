@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use rollcall::catalog_stream;
 use rollcall::protocol::Subjects;
-use support::{client, next_snapshot, NatsServer, RunningDiscovery};
+use support::{client, eventually, next_snapshot, NatsServer, RunningDiscovery};
 
 const LIMIT: Duration = Duration::from_secs(5);
 
@@ -196,44 +196,37 @@ async fn the_catalog_converges_after_a_nats_server_restart() {
     register(&service, "a", 1, 3000).await;
     let watcher = client(&server.url()).await;
     let js = async_nats::jetstream::new(watcher.clone());
-    wait_until(|| async {
+    eventually("a stored in the catalog stream", LIMIT, || async {
         catalog_stream::read_last(&js, &Subjects::default())
             .await
             .is_ok_and(|l| l.snapshots.len() == 1)
+            .then_some(())
     })
     .await;
 
     server.restart();
     // Every client reconnects by itself; b registers once its own client is back.
-    let mut catalog = watcher.subscribe("rollcall.catalog.web").await.unwrap();
+    let catalog = watcher.subscribe("rollcall.catalog.web").await.unwrap();
+    let catalog = std::sync::Arc::new(tokio::sync::Mutex::new(catalog));
     let b = register_json("b", 2, 3000);
-    let snapshot = loop {
-        publish(&service, "rollcall.register.web.b", b.clone()).await;
-        if let Ok(Some(message)) =
-            tokio::time::timeout(Duration::from_millis(200), catalog.next()).await
-        {
-            break Subjects::default()
-                .parse_snapshot(&message.subject, &message.payload)
-                .unwrap();
+    let snapshot = eventually("b to join after the restart", LIMIT, || {
+        let (service, b, catalog) = (service.clone(), b.clone(), catalog.clone());
+        async move {
+            publish(&service, "rollcall.register.web.b", b).await;
+            let mut catalog = catalog.lock().await;
+            let message = tokio::time::timeout(Duration::from_millis(200), catalog.next())
+                .await
+                .ok()??;
+            Some(
+                Subjects::default()
+                    .parse_snapshot(&message.subject, &message.payload)
+                    .unwrap(),
+            )
         }
-    };
+    })
+    .await;
     let ids: Vec<_> = snapshot.instances.iter().map(|i| i.id.as_str()).collect();
     assert_eq!(ids, ["a", "b"], "a survived the outage, b joined after it");
     assert_eq!(stored(&watcher).await, [snapshot]);
     discovery.stop().await;
-}
-
-async fn wait_until<F, Fut>(mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !condition().await {
-        assert!(
-            start.elapsed() < LIMIT,
-            "condition not met within {LIMIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

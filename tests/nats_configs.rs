@@ -9,7 +9,7 @@ mod support;
 use std::path::PathBuf;
 
 use nats_extra::{validate_config, ConfiguredServer};
-use rollcall::connect::{ConnectError, NatsOptions};
+use rollcall::connect::{NatsConnectError, NatsOptions};
 use support::crate_root;
 
 /// Every `.conf` under nats/, found on disk so a new one cannot be missed.
@@ -133,7 +133,7 @@ async fn secure_conf_knows_every_role_and_nobody_else() {
     ] {
         let refused = NatsOptions::new(url).connect("test").await;
         assert!(
-            matches!(refused, Err(ConnectError::Unauthorized { .. })),
+            matches!(refused, Err(NatsConnectError::Unauthorized { .. })),
             "{who}: {refused:?}"
         );
     }

@@ -25,9 +25,12 @@ async fn the_python_service_registers_heartbeats_and_deregisters() {
     };
     let nats = NatsServer::start();
     let mut tap = Tap::new(&nats.url()).await;
-    let client = async_nats::connect(nats.url()).await.unwrap();
+    let connection = rollcall::connect::NatsOptions::new(nats.url())
+        .connect("test-discovery")
+        .await
+        .unwrap();
     let (_stop, stopped) = oneshot::channel::<()>();
-    let discovery = rollcall::discovery::spawn(client, Subjects::default(), async {
+    let discovery = rollcall::discovery::spawn(&connection, Subjects::default(), async {
         let _ = stopped.await;
     })
     .await

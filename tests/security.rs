@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use ::http::StatusCode;
 use futures::StreamExt;
 use nats_extra::{ConfiguredServer, JwtChain, TlsFiles};
-use rollcall::catalog::Update;
-use rollcall::connect::{AccessError, ConnectError, Connection, NatsOptions};
+use rollcall::connect::{AccessError, Connection, NatsConnectError, NatsOptions};
 use rollcall::permissions::{self, Access, Operation, PermissionDenied};
 use rollcall::protocol::Subjects;
+use rollcall::subscription::Update;
 use support::http::{self, HttpBackend};
 use support::RunningDiscovery;
 
@@ -104,7 +104,7 @@ async fn user_and_password_in_the_url_connect_and_a_wrong_one_is_refused() {
         .await
         .expect_err("a wrong password is refused");
     assert!(
-        matches!(refused, ConnectError::Unauthorized { .. }),
+        matches!(refused, NatsConnectError::Unauthorized { .. }),
         "{refused:?}"
     );
     let message = refused.to_string();
@@ -143,7 +143,7 @@ async fn a_token_connects_from_the_flag_or_the_url() {
     .connect("rollcall-test")
     .await;
     assert!(
-        matches!(refused, Err(ConnectError::Unauthorized { .. })),
+        matches!(refused, Err(NatsConnectError::Unauthorized { .. })),
         "{refused:?}"
     );
 }
@@ -227,7 +227,7 @@ async fn a_creds_file_connects_with_operator_signed_jwts() {
     .connect("rollcall-test")
     .await;
     assert!(
-        matches!(missing, Err(ConnectError::CredsFile { .. })),
+        matches!(missing, Err(NatsConnectError::CredsFile { .. })),
         "{missing:?}"
     );
 }
@@ -269,7 +269,7 @@ async fn tls_with_a_client_certificate_connects() {
     assert!(
         matches!(
             half,
-            Err(ConnectError::HalfClientCert {
+            Err(NatsConnectError::HalfClientCert {
                 given: "--tls-cert"
             })
         ),
@@ -645,13 +645,9 @@ async fn discovery_and_balancer_work_end_to_end_under_secure_conf() {
         .await
         .expect("discovery may subscribe to every event");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let discovery = rollcall::discovery::spawn(
-        discovery_connection.client.clone(),
-        subjects.clone(),
-        async {
-            let _ = stopped.await;
-        },
-    )
+    let discovery = rollcall::discovery::spawn(&discovery_connection, subjects.clone(), async {
+        let _ = stopped.await;
+    })
     .await
     .expect("discovery starts under its own user");
 

@@ -8,10 +8,10 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use rollcall::catalog::Update;
 use rollcall::connect::NatsOptions;
 use rollcall::protocol::{Instance, Snapshot, Subjects};
-use support::{client, NatsServer, RunningDiscovery};
+use rollcall::subscription::Update;
+use support::{client, next_snapshot, NatsServer, RunningDiscovery};
 
 const LIMIT: Duration = Duration::from_secs(5);
 
@@ -56,12 +56,12 @@ async fn a_late_balancer_starts_from_the_stream_then_follows_live() {
     let server = NatsServer::start();
     let discovery = RunningDiscovery::start(&server.url()).await;
     let service = client(&server.url()).await;
-    let mut changes = Box::pin(discovery.get().updates());
-    assert!(matches!(changes.next().await, Some(Update::Reset(_))));
+    let mut published = service.subscribe("rollcall.catalog.web").await.unwrap();
+    service.flush().await.unwrap();
     register(&service, "a", 1).await;
-    changes.next().await;
+    assert_eq!(next_snapshot(&mut published, LIMIT).await.revision, 1);
     register(&service, "b", 2).await;
-    changes.next().await;
+    assert_eq!(next_snapshot(&mut published, LIMIT).await.revision, 2);
 
     let mut updates = follow(&server.url()).await;
     let Update::Reset(all) = next(&mut updates).await else {

@@ -27,9 +27,13 @@ struct Fleet {
 }
 
 async fn discovery(nats: &NatsServer) -> Fleet {
-    let client = async_nats::connect(nats.url()).await.unwrap();
+    let connection = rollcall::connect::NatsOptions::new(nats.url())
+        .connect("test-discovery")
+        .await
+        .unwrap();
+    let client = connection.client.clone();
     let (stop, stopped) = oneshot::channel::<()>();
-    let discovery = rollcall::discovery::spawn(client.clone(), Subjects::default(), async {
+    let discovery = rollcall::discovery::spawn(&connection, Subjects::default(), async {
         let _ = stopped.await;
     })
     .await

@@ -39,8 +39,8 @@ use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::catalog::Update;
 use crate::protocol::Snapshot;
+use crate::subscription::Update;
 use rotation::{Outcome, Rotation};
 use routes::Routes;
 

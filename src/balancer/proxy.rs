@@ -670,8 +670,8 @@ impl std::fmt::Display for Chain<'_> {
 mod tests {
     use super::*;
     use crate::balancer::routes::Routes;
-    use crate::catalog::Update;
     use crate::protocol::{Instance, Snapshot};
+    use crate::subscription::Update;
 
     const GET_EMPTY: RequestFacts = RequestFacts {
         idempotent: true,

@@ -209,7 +209,7 @@ impl RunningDiscovery {
             .expect("discovery connects to the test server");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let discovery = rollcall::discovery::spawn(
-            connection.client,
+            &connection,
             rollcall::protocol::Subjects::default(),
             async {
                 let _ = stopped.await;

@@ -112,7 +112,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             AgentError::Announce(AnnounceError::IntervalTooLong { .. }) => "--interval",
             _ => "flags",
         };
-        anyhow::anyhow!("invalid {flag}: {error}")
+        anyhow::Error::new(error).context(format!("invalid {flag}"))
     })?;
     let name = format!(
         "rollcall agent {}/{}",

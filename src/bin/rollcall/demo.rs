@@ -55,7 +55,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
 
     let discovery = rollcall::discovery::spawn(
-        connection.client.clone(),
+        &connection,
         subjects.clone(),
         stop.clone().cancelled_owned(),
     )
@@ -154,17 +154,11 @@ fn print_banner(
 /// Closes the connection before the server goes, so nothing reports the
 /// server's exit as a lost connection.
 async fn close(connection: &Connection) {
-    let mut events = connection.events();
+    let mut link = connection.link();
     if let Err(error) = connection.client.drain().await {
         tracing::debug!(%error, "closing the NATS connection");
     }
-    let closed = async {
-        while let Ok(event) = events.recv().await {
-            if event == async_nats::Event::Closed {
-                break;
-            }
-        }
-    };
+    let closed = link.wait_for(|link| !link.connected);
     if tokio::time::timeout(Duration::from_secs(2), closed)
         .await
         .is_err()

@@ -23,7 +23,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .check_access(&discovery_needs(&args.nats.prefix))
         .await?;
     let discovery = rollcall::discovery::spawn_with(
-        connection.client.clone(),
+        &connection,
         args.nats.prefix.clone(),
         DiscoveryConfig {
             stream_replicas: usize::from(args.replicas),
