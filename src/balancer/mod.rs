@@ -9,7 +9,7 @@
 //! - [`routes`]: `ROUTE` arguments → which service a request goes to.
 //! - [`proxy`]: the hyper reverse proxy (retries, ejections, own answers).
 //! - [`upstream`]: each instance's pool of kept-alive connections.
-//! - [`admin`]: `/healthz`, `/metrics`, `/catalog`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/catalog`.
 //!
 //! Updates: `Update::Service` replaces one service's set when its revision
 //! is above the one held (otherwise it is counted as stale and ignored).
@@ -28,7 +28,7 @@ pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,35 @@ pub struct BalancerConfig {
     pub connect_timeout: Duration,
     /// After shutdown begins, in-flight requests get this long to finish.
     pub drain_timeout: Duration,
+    /// Whether the source of the updates is connected now, for `/readyz`.
+    pub source: SourceCheck,
+}
+
+/// Asks whether the source of the catalog updates (NATS, in the binary) is
+/// connected right now. The balancer keeps routing either way; only
+/// `/readyz` tells, so an orchestrator can see a balancer routing blind.
+#[derive(Clone)]
+pub struct SourceCheck(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl SourceCheck {
+    pub fn new(connected: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        SourceCheck(Arc::new(connected))
+    }
+
+    /// For a source that cannot be cut off, such as a channel.
+    pub fn always() -> Self {
+        SourceCheck::new(|| true)
+    }
+
+    pub fn connected(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for SourceCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SourceCheck").finish_non_exhaustive()
+    }
 }
 
 impl BalancerConfig {
@@ -68,6 +97,7 @@ impl BalancerConfig {
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            source: SourceCheck::always(),
         }
     }
 }
@@ -90,6 +120,9 @@ pub struct Shared {
     pub rotations: Vec<Rotation>,
     pub metrics: Metrics,
     pub started: Instant,
+    /// Set by the first Reset: the whole catalog has been read once.
+    pub catalog_read: AtomicBool,
+    pub source: SourceCheck,
 }
 
 impl Shared {
@@ -100,7 +133,15 @@ impl Shared {
             rotations,
             metrics: Metrics::default(),
             started: Instant::now(),
+            catalog_read: AtomicBool::new(false),
+            source: SourceCheck::always(),
         }
+    }
+
+    /// Ready to be sent traffic by an orchestrator: the catalog has been
+    /// read and its source is connected.
+    pub fn ready(&self) -> bool {
+        self.catalog_read.load(Ordering::Relaxed) && self.source.connected()
     }
 
     fn rotation(&self, service: &str) -> Option<&Rotation> {
@@ -119,6 +160,7 @@ impl Shared {
                 for snapshot in &snapshots {
                     self.apply_snapshot(snapshot);
                 }
+                self.catalog_read.store(true, Ordering::Relaxed);
             }
             Update::Service(snapshot) => self.apply_snapshot(&snapshot),
         }
@@ -215,7 +257,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BalancerError> {
     let address = local_addr(&listener, "proxy")?;
-    let shared = Arc::new(Shared::new(config.routes.clone()));
+    let shared = Arc::new(Shared {
+        source: config.source.clone(),
+        ..Shared::new(config.routes.clone())
+    });
     let follower = tokio::spawn(follow(shared.clone(), updates));
     let admin_task = match admin {
         Some(admin) => {
@@ -284,6 +329,24 @@ mod tests {
         assert_eq!(ids(&shared, "web"), ["w1", "w2"]);
         assert_eq!(ids(&shared, "api"), ["a1"], "api keeps its last set");
         assert_eq!(shared.metrics.updates_applied.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn ready_once_a_reset_is_applied_and_only_while_the_source_is_connected() {
+        let connected = Arc::new(AtomicBool::new(true));
+        let shared = Shared {
+            source: SourceCheck::new({
+                let connected = connected.clone();
+                move || connected.load(Ordering::Relaxed)
+            }),
+            ..Shared::new(Routes::parse(&["web"]).expect("routes"))
+        };
+        shared.apply(Update::Service(snapshot("web", 1, &["w1"])));
+        assert!(!shared.ready(), "one live snapshot is not the catalog");
+        shared.apply(Update::Reset(vec![]));
+        assert!(shared.ready());
+        connected.store(false, Ordering::Relaxed);
+        assert!(!shared.ready(), "not ready while the source is away");
     }
 
     #[test]
