@@ -4,7 +4,7 @@
 #   docker build -t rollcall .
 #   docker run --rm rollcall rollcall --help
 #
-# No BuildKit-only syntax (cache mounts, `# syntax=`), so docker-compose v1's
+# No BuildKit-only syntax (cache mounts, a syntax directive), so docker-compose v1's
 # classic builder takes it too. The dependencies are built in a layer of
 # their own, from the manifests alone, so a source change rebuilds rollcall
 # and not every crate.
