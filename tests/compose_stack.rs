@@ -22,6 +22,15 @@ use futures::StreamExt;
 use rollcall::protocol::Snapshot;
 use support::{crate_root, eventually};
 
+/// Writes a line to stderr past the test harness's capture, so the figures
+/// and a skip show in a plain `cargo test` run.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Fixed, so a stack left by an interrupted run is removed before the next.
 const PROJECT: &str = "rollcall-compose-test";
 const PROXY: &str = "http://127.0.0.1:8080/";
@@ -42,11 +51,14 @@ const TESTS: usize = 5;
 struct Shared {
     up: bool,
     finished: usize,
+    /// The skip is said once per run, not once per test.
+    skip_said: bool,
 }
 
 static STACK: Mutex<Shared> = Mutex::new(Shared {
     up: false,
     finished: 0,
+    skip_said: false,
 });
 
 /// A test's turn on the stack. Dropping it takes the stack down when this was
@@ -73,7 +85,10 @@ fn turn() -> Option<Turn> {
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Err(why) = engine() {
         shared.finished += 1;
-        println!("compose tests skipped: {why}");
+        if !shared.skip_said {
+            say!("compose tests skipped: {why}");
+            shared.skip_said = true;
+        }
         return None;
     }
     if !shared.up {
@@ -81,7 +96,7 @@ fn turn() -> Option<Turn> {
         compose_sh(&["down", "-v", "--remove-orphans"]).expect("remove a leftover stack");
         let started = Instant::now();
         let output = compose_sh(&["up"]).expect("scripts/compose.sh up");
-        println!(
+        say!(
             "stack: built (when changed), started and healthy in {:.1} s; {}",
             started.elapsed().as_secs_f64(),
             output
@@ -114,7 +129,7 @@ fn take_down_after(pid: u32) {
         .stderr(std::process::Stdio::null())
         .spawn();
     if let Err(error) = spawned {
-        println!("cannot watch for the end of the tests ({error}); run scripts/compose.sh down -v");
+        say!("cannot watch for the end of the tests ({error}); run scripts/compose.sh down -v");
     }
 }
 
@@ -249,9 +264,10 @@ impl Load {
     async fn finish(self, test: &str) -> Counts {
         self.stop.store(true, Ordering::Relaxed);
         let counts = self.task.await.expect("load task");
-        println!(
+        say!(
             "{test}: failed/total requests {}/{}",
-            counts.failed, counts.total
+            counts.failed,
+            counts.total
         );
         assert_eq!(
             counts.failed, 0,
@@ -475,7 +491,7 @@ async fn a_killed_web_container_leaves_after_its_ttl_and_returns_when_started() 
             .then_some(())
     })
     .await;
-    println!(
+    say!(
         "kill web1: gone from the catalog {:.2} s after the kill (TTL {} s); back in rotation {:.2} s after start",
         gone.as_secs_f64(),
         TTL.as_secs(),
@@ -508,7 +524,7 @@ async fn restarting_discovery_under_load_shrinks_nothing_and_a_new_instance_join
     .await;
     let healthy = restarting.elapsed();
     join_and_leave(&snapshots).await;
-    println!(
+    say!(
         "restart discovery: healthy again after {:.2} s; {} snapshots, none shrunken",
         healthy.as_secs_f64(),
         snapshots.ids().len()
@@ -551,7 +567,7 @@ async fn stopping_nats_for_five_seconds_keeps_routing_and_the_balancer_resyncs_a
         (messages == ["hello from web1", "hey from web3", "hi from web2"]).then_some(())
     })
     .await;
-    println!(
+    say!(
         "stop nats 5 s: balancer re-synced {:.2} s after nats started",
         resynced.as_secs_f64()
     );
@@ -582,7 +598,7 @@ async fn discovery_cut_off(test: &str, cut: &[&str], restore: &[&str]) {
     // It hears events again, and its catalog is whole: a join and a leave
     // come through with every other instance still there.
     join_and_leave(&snapshots).await;
-    println!(
+    say!(
         "{test}: catalog whole again {:.2} s after discovery was back; {} snapshots",
         restored.elapsed().as_secs_f64(),
         snapshots.ids().len()
