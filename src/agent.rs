@@ -197,14 +197,14 @@ impl HealthGate {
     }
 }
 
-/// Runs the HTTP health check.
-struct Prober {
+/// Runs the HTTP health check (also `rollcall probe`'s).
+pub struct Prober {
     client: Client<HttpConnector, Empty<Bytes>>,
     check: Check,
 }
 
 impl Prober {
-    fn new(check: &Check) -> Self {
+    pub fn new(check: &Check) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(check.timeout));
         Prober {
@@ -214,7 +214,7 @@ impl Prober {
     }
 
     /// Ok when the check answers 2xx in time; otherwise why not.
-    async fn probe(&self) -> Result<(), String> {
+    pub async fn probe(&self) -> Result<(), String> {
         let url = &self.check.url;
         match tokio::time::timeout(self.check.timeout, self.client.get(url.clone())).await {
             Ok(Ok(response)) if response.status().is_success() => Ok(()),

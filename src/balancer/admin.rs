@@ -1,6 +1,7 @@
 //! The admin endpoint, beside the proxy: what the balancer routes on and how
-//! it fares, for people and for Prometheus. `GET /healthz`, `GET /metrics`
-//! (Prometheus text format), `GET /catalog` (JSON).
+//! it fares, for people and for Prometheus. `GET /healthz` (alive), `GET
+//! /readyz` (200 once the catalog is read, while NATS is connected), `GET
+//! /metrics` (Prometheus text format), `GET /catalog` (JSON).
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -56,11 +57,17 @@ fn answer(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>>
     }
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        "/readyz" if shared.ready() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: catalog not read yet or NATS disconnected\n".into(),
+            "text/plain",
+        ),
         "/metrics" => text(StatusCode::OK, metrics(shared), "text/plain; version=0.0.4"),
         "/catalog" => text(StatusCode::OK, catalog(shared), "application/json"),
         other => text(
             StatusCode::NOT_FOUND,
-            format!("no {other:?} here; try /healthz, /metrics or /catalog\n"),
+            format!("no {other:?} here; try /healthz, /readyz, /metrics or /catalog\n"),
             "text/plain",
         ),
     }

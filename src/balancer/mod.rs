@@ -11,7 +11,7 @@
 //! - [`routes`]: `ROUTE` arguments → which service a request goes to.
 //! - [`proxy`]: the hyper reverse proxy (retries, ejections, own answers).
 //! - [`upstream`]: each instance's pool of kept-alive connections.
-//! - [`admin`]: `/healthz`, `/metrics`, `/catalog`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/catalog`.
 //!
 //! Updates: `Update::Service` replaces one service's set when its revision
 //! is above the one held (otherwise it is counted as stale and ignored).
@@ -31,7 +31,7 @@ pub mod upstream;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,6 +63,35 @@ pub struct BalancerConfig {
     pub connect_timeout: Duration,
     /// After shutdown begins, in-flight requests get this long to finish.
     pub drain_timeout: Duration,
+    /// Whether the source of the updates is connected now, for `/readyz`.
+    pub source: SourceCheck,
+}
+
+/// Asks whether the source of the catalog updates (NATS, in the binary) is
+/// connected right now. The balancer keeps routing either way; only
+/// `/readyz` tells, so an orchestrator can see a balancer routing blind.
+#[derive(Clone)]
+pub struct SourceCheck(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl SourceCheck {
+    pub fn new(connected: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        SourceCheck(Arc::new(connected))
+    }
+
+    /// For a source that cannot be cut off, such as a channel.
+    pub fn always() -> Self {
+        SourceCheck::new(|| true)
+    }
+
+    pub fn connected(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for SourceCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SourceCheck").finish_non_exhaustive()
+    }
 }
 
 impl BalancerConfig {
@@ -72,6 +101,7 @@ impl BalancerConfig {
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            source: SourceCheck::always(),
         }
     }
 }
@@ -95,6 +125,9 @@ pub struct Shared {
     pub metrics: Metrics,
     pub started: Instant,
     applied: watch::Sender<Applied>,
+    /// Set by the first Reset: the whole catalog has been read once.
+    pub catalog_read: AtomicBool,
+    pub source: SourceCheck,
 }
 
 impl Shared {
@@ -106,7 +139,15 @@ impl Shared {
             metrics: Metrics::default(),
             started: Instant::now(),
             applied: watch::Sender::new(Applied::default()),
+            catalog_read: AtomicBool::new(false),
+            source: SourceCheck::always(),
         }
+    }
+
+    /// Ready to be sent traffic by an orchestrator: the catalog has been
+    /// read and its source is connected.
+    pub fn ready(&self) -> bool {
+        self.catalog_read.load(Ordering::Relaxed) && self.source.connected()
     }
 
     fn rotation(&self, service: &str) -> Option<&Rotation> {
@@ -123,6 +164,7 @@ impl Shared {
         let snapshots = match update {
             Update::Reset(snapshots) => {
                 tracing::debug!(services = snapshots.len(), "catalog reset");
+                self.catalog_read.store(true, Ordering::Relaxed);
                 snapshots
             }
             Update::Service(snapshot) => vec![snapshot],
@@ -259,7 +301,10 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
-        let shared = Arc::new(Shared::new(config.routes.clone()));
+        let shared = Arc::new(Shared {
+            source: config.source.clone(),
+            ..Shared::new(config.routes.clone())
+        });
         Balancer { config, shared }
     }
 
@@ -366,6 +411,24 @@ mod tests {
         assert_eq!(ids(&shared, "web"), ["w1", "w2"]);
         assert_eq!(ids(&shared, "api"), ["a1"], "api keeps its last set");
         assert_eq!(shared.metrics.updates_applied.get(), 3);
+    }
+
+    #[test]
+    fn ready_once_a_reset_is_applied_and_only_while_the_source_is_connected() {
+        let connected = Arc::new(AtomicBool::new(true));
+        let shared = Shared {
+            source: SourceCheck::new({
+                let connected = connected.clone();
+                move || connected.load(Ordering::Relaxed)
+            }),
+            ..Shared::new(Routes::parse(&["web"]).expect("routes"))
+        };
+        shared.apply(Update::Service(snapshot("web", 1, &["w1"])));
+        assert!(!shared.ready(), "one live snapshot is not the catalog");
+        shared.apply(Update::Reset(vec![]));
+        assert!(shared.ready());
+        connected.store(false, Ordering::Relaxed);
+        assert!(!shared.ready(), "not ready while the source is away");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rollcall::balancer::routes::Routes;
-use rollcall::balancer::BalancerConfig;
+use rollcall::balancer::{BalancerConfig, SourceCheck};
 use rollcall::permissions::balancer_needs;
 use tokio::net::TcpListener;
 
@@ -19,7 +19,7 @@ pub struct Args {
     /// Address clients connect to.
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
     pub listen: SocketAddr,
-    /// Address of the admin endpoint (/healthz, /metrics, /catalog); off
+    /// Address of the admin endpoint (/healthz, /readyz, /metrics, /catalog); off
     /// when not given.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
@@ -59,11 +59,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .check_access(&balancer_needs(&args.nats.prefix))
         .await?;
     let updates = rollcall::subscription::follow(&connection, args.nats.prefix.clone());
+    let link = connection.link();
+    let source = SourceCheck::new(move || link.borrow().connected);
     let config = BalancerConfig {
         routes,
         upstream_timeout: args.upstream_timeout,
         connect_timeout: args.connect_timeout,
         drain_timeout: args.drain_timeout,
+        source,
     };
     rollcall::balancer::serve(listener, admin, config, updates, shutdown_signal())
         .await

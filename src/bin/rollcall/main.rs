@@ -7,6 +7,7 @@ mod balancer;
 mod catalog;
 mod demo;
 mod discovery;
+mod probe;
 mod watch;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +40,8 @@ enum Command {
     Catalog(catalog::Args),
     /// The whole stack on one machine, for a first look.
     Demo(demo::Args),
+    /// GET a URL once and exit 0 on a 2xx: a container health check.
+    Probe(probe::Args),
 }
 
 #[tokio::main]
@@ -58,6 +61,7 @@ async fn main() -> std::process::ExitCode {
         Command::Watch(args) => watch::run(args).await,
         Command::Catalog(args) => catalog::run(args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Probe(args) => probe::run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
