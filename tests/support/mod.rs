@@ -108,14 +108,18 @@ impl ServerProcess {
     }
 
     fn spawn(&mut self) {
+        // The server's log goes to a file, shown when it fails to start (or
+        // to the terminal with NATS_SERVER_LOG set).
+        let log = tempfile::NamedTempFile::new().expect("a temp file for the nats-server log");
+        let stderr = if std::env::var_os("NATS_SERVER_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::from(log.reopen().expect("reopen the nats-server log"))
+        };
         let child = Command::new(nats_server_bin())
             .args(&self.args)
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("NATS_SERVER_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
@@ -123,8 +127,27 @@ impl ServerProcess {
                     nats_server_bin()
                 )
             });
-        self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(10));
+        let child = self.child.insert(child);
+        // A server that exits at once (its port taken meanwhile, a bad
+        // config) is named as such, not waited on for the whole limit.
+        let limit = Duration::from_secs(20);
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "nats-server {:?} exited with {status} before listening on {}:\n{}",
+                    self.args,
+                    self.port,
+                    std::fs::read_to_string(log.path()).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < limit,
+                "nats-server did not listen on 127.0.0.1:{} within {limit:?}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
