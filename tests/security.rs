@@ -31,6 +31,14 @@ async fn connect(options: NatsOptions) -> Connection {
         .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
+/// The error a connection with `options` is refused with.
+async fn refused(options: NatsOptions, why: &str) -> NatsConnectError {
+    match options.connect("rollcall-test").await {
+        Ok(_) => panic!("connected although {why}"),
+        Err(error) => error,
+    }
+}
+
 async fn connect_as(server: &ConfiguredServer, user: &str) -> Connection {
     connect(NatsOptions::new(server.secure_url(user))).await
 }
@@ -136,14 +144,16 @@ async fn a_token_connects_from_the_flag_or_the_url() {
     .await;
     round_trip(&by_url, "token.url").await;
 
-    let refused = NatsOptions {
-        token: Some("wrong".into()),
-        ..NatsOptions::new(server.url())
-    }
-    .connect("rollcall-test")
+    let refused = refused(
+        NatsOptions {
+            token: Some("wrong".into()),
+            ..NatsOptions::new(server.url())
+        },
+        "the token is wrong",
+    )
     .await;
     assert!(
-        matches!(refused, Err(NatsConnectError::Unauthorized { .. })),
+        matches!(refused, NatsConnectError::Unauthorized { .. }),
         "{refused:?}"
     );
 }
@@ -165,13 +175,14 @@ async fn an_nkey_seed_connects() {
     round_trip(&connection, "nkey.works").await;
 
     let stranger = nkeys::KeyPair::new_user();
-    let refused = NatsOptions {
-        nkey_seed: Some(stranger.seed().expect("seed")),
-        ..NatsOptions::new(server.url())
-    }
-    .connect("rollcall-test")
-    .await
-    .expect_err("an unknown nkey is refused");
+    let refused = refused(
+        NatsOptions {
+            nkey_seed: Some(stranger.seed().expect("seed")),
+            ..NatsOptions::new(server.url())
+        },
+        "the nkey is unknown",
+    )
+    .await;
     assert!(
         refused.to_string().contains(&stranger.public_key()),
         "the error names the key: {refused}"
@@ -220,14 +231,16 @@ async fn a_creds_file_connects_with_operator_signed_jwts() {
     ])
     .expect("NATS_CREDS connects");
 
-    let missing = NatsOptions {
-        creds_file: Some(dir.path().join("missing.creds")),
-        ..NatsOptions::new(server.url())
-    }
-    .connect("rollcall-test")
+    let missing = refused(
+        NatsOptions {
+            creds_file: Some(dir.path().join("missing.creds")),
+            ..NatsOptions::new(server.url())
+        },
+        "the creds file is missing",
+    )
     .await;
     assert!(
-        matches!(missing, Err(NatsConnectError::CredsFile { .. })),
+        matches!(missing, NatsConnectError::CredsFile { .. }),
         "{missing:?}"
     );
 }
@@ -249,29 +262,29 @@ async fn tls_with_a_client_certificate_connects() {
     let connection = connect(options.clone()).await;
     round_trip(&connection, "tls.works").await;
 
-    let without_client_cert = NatsOptions {
-        tls_cert: None,
-        tls_key: None,
-        ..options.clone()
-    }
-    .connect("rollcall-test")
+    refused(
+        NatsOptions {
+            tls_cert: None,
+            tls_key: None,
+            ..options.clone()
+        },
+        "verify: true needs a client certificate",
+    )
     .await;
-    assert!(
-        without_client_cert.is_err(),
-        "verify: true needs a client certificate"
-    );
-    let half = NatsOptions {
-        tls_key: None,
-        ..options
-    }
-    .connect("rollcall-test")
+    let half = refused(
+        NatsOptions {
+            tls_key: None,
+            ..options
+        },
+        "a certificate without its key is no client certificate",
+    )
     .await;
     assert!(
         matches!(
             half,
-            Err(NatsConnectError::HalfClientCert {
+            NatsConnectError::HalfClientCert {
                 given: "--tls-cert"
-            })
+            }
         ),
         "{half:?}"
     );
