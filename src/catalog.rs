@@ -247,7 +247,9 @@ impl Catalog {
             });
         }
         let (service, id) = (instance.service.clone(), instance.id.clone());
-        entry.instances.insert(id.clone(), Live::new(instance, deadline));
+        entry
+            .instances
+            .insert(id.clone(), Live::new(instance, deadline));
         entry.revision += 1;
         self.live += 1;
         self.deadlines
