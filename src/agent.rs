@@ -262,13 +262,26 @@ impl Prober {
         match tokio::time::timeout(self.check.timeout, self.client.get(url.clone())).await {
             Ok(Ok(response)) if response.status().is_success() => Ok(()),
             Ok(Ok(response)) => Err(format!("GET {url} answered {}", response.status())),
-            Ok(Err(error)) => Err(format!("GET {url} failed: {error}")),
+            Ok(Err(error)) => Err(format!("GET {url} failed: {}", with_causes(&error))),
             Err(_) => Err(format!(
                 "GET {url} took longer than {:?}",
                 self.check.timeout
             )),
         }
     }
+}
+
+/// An error and its causes, `: `-separated: hyper's client error alone says
+/// only `client error (Connect)`; the cause says `Connection refused`.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }
 
 #[cfg(test)]
@@ -323,6 +336,19 @@ mod tests {
             .filter(|&n| said(Verdict::Withdraw, n).is_some())
             .collect();
         assert_eq!(out, [4, 8, 16], "then reminders only");
+    }
+
+    #[tokio::test]
+    async fn a_failed_check_names_the_cause() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}/health", closed.local_addr().expect("address"));
+        drop(closed);
+        let prober = Prober::new(&Check {
+            url: url.parse().expect("valid URL"),
+            timeout: Duration::from_secs(1),
+        });
+        let reason = prober.probe().await.expect_err("nothing listens");
+        assert!(reason.contains("refused"), "{reason}");
     }
 
     #[test]

@@ -590,17 +590,17 @@ mod tests {
                 conflicts.push(catalog.take_conflict(&change));
             }
         }
-        let found = Some(Conflict {
+        let found = Conflict {
             service: "web".into(),
             id: "a".into(),
             records: [mine.clone(), theirs.clone()],
-        });
+        };
         // Joined, a genuine update, then the flip back: reported once, and
         // not again while the same two records alternate; a new record ends
         // the run and a new flip back is a new report.
         assert_eq!(conflicts.len(), 7);
         assert_eq!(conflicts[..2], [None, None]);
-        assert_eq!(conflicts[2], found);
+        assert_eq!(conflicts[2], Some(found.clone()));
         assert_eq!(conflicts[3..6], [None, None, None]);
         assert_eq!(
             conflicts[6],
@@ -610,7 +610,7 @@ mod tests {
                 records: [mine, third],
             })
         );
-        let message = found.expect("found").to_string();
+        let message = found.to_string();
         assert!(
             message.contains("web/a") && message.contains("127.0.0.1:1 and 127.0.0.1:2"),
             "{message}"

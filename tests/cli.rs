@@ -69,7 +69,7 @@ fn errors_show_no_password() {
         format!("nats://alice:s3cret@127.0.0.1:{port}"),
         // An unescaped `@` in the password.
         format!("nats://alice:p@s3cret@127.0.0.1:{port}"),
-        format!("nats://alice:s3cret@127.0.0.1:notaport"),
+        "nats://alice:s3cret@127.0.0.1:notaport".to_owned(),
     ] {
         for subcommand in ["catalog", "watch", "discovery"] {
             let (code, _, stderr) = run(rollcall(&[subcommand, "--nats", &url]), WAIT);
