@@ -5,4 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/provision.sh
-exec cargo run --release --quiet -- demo "$@"
+if [[ ! -x target/release/rollcall ]]; then
+  echo "building rollcall (release); the first time takes a few minutes" >&2
+fi
+# Cargo's own progress shows; a rebuild with nothing changed is a no-op.
+cargo build --release --bin rollcall
+exec target/release/rollcall demo "$@"

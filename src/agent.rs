@@ -8,8 +8,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::announcer::{check_announcement, AnnounceError, Announcer, Gate, Verdict};
-use crate::connect::Connection;
-use crate::protocol::{Instance, Subjects};
+use crate::connect::{AccessError, Connection};
+use crate::permissions::Access;
+use crate::protocol::{EventKind, Instance, Subjects};
 use bytes::Bytes;
 use http::Uri;
 use http_body_util::Empty;
@@ -37,6 +38,8 @@ pub enum AgentError {
     FailAfterZero,
     #[error(transparent)]
     Announce(#[from] AnnounceError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
 }
 
 /// An HTTP GET that must answer 2xx within `timeout`.
@@ -131,8 +134,22 @@ impl FailureRun {
     }
 }
 
+/// What the agent must be allowed to publish, checked before anything is
+/// announced. The probe is an empty deregister of the agent's own id, the
+/// one event an agent about to register may send without harm: an instance
+/// that is not live ignores it, and a stale record of this id is about to be
+/// replaced anyway.
+pub fn agent_needs(subjects: &Subjects, instance: &Instance) -> Vec<Access> {
+    vec![Access::Publish(subjects.event(
+        EventKind::Deregister,
+        &instance.service,
+        &instance.id,
+    ))]
+}
+
 /// Runs the agent until `shutdown` resolves, then deregisters (if the
-/// instance is in the catalog) and returns.
+/// instance is in the catalog) and returns. Fails first, announcing
+/// nothing, when the server refuses the instance's subjects.
 pub async fn run(
     connection: &Connection,
     subjects: Subjects,
@@ -140,9 +157,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     config.validate()?;
+    connection
+        .check_access(&agent_needs(&subjects, &config.instance))
+        .await?;
     let gate = HealthGate {
         prober: config.check.as_ref().map(Prober::new),
         run: FailureRun::new(config.fail_after),
+        passed: false,
         service: config.instance.service.clone(),
         id: config.instance.id.clone(),
     };
@@ -160,6 +181,8 @@ pub async fn run(
 struct HealthGate {
     prober: Option<Prober>,
     run: FailureRun,
+    /// Whether any check has passed yet.
+    passed: bool,
     service: String,
     id: String,
 }
@@ -171,28 +194,48 @@ impl Gate for HealthGate {
             None => Ok(()),
         };
         let verdict = self.run.next(outcome.is_ok());
-        if let Err(reason) = &outcome {
-            self.log_failure(verdict, reason);
+        match &outcome {
+            Ok(()) => self.passed = true,
+            Err(reason) => self.log_failure(verdict, reason),
         }
         verdict
     }
 }
 
+/// What one failed check is worth saying at warn level; `None` keeps it at
+/// debug. Loud while it changes something (heartbeats held, then the
+/// deregister); while the instance is out and the check keeps failing, or
+/// has never passed, loud at the 1st, 2nd, 4th, 8th... failure in a row, so
+/// a check that can never pass is seen at once without a line per interval.
+fn failure_warning(
+    passed_before: bool,
+    verdict: Verdict,
+    failures: u32,
+    fail_after: u32,
+) -> Option<&'static str> {
+    let reminder = failures.is_power_of_two();
+    match verdict {
+        _ if !passed_before => reminder.then_some(
+            "health check has not passed yet, so the instance is not announced \
+             (is --check the right URL?)",
+        ),
+        Verdict::Hold => Some("health check failed; holding heartbeats"),
+        Verdict::Withdraw if failures == fail_after => {
+            Some("health check failed too often; deregistering")
+        }
+        _ => reminder.then_some("health check still failing; the instance stays out"),
+    }
+}
+
 impl HealthGate {
-    /// Every failed check is logged with its reason: at warn while it
-    /// changes something (heartbeats held, then the deregister), at debug
-    /// while the instance is out and the check keeps failing.
+    /// Every failed check is logged with its reason, at the level
+    /// [`failure_warning`] decides.
     fn log_failure(&self, verdict: Verdict, reason: &str) {
         let (service, id) = (&self.service, &self.id);
         let failures = self.run.failures();
-        match verdict {
-            Verdict::Hold => {
-                tracing::warn!(%service, %id, failures, %reason, "health check failed; holding heartbeats")
-            }
-            Verdict::Withdraw if failures == self.run.fail_after => {
-                tracing::warn!(%service, %id, failures, %reason, "health check failed too often; deregistering")
-            }
-            _ => tracing::debug!(%service, %id, failures, %reason, "health check still failing"),
+        match failure_warning(self.passed, verdict, failures, self.run.fail_after) {
+            Some(message) => tracing::warn!(%service, %id, failures, %reason, "{message}"),
+            None => tracing::debug!(%service, %id, failures, %reason, "health check still failing"),
         }
     }
 }
@@ -219,13 +262,26 @@ impl Prober {
         match tokio::time::timeout(self.check.timeout, self.client.get(url.clone())).await {
             Ok(Ok(response)) if response.status().is_success() => Ok(()),
             Ok(Ok(response)) => Err(format!("GET {url} answered {}", response.status())),
-            Ok(Err(error)) => Err(format!("GET {url} failed: {error}")),
+            Ok(Err(error)) => Err(format!("GET {url} failed: {}", with_causes(&error))),
             Err(_) => Err(format!(
                 "GET {url} took longer than {:?}",
                 self.check.timeout
             )),
         }
     }
+}
+
+/// An error and its causes, `: `-separated: hyper's client error alone says
+/// only `client error (Connect)`; the cause says `Connection refused`.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }
 
 #[cfg(test)]
@@ -243,6 +299,56 @@ mod tests {
             [Announce, Announce, Hold, Announce, Hold, Hold, Withdraw, Withdraw, Announce],
             "one blip resets the run"
         );
+    }
+
+    #[test]
+    fn a_check_that_never_passed_warns_at_growing_intervals() {
+        let loud: Vec<u32> = (1..=20)
+            .filter(|&n| failure_warning(false, Verdict::Withdraw, n, 3).is_some())
+            .collect();
+        assert_eq!(loud, [1, 2, 4, 8, 16]);
+        let first = failure_warning(false, Verdict::Hold, 1, 3).expect("loud");
+        assert!(first.contains("not passed yet"), "{first}");
+        assert!(
+            !failure_warning(false, Verdict::Withdraw, 4, 4)
+                .expect("loud")
+                .contains("deregistering"),
+            "nothing was registered"
+        );
+    }
+
+    #[test]
+    fn a_check_that_passed_before_warns_while_it_changes_something() {
+        let said = |verdict, n| failure_warning(true, verdict, n, 3);
+        assert_eq!(
+            said(Verdict::Hold, 1),
+            Some("health check failed; holding heartbeats")
+        );
+        assert_eq!(
+            said(Verdict::Hold, 2),
+            Some("health check failed; holding heartbeats")
+        );
+        assert_eq!(
+            said(Verdict::Withdraw, 3),
+            Some("health check failed too often; deregistering")
+        );
+        let out: Vec<u32> = (4..=20)
+            .filter(|&n| said(Verdict::Withdraw, n).is_some())
+            .collect();
+        assert_eq!(out, [4, 8, 16], "then reminders only");
+    }
+
+    #[tokio::test]
+    async fn a_failed_check_names_the_cause() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}/health", closed.local_addr().expect("address"));
+        drop(closed);
+        let prober = Prober::new(&Check {
+            url: url.parse().expect("valid URL"),
+            timeout: Duration::from_secs(1),
+        });
+        let reason = prober.probe().await.expect_err("nothing listens");
+        assert!(reason.contains("refused"), "{reason}");
     }
 
     #[test]

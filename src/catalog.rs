@@ -44,6 +44,55 @@ impl ChangeKind {
     }
 }
 
+/// Two senders announcing one instance id with different records: the
+/// record flips back to the one it replaced, every heartbeat. Reported once
+/// per pair of records, for the caller to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub service: String,
+    pub id: String,
+    /// The record held now and the one it replaced, which it replaced before.
+    pub records: [Instance; 2],
+}
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [now, before] = &self.records;
+        write!(
+            f,
+            "two senders announce {}/{} with different records ({} and {}); \
+             the catalog flips between them at every heartbeat: give each its own id",
+            self.service,
+            self.id,
+            now.authority(),
+            before.authority()
+        )
+    }
+}
+
+/// Whether a conflict was seen for an instance's current pair of records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum ConflictState {
+    #[default]
+    None,
+    /// Seen at the last update, not yet taken by the caller.
+    New,
+    /// Taken: stays quiet while the same two records keep flipping.
+    Reported,
+}
+
+impl ConflictState {
+    /// The state after an update that did (`flipped_back`) or did not bring
+    /// back the record before the last one.
+    fn after_update(self, flipped_back: bool) -> ConflictState {
+        match (self, flipped_back) {
+            (_, false) => ConflictState::None,
+            (ConflictState::None, true) => ConflictState::New,
+            (state, true) => state,
+        }
+    }
+}
+
 /// A digest of an event's payload bytes, for [`Catalog::refresh`]: equal
 /// digests stand for equal payloads (a collision needs about 2^64 tries).
 pub fn payload_digest(payload: &[u8]) -> u64 {
@@ -63,6 +112,31 @@ struct Live {
     /// The deadline of this instance's entry in the heap; the one entry that
     /// counts when several were pushed.
     scheduled: Instant,
+    /// The record the last update replaced; boxed, as most instances never
+    /// change and pay only a null pointer for it.
+    previous: Option<Box<Instance>>,
+    conflict: ConflictState,
+}
+
+impl Live {
+    fn new(instance: Instance, deadline: Instant) -> Live {
+        Live {
+            instance,
+            digest: None,
+            deadline,
+            scheduled: deadline,
+            previous: None,
+            conflict: ConflictState::None,
+        }
+    }
+
+    /// Takes a different record in, keeping the one it replaces.
+    fn update(&mut self, instance: Instance) {
+        let flipped_back = self.previous.as_deref() == Some(&instance);
+        let replaced = std::mem::replace(&mut self.instance, instance);
+        self.previous = Some(Box::new(replaced));
+        self.conflict = self.conflict.after_update(flipped_back);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -111,12 +185,7 @@ impl Catalog {
         for instance in snapshot.instances {
             let deadline = now + instance.ttl();
             let id = instance.id.clone();
-            let live = Live {
-                instance,
-                digest: None,
-                deadline,
-                scheduled: deadline,
-            };
+            let live = Live::new(instance, deadline);
             if entry.instances.insert(id.clone(), live).is_none() {
                 self.live += 1;
             }
@@ -168,7 +237,7 @@ impl Catalog {
                 return None;
             }
             let (service, id) = (instance.service.clone(), instance.id.clone());
-            live.instance = instance;
+            live.update(instance);
             entry.revision += 1;
             return Some(Change {
                 service,
@@ -178,15 +247,9 @@ impl Catalog {
             });
         }
         let (service, id) = (instance.service.clone(), instance.id.clone());
-        entry.instances.insert(
-            id.clone(),
-            Live {
-                instance,
-                digest: None,
-                deadline,
-                scheduled: deadline,
-            },
-        );
+        entry
+            .instances
+            .insert(id.clone(), Live::new(instance, deadline));
         entry.revision += 1;
         self.live += 1;
         self.deadlines
@@ -228,6 +291,31 @@ impl Catalog {
         {
             live.digest = Some(digest);
         }
+    }
+
+    /// The conflict an [`ChangeKind::Updated`] change revealed, once: when
+    /// the update brought back the record its predecessor replaced, two
+    /// senders claim the id. `None` for every other change, and for later
+    /// flips between the same two records.
+    pub fn take_conflict(&mut self, change: &Change) -> Option<Conflict> {
+        if change.kind != ChangeKind::Updated {
+            return None;
+        }
+        let live = self
+            .services
+            .get_mut(&change.service)?
+            .instances
+            .get_mut(&change.id)?;
+        if live.conflict != ConflictState::New {
+            return None;
+        }
+        live.conflict = ConflictState::Reported;
+        let before = live.previous.as_deref()?.clone();
+        Some(Conflict {
+            service: change.service.clone(),
+            id: change.id.clone(),
+            records: [live.instance.clone(), before],
+        })
     }
 
     /// Removes every instance whose deadline is at or before `now`.
@@ -485,6 +573,61 @@ mod tests {
         let snapshot = catalog.snapshot("web").unwrap();
         assert_eq!(snapshot.instances[0].port, 2);
         assert_eq!(snapshot.instances[0].weight, 5);
+    }
+
+    #[test]
+    fn two_senders_of_one_id_are_reported_once_per_pair_of_records() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        let (mine, theirs, third) = (
+            instance("web", "a", 1),
+            instance("web", "a", 2),
+            instance("web", "a", 3),
+        );
+        let mut conflicts = Vec::new();
+        for record in [&mine, &theirs, &mine, &theirs, &mine, &third, &mine] {
+            if let Some(change) = catalog.apply(Event::Heartbeat(record.clone()), t0) {
+                conflicts.push(catalog.take_conflict(&change));
+            }
+        }
+        let found = Conflict {
+            service: "web".into(),
+            id: "a".into(),
+            records: [mine.clone(), theirs.clone()],
+        };
+        // Joined, a genuine update, then the flip back: reported once, and
+        // not again while the same two records alternate; a new record ends
+        // the run and a new flip back is a new report.
+        assert_eq!(conflicts.len(), 7);
+        assert_eq!(conflicts[..2], [None, None]);
+        assert_eq!(conflicts[2], Some(found.clone()));
+        assert_eq!(conflicts[3..6], [None, None, None]);
+        assert_eq!(
+            conflicts[6],
+            Some(Conflict {
+                service: "web".into(),
+                id: "a".into(),
+                records: [mine, third],
+            })
+        );
+        let message = found.to_string();
+        assert!(
+            message.contains("web/a") && message.contains("127.0.0.1:1 and 127.0.0.1:2"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_instance_that_changes_its_record_once_is_no_conflict() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        catalog.apply(Event::Register(instance("web", "a", 1)), t0);
+        for port in [2, 3, 4] {
+            let change = catalog
+                .apply(Event::Register(instance("web", "a", port)), t0)
+                .expect("a changed record");
+            assert_eq!(catalog.take_conflict(&change), None);
+        }
     }
 
     #[test]

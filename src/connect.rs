@@ -125,6 +125,10 @@ pub struct NatsOptions {
     /// How often the client pings the server; two missed pongs and the
     /// connection counts as lost.
     pub ping_interval: Duration,
+    /// Logs the first connection at debug instead of info: for one-shot
+    /// commands (`catalog`, `watch`) whose output is the point. Reconnects
+    /// and losses are logged as always.
+    pub quiet: bool,
 }
 
 impl Default for NatsOptions {
@@ -138,6 +142,7 @@ impl Default for NatsOptions {
             tls_cert: None,
             tls_key: None,
             ping_interval: Duration::from_secs(2),
+            quiet: false,
         }
     }
 }
@@ -320,6 +325,7 @@ impl NatsOptions {
             denials: denials.clone(),
             denied: Arc::clone(&denied),
             closing: Arc::new(AtomicBool::new(false)),
+            quiet: self.quiet,
         };
         let client = self
             .credentials()
@@ -422,6 +428,8 @@ struct EventWatcher {
     denied: Arc<AtomicU64>,
     /// Set once the client drains or closes on purpose.
     closing: Arc<AtomicBool>,
+    /// See [`NatsOptions::quiet`].
+    quiet: bool,
 }
 
 impl EventWatcher {
@@ -449,6 +457,12 @@ impl EventWatcher {
                 // Nobody listening is fine: the denial is logged.
                 let _ = self.denials.send(denied);
             }
+            None if self.quiet
+                && matches!(event, Event::Connected)
+                && self.link.borrow().generation <= 1 =>
+            {
+                tracing::debug!(url = %self.url, "connected to NATS")
+            }
             None => log_event(&self.url, &event, self.closing.load(Ordering::Relaxed)),
         }
     }
@@ -469,7 +483,7 @@ fn reconnect_delay(attempts: usize) -> Duration {
 fn log_event(url: &str, event: &Event, closing: bool) {
     match event {
         Event::Connected => tracing::info!(%url, "connected to NATS"),
-        Event::Disconnected | Event::ClientError(_) if closing => {
+        Event::Closed | Event::Disconnected | Event::ClientError(_) if closing => {
             tracing::debug!(%url, event = %event, "NATS connection closed")
         }
         Event::Disconnected => {
@@ -534,7 +548,9 @@ fn redact(urls: &str) -> String {
     urls.split(',')
         .map(|url| {
             let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-            let redacted = match rest.split_once('@') {
+            // The last `@` ends the userinfo: an unescaped `@` in a password
+            // must not leave its tail in the message.
+            let redacted = match rest.rsplit_once('@') {
                 Some((userinfo, host)) => match userinfo.split_once(':') {
                     Some((user, _)) => format!("{user}:***@{host}"),
                     None => format!("***@{host}"),
@@ -564,6 +580,7 @@ mod tests {
             "nats://h1:4222,nats://u:***@h2"
         );
         assert_eq!(redact("h:4222"), "h:4222");
+        assert_eq!(redact("nats://a:p@ss@h:4222"), "nats://a:***@h:4222");
     }
 
     #[test]

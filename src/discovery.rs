@@ -457,6 +457,9 @@ impl<W: Wire> Worker<W> {
 
     fn note(&mut self, change: Change) {
         Stats::bump(&self.stats.changes);
+        if let Some(conflict) = self.catalog.take_conflict(&change) {
+            tracing::warn!("{conflict}");
+        }
         let address = self
             .catalog
             .instance(&change.service, &change.id)

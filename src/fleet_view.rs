@@ -64,6 +64,16 @@ impl Observed {
         matches!(self, Observed::Invalid { .. })
     }
 
+    pub fn is_heartbeat(&self) -> bool {
+        matches!(
+            self,
+            Observed::Event {
+                event: Event::Heartbeat(_),
+                ..
+            }
+        )
+    }
+
     /// One line for people: time, kind, service, instance, address:port;
     /// for snapshots the revision and the instance ids.
     pub fn line(&self, at: SystemTime) -> String {
@@ -94,21 +104,7 @@ impl Observed {
                 }
                 line
             }
-            Observed::Snapshot(snapshot) => {
-                let ids: Vec<String> = snapshot
-                    .instances
-                    .iter()
-                    .map(|i| format!("{}@{}", i.id, i.authority()))
-                    .collect();
-                format!(
-                    "{time} {:<10} {} rev={} instances={} [{}]",
-                    "snapshot",
-                    snapshot.service,
-                    snapshot.revision,
-                    snapshot.instances.len(),
-                    ids.join(" ")
-                )
-            }
+            Observed::Snapshot(snapshot) => snapshot_line("snapshot", snapshot, at),
             Observed::Invalid { subject, reason } => {
                 format!("{time} {:<10} {subject}: {reason}", "invalid")
             }
@@ -143,31 +139,64 @@ impl Observed {
     }
 }
 
-const HEADER: [&str; 7] = [
-    "SERVICE", "INSTANCE", "ADDRESS", "PORT", "WEIGHT", "TAGS", "AGE",
+/// One snapshot in one line: time, `kind`, service, revision and the
+/// instances as `id@address:port`.
+fn snapshot_line(kind: &str, snapshot: &Snapshot, at: SystemTime) -> String {
+    let ids: Vec<String> = snapshot
+        .instances
+        .iter()
+        .map(|i| format!("{}@{}", i.id, i.authority()))
+        .collect();
+    format!(
+        "{} {kind:<10} {} rev={} instances={} [{}]",
+        humantime::format_rfc3339_millis(at),
+        snapshot.service,
+        snapshot.revision,
+        snapshot.instances.len(),
+        ids.join(" ")
+    )
+}
+
+/// A service's stored snapshot as the line `watch` starts with, kind
+/// `current`, stamped with when it was published.
+pub fn current_line(stored: &Stored) -> String {
+    snapshot_line("current", &stored.snapshot, stored.published)
+}
+
+/// The same as one JSON object, kind `current`.
+pub fn current_json(stored: &Stored) -> Value {
+    json!({
+        "time": humantime::format_rfc3339_millis(stored.published).to_string(),
+        "kind": "current",
+        "service": stored.snapshot.service,
+        "revision": stored.snapshot.revision,
+        "instances": stored.snapshot.instances,
+    })
+}
+
+// The snapshot carries no time per instance (when it was last heard lives
+// only in discovery), so the one time column is the service's: CHANGED, how
+// long ago its last snapshot was published. TTL is the instance's own.
+const HEADER: [&str; 8] = [
+    "SERVICE", "INSTANCE", "ADDRESS", "PORT", "WEIGHT", "TTL", "TAGS", "CHANGED",
 ];
 
 /// The catalog as a table: one row per instance, a `-` row for a service
-/// that has none. AGE is how long ago the service's snapshot was published,
-/// that is, since its last change.
+/// that has none. CHANGED is how long ago the service's snapshot was
+/// published, that is, since the service's last change.
 pub fn catalog_table(stored: &[Stored], now: SystemTime) -> String {
-    let mut rows: Vec<[String; 7]> = vec![HEADER.map(str::to_owned)];
+    let mut rows: Vec<[String; 8]> = vec![HEADER.map(str::to_owned)];
     for Stored {
         snapshot,
         published,
     } in stored
     {
-        let age = age(*published, now);
+        let changed = age(*published, now);
         if snapshot.instances.is_empty() {
-            rows.push([
-                snapshot.service.clone(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                age.clone(),
-            ]);
+            let mut row: [String; 8] = std::array::from_fn(|_| "-".to_owned());
+            row[0] = snapshot.service.clone();
+            row[7] = changed.clone();
+            rows.push(row);
         }
         for instance in &snapshot.instances {
             rows.push([
@@ -176,12 +205,13 @@ pub fn catalog_table(stored: &[Stored], now: SystemTime) -> String {
                 instance.address.clone(),
                 instance.port.to_string(),
                 instance.weight.to_string(),
+                humantime::format_duration(instance.ttl()).to_string(),
                 if instance.tags.is_empty() {
                     "-".into()
                 } else {
                     instance.tags.join(",")
                 },
-                age.clone(),
+                changed.clone(),
             ]);
         }
     }
@@ -199,6 +229,36 @@ pub fn catalog_table(stored: &[Stored], now: SystemTime) -> String {
         table.push('\n');
     }
     table
+}
+
+/// A service the catalog has never seen, and the ones it has.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the catalog has no service named {service} (it has: {known})")]
+pub struct UnknownService {
+    pub service: String,
+    /// The services it has, comma-separated, or `none`.
+    pub known: String,
+}
+
+/// Keeps only `service`'s snapshot; an error naming it when there is none.
+pub fn only_service(stored: Vec<Stored>, service: &str) -> Result<Vec<Stored>, UnknownService> {
+    let known: Vec<&str> = stored.iter().map(|s| s.snapshot.service.as_str()).collect();
+    let known = if known.is_empty() {
+        "none".to_owned()
+    } else {
+        known.join(", ")
+    };
+    let kept: Vec<Stored> = stored
+        .into_iter()
+        .filter(|s| s.snapshot.service == service)
+        .collect();
+    if kept.is_empty() {
+        return Err(UnknownService {
+            service: service.to_owned(),
+            known,
+        });
+    }
+    Ok(kept)
 }
 
 /// The catalog as JSON: one object per service with its revision, when it
@@ -332,12 +392,46 @@ mod tests {
     fn the_catalog_reads_as_an_aligned_table() {
         let table = catalog_table(&stored(), at());
         let expected = "\
-SERVICE  INSTANCE  ADDRESS    PORT  WEIGHT  TAGS       AGE
-api      -         -          -     -       -          1h1m40s
-web      web-1     127.0.0.1  5001  1       -          4s
-web      web-2     10.0.0.2   80    1       v2,canary  4s
+SERVICE  INSTANCE  ADDRESS    PORT  WEIGHT  TTL  TAGS       CHANGED
+api      -         -          -     -       -    -          1h1m40s
+web      web-1     127.0.0.1  5001  1       3s   -          4s
+web      web-2     10.0.0.2   80    1       3s   v2,canary  4s
 ";
         assert_eq!(table, expected);
+    }
+
+    #[test]
+    fn one_service_is_kept_and_an_unknown_one_is_named() {
+        let web = only_service(stored(), "web").expect("web is known");
+        assert_eq!(web.len(), 1);
+        assert_eq!(web[0].snapshot.revision, 9);
+        let error = only_service(stored(), "nope").expect_err("nope is unknown");
+        assert_eq!(
+            error.to_string(),
+            "the catalog has no service named nope (it has: api, web)"
+        );
+        let error = only_service(Vec::new(), "web").expect_err("empty catalog");
+        assert!(error.to_string().ends_with("(it has: none)"), "{error}");
+    }
+
+    #[test]
+    fn the_current_state_reads_like_a_snapshot_stamped_when_published() {
+        let state = stored();
+        assert_eq!(
+            current_line(&state[1]),
+            "2026-11-27T11:59:55.350Z current    web rev=9 instances=2 [web-1@127.0.0.1:5001 web-2@10.0.0.2:80]"
+        );
+        let value = current_json(&state[0]);
+        assert_eq!(value["kind"], "current");
+        assert_eq!(value["service"], "api");
+        assert_eq!(value["instances"], json!([]));
+    }
+
+    #[test]
+    fn heartbeats_can_be_told_apart() {
+        assert!(read("rollcall.heartbeat.web.web-1", WEB_1).is_heartbeat());
+        assert!(!read("rollcall.register.web.web-1", WEB_1).is_heartbeat());
+        assert!(!read("rollcall.heartbeat.web.web-1", "{").is_heartbeat());
     }
 
     #[test]

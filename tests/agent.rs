@@ -3,6 +3,8 @@
 
 #[path = "support/cli.rs"]
 mod cli;
+#[path = "support/nats_extra.rs"]
+mod nats_extra;
 mod support;
 
 use std::convert::Infallible;
@@ -15,6 +17,7 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use nats_extra::ConfiguredServer;
 use rollcall::protocol::{Event, EventKind};
 use support::NatsServer;
 
@@ -148,6 +151,71 @@ async fn heartbeats_only_while_the_check_passes() {
     process.signal("TERM");
     tap.until(EventKind::Deregister, "py-1", WAIT).await;
     assert_eq!(process.wait(WAIT), Some(0), "{}", process.stderr_text());
+}
+
+/// The README's first try, a check URL that answers 404: nothing is
+/// announced, and the log says so, and why, at the default level. (The
+/// test waits on the log with blocking calls: the check target needs a
+/// thread of its own.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_that_never_passes_says_why_and_announces_nothing() {
+    let nats = NatsServer::start();
+    let mut tap = Tap::new(&nats.url()).await;
+    let check = health_target(Arc::new(AtomicBool::new(false))).await;
+    let process = agent(&nats, "py-3", &["--check", &check, "--fail-after", "2"]);
+    // Reminders come at the 1st, 2nd and 4th failure.
+    process.wait_stderr("failures=4", WAIT);
+    let log = process.stderr_text();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("health check has not passed yet"))
+        .collect();
+    assert_eq!(warnings.len(), 3, "{log}");
+    assert!(
+        warnings[0].contains("WARN") && warnings[0].contains("answered 503"),
+        "{log}"
+    );
+    assert!(!log.contains("registered"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a redirected log: {log:?}"
+    );
+    // On the wire: only the start-up permission probe, an empty deregister.
+    let probe = tap.next(WAIT).await;
+    assert_eq!(probe.subject, "rollcall.deregister.py.py-3");
+    tap.silent_for(Duration::from_millis(300)).await;
+}
+
+/// A user allowed only another service's subjects: the agent stops at start
+/// naming the refusal, and never claims to be registered.
+#[test]
+fn refused_publishes_stop_the_agent_before_it_claims_anything() {
+    let server = ConfiguredServer::from_file("nats/secure.conf");
+    let url = server.secure_url("api");
+    let args = [
+        "agent",
+        "--nats",
+        &url,
+        "--service",
+        "web",
+        "--id",
+        "web-7",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        "5001",
+    ];
+    let (code, _, stderr) = run(rollcall(&args), WAIT);
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "exited {code:?}: {stderr}"
+    );
+    assert!(
+        stderr
+            .contains("permission denied publishing to rollcall.deregister.web.web-7 as user api"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("registered"), "{stderr}");
 }
 
 #[tokio::test]

@@ -26,6 +26,21 @@ fn the_demo_answers_in_rotation_over_its_three_instances() {
         .and_then(|port| port.parse().ok())
         .unwrap_or_else(|| panic!("no NATS URL in {nats_line:?}"));
     demo.line_containing(&format!("curl http://{listen}/"), WAIT);
+    // The command it suggests runs as printed, from where the demo runs.
+    let watch = demo.line_containing("watch: ", WAIT);
+    let binary = watch
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no command in {watch:?}"));
+    let catalog = std::process::Command::new(binary)
+        .args([
+            "catalog",
+            "--nats",
+            &format!("nats://127.0.0.1:{nats_port}"),
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("{watch:?} names {binary}, which does not run: {e}"));
+    assert!(catalog.status.success(), "{catalog:?}");
 
     // The balancer follows discovery within milliseconds; wait until three
     // sequential requests reach the three instances.

@@ -164,21 +164,30 @@ async fn catalog_prints_the_stored_catalog() {
         .collect();
     assert_eq!(
         lines[0],
-        ["SERVICE", "INSTANCE", "ADDRESS", "PORT", "WEIGHT", "TAGS", "AGE"]
+        ["SERVICE", "INSTANCE", "ADDRESS", "PORT", "WEIGHT", "TTL", "TAGS", "CHANGED"]
     );
     assert_eq!(lines.len(), 4, "{table}");
     assert_eq!(
-        lines[1][..6],
-        ["api", "api-1", "127.0.0.1", "6001", "1", "v2"]
+        lines[1][..7],
+        ["api", "api-1", "127.0.0.1", "6001", "1", "3s", "v2"]
     );
     assert_eq!(
-        lines[2][..6],
-        ["web", "web-1", "127.0.0.1", "5001", "1", "v2"]
+        lines[2][..7],
+        ["web", "web-1", "127.0.0.1", "5001", "1", "3s", "v2"]
     );
     assert_eq!(
-        lines[3][..6],
-        ["web", "web-2", "127.0.0.1", "5002", "1", "v2"]
+        lines[3][..7],
+        ["web", "web-2", "127.0.0.1", "5002", "1", "3s", "v2"]
     );
+
+    // A service the catalog does not have is an error naming it.
+    let (code, stdout, stderr) = run(rollcall(&["catalog", "--nats", &url, "nope"]), WAIT);
+    assert!(matches!(code, Some(c) if c != 0), "exited {code:?}");
+    assert!(
+        stderr.contains("the catalog has no service named nope (it has: api, web)"),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "{stdout}");
 
     let (code, json, stderr) = run(
         rollcall(&["catalog", "--nats", &url, "web", "--json"]),
@@ -200,6 +209,90 @@ async fn catalog_prints_the_stored_catalog() {
         .filter_map(|i| i["id"].as_str())
         .collect();
     assert_eq!(ids, ["web-1", "web-2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_starts_with_the_current_catalog_unless_told_not_to() {
+    let nats = NatsServer::start();
+    let fleet = discovery(&nats).await;
+    let url = nats.url();
+    let _web_1 = announce(&fleet, "web", "web-1", 5001).await;
+    let _api = announce(&fleet, "api", "api-1", 6001).await;
+    stored(&fleet, "web", 1).await;
+    stored(&fleet, "api", 1).await;
+
+    let watch = Process::spawn(rollcall(&["watch", "--nats", &url]));
+    let first = watch.line(WAIT);
+    assert!(
+        first.contains(" current    api rev=") && first.ends_with("[api-1@127.0.0.1:6001]"),
+        "{first}"
+    );
+    let second = watch.line(WAIT);
+    assert!(
+        second.contains(" current    web rev=") && second.ends_with("[web-1@127.0.0.1:5001]"),
+        "{second}"
+    );
+
+    let json = Process::spawn(rollcall(&["watch", "--nats", &url, "web", "--json"]));
+    let value: serde_json::Value = serde_json::from_str(&json.line(WAIT)).expect("JSON");
+    assert_eq!(value["kind"], "current");
+    assert_eq!(value["service"], "web");
+    assert_eq!(value["instances"][0]["id"], "web-1");
+
+    let events_only = Process::spawn(rollcall(&["watch", "--nats", &url, "--events-only"]));
+    events_only.wait_stderr("watching", WAIT);
+    let _web_2 = announce(&fleet, "web", "web-2", 5002).await;
+    let mut lines = Vec::new();
+    while !lines
+        .last()
+        .is_some_and(|l: &String| l.contains("register   web/web-2"))
+    {
+        lines.push(events_only.line(WAIT));
+    }
+    assert!(
+        lines.iter().all(|line| !line.contains(" current ")),
+        "{lines:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_can_leave_heartbeats_out() {
+    let nats = NatsServer::start();
+    let fleet = discovery(&nats).await;
+    let url = nats.url();
+    let all = Process::spawn(rollcall(&["watch", "--nats", &url]));
+    let quiet = Process::spawn(rollcall(&["watch", "--nats", &url, "--no-heartbeats"]));
+    all.wait_stderr("watching", WAIT);
+    quiet.wait_stderr("watching", WAIT);
+
+    let instance = Instance::new("web", "web-1", "127.0.0.1", 5001);
+    let _web_1 = Announcer::with_client(fleet.client.clone(), Subjects::default(), instance)
+        .interval(Duration::from_millis(100))
+        .start()
+        .await
+        .expect("announces");
+    all.line_containing("heartbeat  web/web-1", WAIT);
+    // A later event from the same client: both watchers saw the heartbeats
+    // before it.
+    let _web_2 = announce(&fleet, "web", "web-2", 5002).await;
+    all.line_containing("register   web/web-2", WAIT);
+    let mut lines = Vec::new();
+    while !lines
+        .last()
+        .is_some_and(|l: &String| l.contains("register   web/web-2"))
+    {
+        lines.push(quiet.line(WAIT));
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("register   web/web-1")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().all(|line| !line.contains("heartbeat")),
+        "{lines:#?}"
+    );
 }
 
 #[test]

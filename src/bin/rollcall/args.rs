@@ -10,7 +10,8 @@ use rollcall::protocol::{validate_name, Subjects, DEFAULT_PREFIX};
 #[derive(clap::Args, Debug, Clone)]
 pub struct NatsArgs {
     /// NATS server URL(s), comma-separated; may carry user:password@.
-    #[arg(long = "nats", env = "NATS_URL", default_value = DEFAULT_URL, value_name = "URL")]
+    // The environment's value may carry a password: --help never shows it.
+    #[arg(long = "nats", env = "NATS_URL", default_value = DEFAULT_URL, value_name = "URL", hide_env_values = true)]
     pub url: String,
     /// Subject prefix of the fleet (one token: A-Z a-z 0-9 _ -).
     #[arg(long, env = "ROLLCALL_PREFIX", default_value = DEFAULT_PREFIX, value_parser = parse_prefix)]

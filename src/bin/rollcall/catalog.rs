@@ -4,7 +4,8 @@
 use std::time::SystemTime;
 
 use rollcall::catalog_stream;
-use rollcall::fleet_view::{catalog_json, catalog_table};
+use rollcall::connect::NatsOptions;
+use rollcall::fleet_view::{catalog_json, catalog_table, only_service};
 
 use crate::args::FleetArgs;
 
@@ -12,7 +13,11 @@ use crate::args::FleetArgs;
 pub type Args = FleetArgs;
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let connection = args.nats.options().connect("rollcall catalog").await?;
+    let options = NatsOptions {
+        quiet: true,
+        ..args.nats.options()
+    };
+    let connection = options.connect("rollcall catalog").await?;
     let js = async_nats::jetstream::new(connection.client);
     let mut last = catalog_stream::read_last(&js, &args.nats.prefix).await?;
     if last.invalid > 0 {
@@ -22,10 +27,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if let Some(service) = &args.service {
-        last.snapshots.retain(|s| &s.snapshot.service == service);
-        if last.snapshots.is_empty() {
-            tracing::warn!(%service, "the catalog has no snapshot of this service");
-        }
+        last.snapshots = only_service(last.snapshots, service)?;
     }
     let now = SystemTime::now();
     if args.json {

@@ -147,8 +147,23 @@ fn print_banner(
         println!("{line}");
     }
     println!("try:   curl http://{listen}/   (again: each answer comes from the next instance)");
-    println!("watch: rollcall watch --nats {url}");
+    let me = this_binary();
+    println!("watch: {me} watch --nats {url} --no-heartbeats");
+    println!("list:  {me} catalog --nats {url}");
     println!("ctrl-c stops everything");
+}
+
+/// How to run this very binary from the current directory:
+/// `target/release/rollcall` when it was built here, its full path
+/// otherwise (`rollcall` is on nobody's PATH after a `cargo build`).
+fn this_binary() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "rollcall".to_owned();
+    };
+    let relative = std::env::current_dir()
+        .ok()
+        .and_then(|dir| exe.strip_prefix(dir).ok().map(PathBuf::from));
+    relative.unwrap_or(exe).display().to_string()
 }
 
 /// Closes the connection before the server goes, so nothing reports the

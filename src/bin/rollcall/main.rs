@@ -10,18 +10,38 @@ mod discovery;
 mod probe;
 mod watch;
 
-use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
     name = "rollcall",
     version,
+    propagate_version = true,
     about = "Reactive service discovery and load balancing over NATS"
 )]
 struct Cli {
+    /// How log lines on stderr are written: `text` for people, `json` (one
+    /// object per line) for log collectors.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "ROLLCALL_LOG_FORMAT",
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -34,7 +54,8 @@ enum Command {
     Balancer(balancer::Args),
     /// Announce a service written in any language, gated by its health check.
     Agent(Box<agent::Args>),
-    /// Print every event and snapshot as it happens, one line each.
+    /// Print the current catalog, then every event and snapshot as it
+    /// happens, one line each.
     Watch(watch::Args),
     /// Print the current catalog once, from the catalog stream.
     Catalog(catalog::Args),
@@ -42,18 +63,18 @@ enum Command {
     Demo(demo::Args),
     /// GET a URL once and exit 0 on a 2xx: a container health check.
     Probe(probe::Args),
+    /// Print a shell completion script: `rollcall completions bash >
+    /// ~/.local/share/bash-completion/completions/rollcall`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("ROLLCALL_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Command::Discovery(args) => discovery::run(args).await,
         Command::Balancer(args) => balancer::run(args).await,
@@ -62,12 +83,57 @@ async fn main() -> std::process::ExitCode {
         Command::Catalog(args) => catalog::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Probe(args) => probe::run(args).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "rollcall",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("rollcall: {error:#}");
+            match cli.log_format {
+                LogFormat::Text => eprintln!("rollcall: {error:#}"),
+                // A log collector reading JSON lines gets the reason as one.
+                LogFormat::Json => {
+                    tracing::error!(error = format!("{error:#}"), "rollcall stopped")
+                }
+            }
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// async-nats modules that log the server URL with its password (debug) or
+/// the CONNECT line with every credential (trace): held at info whatever
+/// `ROLLCALL_LOG` asks, so no log level shows a secret.
+const CREDENTIAL_LOGGERS: [&str; 2] = ["async_nats::connector", "async_nats::connection"];
+
+/// Logs to stderr at the level `ROLLCALL_LOG` sets (info by default), in
+/// colour only when stderr is a terminal and `NO_COLOR` is unset, so a
+/// redirected log holds no escape codes.
+fn init_logging(format: LogFormat) {
+    let filter = match EnvFilter::try_from_env("ROLLCALL_LOG") {
+        Ok(asked) => CREDENTIAL_LOGGERS.iter().fold(asked, |filter, target| {
+            match format!("{target}=info").parse() {
+                Ok(cap) => filter.add_directive(cap),
+                Err(_) => filter,
+            }
+        }),
+        Err(_) => EnvFilter::new("info,async_nats=warn"),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(colour).init();
+        }
+        LogFormat::Json => builder.json().with_ansi(false).init(),
     }
 }

@@ -1,22 +1,40 @@
-//! `rollcall watch`: every event and snapshot of the fleet (or of one
-//! service), live, one line or one JSON object each.
+//! `rollcall watch`: the fleet's (or one service's) current catalog, then
+//! every event and snapshot, live, one line or one JSON object each.
 
 use std::io::Write;
 use std::time::SystemTime;
 
 use futures::StreamExt;
-use rollcall::fleet_view::Observed;
+use rollcall::catalog_stream;
+use rollcall::connect::NatsOptions;
+use rollcall::fleet_view::{current_json, current_line, Observed};
+use rollcall::protocol::Subjects;
 
 use crate::args::{shutdown_signal, FleetArgs};
 
-/// What to show: the fleet or one service, as text or JSON.
-pub type Args = FleetArgs;
+/// What to show: the fleet or one service, as text or JSON, and which lines.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// Skip the current catalog at start: only what happens from now on.
+    #[arg(long)]
+    events_only: bool,
+    /// Leave heartbeats out (they repeat every interval for every instance).
+    #[arg(long)]
+    no_heartbeats: bool,
+}
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let subjects = &args.nats.prefix;
-    let connection = args.nats.options().connect("rollcall watch").await?;
+    let fleet = &args.fleet;
+    let subjects = &fleet.nats.prefix;
+    let options = NatsOptions {
+        quiet: true,
+        ..fleet.nats.options()
+    };
+    let connection = options.connect("rollcall watch").await?;
     let client = &connection.client;
-    let filters = match &args.service {
+    let filters = match &fleet.service {
         Some(service) => vec![subjects.service_events(service), subjects.catalog(service)],
         None => vec![subjects.all()],
     };
@@ -34,10 +52,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot subscribe to {}: {e}", filters.join(" and ")))?;
     tracing::info!(subjects = %filters.join(" "), "watching");
 
+    let mut stdout = std::io::stdout().lock();
+    // Subscribed first, so nothing that changes while the stream is read is
+    // missed; a change may then show twice, never not at all.
+    if !args.events_only {
+        let current = current_state(client, subjects, fleet.service.as_deref()).await;
+        for line in current.iter().map(|stored| {
+            if fleet.json {
+                current_json(stored).to_string()
+            } else {
+                current_line(stored)
+            }
+        }) {
+            if writeln!(stdout, "{line}").is_err() {
+                return Ok(());
+            }
+        }
+    }
+
     let mut messages = futures::stream::select_all(subscriptions);
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let mut stdout = std::io::stdout().lock();
     let (mut seen, mut invalid) = (0u64, 0u64);
     loop {
         let message = tokio::select! {
@@ -53,7 +88,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         if observed.is_invalid() {
             invalid += 1;
         }
-        let written = if args.json {
+        if args.no_heartbeats && observed.is_heartbeat() {
+            continue;
+        }
+        let written = if fleet.json {
             writeln!(stdout, "{}", observed.json(now))
         } else {
             writeln!(stdout, "{}", observed.line(now))
@@ -65,4 +103,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!(messages = seen, invalid, "watch ended");
     Ok(())
+}
+
+/// The stored snapshots (of `service` only, when given). A catalog that
+/// cannot be read is no reason to stop watching: the live messages still
+/// come, so this warns and shows none.
+async fn current_state(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    service: Option<&str>,
+) -> Vec<catalog_stream::Stored> {
+    let js = async_nats::jetstream::new(client.clone());
+    match catalog_stream::read_last(&js, subjects).await {
+        Ok(last) => last
+            .snapshots
+            .into_iter()
+            .filter(|stored| service.is_none_or(|s| stored.snapshot.service == s))
+            .collect(),
+        Err(error) => {
+            tracing::warn!("no current catalog to show: {error}");
+            Vec::new()
+        }
+    }
 }
