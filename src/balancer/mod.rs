@@ -8,6 +8,7 @@
 //! [`Balancer::applied`] tells a caller which revisions it routes on.
 //!
 //! - [`rotation`]: one service's round-robin set, swapped whole on change.
+//! - [`outlier`]: passive health, the policy of ejections and slow start.
 //! - [`routes`]: `ROUTE` arguments → which service a request goes to.
 //! - [`proxy`]: the hyper reverse proxy (retries, ejections, own answers).
 //! - [`upstream`]: each instance's pool of kept-alive connections.
@@ -23,6 +24,7 @@
 //! its last instance arrives as a snapshot with no instances.
 
 pub mod admin;
+pub mod outlier;
 pub mod proxy;
 pub mod rotation;
 pub mod routes;
@@ -63,6 +65,8 @@ pub struct BalancerConfig {
     pub connect_timeout: Duration,
     /// After shutdown begins, in-flight requests get this long to finish.
     pub drain_timeout: Duration,
+    /// Passive health: ejection thresholds and cap, slow start.
+    pub outlier: outlier::OutlierPolicy,
 }
 
 impl BalancerConfig {
@@ -72,6 +76,7 @@ impl BalancerConfig {
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            outlier: outlier::OutlierPolicy::default(),
         }
     }
 }
@@ -99,7 +104,15 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(routes: Routes) -> Self {
-        let rotations = routes.services().iter().map(|s| Rotation::new(s)).collect();
+        Shared::with_policy(routes, outlier::OutlierPolicy::default())
+    }
+
+    pub fn with_policy(routes: Routes, policy: outlier::OutlierPolicy) -> Self {
+        let rotations = routes
+            .services()
+            .iter()
+            .map(|s| Rotation::with_policy(s, policy))
+            .collect();
         Shared {
             routes,
             rotations,
@@ -259,7 +272,7 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
-        let shared = Arc::new(Shared::new(config.routes.clone()));
+        let shared = Arc::new(Shared::with_policy(config.routes.clone(), config.outlier));
         Balancer { config, shared }
     }
 

@@ -15,7 +15,12 @@
 //! its body is empty or was small enough to keep ([`REPLAY_LIMIT`], read
 //! whole before the first attempt), and either it never left or its method
 //! is idempotent (GET, HEAD, PUT, DELETE, OPTIONS, TRACE), since the
-//! instance may have acted on it.
+//! instance may have acted on it. The same holds after no response head
+//! came within the upstream timeout.
+//!
+//! Every attempt's outcome feeds the instance's passive health
+//! ([`super::outlier`]): 5xx answers, timeouts and closes without an answer
+//! in a row eject it, as a failed connection does at once.
 //!
 //! Answers of its own: 404 no route, 503 no live instance (naming the
 //! service), 502 no instance reachable, 504 no response head within the
@@ -38,7 +43,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use super::rotation::{Member, Rotation, ServiceSet};
+use super::outlier::Outcome;
+use super::rotation::{Member, Report, Rotation, ServiceSet};
 use super::upstream::{PooledBody, RequestBody, UpstreamConnectError};
 use super::{BalancerConfig, Shared};
 
@@ -231,12 +237,16 @@ impl Proxy {
                 return unreachable_answer(service, &tried);
             };
             let error = match self.attempt(&member, &mut prepared).await {
-                Ok(response) => return answered(rotation, service, &member, response),
+                Ok(response) => {
+                    let outcome = Outcome::of_status(response.status());
+                    self.report(rotation, service, &member, outcome, &response.status());
+                    return answered(response);
+                }
                 Err(error) => error,
             };
             let failure = error.failure();
-            if failure == Failure::Connect {
-                self.eject(rotation, service, &member, &error);
+            if let Some(outcome) = failure.outcome() {
+                self.report(rotation, service, &member, outcome, &Chain(&error));
             }
             let next = next_step(failure, prepared.facts(), tried.len() + 1, set.live_count());
             log_failure(service, &member, &error, failure, next);
@@ -266,36 +276,31 @@ impl Proxy {
             .unwrap_or(Err(AttemptError::TimedOut(self.upstream_timeout)))
     }
 
-    /// Takes `member` out of rotation after a failed connection.
-    fn eject(&self, rotation: &Rotation, service: &str, member: &Member, error: &AttemptError) {
+    /// Feeds one attempt's `outcome` to `member`'s passive health, which
+    /// may eject it; `cause` names what happened, for the log.
+    fn report(
+        &self,
+        rotation: &Rotation,
+        service: &str,
+        member: &Member,
+        outcome: Outcome,
+        cause: &dyn std::fmt::Display,
+    ) {
         let metrics = &self.shared.metrics;
-        metrics.connect_failures.inc();
-        let now = tokio::time::Instant::now().into_std();
-        if let Some(length) = rotation.eject(member.id(), now) {
-            metrics.ejections.inc();
-            tracing::warn!(
-                service = %service,
-                instance = %member.id(),
-                error = %Chain(error),
-                ejected_for = ?length,
-                "cannot connect to instance; ejected"
-            );
+        if outcome == Outcome::ConnectFailure {
+            metrics.connect_failures.inc();
         }
+        let now = tokio::time::Instant::now().into_std();
+        let report = rotation.report(member, outcome, now);
+        if matches!(report, Report::Ejected { .. }) {
+            metrics.ejections.inc();
+        }
+        report.log(service, member, cause);
     }
 }
 
-/// The instance's response, passed on; an instance that had failed before
-/// counts as healthy again.
-fn answered(
-    rotation: &Rotation,
-    service: &str,
-    member: &Member,
-    response: Response<PooledBody>,
-) -> Response<ClientBody> {
-    if member.health.failures > 0 {
-        rotation.recovered(member.id());
-        tracing::info!(service = %service, instance = %member.id(), "instance answers again");
-    }
+/// The instance's response, passed on.
+fn answered(response: Response<PooledBody>) -> Response<ClientBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, Either::Left(body))
@@ -309,14 +314,14 @@ fn log_failure(service: &str, member: &Member, error: &AttemptError, failure: Fa
         (Failure::Connect, Next::Retry | Next::AllTried) => {}
         (_, Next::Retry | Next::AllTried) => {
             // A kept-alive connection the instance closed as the request
-            // went out: an instance that just exited, or an idle timeout
-            // racing us. Not proof enough to eject; if the instance is gone,
-            // the next connection to it fails and ejects it.
+            // went out (an instance that just exited, or an idle timeout
+            // racing us), or no answer in time. One is not proof enough to
+            // eject; passive health counts them in a row.
             tracing::debug!(
                 service = %service,
                 instance = %member.id(),
                 error = %Chain(error),
-                "connection closed before an answer; trying the next instance"
+                "no answer; trying the next instance"
             );
         }
         (_, Next::Answer(_)) => tracing::warn!(
@@ -384,6 +389,19 @@ fn pick(set: &ServiceSet, tried: &[Arc<Member>]) -> Option<Arc<Member>> {
     None
 }
 
+impl Failure {
+    /// What the failure tells of the instance's health, if anything: a
+    /// connection closed before the request went out is a pool race, and a
+    /// broken exchange may be the client's doing.
+    fn outcome(self) -> Option<Outcome> {
+        match self {
+            Failure::Connect => Some(Outcome::ConnectFailure),
+            Failure::Unanswered | Failure::TimedOut => Some(Outcome::GatewayFailure),
+            Failure::NotSent | Failure::Broken => None,
+        }
+    }
+}
+
 /// How an attempt failed, as far as the retry policy cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failure {
@@ -426,16 +444,18 @@ enum Next {
 /// request (the failed one included) out of `live`. A request is sent
 /// elsewhere only when it can be sent again: it was never built (connect
 /// failure), or its body was kept and either it never left or its method
-/// is idempotent.
+/// is idempotent. A timeout ends in 504, whether it was the only try or the
+/// last.
 fn next_step(failure: Failure, request: RequestFacts, tried: usize, live: usize) -> Next {
     let may_resend = match failure {
         Failure::Connect => true,
         Failure::NotSent => request.replayable,
-        Failure::Unanswered => request.replayable && request.idempotent,
+        Failure::Unanswered | Failure::TimedOut => request.replayable && request.idempotent,
         Failure::Broken => false,
-        Failure::TimedOut => return Next::Answer(StatusCode::GATEWAY_TIMEOUT),
     };
-    if !may_resend {
+    if failure == Failure::TimedOut && (!may_resend || tried >= live) {
+        Next::Answer(StatusCode::GATEWAY_TIMEOUT)
+    } else if !may_resend {
         Next::Answer(StatusCode::BAD_GATEWAY)
     } else if tried >= live {
         Next::AllTried
@@ -731,14 +751,19 @@ mod tests {
     }
 
     #[test]
-    fn other_failures_answer_502_and_a_timeout_504_without_retry() {
+    fn other_failures_answer_502_without_retry() {
         for request in [GET_EMPTY, POST_SMALL, PUT_STREAMED] {
             assert_eq!(next_step(Failure::Broken, request, 1, 3), BAD_GATEWAY);
-            assert_eq!(
-                next_step(Failure::TimedOut, request, 1, 3),
-                Next::Answer(StatusCode::GATEWAY_TIMEOUT)
-            );
         }
+    }
+
+    #[test]
+    fn a_timeout_is_retried_when_idempotent_and_kept_else_answered_504() {
+        const TIMEOUT: Next = Next::Answer(StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(next_step(Failure::TimedOut, GET_EMPTY, 1, 3), Next::Retry);
+        assert_eq!(next_step(Failure::TimedOut, GET_EMPTY, 3, 3), TIMEOUT);
+        assert_eq!(next_step(Failure::TimedOut, POST_SMALL, 1, 3), TIMEOUT);
+        assert_eq!(next_step(Failure::TimedOut, PUT_STREAMED, 1, 3), TIMEOUT);
     }
 
     #[test]

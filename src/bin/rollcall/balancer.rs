@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use rollcall::balancer::outlier::OutlierPolicy;
 use rollcall::balancer::routes::Routes;
 use rollcall::balancer::BalancerConfig;
 use rollcall::permissions::balancer_needs;
@@ -33,6 +34,8 @@ pub struct Args {
     /// On SIGINT/SIGTERM, how long in-flight requests get to finish.
     #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DUR")]
     pub drain_timeout: Duration,
+    #[command(flatten)]
+    pub outlier: OutlierArgs,
     /// SERVICE, /PATH=SERVICE, HOST=SERVICE or HOST/PATH=SERVICE; the longest
     /// match wins and a bare SERVICE catches everything else.
     #[arg(required = true, value_name = "ROUTE")]
@@ -64,9 +67,43 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         upstream_timeout: args.upstream_timeout,
         connect_timeout: args.connect_timeout,
         drain_timeout: args.drain_timeout,
+        outlier: args.outlier.policy(),
     };
     rollcall::balancer::serve(listener, admin, config, updates, shutdown_signal())
         .await
         .context("balancer stopped")?;
     Ok(())
+}
+
+/// Passive health; the defaults are `outlier::DEFAULT_*`, spelled for --help.
+#[derive(clap::Args, Debug)]
+pub struct OutlierArgs {
+    /// Eject an instance after this many 5xx answers or failures in a row
+    /// (Envoy consecutive_5xx); 0: never.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub eject_after_5xx: u32,
+    /// Eject an instance after this many timeouts or closes without an answer
+    /// in a row; 0: never.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub eject_after_gateway_failures: u32,
+    /// At most this share of a service's instances ejected at once (always
+    /// at least one; Envoy max_ejection_percent).
+    #[arg(long, default_value_t = 50, value_name = "PERCENT",
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub max_ejection_percent: u32,
+    /// An instance that joins or returns from ejection ramps up to its full
+    /// share over this long (HAProxy slowstart); 0s: at once.
+    #[arg(long, value_parser = parse_duration, default_value = "0s", value_name = "DUR")]
+    pub slow_start: Duration,
+}
+
+impl OutlierArgs {
+    fn policy(&self) -> OutlierPolicy {
+        OutlierPolicy {
+            consecutive_5xx: self.eject_after_5xx,
+            consecutive_gateway_failures: self.eject_after_gateway_failures,
+            max_ejection_percent: self.max_ejection_percent,
+            slow_start: self.slow_start,
+        }
+    }
 }
