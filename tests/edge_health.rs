@@ -25,7 +25,7 @@ use rollcall::balancer::routes::Routes;
 use rollcall::balancer::{Applied, Balancer, BalancerConfig, BalancerError};
 use rollcall::catalog::Update;
 use rollcall::protocol::{Instance, Snapshot};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -321,5 +321,187 @@ async fn no_more_than_half_of_the_instances_are_ejected_at_once() {
     assert_eq!(lb.metric(EJECTIONS).await, 2, "half of 4");
     let served: Vec<usize> = bad.each_ref().map(BadBackend::taken).into();
     assert_eq!(served.iter().filter(|&&n| n > 5).count(), 2, "{served:?}");
+    lb.stop().await;
+}
+
+/// RFC 6455's own example: the key a client sends and the accept value it
+/// must get back (SHA-1 and base64 of the key and the protocol's GUID).
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// A WebSocket echo instance: answers the handshake with 101, then sends
+/// back each frame's payload unmasked with the same opcode until a close.
+async fn websocket_backend() -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|mut request: http::Request<_>| async move {
+                let key = request.headers().get("sec-websocket-key").cloned();
+                let mut response = http::Response::new(Full::new(Bytes::new()));
+                if key.as_ref().and_then(|k| k.to_str().ok()) != Some(WS_KEY) {
+                    *response.status_mut() = StatusCode::BAD_REQUEST;
+                    return Ok::<_, std::convert::Infallible>(response);
+                }
+                let upgraded = hyper::upgrade::on(&mut request);
+                tokio::spawn(async move {
+                    if let Ok(upgraded) = upgraded.await {
+                        echo_frames(TokioIo::new(upgraded)).await;
+                    }
+                });
+                *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                let headers = response.headers_mut();
+                headers.insert("upgrade", http::HeaderValue::from_static("websocket"));
+                headers.insert("connection", http::HeaderValue::from_static("Upgrade"));
+                headers.insert(
+                    "sec-websocket-accept",
+                    http::HeaderValue::from_static(WS_ACCEPT),
+                );
+                Ok(response)
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades(),
+            );
+        }
+    });
+    (port, task)
+}
+
+/// One frame: (opcode, payload), unmasked; `None` at the end of the stream.
+async fn read_frame(stream: &mut (impl AsyncReadExt + Unpin)) -> Option<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await.ok()?;
+    let opcode = head[0] & 0x0f;
+    let masked = head[1] & 0x80 != 0;
+    // Payloads here stay under 126 bytes: no extended length.
+    let length = usize::from(head[1] & 0x7f);
+    let mut mask = [0u8; 4];
+    if masked {
+        stream.read_exact(&mut mask).await.ok()?;
+    }
+    let mut payload = vec![0u8; length];
+    stream.read_exact(&mut payload).await.ok()?;
+    if masked {
+        for (i, byte) in payload.iter_mut().enumerate() {
+            *byte ^= mask[i % 4];
+        }
+    }
+    Some((opcode, payload))
+}
+
+/// A final frame; masked as a client must send it when `mask` is given.
+fn frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mut out = vec![0x80 | opcode, payload.len() as u8];
+    match mask {
+        Some(mask) => {
+            out[1] |= 0x80;
+            out.extend_from_slice(&mask);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+async fn echo_frames(mut stream: impl AsyncReadExt + AsyncWriteExt + Unpin) {
+    while let Some((opcode, payload)) = read_frame(&mut stream).await {
+        if stream
+            .write_all(&frame(opcode, &payload, None))
+            .await
+            .is_err()
+            || opcode == 8
+        {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_websocket_echo_passes_through_as_one_request() {
+    let (port, backend) = websocket_backend().await;
+    let lb = TestBalancer::start(|_| {}).await;
+    lb.publish(&[port]).await;
+    let mut stream = TcpStream::connect(lb.addr).await.expect("connect");
+    let handshake = format!(
+        "GET /chat HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        lb.addr
+    );
+    stream
+        .write_all(handshake.as_bytes())
+        .await
+        .expect("send handshake");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = stream.read_u8().await.expect("response head");
+        head.push(byte);
+    }
+    let head = String::from_utf8(head)
+        .expect("text head")
+        .to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101 "), "{head}");
+    assert!(head.contains("upgrade: websocket\r\n"), "{head}");
+    assert!(head.contains("connection: upgrade\r\n"), "{head}");
+    assert!(
+        head.contains(&format!(
+            "sec-websocket-accept: {}\r\n",
+            WS_ACCEPT.to_ascii_lowercase()
+        )),
+        "{head}"
+    );
+
+    for text in ["hello through the balancer", "and again"] {
+        let sent = frame(1, text.as_bytes(), Some([1, 2, 3, 4]));
+        stream.write_all(&sent).await.expect("send a frame");
+        let echoed = read_frame(&mut stream).await.expect("an echo");
+        assert_eq!(echoed, (1, text.as_bytes().to_vec()));
+    }
+    stream
+        .write_all(&frame(8, b"", Some([9, 9, 9, 9])))
+        .await
+        .expect("send close");
+    assert_eq!(read_frame(&mut stream).await, Some((8, Vec::new())));
+    // The instance closed after the close frame; the balancer passes it on.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest)).await;
+    assert_eq!(
+        read.expect("closed within the deadline")
+            .expect("clean close"),
+        0
+    );
+
+    assert_eq!(
+        lb.metric("rollcall_balancer_responses_total{class=\"1xx\"}")
+            .await,
+        1
+    );
+    assert_eq!(
+        lb.metric("rollcall_balancer_responses_total{class=\"2xx\"}")
+            .await,
+        0
+    );
+    backend.abort();
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn connect_is_answered_405() {
+    let good = HttpBackend::start("web-1").await;
+    let lb = TestBalancer::start(|_| {}).await;
+    lb.publish(&[good.port()]).await;
+    let mut stream = TcpStream::connect(lb.addr).await.expect("connect");
+    stream
+        .write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        .await
+        .expect("send CONNECT");
+    let mut answer = vec![0u8; 512];
+    let n = stream.read(&mut answer).await.expect("an answer");
+    let answer = String::from_utf8_lossy(&answer[..n]).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 405 "), "{answer}");
+    assert!(answer.contains("\r\nallow: get, "), "{answer}");
+    assert_eq!(good.received(), 0, "nothing reached the instance");
     lb.stop().await;
 }

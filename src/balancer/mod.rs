@@ -11,6 +11,7 @@
 //! - [`outlier`]: passive health, the policy of ejections and slow start.
 //! - [`routes`]: `ROUTE` arguments → which service a request goes to.
 //! - [`proxy`]: the hyper reverse proxy (retries, ejections, own answers).
+//! - [`upgrade`]: WebSocket and other upgrades tunnelled, CONNECT refused.
 //! - [`upstream`]: each instance's pool of kept-alive connections.
 //! - [`admin`]: `/healthz`, `/metrics`, `/catalog`.
 //!
@@ -28,6 +29,7 @@ pub mod outlier;
 pub mod proxy;
 pub mod rotation;
 pub mod routes;
+pub mod upgrade;
 pub mod upstream;
 
 use std::collections::BTreeMap;

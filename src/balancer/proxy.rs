@@ -44,7 +44,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use super::outlier::Outcome;
-use super::rotation::{Member, Report, Rotation, ServiceSet};
+use super::rotation::{Member, ServiceSet};
+use super::upgrade;
 use super::upstream::{PooledBody, RequestBody, UpstreamConnectError};
 use super::{BalancerConfig, Shared};
 
@@ -107,7 +108,7 @@ pub(super) async fn serve(
                     // Small responses must not wait for Nagle.
                     let _ = stream.set_nodelay(true);
                     let connection = builder
-                        .serve_connection(TokioIo::new(stream), service(proxy.clone(), peer))
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service(proxy.clone(), peer))
                         .into_owned();
                     let connection = graceful.watch(connection);
                     connections.spawn(async move {
@@ -189,10 +190,18 @@ impl Proxy {
         client_ip: HeaderValue,
     ) -> Response<ClientBody> {
         let (parts, body) = request.into_parts();
+        if upgrade::is_connect(&parts) {
+            return upgrade::connect_refused();
+        }
         let index = match self.route(&parts) {
             Ok(index) => index,
             Err(refusal) => return refusal.into_response(),
         };
+        if upgrade::is_upgrade(&parts) {
+            let request = Request::from_parts(parts, body);
+            let timeouts = (self.connect_timeout, self.upstream_timeout);
+            return upgrade::forward(&self.shared, index, request, client_ip, timeouts).await;
+        }
         match prepare(parts, body, client_ip).await {
             Ok(prepared) => self.forward(index, prepared).await,
             Err(refusal) => refusal.into_response(),
@@ -238,15 +247,22 @@ impl Proxy {
             };
             let error = match self.attempt(&member, &mut prepared).await {
                 Ok(response) => {
-                    let outcome = Outcome::of_status(response.status());
-                    self.report(rotation, service, &member, outcome, &response.status());
+                    let (metrics, status) = (&self.shared.metrics, response.status());
+                    rotation.observe(
+                        metrics,
+                        service,
+                        &member,
+                        Outcome::of_status(status),
+                        &status,
+                    );
                     return answered(response);
                 }
                 Err(error) => error,
             };
             let failure = error.failure();
             if let Some(outcome) = failure.outcome() {
-                self.report(rotation, service, &member, outcome, &Chain(&error));
+                let metrics = &self.shared.metrics;
+                rotation.observe(metrics, service, &member, outcome, &Chain(&error));
             }
             let next = next_step(failure, prepared.facts(), tried.len() + 1, set.live_count());
             log_failure(service, &member, &error, failure, next);
@@ -274,28 +290,6 @@ impl Proxy {
         tokio::time::timeout(self.upstream_timeout, attempt)
             .await
             .unwrap_or(Err(AttemptError::TimedOut(self.upstream_timeout)))
-    }
-
-    /// Feeds one attempt's `outcome` to `member`'s passive health, which
-    /// may eject it; `cause` names what happened, for the log.
-    fn report(
-        &self,
-        rotation: &Rotation,
-        service: &str,
-        member: &Member,
-        outcome: Outcome,
-        cause: &dyn std::fmt::Display,
-    ) {
-        let metrics = &self.shared.metrics;
-        if outcome == Outcome::ConnectFailure {
-            metrics.connect_failures.inc();
-        }
-        let now = tokio::time::Instant::now().into_std();
-        let report = rotation.report(member, outcome, now);
-        if matches!(report, Report::Ejected { .. }) {
-            metrics.ejections.inc();
-        }
-        report.log(service, member, cause);
     }
 }
 
@@ -583,7 +577,7 @@ async fn replayable(body: Incoming) -> Result<Replay, hyper::Error> {
 }
 
 /// Removes the headers that describe one connection, not the message.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the few names present costs
     // less than a hash lookup per hop-by-hop name. Headers named in
     // `Connection` only count when `Connection` itself is there.
@@ -626,7 +620,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Appends the client to `X-Forwarded-For`; sets `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` to what this hop saw, and keeps the `Host` the client
 /// asked for (an h2 client sends it as the URI authority).
-fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, client_ip: HeaderValue) {
+pub(super) fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, client_ip: HeaderValue) {
     // Entries, not get-then-insert: one hash lookup per header.
     match headers.entry(X_FORWARDED_FOR) {
         header::Entry::Occupied(mut earlier) => {

@@ -34,6 +34,7 @@ use http::uri::Authority;
 
 use super::outlier::{self, Outcome as Attempt, OutlierPolicy, Reason, Streak, FULL_SHARE};
 use super::upstream::Upstream;
+use super::Metrics;
 use crate::protocol::{Instance, Snapshot};
 
 /// How long an instance that refused a connection stays out of rotation the
@@ -512,6 +513,26 @@ impl Rotation {
             Some(reason) => self.take_out(member.id(), reason, now),
             None => Report::Nothing,
         }
+    }
+
+    /// [`Rotation::report`], counted in `metrics` and logged; `cause` names
+    /// what happened.
+    pub fn observe(
+        &self,
+        metrics: &Metrics,
+        service: &str,
+        member: &Member,
+        outcome: Attempt,
+        cause: &dyn std::fmt::Display,
+    ) {
+        if outcome == Attempt::ConnectFailure {
+            metrics.connect_failures.inc();
+        }
+        let report = self.report(member, outcome, tokio::time::Instant::now().into_std());
+        if matches!(report, Report::Ejected { .. }) {
+            metrics.ejections.inc();
+        }
+        report.log(service, member, cause);
     }
 
     /// Ejects `id` unless the cap of ejected members is reached.
