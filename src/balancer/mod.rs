@@ -14,6 +14,7 @@
 //! - [`upgrade`]: WebSocket and other upgrades tunnelled, CONNECT refused.
 //! - [`upstream`]: each instance's pool of kept-alive connections.
 //! - [`admin`]: `/healthz`, `/metrics`, `/catalog`.
+//! - [`tls`]: HTTPS for clients, certificates reloadable.
 //!
 //! Updates: `Update::Service` replaces one service's set when its revision
 //! is above the one held (otherwise it is counted as stale and ignored).
@@ -29,6 +30,7 @@ pub mod outlier;
 pub mod proxy;
 pub mod rotation;
 pub mod routes;
+pub mod tls;
 pub mod upgrade;
 pub mod upstream;
 
@@ -39,7 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -270,12 +272,24 @@ impl Counter {
 pub struct Balancer {
     config: BalancerConfig,
     shared: Arc<Shared>,
+    https: Option<(TcpListener, Arc<tls::Tls>)>,
 }
 
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
         let shared = Arc::new(Shared::with_policy(config.routes.clone(), config.outlier));
-        Balancer { config, shared }
+        Balancer {
+            config,
+            shared,
+            https: None,
+        }
+    }
+
+    /// Also serves clients over TLS on `listener` with `tls`'s certificate,
+    /// beside the plain listener.
+    pub fn https(mut self, listener: TcpListener, tls: Arc<tls::Tls>) -> Self {
+        self.https = Some((listener, tls));
+        self
     }
 
     /// Changes after each catalog update has been applied to the sets, so a
@@ -297,7 +311,11 @@ impl Balancer {
         updates: impl Stream<Item = Update> + Send + 'static,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), BalancerError> {
-        let Balancer { config, shared } = self;
+        let Balancer {
+            config,
+            shared,
+            https,
+        } = self;
         let address = local_addr(&listener, "proxy")?;
         let follower = tokio::spawn(follow(shared.clone(), updates));
         let admin_task = match admin {
@@ -313,7 +331,17 @@ impl Balancer {
             routes = ?config.routes.routes().map(|r| r.text.as_str()).collect::<Vec<_>>(),
             "balancer listening"
         );
-        proxy::serve(listener, shared, &config, shutdown).await;
+        let shutdown = shutdown.shared();
+        let plain = proxy::serve(listener, None, shared.clone(), &config, shutdown.clone());
+        match https {
+            None => plain.await,
+            Some((listener, tls)) => {
+                let address = local_addr(&listener, "HTTPS")?;
+                tracing::info!(%address, certificate = %tls.certificate().display(), "HTTPS listening");
+                let secure = proxy::serve(listener, Some(tls), shared, &config, shutdown);
+                tokio::join!(plain, secure);
+            }
+        }
         follower.abort();
         if let Some(task) = admin_task {
             task.abort();

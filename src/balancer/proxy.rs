@@ -45,6 +45,7 @@ use tokio::net::TcpListener;
 
 use super::outlier::Outcome;
 use super::rotation::{Member, ServiceSet};
+use super::tls::{self, Tls};
 use super::upgrade;
 use super::upstream::{PooledBody, RequestBody, UpstreamConnectError};
 use super::{BalancerConfig, Shared};
@@ -83,6 +84,7 @@ struct Proxy {
 /// for at most `config.drain_timeout`.
 pub(super) async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     shared: Arc<Shared>,
     config: &BalancerConfig,
     shutdown: impl Future<Output = ()>,
@@ -108,7 +110,10 @@ pub(super) async fn serve(
                     // Small responses must not wait for Nagle.
                     let _ = stream.set_nodelay(true);
                     let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service(proxy.clone(), peer))
+                        .serve_connection_with_upgrades(
+                            TokioIo::new(tls::Stream::new(stream, tls.as_deref())),
+                            service(proxy.clone(), peer),
+                        )
                         .into_owned();
                     let connection = graceful.watch(connection);
                     connections.spawn(async move {

@@ -2,12 +2,15 @@
 //! catalog subscription.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use rollcall::balancer::outlier::OutlierPolicy;
 use rollcall::balancer::routes::Routes;
-use rollcall::balancer::BalancerConfig;
+use rollcall::balancer::tls::Tls;
+use rollcall::balancer::{Balancer, BalancerConfig};
 use rollcall::permissions::balancer_needs;
 use tokio::net::TcpListener;
 
@@ -34,6 +37,16 @@ pub struct Args {
     /// On SIGINT/SIGTERM, how long in-flight requests get to finish.
     #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DUR")]
     pub drain_timeout: Duration,
+    /// Also serve HTTPS (HTTP/1.1 and h2 by ALPN) on this address; needs
+    /// --cert and --key, re-read on SIGHUP.
+    #[arg(long, value_name = "ADDR", requires_all = ["cert", "key"])]
+    pub https: Option<SocketAddr>,
+    /// PEM certificate chain for --https.
+    #[arg(long, value_name = "FILE", requires = "https")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key for --https.
+    #[arg(long, value_name = "FILE", requires = "https")]
+    pub key: Option<PathBuf>,
     #[command(flatten)]
     pub outlier: OutlierArgs,
     /// SERVICE, /PATH=SERVICE, HOST=SERVICE or HOST/PATH=SERVICE; the longest
@@ -56,6 +69,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let https = match (args.https, &args.cert, &args.key) {
+        (Some(address), Some(cert), Some(key)) => {
+            let tls = Tls::load(cert, key)?;
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address} for HTTPS"))?;
+            tokio::spawn(reload_on_sighup(tls.clone()));
+            Some((listener, tls))
+        }
+        _ => None,
+    };
     let connection = args.nats.options().connect("rollcall-balancer").await?;
     // A refused catalog subscription would leave the balancer blind, not dead.
     connection
@@ -69,10 +93,37 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
         outlier: args.outlier.policy(),
     };
-    rollcall::balancer::serve(listener, admin, config, updates, shutdown_signal())
+    let mut balancer = Balancer::new(config);
+    if let Some((listener, tls)) = https {
+        balancer = balancer.https(listener, tls);
+    }
+    balancer
+        .serve(listener, admin, updates, shutdown_signal())
         .await
         .context("balancer stopped")?;
     Ok(())
+}
+
+/// Re-reads the HTTPS certificate and key on every SIGHUP.
+async fn reload_on_sighup(tls: Arc<Tls>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            return tracing::error!(%error, "cannot listen for SIGHUP; no certificate reloads")
+        }
+    };
+    while hangups.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => {
+                tracing::info!(certificate = %tls.certificate().display(), "certificate reloaded")
+            }
+            Err(error) => tracing::error!(
+                error = %anyhow::Error::from(error),
+                "certificate reload failed; keeping the certificate in use"
+            ),
+        }
+    }
 }
 
 /// Passive health; the defaults are `outlier::DEFAULT_*`, spelled for --help.
