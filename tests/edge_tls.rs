@@ -195,6 +195,9 @@ async fn https_serves_http1_and_h2_by_alpn() {
     let response = sender.send_request(get("/")).await.expect("answer");
     assert_eq!(response.version(), http::Version::HTTP_11);
     assert_eq!(body_of(response).await, (StatusCode::OK, "web-1".into()));
+    let response = sender.send_request(get("/headers")).await.expect("answer");
+    let (_, headers) = body_of(response).await;
+    assert!(headers.contains("x-forwarded-proto: https\n"), "{headers}");
 
     let (stream, chosen, _) = connect(&setup.ca, setup.https, b"h2").await;
     assert_eq!(chosen, b"h2");

@@ -24,7 +24,7 @@
 //!
 //! Answers of its own: 404 no route, 503 no live instance (naming the
 //! service), 502 no instance reachable, 504 no response head within the
-//! upstream timeout.
+//! upstream timeout, 405 CONNECT. Upgrades go to [`super::upgrade`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -112,7 +112,7 @@ pub(super) async fn serve(
                     let connection = builder
                         .serve_connection_with_upgrades(
                             TokioIo::new(tls::Stream::new(stream, tls.as_deref())),
-                            service(proxy.clone(), peer),
+                            service(proxy.clone(), peer, tls.is_some()),
                         )
                         .into_owned();
                     let connection = graceful.watch(connection);
@@ -151,6 +151,7 @@ pub(super) async fn serve(
 fn service(
     proxy: Arc<Proxy>,
     peer: SocketAddr,
+    secure: bool,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<ClientBody>,
@@ -160,7 +161,8 @@ fn service(
     // Formatted once per connection, not per request.
     let client_ip = HeaderValue::from_str(&peer.ip().to_string())
         .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-    hyper::service::service_fn(move |request| {
+    hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        tls::mark(&mut request, secure);
         let proxy = proxy.clone();
         let client_ip = client_ip.clone();
         async move {
@@ -344,6 +346,7 @@ async fn prepare(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     add_forwarded(&mut headers, &parts.uri, client_ip);
+    tls::forwarded_proto(&parts.extensions, &mut headers);
     let path_and_query = parts
         .uri
         .path_and_query()

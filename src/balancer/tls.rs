@@ -126,6 +126,28 @@ fn server_config(certificate: &Path, key: &Path) -> Result<ServerConfig, TlsErro
     Ok(config)
 }
 
+/// Marks a request that came over TLS, for `X-Forwarded-Proto`.
+#[derive(Debug, Clone, Copy)]
+struct Secure;
+
+/// Marks `request` as having come over TLS when `secure`.
+pub fn mark<B>(request: &mut http::Request<B>, secure: bool) {
+    if secure {
+        request.extensions_mut().insert(Secure);
+    }
+}
+
+/// Sets `X-Forwarded-Proto: https` on a request [`mark`]ed secure (the
+/// proxy has set `http` before).
+pub fn forwarded_proto(extensions: &http::Extensions, headers: &mut http::HeaderMap) {
+    if extensions.get::<Secure>().is_some() {
+        headers.insert(
+            http::HeaderName::from_static("x-forwarded-proto"),
+            http::HeaderValue::from_static("https"),
+        );
+    }
+}
+
 /// A client connection: plain TCP, or TLS whose handshake runs on the
 /// first read or write.
 pub enum Stream {

@@ -140,6 +140,7 @@ fn upstream_request(request: Request<Incoming>, client_ip: HeaderValue) -> Reque
     let protocol = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
     add_forwarded(&mut parts.headers, &parts.uri, client_ip);
+    super::tls::forwarded_proto(&parts.extensions, &mut parts.headers);
     if let Some(protocol) = protocol {
         parts.headers.insert(header::UPGRADE, protocol);
     }

@@ -37,16 +37,9 @@ pub struct Args {
     /// On SIGINT/SIGTERM, how long in-flight requests get to finish.
     #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DUR")]
     pub drain_timeout: Duration,
-    /// Also serve HTTPS (HTTP/1.1 and h2 by ALPN) on this address; needs
-    /// --cert and --key, re-read on SIGHUP.
-    #[arg(long, value_name = "ADDR", requires_all = ["cert", "key"])]
-    pub https: Option<SocketAddr>,
-    /// PEM certificate chain for --https.
-    #[arg(long, value_name = "FILE", requires = "https")]
-    pub cert: Option<PathBuf>,
-    /// PEM private key for --https.
-    #[arg(long, value_name = "FILE", requires = "https")]
-    pub key: Option<PathBuf>,
+    // Boxed: the command enum stays small whatever flags are added here.
+    #[command(flatten)]
+    pub https: Box<HttpsArgs>,
     #[command(flatten)]
     pub outlier: OutlierArgs,
     /// SERVICE, /PATH=SERVICE, HOST=SERVICE or HOST/PATH=SERVICE; the longest
@@ -69,7 +62,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let https = match (args.https, &args.cert, &args.key) {
+    let https = match (args.https.https, &args.https.cert, &args.https.key) {
         (Some(address), Some(cert), Some(key)) => {
             let tls = Tls::load(cert, key)?;
             let listener = TcpListener::bind(address)
@@ -124,6 +117,21 @@ async fn reload_on_sighup(tls: Arc<Tls>) {
             ),
         }
     }
+}
+
+/// HTTPS for clients.
+#[derive(clap::Args, Debug)]
+pub struct HttpsArgs {
+    /// Also serve HTTPS (HTTP/1.1 and h2 by ALPN) on this address; needs
+    /// --cert and --key, re-read on SIGHUP.
+    #[arg(long, value_name = "ADDR", requires_all = ["cert", "key"])]
+    pub https: Option<SocketAddr>,
+    /// PEM certificate chain for --https.
+    #[arg(long, value_name = "FILE", requires = "https")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key for --https.
+    #[arg(long, value_name = "FILE", requires = "https")]
+    pub key: Option<PathBuf>,
 }
 
 /// Passive health; the defaults are `outlier::DEFAULT_*`, spelled for --help.
