@@ -8,10 +8,13 @@
 //! [`Balancer::applied`] tells a caller which revisions it routes on.
 //!
 //! - [`rotation`]: one service's round-robin set, swapped whole on change.
+//! - [`outlier`]: passive health, the policy of ejections and slow start.
 //! - [`routes`]: `ROUTE` arguments → which service a request goes to.
 //! - [`proxy`]: the hyper reverse proxy (retries, ejections, own answers).
+//! - [`upgrade`]: WebSocket and other upgrades tunnelled, CONNECT refused.
 //! - [`upstream`]: each instance's pool of kept-alive connections.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/catalog`.
+//! - [`tls`]: HTTPS for clients, certificates reloadable.
 //!
 //! Updates: `Update::Service` replaces one service's set when its revision
 //! is above the one held (otherwise it is counted as stale and ignored).
@@ -23,9 +26,12 @@
 //! its last instance arrives as a snapshot with no instances.
 
 pub mod admin;
+pub mod outlier;
 pub mod proxy;
 pub mod rotation;
 pub mod routes;
+pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 
 use std::collections::BTreeMap;
@@ -35,7 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -65,6 +71,8 @@ pub struct BalancerConfig {
     pub drain_timeout: Duration,
     /// Whether the source of the updates is connected now, for `/readyz`.
     pub source: SourceCheck,
+    /// Passive health: ejection thresholds and cap, slow start.
+    pub outlier: outlier::OutlierPolicy,
 }
 
 /// Asks whether the source of the catalog updates (NATS, in the binary) is
@@ -102,6 +110,7 @@ impl BalancerConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             source: SourceCheck::always(),
+            outlier: outlier::OutlierPolicy::default(),
         }
     }
 }
@@ -132,7 +141,15 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(routes: Routes) -> Self {
-        let rotations = routes.services().iter().map(|s| Rotation::new(s)).collect();
+        Shared::with_policy(routes, outlier::OutlierPolicy::default())
+    }
+
+    pub fn with_policy(routes: Routes, policy: outlier::OutlierPolicy) -> Self {
+        let rotations = routes
+            .services()
+            .iter()
+            .map(|s| Rotation::with_policy(s, policy))
+            .collect();
         Shared {
             routes,
             rotations,
@@ -297,15 +314,27 @@ impl Counter {
 pub struct Balancer {
     config: BalancerConfig,
     shared: Arc<Shared>,
+    https: Option<(TcpListener, Arc<tls::Tls>)>,
 }
 
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
         let shared = Arc::new(Shared {
             source: config.source.clone(),
-            ..Shared::new(config.routes.clone())
+            ..Shared::with_policy(config.routes.clone(), config.outlier)
         });
-        Balancer { config, shared }
+        Balancer {
+            config,
+            shared,
+            https: None,
+        }
+    }
+
+    /// Also serves clients over TLS on `listener` with `tls`'s certificate,
+    /// beside the plain listener.
+    pub fn https(mut self, listener: TcpListener, tls: Arc<tls::Tls>) -> Self {
+        self.https = Some((listener, tls));
+        self
     }
 
     /// Changes after each catalog update has been applied to the sets, so a
@@ -327,7 +356,11 @@ impl Balancer {
         updates: impl Stream<Item = Update> + Send + 'static,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), BalancerError> {
-        let Balancer { config, shared } = self;
+        let Balancer {
+            config,
+            shared,
+            https,
+        } = self;
         let address = local_addr(&listener, "proxy")?;
         let follower = tokio::spawn(follow(shared.clone(), updates));
         let admin_task = match admin {
@@ -343,7 +376,17 @@ impl Balancer {
             routes = ?config.routes.routes().map(|r| r.text.as_str()).collect::<Vec<_>>(),
             "balancer listening"
         );
-        proxy::serve(listener, shared, &config, shutdown).await;
+        let shutdown = shutdown.shared();
+        let plain = proxy::serve(listener, None, shared.clone(), &config, shutdown.clone());
+        match https {
+            None => plain.await,
+            Some((listener, tls)) => {
+                let address = local_addr(&listener, "HTTPS")?;
+                tracing::info!(%address, certificate = %tls.certificate().display(), "HTTPS listening");
+                let secure = proxy::serve(listener, Some(tls), shared, &config, shutdown);
+                tokio::join!(plain, secure);
+            }
+        }
         follower.abort();
         if let Some(task) = admin_task {
             task.abort();

@@ -15,11 +15,16 @@
 //! its body is empty or was small enough to keep ([`REPLAY_LIMIT`], read
 //! whole before the first attempt), and either it never left or its method
 //! is idempotent (GET, HEAD, PUT, DELETE, OPTIONS, TRACE), since the
-//! instance may have acted on it.
+//! instance may have acted on it. The same holds after no response head
+//! came within the upstream timeout.
+//!
+//! Every attempt's outcome feeds the instance's passive health
+//! ([`super::outlier`]): 5xx answers, timeouts and closes without an answer
+//! in a row eject it, as a failed connection does at once.
 //!
 //! Answers of its own: 404 no route, 503 no live instance (naming the
 //! service), 502 no instance reachable, 504 no response head within the
-//! upstream timeout.
+//! upstream timeout, 405 CONNECT. Upgrades go to [`super::upgrade`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -38,7 +43,10 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use super::rotation::{Member, Rotation, ServiceSet};
+use super::outlier::Outcome;
+use super::rotation::{Member, ServiceSet};
+use super::tls::{self, Tls};
+use super::upgrade;
 use super::upstream::{PooledBody, RequestBody, UpstreamConnectError};
 use super::{BalancerConfig, Shared};
 
@@ -76,6 +84,7 @@ struct Proxy {
 /// for at most `config.drain_timeout`.
 pub(super) async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     shared: Arc<Shared>,
     config: &BalancerConfig,
     shutdown: impl Future<Output = ()>,
@@ -101,7 +110,10 @@ pub(super) async fn serve(
                     // Small responses must not wait for Nagle.
                     let _ = stream.set_nodelay(true);
                     let connection = builder
-                        .serve_connection(TokioIo::new(stream), service(proxy.clone(), peer))
+                        .serve_connection_with_upgrades(
+                            TokioIo::new(tls::Stream::new(stream, tls.as_deref())),
+                            service(proxy.clone(), peer, tls.is_some()),
+                        )
                         .into_owned();
                     let connection = graceful.watch(connection);
                     connections.spawn(async move {
@@ -139,6 +151,7 @@ pub(super) async fn serve(
 fn service(
     proxy: Arc<Proxy>,
     peer: SocketAddr,
+    secure: bool,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<ClientBody>,
@@ -148,7 +161,8 @@ fn service(
     // Formatted once per connection, not per request.
     let client_ip = HeaderValue::from_str(&peer.ip().to_string())
         .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-    hyper::service::service_fn(move |request| {
+    hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        tls::mark(&mut request, secure);
         let proxy = proxy.clone();
         let client_ip = client_ip.clone();
         async move {
@@ -183,10 +197,18 @@ impl Proxy {
         client_ip: HeaderValue,
     ) -> Response<ClientBody> {
         let (parts, body) = request.into_parts();
+        if upgrade::is_connect(&parts) {
+            return upgrade::connect_refused();
+        }
         let index = match self.route(&parts) {
             Ok(index) => index,
             Err(refusal) => return refusal.into_response(),
         };
+        if upgrade::is_upgrade(&parts) {
+            let request = Request::from_parts(parts, body);
+            let timeouts = (self.connect_timeout, self.upstream_timeout);
+            return upgrade::forward(&self.shared, index, request, client_ip, timeouts).await;
+        }
         match prepare(parts, body, client_ip).await {
             Ok(prepared) => self.forward(index, prepared).await,
             Err(refusal) => refusal.into_response(),
@@ -231,12 +253,23 @@ impl Proxy {
                 return unreachable_answer(service, &tried);
             };
             let error = match self.attempt(&member, &mut prepared).await {
-                Ok(response) => return answered(rotation, service, &member, response),
+                Ok(response) => {
+                    let (metrics, status) = (&self.shared.metrics, response.status());
+                    rotation.observe(
+                        metrics,
+                        service,
+                        &member,
+                        Outcome::of_status(status),
+                        &status,
+                    );
+                    return answered(response);
+                }
                 Err(error) => error,
             };
             let failure = error.failure();
-            if failure == Failure::Connect {
-                self.eject(rotation, service, &member, &error);
+            if let Some(outcome) = failure.outcome() {
+                let metrics = &self.shared.metrics;
+                rotation.observe(metrics, service, &member, outcome, &Chain(&error));
             }
             let next = next_step(failure, prepared.facts(), tried.len() + 1, set.live_count());
             log_failure(service, &member, &error, failure, next);
@@ -265,37 +298,10 @@ impl Proxy {
             .await
             .unwrap_or(Err(AttemptError::TimedOut(self.upstream_timeout)))
     }
-
-    /// Takes `member` out of rotation after a failed connection.
-    fn eject(&self, rotation: &Rotation, service: &str, member: &Member, error: &AttemptError) {
-        let metrics = &self.shared.metrics;
-        metrics.connect_failures.inc();
-        let now = tokio::time::Instant::now().into_std();
-        if let Some(length) = rotation.eject(member.id(), now) {
-            metrics.ejections.inc();
-            tracing::warn!(
-                service = %service,
-                instance = %member.id(),
-                error = %Chain(error),
-                ejected_for = ?length,
-                "cannot connect to instance; ejected"
-            );
-        }
-    }
 }
 
-/// The instance's response, passed on; an instance that had failed before
-/// counts as healthy again.
-fn answered(
-    rotation: &Rotation,
-    service: &str,
-    member: &Member,
-    response: Response<PooledBody>,
-) -> Response<ClientBody> {
-    if member.health.failures > 0 {
-        rotation.recovered(member.id());
-        tracing::info!(service = %service, instance = %member.id(), "instance answers again");
-    }
+/// The instance's response, passed on.
+fn answered(response: Response<PooledBody>) -> Response<ClientBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, Either::Left(body))
@@ -309,14 +315,14 @@ fn log_failure(service: &str, member: &Member, error: &AttemptError, failure: Fa
         (Failure::Connect, Next::Retry | Next::AllTried) => {}
         (_, Next::Retry | Next::AllTried) => {
             // A kept-alive connection the instance closed as the request
-            // went out: an instance that just exited, or an idle timeout
-            // racing us. Not proof enough to eject; if the instance is gone,
-            // the next connection to it fails and ejects it.
+            // went out (an instance that just exited, or an idle timeout
+            // racing us), or no answer in time. One is not proof enough to
+            // eject; passive health counts them in a row.
             tracing::debug!(
                 service = %service,
                 instance = %member.id(),
                 error = %Chain(error),
-                "connection closed before an answer; trying the next instance"
+                "no answer; trying the next instance"
             );
         }
         (_, Next::Answer(_)) => tracing::warn!(
@@ -340,6 +346,7 @@ async fn prepare(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     add_forwarded(&mut headers, &parts.uri, client_ip);
+    tls::forwarded_proto(&parts.extensions, &mut headers);
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -384,6 +391,19 @@ fn pick(set: &ServiceSet, tried: &[Arc<Member>]) -> Option<Arc<Member>> {
     None
 }
 
+impl Failure {
+    /// What the failure tells of the instance's health, if anything: a
+    /// connection closed before the request went out is a pool race, and a
+    /// broken exchange may be the client's doing.
+    fn outcome(self) -> Option<Outcome> {
+        match self {
+            Failure::Connect => Some(Outcome::ConnectFailure),
+            Failure::Unanswered | Failure::TimedOut => Some(Outcome::GatewayFailure),
+            Failure::NotSent | Failure::Broken => None,
+        }
+    }
+}
+
 /// How an attempt failed, as far as the retry policy cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failure {
@@ -426,16 +446,18 @@ enum Next {
 /// request (the failed one included) out of `live`. A request is sent
 /// elsewhere only when it can be sent again: it was never built (connect
 /// failure), or its body was kept and either it never left or its method
-/// is idempotent.
+/// is idempotent. A timeout ends in 504, whether it was the only try or the
+/// last.
 fn next_step(failure: Failure, request: RequestFacts, tried: usize, live: usize) -> Next {
     let may_resend = match failure {
         Failure::Connect => true,
         Failure::NotSent => request.replayable,
-        Failure::Unanswered => request.replayable && request.idempotent,
+        Failure::Unanswered | Failure::TimedOut => request.replayable && request.idempotent,
         Failure::Broken => false,
-        Failure::TimedOut => return Next::Answer(StatusCode::GATEWAY_TIMEOUT),
     };
-    if !may_resend {
+    if failure == Failure::TimedOut && (!may_resend || tried >= live) {
+        Next::Answer(StatusCode::GATEWAY_TIMEOUT)
+    } else if !may_resend {
         Next::Answer(StatusCode::BAD_GATEWAY)
     } else if tried >= live {
         Next::AllTried
@@ -563,7 +585,7 @@ async fn replayable(body: Incoming) -> Result<Replay, hyper::Error> {
 }
 
 /// Removes the headers that describe one connection, not the message.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the few names present costs
     // less than a hash lookup per hop-by-hop name. Headers named in
     // `Connection` only count when `Connection` itself is there.
@@ -606,7 +628,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Appends the client to `X-Forwarded-For`; sets `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` to what this hop saw, and keeps the `Host` the client
 /// asked for (an h2 client sends it as the URI authority).
-fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, client_ip: HeaderValue) {
+pub(super) fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, client_ip: HeaderValue) {
     // Entries, not get-then-insert: one hash lookup per header.
     match headers.entry(X_FORWARDED_FOR) {
         header::Entry::Occupied(mut earlier) => {
@@ -731,14 +753,19 @@ mod tests {
     }
 
     #[test]
-    fn other_failures_answer_502_and_a_timeout_504_without_retry() {
+    fn other_failures_answer_502_without_retry() {
         for request in [GET_EMPTY, POST_SMALL, PUT_STREAMED] {
             assert_eq!(next_step(Failure::Broken, request, 1, 3), BAD_GATEWAY);
-            assert_eq!(
-                next_step(Failure::TimedOut, request, 1, 3),
-                Next::Answer(StatusCode::GATEWAY_TIMEOUT)
-            );
         }
+    }
+
+    #[test]
+    fn a_timeout_is_retried_when_idempotent_and_kept_else_answered_504() {
+        const TIMEOUT: Next = Next::Answer(StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(next_step(Failure::TimedOut, GET_EMPTY, 1, 3), Next::Retry);
+        assert_eq!(next_step(Failure::TimedOut, GET_EMPTY, 3, 3), TIMEOUT);
+        assert_eq!(next_step(Failure::TimedOut, POST_SMALL, 1, 3), TIMEOUT);
+        assert_eq!(next_step(Failure::TimedOut, PUT_STREAMED, 1, 3), TIMEOUT);
     }
 
     #[test]

@@ -2,11 +2,15 @@
 //! catalog subscription.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use rollcall::balancer::outlier::OutlierPolicy;
 use rollcall::balancer::routes::Routes;
-use rollcall::balancer::{BalancerConfig, SourceCheck};
+use rollcall::balancer::tls::Tls;
+use rollcall::balancer::{Balancer, BalancerConfig, SourceCheck};
 use rollcall::permissions::balancer_needs;
 use tokio::net::TcpListener;
 
@@ -33,6 +37,11 @@ pub struct Args {
     /// On SIGINT/SIGTERM, how long in-flight requests get to finish.
     #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DUR")]
     pub drain_timeout: Duration,
+    // Boxed: the command enum stays small whatever flags are added here.
+    #[command(flatten)]
+    pub https: Box<HttpsArgs>,
+    #[command(flatten)]
+    pub outlier: OutlierArgs,
     /// SERVICE, /PATH=SERVICE, HOST=SERVICE or HOST/PATH=SERVICE; the longest
     /// match wins and a bare SERVICE catches everything else.
     #[arg(required = true, value_name = "ROUTE")]
@@ -53,6 +62,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let https = match (args.https.https, &args.https.cert, &args.https.key) {
+        (Some(address), Some(cert), Some(key)) => {
+            let tls = Tls::load(cert, key)?;
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address} for HTTPS"))?;
+            tokio::spawn(reload_on_sighup(tls.clone()));
+            Some((listener, tls))
+        }
+        _ => None,
+    };
     let connection = args.nats.options().connect("rollcall-balancer").await?;
     // A refused catalog subscription would leave the balancer blind, not dead.
     connection
@@ -67,9 +87,85 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         connect_timeout: args.connect_timeout,
         drain_timeout: args.drain_timeout,
         source,
+        outlier: args.outlier.policy(),
     };
-    rollcall::balancer::serve(listener, admin, config, updates, shutdown_signal())
+    let mut balancer = Balancer::new(config);
+    if let Some((listener, tls)) = https {
+        balancer = balancer.https(listener, tls);
+    }
+    balancer
+        .serve(listener, admin, updates, shutdown_signal())
         .await
         .context("balancer stopped")?;
     Ok(())
+}
+
+/// Re-reads the HTTPS certificate and key on every SIGHUP.
+async fn reload_on_sighup(tls: Arc<Tls>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            return tracing::error!(%error, "cannot listen for SIGHUP; no certificate reloads")
+        }
+    };
+    while hangups.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => {
+                tracing::info!(certificate = %tls.certificate().display(), "certificate reloaded")
+            }
+            Err(error) => tracing::error!(
+                error = %anyhow::Error::from(error),
+                "certificate reload failed; keeping the certificate in use"
+            ),
+        }
+    }
+}
+
+/// HTTPS for clients.
+#[derive(clap::Args, Debug)]
+pub struct HttpsArgs {
+    /// Also serve HTTPS (HTTP/1.1 and h2 by ALPN) on this address; needs
+    /// --cert and --key, re-read on SIGHUP.
+    #[arg(long, value_name = "ADDR", requires_all = ["cert", "key"])]
+    pub https: Option<SocketAddr>,
+    /// PEM certificate chain for --https.
+    #[arg(long, value_name = "FILE", requires = "https")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key for --https.
+    #[arg(long, value_name = "FILE", requires = "https")]
+    pub key: Option<PathBuf>,
+}
+
+/// Passive health; the defaults are `outlier::DEFAULT_*`, spelled for --help.
+#[derive(clap::Args, Debug)]
+pub struct OutlierArgs {
+    /// Eject an instance after this many 5xx answers or failures in a row
+    /// (Envoy consecutive_5xx); 0: never.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub eject_after_5xx: u32,
+    /// Eject an instance after this many timeouts or closes without an answer
+    /// in a row; 0: never.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub eject_after_gateway_failures: u32,
+    /// At most this share of a service's instances ejected at once (always
+    /// at least one; Envoy max_ejection_percent).
+    #[arg(long, default_value_t = 50, value_name = "PERCENT",
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub max_ejection_percent: u32,
+    /// An instance that joins or returns from ejection ramps up to its full
+    /// share over this long (HAProxy slowstart); 0s: at once.
+    #[arg(long, value_parser = parse_duration, default_value = "0s", value_name = "DUR")]
+    pub slow_start: Duration,
+}
+
+impl OutlierArgs {
+    fn policy(&self) -> OutlierPolicy {
+        OutlierPolicy {
+            consecutive_5xx: self.eject_after_5xx,
+            consecutive_gateway_failures: self.eject_after_gateway_failures,
+            max_ejection_percent: self.max_ejection_percent,
+            slow_start: self.slow_start,
+        }
+    }
 }
