@@ -11,6 +11,8 @@
 //! - [`routes`]: `ROUTE` arguments → which service a request goes to.
 //! - [`proxy`]: the hyper reverse proxy (retries, ejections, own answers).
 //! - [`upstream`]: each instance's pool of kept-alive connections.
+//! - [`limits`]: timeouts and the connection cap of both listeners.
+//! - [`access_log`]: one line per request, when asked for.
 //! - [`admin`]: `/healthz`, `/metrics`, `/catalog`.
 //!
 //! Updates: `Update::Service` replaces one service's set when its revision
@@ -22,7 +24,9 @@
 //! routing on the last snapshot it has rather than drop traffic. A service that really lost
 //! its last instance arrives as a snapshot with no instances.
 
+pub mod access_log;
 pub mod admin;
+pub mod limits;
 pub mod proxy;
 pub mod rotation;
 pub mod routes;
@@ -38,6 +42,9 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use access_log::AccessLog;
+use limits::Limits;
 
 use crate::catalog::Update;
 use crate::protocol::Snapshot;
@@ -63,6 +70,10 @@ pub struct BalancerConfig {
     pub connect_timeout: Duration,
     /// After shutdown begins, in-flight requests get this long to finish.
     pub drain_timeout: Duration,
+    /// Client-side timeouts and the connection cap.
+    pub limits: Limits,
+    /// One line per request, when given.
+    pub access_log: Option<AccessLog>,
 }
 
 impl BalancerConfig {
@@ -72,6 +83,8 @@ impl BalancerConfig {
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            limits: Limits::default(),
+            access_log: None,
         }
     }
 }
@@ -94,6 +107,9 @@ pub struct Shared {
     pub rotations: Vec<Rotation>,
     pub metrics: Metrics,
     pub started: Instant,
+    /// Names this balancer in the `Via` header of the requests it forwards,
+    /// so a request that comes back to it is recognised.
+    pub via: String,
     applied: watch::Sender<Applied>,
 }
 
@@ -105,6 +121,7 @@ impl Shared {
             rotations,
             metrics: Metrics::default(),
             started: Instant::now(),
+            via: via_name(),
             applied: watch::Sender::new(Applied::default()),
         }
     }
@@ -194,6 +211,20 @@ impl Shared {
     }
 }
 
+/// `rollcall-` and 64 random bits: unique per balancer, so two balancers
+/// chained on purpose do not take each other for a loop.
+fn via_name() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    format!("rollcall-{:016x}", hasher.finish())
+}
+
 /// What the balancer has applied so far, as [`Balancer::applied`] reports
 /// it after each catalog update.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -224,6 +255,19 @@ pub struct Metrics {
     pub updates_stale: Counter,
     pub updates_unrouted: Counter,
     pub updates_bad: Counter,
+    /// Clients gone before their answer was sent (nginx's 499).
+    pub client_aborts: Counter,
+    /// Requests answered by hyper itself for a malformed head (400, 414,
+    /// 431); also counted in `responses`.
+    pub malformed_heads: Counter,
+    /// Requests that came back to this balancer, refused with 508.
+    pub loops_refused: Counter,
+    /// Client connections closed for a head not sent in time.
+    pub header_timeouts: Counter,
+    /// Client connections closed after the idle timeout.
+    pub idle_closed: Counter,
+    /// Client request bodies that paused beyond the body timeout (408).
+    pub body_timeouts: Counter,
     /// Milliseconds after start when the last update was applied; 0 for none.
     pub last_update_ms: AtomicU64,
 }
@@ -289,7 +333,11 @@ impl Balancer {
             Some(admin) => {
                 let admin_address = local_addr(&admin, "admin")?;
                 tracing::info!(address = %admin_address, "admin endpoint listening");
-                Some(tokio::spawn(admin::serve(admin, shared.clone())))
+                Some(tokio::spawn(admin::serve(
+                    admin,
+                    shared.clone(),
+                    config.limits.clone(),
+                )))
             }
             None => None,
         };
