@@ -1117,6 +1117,55 @@ mod tests {
     }
 
     #[test]
+    fn a_client_failure_answers_the_client_without_retry() {
+        let timeout = Next::Answer(StatusCode::REQUEST_TIMEOUT);
+        for request in [GET_EMPTY, POST_SMALL, PUT_STREAMED] {
+            let failure = Failure::Client(StatusCode::REQUEST_TIMEOUT);
+            assert_eq!(next_step(failure, request, 1, 3), timeout);
+        }
+    }
+
+    fn parts(request: http::request::Builder) -> http::request::Parts {
+        request.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn the_host_is_the_uris_authority_else_the_one_host_header() {
+        let host = |request| {
+            request_host(&parts(request))
+                .map(|host| host.map(str::to_owned))
+                .map_err(|r| r.status)
+        };
+        let origin = Request::get("/x").header(header::HOST, "web.test");
+        assert_eq!(host(origin), Ok(Some("web.test".into())));
+        let absolute = Request::get("http://api.test/x").header(header::HOST, "web.test");
+        assert_eq!(host(absolute), Ok(Some("api.test".into())));
+        let http10 = Request::get("/x").version(Version::HTTP_10);
+        assert_eq!(host(http10), Ok(None));
+        let h2 = Request::get("http://api.test/x").version(Version::HTTP_2);
+        assert_eq!(host(h2), Ok(Some("api.test".into())));
+    }
+
+    #[test]
+    fn a_missing_or_doubled_host_is_the_clients_400() {
+        let host = |request| {
+            request_host(&parts(request))
+                .map(|host| host.map(str::to_owned))
+                .map_err(|r| r.status)
+        };
+        assert_eq!(host(Request::get("/x")), Err(StatusCode::BAD_REQUEST));
+        let twice = Request::get("/x")
+            .header(header::HOST, "a")
+            .header(header::HOST, "b");
+        assert_eq!(host(twice), Err(StatusCode::BAD_REQUEST));
+        let unreadable = Request::get("/x").header(
+            header::HOST,
+            HeaderValue::from_bytes(b"caf\xe9").expect("opaque bytes are a valid value"),
+        );
+        assert_eq!(host(unreadable), Err(StatusCode::BAD_REQUEST));
+    }
+
+    #[test]
     fn a_timeout_is_classified_as_one() {
         let error = AttemptError::TimedOut(Duration::from_millis(200));
         assert_eq!(error.failure(), Failure::TimedOut);

@@ -56,10 +56,10 @@ pub struct Args {
     #[arg(long, value_parser = parse_duration, default_value = "20s", value_name = "DUR")]
     pub h2_ping_timeout: Duration,
     /// Client connections served at once; beyond, new ones wait in the
-    /// listen queue. Default: half of (the open-file limit - 96), so
+    /// listen queue. The default is half of (the open-file limit - 96), so
     /// descriptors stay free for instance connections and the admin port.
-    #[arg(long, value_name = "N")]
-    pub max_connections: Option<usize>,
+    #[arg(long, default_value_t = default_max_connections(), value_name = "N")]
+    pub max_connections: usize,
     /// Write one line per request to stdout (time, client, method, path,
     /// status, bytes, duration, service, instance, retries).
     #[arg(long)]
@@ -88,7 +88,7 @@ impl Args {
             upstream_body_timeout: self.upstream_body_timeout,
             h2_ping_interval: self.h2_ping_interval,
             h2_ping_timeout: self.h2_ping_timeout,
-            max_connections: self.max_connections.unwrap_or_else(default_max_connections),
+            max_connections: self.max_connections,
         }
     }
 
@@ -134,4 +134,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("balancer stopped")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn the_flag_defaults_are_the_librarys() {
+        let command = Command::try_parse_from(["balancer", "web"]).expect("parses");
+        assert_eq!(command.args.limits(), Limits::default());
+        assert!(command.args.access_log().is_none(), "off by default");
+    }
 }

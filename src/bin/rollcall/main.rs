@@ -30,7 +30,7 @@ enum Command {
     Discovery(discovery::Args),
     /// The HTTP reverse proxy: each request to a live instance of its
     /// route's service, round-robin, following the catalog over NATS.
-    Balancer(balancer::Args),
+    Balancer(Box<balancer::Args>),
     /// Announce a service written in any language, gated by its health check.
     Agent(Box<agent::Args>),
     /// Print every event and snapshot as it happens, one line each.
@@ -53,7 +53,7 @@ async fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Discovery(args) => discovery::run(args).await,
-        Command::Balancer(args) => balancer::run(args).await,
+        Command::Balancer(args) => balancer::run(*args).await,
         Command::Agent(args) => agent::run(*args).await,
         Command::Watch(args) => watch::run(args).await,
         Command::Catalog(args) => catalog::run(args).await,
