@@ -63,7 +63,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct BalancerConfig {
     pub routes: Routes,
     /// From the request sent upstream to the response head; beyond it the
-    /// client gets a 504. The response body then streams without a limit.
+    /// client gets a 504. The response body then streams, each pause in it
+    /// bounded by `limits.upstream_body_timeout`.
     pub upstream_timeout: Duration,
     /// To open a TCP connection to an instance; beyond it the instance counts
     /// as unreachable (ejected, and the request retried elsewhere).
@@ -212,17 +213,13 @@ impl Shared {
 }
 
 /// `rollcall-` and 64 random bits: unique per balancer, so two balancers
-/// chained on purpose do not take each other for a loop.
+/// chained on purpose do not take each other for a loop. `RandomState`'s
+/// keys are random per process and differ for each one made, which is all
+/// the randomness this needs.
 fn via_name() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    format!("rollcall-{:016x}", hasher.finish())
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    format!("rollcall-{random:016x}")
 }
 
 /// What the balancer has applied so far, as [`Balancer::applied`] reports
@@ -437,6 +434,13 @@ mod tests {
         shared.apply(Update::Service(bad));
         assert_eq!(ids(&shared, "web"), ["w2"]);
         assert_eq!(shared.metrics.updates_bad.get(), 1);
+    }
+
+    #[test]
+    fn each_balancer_has_its_own_via_name() {
+        let (one, two) = (via_name(), via_name());
+        assert!(one.starts_with("rollcall-") && one.len() == 25, "{one}");
+        assert_ne!(one, two);
     }
 
     #[test]
