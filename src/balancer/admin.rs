@@ -13,35 +13,40 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use super::limits::{self, Activity, Gate, Limits, Tracked, ADMIN_MAX_CONNECTIONS};
 use super::Shared;
 
-/// Serves the admin endpoint on `listener` until the task is dropped.
-pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+/// Serves the admin endpoint on `listener` until the task is dropped, with
+/// the proxy's timeouts and a cap of its own ([`ADMIN_MAX_CONNECTIONS`]), so
+/// neither slow clients nor many of them can take it down.
+pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: Limits) {
+    let builder = limits::server_builder(&limits);
+    let mut gate = Gate::new(listener, ADMIN_MAX_CONNECTIONS, "admin");
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "admin endpoint cannot accept a connection");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                continue;
-            }
-        };
+        let (stream, peer, permit) = gate.accept().await;
         let shared = shared.clone();
         let service = hyper::service::service_fn(move |request| {
             let response = answer(&shared, &request);
             async move { Ok::<_, Infallible>(response) }
         });
+        let activity = Activity::new();
+        let stream = Tracked::new(stream, activity.clone());
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
+        let idle_timeout = limits.idle_timeout;
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "admin connection ended with an error");
+            let _permit = permit;
+            tokio::select! {
+                ended = connection => if let Err(error) = ended {
+                    tracing::debug!(%peer, %error, "admin connection ended with an error");
+                },
+                () = activity.idle(idle_timeout) => {
+                    tracing::debug!(%peer, "admin connection idle; closed");
+                }
             }
         });
     }
@@ -112,6 +117,36 @@ pub fn metrics(shared: &Shared) -> String {
             "rollcall_balancer_ejections_total",
             "Instances taken out of rotation after a failed connection.",
             &m.ejections,
+        ),
+        (
+            "rollcall_balancer_client_aborts_total",
+            "Clients gone before their answer was sent (499).",
+            &m.client_aborts,
+        ),
+        (
+            "rollcall_balancer_malformed_heads_total",
+            "Malformed request heads answered 400, 414 or 431 by the HTTP layer.",
+            &m.malformed_heads,
+        ),
+        (
+            "rollcall_balancer_loops_refused_total",
+            "Requests that came back to this balancer, refused with 508.",
+            &m.loops_refused,
+        ),
+        (
+            "rollcall_balancer_header_timeouts_total",
+            "Client connections closed for a request head not sent in time.",
+            &m.header_timeouts,
+        ),
+        (
+            "rollcall_balancer_idle_closed_total",
+            "Client connections closed after the idle timeout.",
+            &m.idle_closed,
+        ),
+        (
+            "rollcall_balancer_body_timeouts_total",
+            "Client request bodies that paused beyond the body timeout (408).",
+            &m.body_timeouts,
         ),
     ] {
         family(&mut out, name, "counter", help, [(None, count.get())]);

@@ -13,6 +13,8 @@
 //! - [`proxy`]: the hyper reverse proxy (retries, ejections, own answers).
 //! - [`upgrade`]: WebSocket and other upgrades tunnelled, CONNECT refused.
 //! - [`upstream`]: each instance's pool of kept-alive connections.
+//! - [`limits`]: timeouts and the connection cap of both listeners.
+//! - [`access_log`]: one line per request, when asked for.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/catalog`.
 //! - [`tls`]: HTTPS for clients, certificates reloadable.
 //!
@@ -25,7 +27,9 @@
 //! routing on the last snapshot it has rather than drop traffic. A service that really lost
 //! its last instance arrives as a snapshot with no instances.
 
+pub mod access_log;
 pub mod admin;
+pub mod limits;
 pub mod outlier;
 pub mod proxy;
 pub mod rotation;
@@ -45,6 +49,9 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use access_log::AccessLog;
+use limits::Limits;
+
 use crate::protocol::Snapshot;
 use crate::subscription::Update;
 use rotation::{Outcome, Rotation};
@@ -62,7 +69,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct BalancerConfig {
     pub routes: Routes,
     /// From the request sent upstream to the response head; beyond it the
-    /// client gets a 504. The response body then streams without a limit.
+    /// client gets a 504. The response body then streams, each pause in it
+    /// bounded by `limits.upstream_body_timeout`.
     pub upstream_timeout: Duration,
     /// To open a TCP connection to an instance; beyond it the instance counts
     /// as unreachable (ejected, and the request retried elsewhere).
@@ -73,6 +81,10 @@ pub struct BalancerConfig {
     pub source: SourceCheck,
     /// Passive health: ejection thresholds and cap, slow start.
     pub outlier: outlier::OutlierPolicy,
+    /// Client-side timeouts and the connection cap.
+    pub limits: Limits,
+    /// One line per request, when given.
+    pub access_log: Option<AccessLog>,
 }
 
 /// Asks whether the source of the catalog updates (NATS, in the binary) is
@@ -111,6 +123,8 @@ impl BalancerConfig {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             source: SourceCheck::always(),
             outlier: outlier::OutlierPolicy::default(),
+            limits: Limits::default(),
+            access_log: None,
         }
     }
 }
@@ -133,6 +147,9 @@ pub struct Shared {
     pub rotations: Vec<Rotation>,
     pub metrics: Metrics,
     pub started: Instant,
+    /// Names this balancer in the `Via` header of the requests it forwards,
+    /// so a request that comes back to it is recognised.
+    pub via: String,
     applied: watch::Sender<Applied>,
     /// Set by the first Reset: the whole catalog has been read once.
     pub catalog_read: AtomicBool,
@@ -155,6 +172,7 @@ impl Shared {
             rotations,
             metrics: Metrics::default(),
             started: Instant::now(),
+            via: via_name(),
             applied: watch::Sender::new(Applied::default()),
             catalog_read: AtomicBool::new(false),
             source: SourceCheck::always(),
@@ -253,6 +271,16 @@ impl Shared {
     }
 }
 
+/// `rollcall-` and 64 random bits: unique per balancer, so two balancers
+/// chained on purpose do not take each other for a loop. `RandomState`'s
+/// keys are random per process and differ for each one made, which is all
+/// the randomness this needs.
+fn via_name() -> String {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    format!("rollcall-{random:016x}")
+}
+
 /// What the balancer has applied so far, as [`Balancer::applied`] reports
 /// it after each catalog update.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -283,6 +311,19 @@ pub struct Metrics {
     pub updates_stale: Counter,
     pub updates_unrouted: Counter,
     pub updates_bad: Counter,
+    /// Clients gone before their answer was sent (nginx's 499).
+    pub client_aborts: Counter,
+    /// Requests answered by hyper itself for a malformed head (400, 414,
+    /// 431); also counted in `responses`.
+    pub malformed_heads: Counter,
+    /// Requests that came back to this balancer, refused with 508.
+    pub loops_refused: Counter,
+    /// Client connections closed for a head not sent in time.
+    pub header_timeouts: Counter,
+    /// Client connections closed after the idle timeout.
+    pub idle_closed: Counter,
+    /// Client request bodies that paused beyond the body timeout (408).
+    pub body_timeouts: Counter,
     /// Milliseconds after start when the last update was applied; 0 for none.
     pub last_update_ms: AtomicU64,
 }
@@ -367,7 +408,11 @@ impl Balancer {
             Some(admin) => {
                 let admin_address = local_addr(&admin, "admin")?;
                 tracing::info!(address = %admin_address, "admin endpoint listening");
-                Some(tokio::spawn(admin::serve(admin, shared.clone())))
+                Some(tokio::spawn(admin::serve(
+                    admin,
+                    shared.clone(),
+                    config.limits.clone(),
+                )))
             }
             None => None,
         };
@@ -495,6 +540,13 @@ mod tests {
         shared.apply(Update::Service(bad));
         assert_eq!(ids(&shared, "web"), ["w2"]);
         assert_eq!(shared.metrics.updates_bad.get(), 1);
+    }
+
+    #[test]
+    fn each_balancer_has_its_own_via_name() {
+        let (one, two) = (via_name(), via_name());
+        assert!(one.starts_with("rollcall-") && one.len() == 25, "{one}");
+        assert_ne!(one, two);
     }
 
     #[test]

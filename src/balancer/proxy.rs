@@ -24,7 +24,14 @@
 //!
 //! Answers of its own: 404 no route, 503 no live instance (naming the
 //! service), 502 no instance reachable, 504 no response head within the
-//! upstream timeout, 405 CONNECT. Upgrades go to [`super::upgrade`].
+//! upstream timeout, 405 for CONNECT (upgrades go to [`super::upgrade`]);
+//! and for a client at fault, never counted against an
+//! instance: 400 for a duplicate Host, a missing one on HTTP/1.1 or a
+//! request body with bad framing, 408 for a request body that paused
+//! beyond the body timeout, 508 for a request that already passed through
+//! this balancer (its `Via` names it). A client gone before its answer is
+//! counted as an abort (nginx's 499). An absolute-form request is routed
+//! by its own authority, which also becomes the `Host` sent upstream.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -33,35 +40,41 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Body, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use super::access_log::{AccessLog, Entry};
+use super::limits::{self, Activity, BodyError, Flight, Gate, IdleBody, Tracked};
 use super::outlier::Outcome;
 use super::rotation::{Member, ServiceSet};
 use super::tls::{self, Tls};
 use super::upgrade;
 use super::upstream::{PooledBody, RequestBody, UpstreamConnectError};
-use super::{BalancerConfig, Shared};
+use super::{BalancerConfig, Metrics, Shared};
 
 /// The largest request body kept in memory so the request can be retried on
 /// another instance. Bigger or unsized bodies stream without retry.
 pub const REPLAY_LIMIT: u64 = 64 * 1024;
 
-/// Body of responses to clients: an instance's stream, or an answer of ours.
-pub type ClientBody = Either<PooledBody, Full<Bytes>>;
+/// nginx's code for a client gone before its answer; never sent.
+const CLIENT_CLOSED: u16 = 499;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const HTTP: HeaderValue = HeaderValue::from_static("http");
+/// `Via` entries this balancer adds: `1.1 <its name>`.
+const VIA_PROTOCOL: &str = "1.1 ";
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), besides any `proxy-*` and those
 /// named in `Connection`.
@@ -78,10 +91,16 @@ struct Proxy {
     shared: Arc<Shared>,
     upstream_timeout: Duration,
     connect_timeout: Duration,
+    body_timeout: Duration,
+    upstream_body_timeout: Duration,
+    /// `Via` value this balancer appends: `1.1 <its name>`.
+    via: HeaderValue,
+    access_log: Option<AccessLog>,
 }
 
-/// Accepts on `listener` until `shutdown`; then drains in-flight requests
-/// for at most `config.drain_timeout`.
+/// Accepts on `listener` until `shutdown`, at most
+/// `config.limits.max_connections` connections at once; then drains
+/// in-flight requests for at most `config.drain_timeout`.
 pub(super) async fn serve(
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
@@ -89,15 +108,23 @@ pub(super) async fn serve(
     config: &BalancerConfig,
     shutdown: impl Future<Output = ()>,
 ) {
+    let limits = &config.limits;
+    let via = HeaderValue::from_str(&format!("{VIA_PROTOCOL}{}", shared.via))
+        .unwrap_or_else(|_| HeaderValue::from_static("1.1 rollcall"));
     let proxy = Arc::new(Proxy {
         shared,
         upstream_timeout: config.upstream_timeout,
         connect_timeout: config.connect_timeout,
+        body_timeout: limits.body_timeout,
+        upstream_body_timeout: limits.upstream_body_timeout,
+        via,
+        access_log: config.access_log.clone(),
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = limits::server_builder(limits);
     // One buffer, one write(2): hyper's vectored path sets up 64 iovecs on
     // every flush, which costs more than copying a response chunk.
     builder.http1().writev(false);
+    let mut gate = Gate::new(listener, limits.max_connections, "proxy");
     let graceful = GracefulShutdown::new();
     // Held here so that connections still open after the drain timeout end
     // with `serve`, not whenever the runtime goes.
@@ -105,35 +132,39 @@ pub(super) async fn serve(
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    // Small responses must not wait for Nagle.
-                    let _ = stream.set_nodelay(true);
-                    let connection = builder
-                        .serve_connection_with_upgrades(
-                            TokioIo::new(tls::Stream::new(stream, tls.as_deref())),
-                            service(proxy.clone(), peer, tls.is_some()),
-                        )
-                        .into_owned();
-                    let connection = graceful.watch(connection);
-                    connections.spawn(async move {
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%peer, %error, "client connection ended with an error");
+            (stream, peer, permit) = gate.accept() => {
+                // Small responses must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                let activity = Activity::new();
+                let stream = Tracked::new(tls::Stream::new(stream, tls.as_deref()), activity.clone());
+                let connection = builder
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(stream),
+                        service(proxy.clone(), peer, tls.is_some(), activity.clone()),
+                    )
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                let (proxy, idle_timeout) = (proxy.clone(), limits.idle_timeout);
+                connections.spawn(async move {
+                    // The permit goes when the connection does.
+                    let _permit = permit;
+                    tokio::select! {
+                        ended = connection => if let Err(error) = ended {
+                            connection_failed(&proxy.shared.metrics, peer, &*error);
+                        },
+                        () = activity.idle(idle_timeout) => {
+                            proxy.shared.metrics.idle_closed.inc();
+                            tracing::debug!(%peer, "client connection idle; closed");
                         }
-                    });
-                    // Reap finished connections so the set only holds open ones.
-                    while connections.try_join_next().is_some() {}
-                }
-                Err(error) => {
-                    // Out of file descriptors, mostly: wait instead of spinning.
-                    tracing::warn!(%error, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                    }
+                });
+                // Reap finished connections so the set only holds open ones.
+                while connections.try_join_next().is_some() {}
             },
             () = &mut shutdown => break,
         }
     }
-    drop(listener);
+    drop(gate);
     tracing::info!("no longer accepting; finishing in-flight requests");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections finished"),
@@ -148,10 +179,34 @@ pub(super) async fn serve(
     connections.shutdown().await;
 }
 
+/// Counts what a client connection's error says about the client: a head
+/// hyper answered itself (400, 414, 431) or one not sent in time.
+fn connection_failed(
+    metrics: &Metrics,
+    peer: SocketAddr,
+    error: &(dyn std::error::Error + Send + Sync + 'static),
+) {
+    if let Some(error) = error.downcast_ref::<hyper::Error>() {
+        if error.is_parse() && !error.is_parse_version_h2() {
+            metrics.malformed_heads.inc();
+            let status = if error.is_parse_too_large() {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            metrics.count_response(status);
+        } else if error.is_timeout() {
+            metrics.header_timeouts.inc();
+        }
+    }
+    tracing::debug!(%peer, %error, "client connection ended with an error");
+}
+
 fn service(
     proxy: Arc<Proxy>,
     peer: SocketAddr,
     secure: bool,
+    activity: Arc<Activity>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<ClientBody>,
@@ -165,12 +220,162 @@ fn service(
         tls::mark(&mut request, secure);
         let proxy = proxy.clone();
         let client_ip = client_ip.clone();
+        let flight = activity.begin();
         async move {
-            let response = proxy.handle(request, client_ip).await;
-            proxy.shared.metrics.count_response(response.status());
+            let mut exchange = Exchange::new(&proxy, peer, &request);
+            let mut response = proxy.handle(request, client_ip, exchange.entry()).await;
+            exchange.answered(response.status());
+            response.body_mut().finish_with(flight, exchange.log.take());
             Ok(response)
         }
     })
+}
+
+/// One request from its head to its answer; dropped before the answer, it
+/// counts (and logs) the client's abort.
+struct Exchange<'p> {
+    metrics: &'p Metrics,
+    log: Option<Logged>,
+    answered: bool,
+}
+
+impl<'p> Exchange<'p> {
+    fn new(proxy: &'p Proxy, peer: SocketAddr, request: &Request<Incoming>) -> Self {
+        let log = proxy.access_log.as_ref().map(|log| Logged {
+            log: log.clone(),
+            entry: Box::new(Entry::new(peer, request.method(), request.uri())),
+            started: std::time::Instant::now(),
+        });
+        Exchange {
+            metrics: &proxy.shared.metrics,
+            log,
+            answered: false,
+        }
+    }
+
+    fn entry(&mut self) -> Option<&mut Entry> {
+        self.log.as_mut().map(|logged| &mut *logged.entry)
+    }
+
+    fn answered(&mut self, status: StatusCode) {
+        self.answered = true;
+        if let Some(logged) = &mut self.log {
+            logged.entry.status = status.as_u16();
+        }
+        if status.as_u16() == CLIENT_CLOSED {
+            self.metrics.client_aborts.inc();
+            return;
+        }
+        if status == StatusCode::REQUEST_TIMEOUT {
+            self.metrics.body_timeouts.inc();
+        }
+        self.metrics.count_response(status);
+    }
+}
+
+impl Drop for Exchange<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.metrics.client_aborts.inc();
+            if let Some(mut logged) = self.log.take() {
+                logged.entry.status = CLIENT_CLOSED;
+                logged.write(0);
+            }
+        }
+    }
+}
+
+/// An access-log entry waiting for its answer to be sent.
+struct Logged {
+    log: AccessLog,
+    entry: Box<Entry>,
+    started: std::time::Instant,
+}
+
+impl Logged {
+    fn write(mut self, bytes: u64) {
+        self.entry.bytes = bytes;
+        self.entry.duration = self.started.elapsed();
+        self.log.write(&self.entry);
+    }
+}
+
+/// Body of responses to clients: an instance's stream (cut when it pauses
+/// beyond the upstream body timeout), or an answer of ours. It holds its
+/// request in flight on the connection, and its access-log entry, until
+/// hyper drops it once sent or abandoned.
+pub struct ClientBody {
+    inner: Either<IdleBody<PooledBody>, Full<Bytes>>,
+    flight: Option<Flight>,
+    log: Option<Logged>,
+    bytes: u64,
+}
+
+impl ClientBody {
+    fn upstream(body: PooledBody, limit: Duration) -> Self {
+        Self::new(Either::Left(IdleBody::new(body, limit)))
+    }
+
+    /// A whole body of rollcall's own (or an instance's, read whole).
+    pub(super) fn full(bytes: Bytes) -> Self {
+        Self::new(Either::Right(Full::new(bytes)))
+    }
+
+    fn new(inner: Either<IdleBody<PooledBody>, Full<Bytes>>) -> Self {
+        ClientBody {
+            inner,
+            flight: None,
+            log: None,
+            bytes: 0,
+        }
+    }
+
+    fn finish_with(&mut self, flight: Flight, log: Option<Logged>) {
+        self.flight = Some(flight);
+        self.log = log;
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        if let Some(logged) = self.log.take() {
+            logged.write(self.bytes);
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            Either::Left(upstream) => Pin::new(upstream).poll_frame(cx),
+            Either::Right(own) => Pin::new(own).poll_frame(cx).map_err(|never| match never {}),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) if this.log.is_some() => {
+                this.bytes += frame.data_ref().map_or(0, |data| data.len() as u64);
+            }
+            Poll::Ready(Some(Err(error))) => {
+                tracing::warn!(error = %Chain(error), "response body from instance cut");
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The request as it goes upstream, minus the instance.
@@ -185,7 +390,7 @@ enum Replay {
     /// Can be sent again: no body, or a small one read whole.
     Bytes(Option<Bytes>),
     /// Streamed once.
-    Stream(Option<Incoming>),
+    Stream(Option<IdleBody<Incoming>>),
 }
 
 impl Proxy {
@@ -195,33 +400,56 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         client_ip: HeaderValue,
+        mut entry: Option<&mut Entry>,
     ) -> Response<ClientBody> {
         let (parts, body) = request.into_parts();
         if upgrade::is_connect(&parts) {
             return upgrade::connect_refused();
         }
+        if let Err(refusal) = self.check_loop(&parts.headers) {
+            return refusal.into_response();
+        }
         let index = match self.route(&parts) {
             Ok(index) => index,
             Err(refusal) => return refusal.into_response(),
         };
+        if let Some(entry) = entry.as_deref_mut() {
+            entry.service = Some(self.shared.routes.services()[index].clone());
+        }
         if upgrade::is_upgrade(&parts) {
             let request = Request::from_parts(parts, body);
             let timeouts = (self.connect_timeout, self.upstream_timeout);
             return upgrade::forward(&self.shared, index, request, client_ip, timeouts).await;
         }
-        match prepare(parts, body, client_ip).await {
-            Ok(prepared) => self.forward(index, prepared).await,
+        let via = self.via.clone();
+        match prepare(parts, body, client_ip, via, self.body_timeout).await {
+            Ok(prepared) => self.forward(index, prepared, entry).await,
             Err(refusal) => refusal.into_response(),
         }
     }
 
-    /// The index of the service the request goes to, or the 404 answer.
+    /// The 508 answer when the request already passed through this
+    /// balancer: an instance registered at the balancer's own address
+    /// would otherwise send each request round until descriptors run out.
+    fn check_loop(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+        let mut seen = headers.get_all(header::VIA).iter();
+        if seen.any(|via| via.to_str().is_ok_and(|via| via.contains(&self.shared.via))) {
+            self.shared.metrics.loops_refused.inc();
+            return Err(Refusal {
+                status: StatusCode::LOOP_DETECTED,
+                text: format!(
+                    "request came back to balancer {}: an instance points at the balancer itself\n",
+                    self.shared.via
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The index of the service the request goes to; or the 400 answer for
+    /// a bad `Host`, or the 404 answer.
     fn route(&self, parts: &http::request::Parts) -> Result<usize, Refusal> {
-        let host = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+        let host = request_host(parts)?;
         self.shared
             .routes
             .find(host, parts.uri.path())
@@ -237,7 +465,12 @@ impl Proxy {
 
     /// Sends `prepared` to the service's instances in rotation, one after
     /// another while the retry policy allows.
-    async fn forward(&self, index: usize, mut prepared: Prepared) -> Response<ClientBody> {
+    async fn forward(
+        &self,
+        index: usize,
+        mut prepared: Prepared,
+        mut entry: Option<&mut Entry>,
+    ) -> Response<ClientBody> {
         let service = &self.shared.routes.services()[index];
         let rotation = &self.shared.rotations[index];
         let mut tried: Vec<Arc<Member>> = Vec::new();
@@ -252,6 +485,10 @@ impl Proxy {
                 }
                 return unreachable_answer(service, &tried);
             };
+            if let Some(entry) = entry.as_deref_mut() {
+                entry.instance = Some(member.id().to_owned());
+                entry.retries = tried.len() as u32;
+            }
             let error = match self.attempt(&member, &mut prepared).await {
                 Ok(response) => {
                     let (metrics, status) = (&self.shared.metrics, response.status());
@@ -262,7 +499,7 @@ impl Proxy {
                         Outcome::of_status(status),
                         &status,
                     );
-                    return answered(response);
+                    return answered(response, self.upstream_body_timeout);
                 }
                 Err(error) => error,
             };
@@ -301,10 +538,10 @@ impl Proxy {
 }
 
 /// The instance's response, passed on.
-fn answered(response: Response<PooledBody>) -> Response<ClientBody> {
+fn answered(response: Response<PooledBody>, body_timeout: Duration) -> Response<ClientBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, Either::Left(body))
+    Response::from_parts(parts, ClientBody::upstream(body, body_timeout))
 }
 
 /// Logs a failed attempt at the level its consequence deserves: connection
@@ -313,6 +550,13 @@ fn answered(response: Response<PooledBody>) -> Response<ClientBody> {
 fn log_failure(service: &str, member: &Member, error: &AttemptError, failure: Failure, next: Next) {
     match (failure, next) {
         (Failure::Connect, Next::Retry | Next::AllTried) => {}
+        (Failure::Client(status), _) => tracing::debug!(
+            service = %service,
+            instance = %member.id(),
+            error = %Chain(error),
+            %status,
+            "the client's request body failed; not the instance's fault"
+        ),
         (_, Next::Retry | Next::AllTried) => {
             // A kept-alive connection the instance closed as the request
             // went out (an instance that just exited, or an idle timeout
@@ -336,32 +580,74 @@ fn log_failure(service: &str, member: &Member, error: &AttemptError, failure: Fa
 }
 
 /// The request's route and headers made ready to go upstream, and its body
-/// read whole when small enough to send again; or the 400 answer when the
-/// body cannot be read.
+/// read whole when small enough to send again; or the client's answer when
+/// the body cannot be read.
 async fn prepare(
     parts: http::request::Parts,
     body: Incoming,
     client_ip: HeaderValue,
+    via: HeaderValue,
+    body_timeout: Duration,
 ) -> Result<Prepared, Refusal> {
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     add_forwarded(&mut headers, &parts.uri, client_ip);
     tls::forwarded_proto(&parts.extensions, &mut headers);
+    append_list(&mut headers, header::VIA, via);
     let path_and_query = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let body = replayable(body).await.map_err(|error| Refusal {
-        status: StatusCode::BAD_REQUEST,
-        text: format!("could not read the request body: {}\n", Chain(&error)),
-    })?;
+    let body = replayable(IdleBody::new(body, body_timeout))
+        .await
+        .map_err(|error| Refusal {
+            status: client_fault(&error),
+            text: format!("could not read the request body: {}\n", Chain(&error)),
+        })?;
     Ok(Prepared {
         method: parts.method,
         path_and_query,
         headers,
         body,
     })
+}
+
+/// The host a request is routed by: the URI's own authority when it has
+/// one (absolute form, or h2's `:authority`), else its one `Host`. The 400
+/// answer for more than one `Host`, an unreadable one, or none on HTTP/1.1
+/// (RFC 9112 §3.2).
+fn request_host(parts: &http::request::Parts) -> Result<Option<&str>, Refusal> {
+    let bad = |text: &str| Refusal {
+        status: StatusCode::BAD_REQUEST,
+        text: format!("{text}\n"),
+    };
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(bad("more than one Host header"));
+    }
+    if host.is_none() && parts.version == Version::HTTP_11 {
+        return Err(bad("an HTTP/1.1 request needs a Host header"));
+    }
+    let host = match host.map(HeaderValue::to_str).transpose() {
+        Ok(host) => host,
+        Err(_) => return Err(bad("the Host header is not readable text")),
+    };
+    Ok(parts.uri.authority().map(|a| a.as_str()).or(host))
+}
+
+/// The status for a request body that failed on the client's side: 408
+/// when it paused too long, 499 when the client went away mid-body, 400
+/// for bad framing.
+fn client_fault(error: &BodyError) -> StatusCode {
+    match error {
+        BodyError::Idle(_) => StatusCode::REQUEST_TIMEOUT,
+        BodyError::Read(error) if error.is_incomplete_message() || was_reset(error) => {
+            StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST)
+        }
+        BodyError::Read(_) => StatusCode::BAD_REQUEST,
+    }
 }
 
 /// A request refused before any instance saw it: an answer of ours, kept
@@ -399,7 +685,7 @@ impl Failure {
         match self {
             Failure::Connect => Some(Outcome::ConnectFailure),
             Failure::Unanswered | Failure::TimedOut => Some(Outcome::GatewayFailure),
-            Failure::NotSent | Failure::Broken => None,
+            Failure::NotSent | Failure::Broken | Failure::Client(_) => None,
         }
     }
 }
@@ -420,6 +706,9 @@ enum Failure {
     Broken,
     /// No response head within the upstream timeout.
     TimedOut,
+    /// The client's request body failed (paused too long, bad framing,
+    /// client gone): the client's answer, not the instance's fault.
+    Client(StatusCode),
 }
 
 /// What the retry policy needs to know of the request.
@@ -454,6 +743,7 @@ fn next_step(failure: Failure, request: RequestFacts, tried: usize, live: usize)
         Failure::NotSent => request.replayable,
         Failure::Unanswered | Failure::TimedOut => request.replayable && request.idempotent,
         Failure::Broken => false,
+        Failure::Client(status) => return Next::Answer(status),
     };
     if failure == Failure::TimedOut && (!may_resend || tried >= live) {
         Next::Answer(StatusCode::GATEWAY_TIMEOUT)
@@ -475,6 +765,7 @@ fn was_reset(error: &hyper::Error) -> bool {
                 std::io::ErrorKind::ConnectionReset
                     | std::io::ErrorKind::ConnectionAborted
                     | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
             );
         }
         source = cause.source();
@@ -497,6 +788,9 @@ enum AttemptError {
 
 impl AttemptError {
     fn failure(&self) -> Failure {
+        if let Some(client) = self.client_body_error() {
+            return Failure::Client(client_fault(client));
+        }
         match self {
             AttemptError::Connect(_) => Failure::Connect,
             AttemptError::Send(error) if error.is_canceled() || error.is_closed() => {
@@ -510,6 +804,23 @@ impl AttemptError {
             AttemptError::Send(_) | AttemptError::BodyGone => Failure::Broken,
             AttemptError::TimedOut(_) => Failure::TimedOut,
         }
+    }
+}
+
+impl AttemptError {
+    /// The client's body error that made sending fail, if that is why.
+    fn client_body_error(&self) -> Option<&BodyError> {
+        let AttemptError::Send(error) = self else {
+            return None;
+        };
+        let mut source = std::error::Error::source(error);
+        while let Some(cause) = source {
+            if let Some(body) = cause.downcast_ref::<BodyError>() {
+                return Some(body);
+            }
+            source = cause.source();
+        }
+        None
     }
 }
 
@@ -571,7 +882,7 @@ impl Prepared {
 
 /// Reads a small declared-length body whole so the request can be retried;
 /// leaves any other body streaming.
-async fn replayable(body: Incoming) -> Result<Replay, hyper::Error> {
+async fn replayable(body: IdleBody<Incoming>) -> Result<Replay, BodyError> {
     if body.is_end_stream() {
         return Ok(Replay::Bytes(None));
     }
@@ -629,8 +940,30 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// `X-Forwarded-Host` to what this hop saw, and keeps the `Host` the client
 /// asked for (an h2 client sends it as the URI authority).
 pub(super) fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, client_ip: HeaderValue) {
+    append_list(headers, X_FORWARDED_FOR, client_ip);
+    headers.insert(X_FORWARDED_PROTO, HTTP);
+    // The URI's authority (absolute form, h2) outranks `Host` (RFC 9112
+    // §3.2.2), so it is what goes on as `Host`.
+    let authority = uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    match authority {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST, host.clone());
+            headers.insert(header::HOST, host);
+        }
+        None => {
+            if let Some(host) = headers.get(header::HOST).cloned() {
+                headers.insert(X_FORWARDED_HOST, host);
+            }
+        }
+    }
+}
+
+/// Appends `value` to the comma-separated list header `name`.
+fn append_list(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
     // Entries, not get-then-insert: one hash lookup per header.
-    match headers.entry(X_FORWARDED_FOR) {
+    match headers.entry(name) {
         header::Entry::Occupied(mut earlier) => {
             // Several lines count as one comma-separated list, in order.
             let mut joined = Vec::new();
@@ -638,32 +971,17 @@ pub(super) fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, client_ip: Heade
                 joined.extend_from_slice(value.as_bytes());
                 joined.extend_from_slice(b", ");
             }
-            joined.extend_from_slice(client_ip.as_bytes());
-            earlier.insert(HeaderValue::from_bytes(&joined).unwrap_or(client_ip));
+            joined.extend_from_slice(value.as_bytes());
+            earlier.insert(HeaderValue::from_bytes(&joined).unwrap_or(value));
         }
         header::Entry::Vacant(none) => {
-            none.insert(client_ip);
-        }
-    }
-    headers.insert(X_FORWARDED_PROTO, HTTP);
-    match headers.get(header::HOST).cloned() {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST, host);
-        }
-        None => {
-            if let Some(host) = uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                headers.insert(X_FORWARDED_HOST, host.clone());
-                headers.insert(header::HOST, host);
-            }
+            none.insert(value);
         }
     }
 }
 
 fn own_answer(status: StatusCode, body: String) -> Response<ClientBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    let mut response = Response::new(ClientBody::full(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -802,6 +1120,10 @@ mod tests {
             shared: shared.clone(),
             upstream_timeout: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(2),
+            body_timeout: Duration::from_secs(60),
+            upstream_body_timeout: Duration::from_secs(60),
+            via: HeaderValue::from_static("1.1 test"),
+            access_log: None,
         };
         let prepared = Prepared {
             method: http::Method::GET,
@@ -810,7 +1132,7 @@ mod tests {
             body: Replay::Bytes(None),
         };
         let started = tokio::time::Instant::now();
-        let response = proxy.forward(0, prepared).await;
+        let response = proxy.forward(0, prepared, None).await;
         let took = started.elapsed();
         assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
         assert!(took >= Duration::from_millis(200), "{took:?}");
@@ -818,6 +1140,55 @@ mod tests {
         assert_eq!(shared.metrics.retries.get(), 0, "a timeout is not retried");
         assert_eq!(shared.metrics.ejections.get(), 0);
         holder.abort();
+    }
+
+    #[test]
+    fn a_client_failure_answers_the_client_without_retry() {
+        let timeout = Next::Answer(StatusCode::REQUEST_TIMEOUT);
+        for request in [GET_EMPTY, POST_SMALL, PUT_STREAMED] {
+            let failure = Failure::Client(StatusCode::REQUEST_TIMEOUT);
+            assert_eq!(next_step(failure, request, 1, 3), timeout);
+        }
+    }
+
+    fn parts(request: http::request::Builder) -> http::request::Parts {
+        request.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn the_host_is_the_uris_authority_else_the_one_host_header() {
+        let host = |request| {
+            request_host(&parts(request))
+                .map(|host| host.map(str::to_owned))
+                .map_err(|r| r.status)
+        };
+        let origin = Request::get("/x").header(header::HOST, "web.test");
+        assert_eq!(host(origin), Ok(Some("web.test".into())));
+        let absolute = Request::get("http://api.test/x").header(header::HOST, "web.test");
+        assert_eq!(host(absolute), Ok(Some("api.test".into())));
+        let http10 = Request::get("/x").version(Version::HTTP_10);
+        assert_eq!(host(http10), Ok(None));
+        let h2 = Request::get("http://api.test/x").version(Version::HTTP_2);
+        assert_eq!(host(h2), Ok(Some("api.test".into())));
+    }
+
+    #[test]
+    fn a_missing_or_doubled_host_is_the_clients_400() {
+        let host = |request| {
+            request_host(&parts(request))
+                .map(|host| host.map(str::to_owned))
+                .map_err(|r| r.status)
+        };
+        assert_eq!(host(Request::get("/x")), Err(StatusCode::BAD_REQUEST));
+        let twice = Request::get("/x")
+            .header(header::HOST, "a")
+            .header(header::HOST, "b");
+        assert_eq!(host(twice), Err(StatusCode::BAD_REQUEST));
+        let unreadable = Request::get("/x").header(
+            header::HOST,
+            HeaderValue::from_bytes(b"caf\xe9").expect("opaque bytes are a valid value"),
+        );
+        assert_eq!(host(unreadable), Err(StatusCode::BAD_REQUEST));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::upgrade::OnUpgrade;
@@ -130,7 +130,7 @@ pub(super) async fn forward(
     parts
         .headers
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    Response::from_parts(parts, Either::Right(Full::new(Bytes::new())))
+    Response::from_parts(parts, ClientBody::full(Bytes::new()))
 }
 
 /// The request as it goes to the instance: forwarded headers added,
@@ -188,7 +188,7 @@ async fn refusal(response: Response<Incoming>) -> Response<ClientBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     match Limited::new(body, REFUSAL_LIMIT).collect().await {
-        Ok(body) => Response::from_parts(parts, Either::Right(Full::new(body.to_bytes()))),
+        Ok(body) => Response::from_parts(parts, ClientBody::full(body.to_bytes())),
         Err(error) => answer(
             StatusCode::BAD_GATEWAY,
             format!("the instance refused the upgrade with an unreadable answer: {error}\n"),
@@ -245,7 +245,7 @@ impl UpgradeError {
 }
 
 fn answer(status: StatusCode, text: String) -> Response<ClientBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(text))));
+    let mut response = Response::new(ClientBody::full(Bytes::from(text)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

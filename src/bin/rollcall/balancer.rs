@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use rollcall::balancer::access_log::{AccessLog, LogFormat};
+use rollcall::balancer::limits::{default_max_connections, Limits};
 use rollcall::balancer::outlier::OutlierPolicy;
 use rollcall::balancer::routes::Routes;
 use rollcall::balancer::tls::Tls;
@@ -42,10 +44,71 @@ pub struct Args {
     pub https: Box<HttpsArgs>,
     #[command(flatten)]
     pub outlier: OutlierArgs,
+    /// Longest wait for a whole request head (HTTP/1); on HTTP/1 it also
+    /// bounds the wait for the next request on a kept-alive connection.
+    #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DUR")]
+    pub header_timeout: Duration,
+    /// A client connection with no request in flight and nothing read for
+    /// this long is closed.
+    #[arg(long, value_parser = parse_duration, default_value = "75s", value_name = "DUR")]
+    pub idle_timeout: Duration,
+    /// Longest pause within a client's request body before answering 408.
+    #[arg(long, value_parser = parse_duration, default_value = "60s", value_name = "DUR")]
+    pub body_timeout: Duration,
+    /// Longest pause within an instance's response body before cutting it.
+    #[arg(long, value_parser = parse_duration, default_value = "60s", value_name = "DUR")]
+    pub upstream_body_timeout: Duration,
+    /// Interval of HTTP/2 keep-alive pings to clients.
+    #[arg(long, value_parser = parse_duration, default_value = "60s", value_name = "DUR")]
+    pub h2_ping_interval: Duration,
+    /// Wait for a ping's acknowledgement before closing the h2 connection.
+    #[arg(long, value_parser = parse_duration, default_value = "20s", value_name = "DUR")]
+    pub h2_ping_timeout: Duration,
+    /// Client connections served at once; beyond, new ones wait in the
+    /// listen queue. The default is half of (the open-file limit - 96), so
+    /// descriptors stay free for instance connections and the admin port.
+    #[arg(long, default_value_t = default_max_connections(), value_name = "N")]
+    pub max_connections: usize,
+    /// Write one line per request to stdout (time, client, method, path,
+    /// status, bytes, duration, service, instance, retries).
+    #[arg(long)]
+    pub access_log: bool,
+    /// Format of the access log.
+    #[arg(long, value_enum, default_value = "text", value_name = "FORMAT")]
+    pub access_log_format: AccessLogFormat,
     /// SERVICE, /PATH=SERVICE, HOST=SERVICE or HOST/PATH=SERVICE; the longest
     /// match wins and a bare SERVICE catches everything else.
     #[arg(required = true, value_name = "ROUTE")]
     pub routes: Vec<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum AccessLogFormat {
+    Text,
+    Json,
+}
+
+impl Args {
+    fn limits(&self) -> Limits {
+        Limits {
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            body_timeout: self.body_timeout,
+            upstream_body_timeout: self.upstream_body_timeout,
+            h2_ping_interval: self.h2_ping_interval,
+            h2_ping_timeout: self.h2_ping_timeout,
+            max_connections: self.max_connections,
+        }
+    }
+
+    fn access_log(&self) -> Option<AccessLog> {
+        let format = match self.access_log_format {
+            AccessLogFormat::Text => LogFormat::Text,
+            AccessLogFormat::Json => LogFormat::Json,
+        };
+        self.access_log
+            .then(|| AccessLog::new(format, std::io::stdout()))
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -82,6 +145,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let link = connection.link();
     let source = SourceCheck::new(move || link.borrow().connected);
     let config = BalancerConfig {
+        limits: args.limits(),
+        access_log: args.access_log(),
         routes,
         upstream_timeout: args.upstream_timeout,
         connect_timeout: args.connect_timeout,
@@ -167,5 +232,24 @@ impl OutlierArgs {
             max_ejection_percent: self.max_ejection_percent,
             slow_start: self.slow_start,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn the_flag_defaults_are_the_librarys() {
+        let command = Command::try_parse_from(["balancer", "web"]).expect("parses");
+        assert_eq!(command.args.limits(), Limits::default());
+        assert!(command.args.access_log().is_none(), "off by default");
     }
 }
