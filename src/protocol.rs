@@ -627,6 +627,15 @@ impl Subjects {
         format!("{}.*.{service}.*", self.prefix)
     }
 
+    /// Whether `subject` is one of discovery's own writes to the catalog
+    /// stream (a snapshot store subject or the fence): people and balancers
+    /// follow the republished snapshots instead, which are only the stored
+    /// ones.
+    pub fn is_catalog_write(&self, subject: &str) -> bool {
+        self.strip_prefix(subject)
+            .is_ok_and(|rest| rest.starts_with("catalog-store.") || rest == "catalog-fence")
+    }
+
     /// Whether `subject` is under `<prefix>.catalog.`, valid or not.
     pub fn is_catalog(&self, subject: &str) -> bool {
         self.strip_prefix(subject)

@@ -4,7 +4,7 @@
 use std::time::SystemTime;
 
 use rollcall::catalog_stream;
-use rollcall::fleet_view::{catalog_json, catalog_table};
+use rollcall::fleet_view::{catalog_json, catalog_table, leader_line};
 
 use crate::args::FleetArgs;
 
@@ -28,6 +28,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let now = SystemTime::now();
+    // On stderr: the table and the JSON on stdout keep their shape.
+    match catalog_stream::read_fence(&js, &args.nats.prefix).await {
+        Ok(leader) => eprintln!("{}", leader_line(leader.as_ref(), now)),
+        Err(error) => tracing::warn!(%error, "cannot tell which discovery replica leads"),
+    }
     if args.json {
         println!(
             "{}",
