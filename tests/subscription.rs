@@ -88,7 +88,16 @@ async fn snapshots_that_are_not_newer_are_dropped() {
     rollcall::catalog_stream::ensure(&js, &Subjects::default(), 1)
         .await
         .unwrap();
-    let mut updates = follow(&server.url()).await;
+    let connection = NatsOptions::new(server.url())
+        .connect("test-balancer")
+        .await
+        .expect("connect");
+    let stats = std::sync::Arc::new(rollcall::subscription::Stats::default());
+    let mut updates: Updates = Box::pin(rollcall::subscription::follow_with_stats(
+        &connection,
+        Subjects::default(),
+        std::sync::Arc::clone(&stats),
+    ));
     assert_eq!(next(&mut updates).await, Update::Reset(Vec::new()));
 
     let publisher = client(&server.url()).await;
@@ -115,6 +124,8 @@ async fn snapshots_that_are_not_newer_are_dropped() {
     publisher.flush().await.unwrap();
     assert_eq!(next(&mut updates).await, Update::Service(snapshot(5, 1)));
     assert_eq!(next(&mut updates).await, Update::Service(snapshot(6, 4)));
+    // The one stale filter counts what it dropped, for a balancer's metrics.
+    assert_eq!(stats.stale.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
 
 #[tokio::test]

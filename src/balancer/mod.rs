@@ -63,6 +63,10 @@ pub struct BalancerConfig {
     pub connect_timeout: Duration,
     /// After shutdown begins, in-flight requests get this long to finish.
     pub drain_timeout: Duration,
+    /// The counters of the catalog feed given to `serve`
+    /// ([`follow_with_stats`](crate::subscription::follow_with_stats)), for
+    /// `/metrics`.
+    pub feed: Arc<crate::subscription::Stats>,
 }
 
 impl BalancerConfig {
@@ -72,6 +76,7 @@ impl BalancerConfig {
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            feed: Arc::default(),
         }
     }
 }
@@ -151,15 +156,6 @@ impl Shared {
             return None;
         };
         match rotation.apply(snapshot) {
-            Outcome::Stale { held } => {
-                self.metrics.updates_stale.inc();
-                tracing::debug!(
-                    service = %snapshot.service,
-                    revision = snapshot.revision,
-                    held,
-                    "snapshot not newer than the set held, ignored"
-                );
-            }
             Outcome::Replaced {
                 membership_changed,
                 skipped,
@@ -221,7 +217,8 @@ pub struct Metrics {
     pub retries: Counter,
     pub ejections: Counter,
     pub updates_applied: Counter,
-    pub updates_stale: Counter,
+    /// The catalog feed's own counters: its stale drops are the balancer's.
+    pub feed: Arc<crate::subscription::Stats>,
     pub updates_unrouted: Counter,
     pub updates_bad: Counter,
     /// Milliseconds after start when the last update was applied; 0 for none.
@@ -259,8 +256,12 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
-        let shared = Arc::new(Shared::new(config.routes.clone()));
-        Balancer { config, shared }
+        let mut shared = Shared::new(config.routes.clone());
+        shared.metrics.feed = Arc::clone(&config.feed);
+        Balancer {
+            config,
+            shared: Arc::new(shared),
+        }
     }
 
     /// Changes after each catalog update has been applied to the sets, so a
@@ -369,15 +370,14 @@ mod tests {
     }
 
     #[test]
-    fn stale_and_unrouted_snapshots_are_counted_and_ignored() {
+    fn unrouted_snapshots_are_counted_and_ignored() {
         let shared = Shared::new(Routes::parse(&["web"]).expect("routes"));
         shared.apply(Update::Service(snapshot("web", 3, &["w1"])));
         shared.apply(Update::Reset(vec![
-            snapshot("web", 3, &[]),
+            snapshot("web", 4, &["w1"]),
             snapshot("other", 9, &["o1"]),
         ]));
         assert_eq!(ids(&shared, "web"), ["w1"]);
-        assert_eq!(shared.metrics.updates_stale.get(), 1);
         assert_eq!(shared.metrics.updates_unrouted.get(), 1);
     }
 
@@ -397,17 +397,13 @@ mod tests {
         let applied = shared.applied.subscribe();
         shared.apply(Update::Service(snapshot("web", 2, &["w1"])));
         shared.apply(Update::Reset(vec![
-            snapshot("web", 1, &[]),
+            snapshot("web", 3, &[]),
             snapshot("api", 4, &["a1"]),
             snapshot("other", 9, &["o1"]),
         ]));
         let seen = applied.borrow();
         assert_eq!(seen.updates, 2);
-        assert_eq!(
-            seen.revision("web"),
-            2,
-            "a stale snapshot keeps the revision held"
-        );
+        assert_eq!(seen.revision("web"), 3);
         assert_eq!(seen.revision("api"), 4);
         assert_eq!(seen.revision("other"), 0, "unrouted services are not held");
     }

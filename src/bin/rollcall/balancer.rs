@@ -58,13 +58,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     connection
         .check_access(&balancer_needs(&args.nats.prefix))
         .await?;
-    let updates = rollcall::subscription::follow(&connection, args.nats.prefix.clone());
     let config = BalancerConfig {
         routes,
         upstream_timeout: args.upstream_timeout,
         connect_timeout: args.connect_timeout,
         drain_timeout: args.drain_timeout,
+        feed: Default::default(),
     };
+    let updates = rollcall::subscription::follow_with_stats(
+        &connection,
+        args.nats.prefix.clone(),
+        std::sync::Arc::clone(&config.feed),
+    );
     rollcall::balancer::serve(listener, admin, config, updates, shutdown_signal())
         .await
         .context("balancer stopped")?;
