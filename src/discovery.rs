@@ -832,6 +832,8 @@ mod tests {
         echo: mpsc::UnboundedSender<async_nats::Message>,
         /// Writes are refused as superseded while set.
         superseded: Arc<AtomicBool>,
+        /// Writes fail (no stream leader) while set.
+        failing: Arc<AtomicBool>,
         stored: Vec<Snapshot>,
         fence: u64,
     }
@@ -846,6 +848,10 @@ mod tests {
             for (service, payload) in batch {
                 if self.superseded.load(Ordering::SeqCst) {
                     outcomes.push((service, Written::Superseded(Some(self.fence + 1))));
+                    continue;
+                }
+                if self.failing.load(Ordering::SeqCst) {
+                    outcomes.push((service, Written::Failed("no stream leader".into())));
                     continue;
                 }
                 let snapshot: Snapshot = serde_json::from_slice(&payload).expect("a snapshot");
@@ -921,6 +927,7 @@ mod tests {
         published: mpsc::UnboundedReceiver<Snapshot>,
         link: watch::Sender<Link>,
         superseded: Arc<AtomicBool>,
+        failing: Arc<AtomicBool>,
         discovery: Discovery,
         _stop: oneshot::Sender<()>,
     }
@@ -942,10 +949,12 @@ mod tests {
             let (link, link_rx) = watch::channel(UP);
             let (stop, stopped) = oneshot::channel::<()>();
             let superseded = Arc::new(AtomicBool::new(false));
+            let failing = Arc::new(AtomicBool::new(false));
             let wire = RecordingWire {
                 published: published_tx,
                 echo,
                 superseded: Arc::clone(&superseded),
+                failing: Arc::clone(&failing),
                 stored: adopted.stored.clone(),
                 fence: adopted.fence.unwrap_or(0),
             };
@@ -969,6 +978,7 @@ mod tests {
                 published,
                 link,
                 superseded,
+                failing,
                 discovery,
                 _stop: stop,
             }
@@ -1208,6 +1218,24 @@ mod tests {
             "took over after {waited:?} of silence"
         );
         assert_eq!(h.discovery.stats().epoch.load(Ordering::Relaxed), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_was_not_stored_is_written_again_until_it_is() {
+        let mut h = Harness::start(Vec::new()).await;
+        h.register(&web("a", 3000));
+        let first = h.next_snapshot().await;
+        h.failing.store(true, Ordering::SeqCst);
+        h.register(&web("b", 3000));
+        eventually_stat(&h, |s| s.publish_failures.load(Ordering::Relaxed) >= 2).await;
+        h.failing.store(false, Ordering::SeqCst);
+        let stored = h.next_snapshot().await;
+        assert_eq!(stored.instances, [web("a", 3000), web("b", 3000)]);
+        assert!(
+            stored.revision > first.revision + 1,
+            "a new revision per try"
+        );
+        assert_eq!(h.discovery.stats().leading.load(Ordering::Relaxed), 1);
     }
 
     /// Waits, in paused time, until the worker's counters satisfy `done`.
