@@ -231,3 +231,37 @@ async fn the_catalog_converges_after_a_nats_server_restart() {
     assert_eq!(stored(&watcher).await, [snapshot]);
     discovery.stop().await;
 }
+
+#[tokio::test]
+async fn a_version_1_stream_is_reshaped_in_place_and_keeps_its_catalog() {
+    let server = NatsServer::start();
+    let service = client(&server.url()).await;
+    let js = async_nats::jetstream::new(service.clone());
+    // The catalog stream as version 1 made it: snapshots stored as published.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ROLLCALL_CATALOG".into(),
+        subjects: vec!["rollcall.catalog.>".into()],
+        max_messages_per_subject: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("create a version 1 stream");
+    let kept = format!(
+        r#"{{"service":"web","revision":41,"instances":[{}]}}"#,
+        register_json("a", 1, 3000)
+    );
+    js.publish("rollcall.catalog.web", kept.into())
+        .await
+        .expect("store")
+        .await
+        .expect("stored");
+    let mut catalog = service.subscribe("rollcall.catalog.web").await.unwrap();
+    service.flush().await.unwrap();
+
+    let discovery = RunningDiscovery::start(&server.url()).await;
+    let written = next_snapshot(&mut catalog, LIMIT).await;
+    assert!(written.revision > 41);
+    assert_eq!(written.instances.len(), 1, "the kept instance is not lost");
+    assert_eq!(stored(&service).await, [written]);
+    discovery.stop().await;
+}
