@@ -352,3 +352,16 @@ async fn a_nats_server_restart_keeps_every_invariant() {
     fleet.change_reaches_subscribers().await;
     fleet.check();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_discovery_promptly_while_nats_is_down() {
+    let mut server = NatsServer::start();
+    let mut lone = replica(&server.url(), "d0");
+    lone.wait_stderr("leading the catalog", LIMIT);
+    server.stop();
+    lone.wait_stderr("lost the NATS connection", LIMIT);
+    let asked = std::time::Instant::now();
+    lone.signal("TERM");
+    lone.wait(Duration::from_secs(5));
+    eprintln!("SIGTERM with NATS down -> exit: {:?}", asked.elapsed());
+}
