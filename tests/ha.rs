@@ -192,6 +192,12 @@ impl Fleet {
                     snapshot.service
                 );
             }
+        }
+        let lists_all =
+            |s: &Snapshot| (self.alive.iter()).all(|a| s.instances.iter().any(|i| i.id == a.id));
+        // Before the first snapshot listing them all, they were still joining.
+        let joined = seen.snapshots.iter().position(lists_all).unwrap_or(0);
+        for snapshot in &seen.snapshots[joined..] {
             for instance in &self.alive {
                 assert!(
                     snapshot.instances.iter().any(|i| i.id == instance.id),
