@@ -157,12 +157,12 @@ pub fn metrics(shared: &Shared) -> String {
         "counter",
         "Catalog snapshots received, by outcome.",
         [
-            ("applied", &m.updates_applied),
-            ("stale", &m.updates_stale),
-            ("unrouted", &m.updates_unrouted),
-            ("bad_instance", &m.updates_bad),
+            ("applied", m.updates_applied.get()),
+            ("stale", m.feed.stale.load(Ordering::Relaxed)),
+            ("unrouted", m.updates_unrouted.get()),
+            ("bad_instance", m.updates_bad.get()),
         ]
-        .map(|(result, count)| (Some(("result", result)), count.get())),
+        .map(|(result, count)| (Some(("result", result)), count)),
     );
     instance_gauges(&mut out, shared);
     family(

@@ -85,6 +85,10 @@ pub struct BalancerConfig {
     pub limits: Limits,
     /// One line per request, when given.
     pub access_log: Option<AccessLog>,
+    /// The counters of the catalog feed given to `serve`
+    /// ([`follow_with_stats`](crate::subscription::follow_with_stats)), for
+    /// `/metrics`.
+    pub feed: Arc<crate::subscription::Stats>,
 }
 
 /// Asks whether the source of the catalog updates (NATS, in the binary) is
@@ -125,6 +129,7 @@ impl BalancerConfig {
             outlier: outlier::OutlierPolicy::default(),
             limits: Limits::default(),
             access_log: None,
+            feed: Arc::default(),
         }
     }
 }
@@ -228,15 +233,6 @@ impl Shared {
             return None;
         };
         match rotation.apply(snapshot) {
-            Outcome::Stale { held } => {
-                self.metrics.updates_stale.inc();
-                tracing::debug!(
-                    service = %snapshot.service,
-                    revision = snapshot.revision,
-                    held,
-                    "snapshot not newer than the set held, ignored"
-                );
-            }
             Outcome::Replaced {
                 membership_changed,
                 skipped,
@@ -308,7 +304,8 @@ pub struct Metrics {
     pub retries: Counter,
     pub ejections: Counter,
     pub updates_applied: Counter,
-    pub updates_stale: Counter,
+    /// The catalog feed's own counters: its stale drops are the balancer's.
+    pub feed: Arc<crate::subscription::Stats>,
     pub updates_unrouted: Counter,
     pub updates_bad: Counter,
     /// Clients gone before their answer was sent (nginx's 499).
@@ -360,13 +357,14 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
-        let shared = Arc::new(Shared {
+        let mut shared = Shared {
             source: config.source.clone(),
             ..Shared::with_policy(config.routes.clone(), config.outlier)
-        });
+        };
+        shared.metrics.feed = Arc::clone(&config.feed);
         Balancer {
             config,
-            shared,
+            shared: Arc::new(shared),
             https: None,
         }
     }
@@ -520,15 +518,14 @@ mod tests {
     }
 
     #[test]
-    fn stale_and_unrouted_snapshots_are_counted_and_ignored() {
+    fn unrouted_snapshots_are_counted_and_ignored() {
         let shared = Shared::new(Routes::parse(&["web"]).expect("routes"));
         shared.apply(Update::Service(snapshot("web", 3, &["w1"])));
         shared.apply(Update::Reset(vec![
-            snapshot("web", 3, &[]),
+            snapshot("web", 4, &["w1"]),
             snapshot("other", 9, &["o1"]),
         ]));
         assert_eq!(ids(&shared, "web"), ["w1"]);
-        assert_eq!(shared.metrics.updates_stale.get(), 1);
         assert_eq!(shared.metrics.updates_unrouted.get(), 1);
     }
 
@@ -555,17 +552,13 @@ mod tests {
         let applied = shared.applied.subscribe();
         shared.apply(Update::Service(snapshot("web", 2, &["w1"])));
         shared.apply(Update::Reset(vec![
-            snapshot("web", 1, &[]),
+            snapshot("web", 3, &[]),
             snapshot("api", 4, &["a1"]),
             snapshot("other", 9, &["o1"]),
         ]));
         let seen = applied.borrow();
         assert_eq!(seen.updates, 2);
-        assert_eq!(
-            seen.revision("web"),
-            2,
-            "a stale snapshot keeps the revision held"
-        );
+        assert_eq!(seen.revision("web"), 3);
         assert_eq!(seen.revision("api"), 4);
         assert_eq!(seen.revision("other"), 0, "unrouted services are not held");
     }

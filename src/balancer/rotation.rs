@@ -447,8 +447,8 @@ impl Rotation {
         self.current.load_full()
     }
 
-    /// Replaces the set with `snapshot` when its revision is above the one
-    /// held. Returns what happened.
+    /// Replaces the set with `snapshot`. The feed filtered stale revisions
+    /// already ([`Held`](crate::subscription::Held)). Returns what happened.
     pub fn apply(&self, snapshot: &Snapshot) -> Outcome {
         self.apply_at(snapshot, tokio::time::Instant::now().into_std())
     }
@@ -458,9 +458,6 @@ impl Rotation {
     pub fn apply_at(&self, snapshot: &Snapshot, now: Instant) -> Outcome {
         let _writer = self.write.lock().unwrap_or_else(PoisonError::into_inner);
         let previous = self.current.load_full();
-        if let Some(stale) = stale(&previous, snapshot) {
-            return stale;
-        }
         let (set, skipped) = ServiceSet::from_snapshot(snapshot, &previous, now);
         let membership_changed = previous.members.len() != set.members.len()
             || previous.members.iter().zip(&set.members).any(|(a, b)| {
@@ -573,14 +570,6 @@ impl Rotation {
     }
 }
 
-/// The stale-revision filter: a snapshot whose revision is not above the
-/// one `held` changes nothing.
-fn stale(held: &ServiceSet, snapshot: &Snapshot) -> Option<Outcome> {
-    (held.revision >= snapshot.revision).then_some(Outcome::Stale {
-        held: held.revision,
-    })
-}
-
 /// What [`Rotation::report`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Report {
@@ -629,8 +618,6 @@ impl Report {
 /// The outcome of [`Rotation::apply`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// The snapshot's revision was not above the one held: nothing changed.
-    Stale { held: u64 },
     /// The set was replaced. `skipped` lists instances whose address cannot
     /// be an HTTP authority.
     Replaced {
@@ -755,21 +742,6 @@ mod tests {
         // The one picked last (d) leaves: wrap to the first.
         rotation.apply(&snapshot(3, &[("a", 1), ("b", 1)]));
         assert_eq!(picks(&rotation, 3, now), ids(&["a", "b", "a"]));
-    }
-
-    #[test]
-    fn a_stale_revision_changes_nothing() {
-        let rotation = Rotation::new("web");
-        rotation.apply(&snapshot(5, &[("a", 1)]));
-        assert_eq!(
-            rotation.apply(&snapshot(5, &[("a", 1), ("b", 1)])),
-            Outcome::Stale { held: 5 }
-        );
-        assert_eq!(
-            rotation.apply(&snapshot(4, &[])),
-            Outcome::Stale { held: 5 }
-        );
-        assert_eq!(rotation.load().members().len(), 1);
     }
 
     #[test]

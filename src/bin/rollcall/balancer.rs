@@ -141,7 +141,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     connection
         .check_access(&balancer_needs(&args.nats.prefix))
         .await?;
-    let updates = rollcall::subscription::follow(&connection, args.nats.prefix.clone());
     let link = connection.link();
     let source = SourceCheck::new(move || link.borrow().connected);
     let config = BalancerConfig {
@@ -153,7 +152,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
         source,
         outlier: args.outlier.policy(),
+        feed: Default::default(),
     };
+    let updates = rollcall::subscription::follow_with_stats(
+        &connection,
+        args.nats.prefix.clone(),
+        Arc::clone(&config.feed),
+    );
     let mut balancer = Balancer::new(config);
     if let Some((listener, tls)) = https {
         balancer = balancer.https(listener, tls);
