@@ -101,7 +101,7 @@ impl AgentConfig {
 /// The pure decision: check results in, verdicts out. Failing checks hold
 /// heartbeats until `fail_after` of them in a row withdraw the instance.
 #[derive(Debug, Clone)]
-pub struct FailureRun {
+pub(crate) struct FailureRun {
     fail_after: u32,
     failures: u32,
 }
@@ -139,7 +139,7 @@ impl FailureRun {
 /// one event an agent about to register may send without harm: an instance
 /// that is not live ignores it, and a stale record of this id is about to be
 /// replaced anyway.
-pub fn agent_needs(subjects: &Subjects, instance: &Instance) -> Vec<Access> {
+pub(crate) fn agent_needs(subjects: &Subjects, instance: &Instance) -> Vec<Access> {
     vec![Access::Publish(subjects.event(
         EventKind::Deregister,
         &instance.service,

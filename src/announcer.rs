@@ -50,7 +50,10 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Checks that `instance` may be announced with heartbeats every `interval`:
 /// a valid record, and an interval above zero and below its TTL (or it
 /// would expire between heartbeats).
-pub fn check_announcement(instance: &Instance, interval: Duration) -> Result<(), AnnounceError> {
+pub(crate) fn check_announcement(
+    instance: &Instance,
+    interval: Duration,
+) -> Result<(), AnnounceError> {
     instance
         .validate()
         .map_err(AnnounceError::InvalidInstance)?;
@@ -131,7 +134,7 @@ impl Wire for async_nats::Client {
 /// [`SEND_TIMEOUT`]. Register and deregister are flushed, so they are on the
 /// wire when the call returns; heartbeats are not, their loss is harmless.
 #[derive(Debug, Clone)]
-pub struct Publisher<W = async_nats::Client> {
+pub(crate) struct Publisher<W = async_nats::Client> {
     wire: W,
     subjects: Subjects,
 }

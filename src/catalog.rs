@@ -54,7 +54,7 @@ impl ChangeKind {
 /// record flips back to the one it replaced, every heartbeat. Reported once
 /// per pair of records, for the caller to log.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Conflict {
+pub(crate) struct Conflict {
     pub service: String,
     pub id: String,
     /// The record held now and the one it replaced, which it replaced before.
@@ -199,7 +199,7 @@ impl Catalog {
     /// fresh TTL, known ones keep their record and deadline, and revisions
     /// continue above the stored one. Returns whether this catalog now
     /// differs from the stored snapshot, so it must be written.
-    pub fn adopt_unknown(&mut self, stored: &Snapshot, now: Instant) -> bool {
+    pub(crate) fn adopt_unknown(&mut self, stored: &Snapshot, now: Instant) -> bool {
         let unknown: Vec<Instance> = stored
             .instances
             .iter()
@@ -221,7 +221,7 @@ impl Catalog {
     /// Gives `service` a new revision without a change: for a snapshot that
     /// must be written again when it is not known whether the first write
     /// was stored, so no two stored snapshots share a revision.
-    pub fn bump(&mut self, service: &str) {
+    pub(crate) fn bump(&mut self, service: &str) {
         if let Some(entry) = self.services.get_mut(service) {
             entry.revision = next_revision(entry.revision, self.clock);
         }
@@ -349,7 +349,7 @@ impl Catalog {
     /// the update brought back the record its predecessor replaced, two
     /// senders claim the id. `None` for every other change, and for later
     /// flips between the same two records.
-    pub fn take_conflict(&mut self, change: &Change) -> Option<Conflict> {
+    pub(crate) fn take_conflict(&mut self, change: &Change) -> Option<Conflict> {
         if change.kind != ChangeKind::Updated {
             return None;
         }
@@ -410,7 +410,7 @@ impl Catalog {
     /// Counts every live instance as heard at `now`: for when the caller could
     /// not hear anything for a while (its NATS connection was down), so
     /// silence was not the instances' fault.
-    pub fn refresh_all(&mut self, now: Instant) {
+    pub(crate) fn refresh_all(&mut self, now: Instant) {
         for entry in self.services.values_mut() {
             for live in entry.instances.values_mut() {
                 live.deadline = live.deadline.max(now + live.instance.ttl());

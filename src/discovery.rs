@@ -9,7 +9,7 @@
 //!
 //! Several replicas may run on one NATS: every one folds every event (hot
 //! standbys), one leads and writes ([`leader`] decides when to try, the
-//! catalog stream's fence decides who wins, [`fence`] talks to it). A write
+//! catalog stream's fence decides who wins, `fence` talks to it). A write
 //! carries the leader's epoch and the stream refuses it once another replica
 //! took over, so a superseded leader never gets a snapshot to a balancer.
 //!

@@ -28,6 +28,27 @@
 //! - [`fleet_view`]: events, snapshots and the stored catalog as lines and
 //!   JSON for people (`rollcall watch`, `rollcall catalog`).
 //! - [`permissions`]: what NATS lets each role do; refusals as typed errors.
+//!
+//! # The public surface
+//!
+//! What is public is what someone outside this crate builds on, and no more:
+//!
+//! - a Rust service embedding the [`Announcer`] (with [`NatsOptions`] to
+//!   connect and [`Instance`] to describe itself) — see
+//!   `examples/web_service.rs`;
+//! - a program embedding a role the `rollcall` binary runs: discovery
+//!   ([`discovery::spawn`]), a balancer ([`balancer::Balancer`], fed by
+//!   [`subscription::follow`] or by any stream of
+//!   [`Update`](subscription::Update)s), the [`agent`], the views of
+//!   [`fleet_view`] — the binary itself is such a program, and uses only this
+//!   surface;
+//! - the wire contract in [`protocol`] (records, subjects, limits) for tools
+//!   that speak it, and the pure [`catalog`] fold and
+//!   [`balancer::rotation`] sets, which benchmarks and tests drive directly.
+//!
+//! Everything else (the proxy's request path, upstream pools, the leader
+//! election's wire, counters) is `pub(crate)`: free to change without
+//! breaking anyone.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -41,3 +62,7 @@ pub mod fleet_view;
 pub mod permissions;
 pub mod protocol;
 pub mod subscription;
+
+pub use announcer::{Announcement, Announcer};
+pub use connect::{Connection, NatsOptions};
+pub use protocol::{Instance, Snapshot, Subjects};

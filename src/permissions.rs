@@ -43,7 +43,7 @@ impl PermissionDenied {
     /// Reads a server error such as `Permissions Violation for Publish to
     /// "rollcall.catalog.web"` (also `... for Subscription to "x" using queue
     /// "q"`); `None` for any other error.
-    pub fn from_server_error(message: &str, user: &str) -> Option<PermissionDenied> {
+    pub(crate) fn from_server_error(message: &str, user: &str) -> Option<PermissionDenied> {
         // The server quotes the whole line in single quotes on the wire; some
         // client versions keep them.
         let message = message.trim().trim_matches('\'');

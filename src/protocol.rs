@@ -436,11 +436,6 @@ impl Subjects {
         format!("{}.{}.{service}.{id}", self.prefix, kind.as_str())
     }
 
-    /// `<prefix>.<kind>.*.*`: every event of one kind.
-    pub fn event_wildcard(&self, kind: EventKind) -> String {
-        format!("{}.{}.*.*", self.prefix, kind.as_str())
-    }
-
     /// `<prefix>.*.*.*`: every event of every kind, on one subscription so
     /// that one sender's events arrive in the order they were sent.
     pub fn events_wildcard(&self) -> String {
@@ -461,18 +456,18 @@ impl Subjects {
     /// writes a snapshot; the catalog stream keeps it and republishes it on
     /// [`Subjects::catalog`] only once stored, so a refused write reaches no
     /// balancer.
-    pub fn catalog_store(&self, service: &str) -> String {
+    pub(crate) fn catalog_store(&self, service: &str) -> String {
         format!("{}.catalog-store.{service}", self.prefix)
     }
 
     /// `<prefix>.catalog-store.>`: every stored snapshot.
-    pub fn catalog_store_wildcard(&self) -> String {
+    pub(crate) fn catalog_store_wildcard(&self) -> String {
         format!("{}.catalog-store.>", self.prefix)
     }
 
     /// `<prefix>.catalog-fence`: the one stored message naming the leading
     /// discovery replica; its stream sequence is the leader's epoch.
-    pub fn catalog_fence(&self) -> String {
+    pub(crate) fn catalog_fence(&self) -> String {
         format!("{}.catalog-fence", self.prefix)
     }
 
@@ -527,7 +522,10 @@ impl Subjects {
 
     /// The service token of a catalog subject (live, or as the catalog
     /// stream stores it).
-    pub fn parse_catalog_subject<'s>(&self, subject: &'s str) -> Result<&'s str, ProtocolError> {
+    pub(crate) fn parse_catalog_subject<'s>(
+        &self,
+        subject: &'s str,
+    ) -> Result<&'s str, ProtocolError> {
         let rest = self.strip_prefix(subject)?;
         match rest.split_once('.') {
             Some(("catalog" | "catalog-store", service)) if !service.contains('.') => {
@@ -637,7 +635,7 @@ impl Subjects {
     }
 
     /// Whether `subject` is under `<prefix>.catalog.`, valid or not.
-    pub fn is_catalog(&self, subject: &str) -> bool {
+    pub(crate) fn is_catalog(&self, subject: &str) -> bool {
         self.strip_prefix(subject)
             .is_ok_and(|rest| rest.starts_with("catalog."))
     }

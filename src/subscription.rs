@@ -65,7 +65,7 @@ pub struct Held(HashMap<String, Snapshot>);
 impl Held {
     /// Keeps `snapshot` when its revision is above the one held for its
     /// service (or none is held); otherwise returns the revision held.
-    pub fn offer(&mut self, snapshot: Snapshot) -> Result<(), u64> {
+    pub(crate) fn offer(&mut self, snapshot: Snapshot) -> Result<(), u64> {
         match self.0.get(&snapshot.service) {
             Some(held) if snapshot.revision <= held.revision => Err(held.revision),
             _ => {

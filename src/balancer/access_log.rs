@@ -1,7 +1,7 @@
 //! The access log, beside the proxy: one line per request once its answer
 //! has been sent (or abandoned), as text or JSON, to a writer the caller
 //! gives (the binary gives stdout). Off unless configured; when off the
-//! proxy builds no [`Entry`] at all.
+//! proxy builds no `Entry` at all.
 
 use std::io::Write;
 use std::net::SocketAddr;

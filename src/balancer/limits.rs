@@ -2,16 +2,16 @@
 //! long a client may take over each part of an exchange, how many clients
 //! are served at once, and how accept errors are borne.
 //!
-//! - [`Gate`]: accepts only while a connection permit is free, and on an
+//! - `Gate`: accepts only while a connection permit is free, and on an
 //!   accept error (out of file descriptors, mostly) backs off briefly and
 //!   logs at a bounded rate.
-//! - [`Activity`]: one connection's last read and requests in flight, so a
+//! - `Activity`: one connection's last read and requests in flight, so a
 //!   connection idle between requests is closed at the idle timeout.
 //! - [`IdleBody`]: a body that fails when no data comes for a while, for the
 //!   client's request body and the instance's response body alike.
 //!
 //! The request head's own timeout is hyper's (`header_read_timeout`, which
-//! needs the timer [`server_builder`] gives it). On HTTP/1 hyper starts that
+//! needs the timer `server_builder` gives it). On HTTP/1 hyper starts that
 //! clock as soon as it waits for a head, so a kept-alive HTTP/1 connection
 //! waiting for its next request is closed by whichever timeout is shorter.
 
@@ -97,7 +97,7 @@ impl Default for Limits {
     }
 }
 
-/// Half of the open-file limit left after [`FD_RESERVE`]: each client
+/// Half of the open-file limit left after `FD_RESERVE`: each client
 /// connection may hold one connection to an instance as well.
 pub fn default_max_connections() -> usize {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;

@@ -10,12 +10,12 @@
 //! - [`rotation`]: one service's round-robin set, swapped whole on change.
 //! - [`outlier`]: passive health, the policy of ejections and slow start.
 //! - [`routes`]: `ROUTE` arguments → which service a request goes to.
-//! - [`proxy`]: the hyper reverse proxy (retries, ejections, own answers).
-//! - [`upgrade`]: WebSocket and other upgrades tunnelled, CONNECT refused.
-//! - [`upstream`]: each instance's pool of kept-alive connections.
+//! - `proxy`: the hyper reverse proxy (retries, ejections, own answers).
+//! - `upgrade`: WebSocket and other upgrades tunnelled, CONNECT refused.
+//! - `upstream`: each instance's pool of kept-alive connections.
 //! - [`limits`]: timeouts and the connection cap of both listeners.
 //! - [`access_log`]: one line per request, when asked for.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/catalog`.
+//! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/catalog`.
 //! - [`tls`]: HTTPS for clients, certificates reloadable.
 //!
 //! Updates: `Update::Service` replaces one service's set when its revision
@@ -28,15 +28,15 @@
 //! its last instance arrives as a snapshot with no instances.
 
 pub mod access_log;
-pub mod admin;
+mod admin;
 pub mod limits;
 pub mod outlier;
-pub mod proxy;
+mod proxy;
 pub mod rotation;
 pub mod routes;
 pub mod tls;
-pub mod upgrade;
-pub mod upstream;
+mod upgrade;
+mod upstream;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -166,7 +166,7 @@ impl Shared {
         Shared::with_policy(routes, outlier::OutlierPolicy::default())
     }
 
-    pub fn with_policy(routes: Routes, policy: outlier::OutlierPolicy) -> Self {
+    pub(crate) fn with_policy(routes: Routes, policy: outlier::OutlierPolicy) -> Self {
         let rotations = routes
             .services()
             .iter()
@@ -326,7 +326,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn count_response(&self, status: http::StatusCode) {
+    pub(crate) fn count_response(&self, status: http::StatusCode) {
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         self.responses[class].inc();
     }
@@ -337,7 +337,7 @@ impl Metrics {
 pub struct Counter(AtomicU64);
 
 impl Counter {
-    pub fn inc(&self) {
+    pub(crate) fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
 

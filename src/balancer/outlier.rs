@@ -45,7 +45,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn of_status(status: http::StatusCode) -> Outcome {
+    pub(crate) fn of_status(status: http::StatusCode) -> Outcome {
         if status.is_server_error() {
             Outcome::ServerError
         } else {
@@ -69,7 +69,7 @@ impl Streak {
         (u64::from(self.server_errors) << 32) | u64::from(self.gateway_failures)
     }
 
-    pub fn unpack(word: u64) -> Streak {
+    pub(crate) fn unpack(word: u64) -> Streak {
         Streak {
             server_errors: (word >> 32) as u32,
             gateway_failures: word as u32,
@@ -153,7 +153,7 @@ impl OutlierPolicy {
     /// How many of `live` instances may be ejected at once: the percentage,
     /// rounded down, but at least one so a lone bad instance beside a good
     /// one is always taken out.
-    pub fn ejection_cap(&self, live: usize) -> usize {
+    pub(crate) fn ejection_cap(&self, live: usize) -> usize {
         (live * self.max_ejection_percent.min(100) as usize / 100).max(1)
     }
 

@@ -304,7 +304,7 @@ impl Logged {
 /// beyond the upstream body timeout), or an answer of ours. It holds its
 /// request in flight on the connection, and its access-log entry, until
 /// hyper drops it once sent or abandoned.
-pub struct ClientBody {
+pub(crate) struct ClientBody {
     inner: Either<IdleBody<PooledBody>, Full<Bytes>>,
     flight: Option<Flight>,
     log: Option<Logged>,

@@ -39,7 +39,7 @@ use crate::protocol::{Instance, Snapshot};
 
 /// How long an instance that refused a connection stays out of rotation the
 /// first time; each further failure without a success in between doubles it.
-pub const FIRST_EJECTION: Duration = Duration::from_secs(1);
+pub(crate) const FIRST_EJECTION: Duration = Duration::from_secs(1);
 /// The longest ejection: an instance that keeps refusing is still retried
 /// this often, so it comes back on its own once it listens again.
 pub const MAX_EJECTION: Duration = Duration::from_secs(30);
@@ -72,7 +72,7 @@ pub struct Member {
 
 impl Member {
     /// Whether the member may take a request at `now`.
-    pub fn is_eligible(&self, now: Instant) -> bool {
+    pub(crate) fn is_eligible(&self, now: Instant) -> bool {
         self.health.ejected_until.is_none_or(|until| now >= until)
     }
 
@@ -161,7 +161,7 @@ impl ServiceSet {
     }
 
     /// Members that take traffic (weight above 0), ejected or not.
-    pub fn live_count(&self) -> usize {
+    pub(crate) fn live_count(&self) -> usize {
         self.live
     }
 
@@ -358,7 +358,7 @@ fn continue_rotation(previous: &ServiceSet, members: &[Arc<Member>], sequence: &
 /// indices. Each step adds every weight to its member's current value, picks
 /// the highest current (the first in `id` order on a tie) and takes the
 /// total off it. Equal weights give plain id order.
-pub fn smooth_weighted_sequence(weights: &[u32]) -> Vec<u32> {
+pub(crate) fn smooth_weighted_sequence(weights: &[u32]) -> Vec<u32> {
     let weights = reduced_weights(weights);
     let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
     let mut current = vec![0i64; weights.len()];
@@ -407,7 +407,7 @@ fn gcd(a: u32, b: u32) -> u32 {
 }
 
 /// How long the `failures`-th failure in a row ejects for.
-pub fn ejection_for(failures: u32) -> Duration {
+pub(crate) fn ejection_for(failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(16);
     FIRST_EJECTION
         .saturating_mul(1 << doublings)
@@ -429,7 +429,7 @@ impl Rotation {
         Rotation::with_policy(service, OutlierPolicy::default())
     }
 
-    pub fn with_policy(service: &str, policy: OutlierPolicy) -> Self {
+    pub(crate) fn with_policy(service: &str, policy: OutlierPolicy) -> Self {
         Rotation {
             current: ArcSwap::from_pointee(ServiceSet::empty_with(service, policy)),
             write: Mutex::new(()),
@@ -443,7 +443,7 @@ impl Rotation {
     }
 
     /// The current set, to keep.
-    pub fn load_full(&self) -> Arc<ServiceSet> {
+    pub(crate) fn load_full(&self) -> Arc<ServiceSet> {
         self.current.load_full()
     }
 
@@ -455,7 +455,7 @@ impl Rotation {
 
     /// [`Rotation::apply`] at `now`, when joining members start their slow
     /// start.
-    pub fn apply_at(&self, snapshot: &Snapshot, now: Instant) -> Outcome {
+    pub(crate) fn apply_at(&self, snapshot: &Snapshot, now: Instant) -> Outcome {
         let _writer = self.write.lock().unwrap_or_else(PoisonError::into_inner);
         let previous = self.current.load_full();
         let (set, skipped) = ServiceSet::from_snapshot(snapshot, &previous, now);
@@ -514,7 +514,7 @@ impl Rotation {
 
     /// [`Rotation::report`], counted in `metrics` and logged; `cause` names
     /// what happened.
-    pub fn observe(
+    pub(crate) fn observe(
         &self,
         metrics: &Metrics,
         service: &str,
@@ -561,7 +561,7 @@ impl Rotation {
     }
 
     /// Clears `id`'s failures after it answered.
-    pub fn recovered(&self, id: &str) {
+    pub(crate) fn recovered(&self, id: &str) {
         let _writer = self.write.lock().unwrap_or_else(PoisonError::into_inner);
         let previous = self.current.load_full();
         if let Some(set) = previous.with_health(id, |_| Health::default()) {

@@ -139,7 +139,7 @@ pub fn mark<B>(request: &mut http::Request<B>, secure: bool) {
 
 /// Sets `X-Forwarded-Proto: https` on a request [`mark`]ed secure (the
 /// proxy has set `http` before).
-pub fn forwarded_proto(extensions: &http::Extensions, headers: &mut http::HeaderMap) {
+pub(crate) fn forwarded_proto(extensions: &http::Extensions, headers: &mut http::HeaderMap) {
     if extensions.get::<Secure>().is_some() {
         headers.insert(
             http::HeaderName::from_static("x-forwarded-proto"),

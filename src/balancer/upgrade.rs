@@ -33,7 +33,7 @@ use super::Shared;
 /// The largest body of an instance's refusal to upgrade that is passed on;
 /// such answers are short error pages, read whole since the connection
 /// they came on is not pooled.
-pub const REFUSAL_LIMIT: usize = 64 * 1024;
+pub(crate) const REFUSAL_LIMIT: usize = 64 * 1024;
 
 /// Methods the proxy forwards, for the `Allow` header of its 405.
 const ALLOW: HeaderValue =
@@ -41,7 +41,7 @@ const ALLOW: HeaderValue =
 
 /// Whether `parts` asks to switch protocols: HTTP/1.1 with an `Upgrade`
 /// header that `Connection` names (RFC 9110 §7.8).
-pub fn is_upgrade(parts: &http::request::Parts) -> bool {
+pub(crate) fn is_upgrade(parts: &http::request::Parts) -> bool {
     parts.version == Version::HTTP_11
         && parts.headers.contains_key(header::UPGRADE)
         && parts
@@ -54,12 +54,12 @@ pub fn is_upgrade(parts: &http::request::Parts) -> bool {
 }
 
 /// Whether the request is a CONNECT, which no route allows.
-pub fn is_connect(parts: &http::request::Parts) -> bool {
+pub(crate) fn is_connect(parts: &http::request::Parts) -> bool {
     parts.method == Method::CONNECT
 }
 
 /// The answer to a CONNECT.
-pub fn connect_refused() -> Response<ClientBody> {
+pub(crate) fn connect_refused() -> Response<ClientBody> {
     let text = "CONNECT is not allowed: this proxy tunnels only to the instances of its routes\n";
     let mut response = answer(StatusCode::METHOD_NOT_ALLOWED, text.to_owned());
     response.headers_mut().insert(header::ALLOW, ALLOW);

@@ -29,7 +29,7 @@ use super::limits::IdleBody;
 
 /// Body of requests sent upstream: the client's own stream (cut when it
 /// pauses too long), or bytes kept so the request can be sent again.
-pub type RequestBody = Either<IdleBody<Incoming>, Full<Bytes>>;
+pub(crate) type RequestBody = Either<IdleBody<Incoming>, Full<Bytes>>;
 
 /// At most this many idle connections are kept per instance; a connection
 /// coming back to a full pool is closed.
