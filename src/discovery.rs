@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use crate::catalog::{payload_digest, Catalog, Change};
 use crate::catalog_stream::{self, CatalogStreamError};
 use crate::connect::{Connection, Link, NatsError};
+use crate::metrics::DiscoveryMetrics;
 use crate::protocol::{EventKind, Snapshot, Subjects};
 
 /// Events folded before the changed services are published: under load one
@@ -140,11 +141,15 @@ pub async fn spawn(
 pub struct DiscoveryConfig {
     /// Copies of the catalog stream when discovery has to create it.
     pub stream_replicas: usize,
+    pub metrics: DiscoveryMetrics,
 }
 
 impl Default for DiscoveryConfig {
     fn default() -> Self {
-        DiscoveryConfig { stream_replicas: 1 }
+        DiscoveryConfig {
+            stream_replicas: 1,
+            metrics: DiscoveryMetrics::default(),
+        }
     }
 }
 
@@ -193,6 +198,7 @@ pub async fn spawn_with(
         connection.link(),
         subjects,
         adopted,
+        config.metrics,
         shutdown,
     ))
 }
@@ -204,6 +210,7 @@ fn start<W: Wire + 'static>(
     link: watch::Receiver<Link>,
     subjects: Subjects,
     adopted: Vec<Snapshot>,
+    metrics: DiscoveryMetrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Discovery {
     let stats = Arc::new(Stats::default());
@@ -233,6 +240,7 @@ fn start<W: Wire + 'static>(
         subjects,
         catalog,
         stats: Arc::clone(&stats),
+        metrics,
         latest: Arc::clone(&latest),
         dirty: BTreeSet::new(),
         dirty_since: None,
@@ -303,6 +311,7 @@ struct Worker<W> {
     subjects: Subjects,
     catalog: Catalog,
     stats: Arc<Stats>,
+    metrics: DiscoveryMetrics,
     latest: Latest,
     /// Services changed since the last publish.
     dirty: BTreeSet<String>,
@@ -419,7 +428,10 @@ impl<W: Wire> Worker<W> {
         let now = Instant::now().into_std();
         // Most events are heartbeats repeating the last one byte for byte:
         // those only move a deadline, without parsing the JSON again.
-        let repeatable = match self.subjects.parse_event_subject(&message.subject) {
+        let parsed = self.subjects.parse_event_subject(&message.subject);
+        self.metrics
+            .event(parsed.as_ref().ok().map(|(kind, _, _)| *kind));
+        let repeatable = match parsed {
             Ok((EventKind::Deregister, _, _)) | Err(_) => None,
             Ok((_, service, id)) => {
                 let digest = payload_digest(&message.payload);
@@ -436,6 +448,7 @@ impl<W: Wire> Worker<W> {
             Ok(event) => event,
             Err(error) => {
                 Stats::bump(&self.stats.invalid);
+                self.metrics.invalid(&error);
                 tracing::warn!(subject = %message.subject, %error, "ignoring an invalid event");
                 return;
             }
@@ -506,6 +519,7 @@ impl<W: Wire> Worker<W> {
             Ok(payload) => Bytes::from(payload),
             Err(error) => {
                 Stats::bump(&self.stats.publish_failures);
+                self.metrics.publish_failures.inc();
                 tracing::error!(service = %snapshot.service, %error, "cannot serialize a snapshot");
                 return;
             }
@@ -515,9 +529,14 @@ impl<W: Wire> Worker<W> {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(snapshot.service.clone(), payload.clone());
         match self.wire.publish(&snapshot.service, payload).await {
-            Ok(()) => Stats::bump(&self.stats.published),
+            Ok(()) => {
+                Stats::bump(&self.stats.published);
+                self.metrics
+                    .published(&snapshot.service, snapshot.instances.len());
+            }
             Err(error) => {
                 Stats::bump(&self.stats.publish_failures);
+                self.metrics.publish_failures.inc();
                 tracing::error!(service = %snapshot.service, %error, "cannot publish a snapshot");
             }
         }
@@ -586,6 +605,7 @@ mod tests {
                 link_rx,
                 Subjects::default(),
                 adopted,
+                DiscoveryMetrics::default(),
                 async {
                     let _ = stopped.await;
                 },

@@ -26,8 +26,11 @@
 //! - [`fleet_view`]: events, snapshots and the stored catalog as lines and
 //!   JSON for people (`rollcall watch`, `rollcall catalog`).
 //! - [`permissions`]: what NATS lets each role do; refusals as typed errors.
+//! - [`metrics`] and [`admin_http`]: every long-running component's
+//!   Prometheus families and the admin endpoint that serves them.
 #![forbid(unsafe_code)]
 
+pub mod admin_http;
 pub mod agent;
 pub mod announcer;
 pub mod balancer;
@@ -36,6 +39,7 @@ pub mod catalog_stream;
 pub mod connect;
 pub mod discovery;
 pub mod fleet_view;
+pub mod metrics;
 pub mod permissions;
 pub mod protocol;
 pub mod subscription;

@@ -1,194 +1,40 @@
-//! The admin endpoint, beside the proxy: what the balancer routes on and how
-//! it fares, for people and for Prometheus. `GET /healthz` (alive), `GET
-//! /readyz` (200 once the catalog is read, while NATS is connected), `GET
-//! /metrics` (Prometheus text format), `GET /catalog` (JSON).
+//! The balancer's admin endpoint (served by [`crate::admin_http`]): what it
+//! routes on and how it fares, for people and for Prometheus. `/readyz` is
+//! 200 once the catalog is read and while NATS is connected; `/catalog` is
+//! the sets as JSON.
 
-use std::convert::Infallible;
-use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-
-use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use crate::admin_http::Endpoint;
 
 use super::Shared;
 
-/// Serves the admin endpoint on `listener` until the task is dropped.
-pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "admin endpoint cannot accept a connection");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        let service = hyper::service::service_fn(move |request| {
-            let response = answer(&shared, &request);
-            async move { Ok::<_, Infallible>(response) }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "admin connection ended with an error");
-            }
-        });
+impl Endpoint for Shared {
+    fn ready(&self) -> bool {
+        Shared::ready(self)
+    }
+
+    fn not_ready_reason(&self) -> &'static str {
+        "not ready: catalog not read yet or NATS disconnected"
+    }
+
+    fn metrics(&self) -> String {
+        metrics(self)
+    }
+
+    fn page(&self, path: &str) -> Option<(&'static str, String)> {
+        (path == "/catalog").then(|| ("application/json", catalog(self)))
     }
 }
 
-fn answer(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if request.method() != Method::GET {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "only GET is served here\n".into(),
-            "text/plain",
-        );
-    }
-    match request.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-        "/readyz" if shared.ready() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-        "/readyz" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: catalog not read yet or NATS disconnected\n".into(),
-            "text/plain",
-        ),
-        "/metrics" => text(StatusCode::OK, metrics(shared), "text/plain; version=0.0.4"),
-        "/catalog" => text(StatusCode::OK, catalog(shared), "application/json"),
-        other => text(
-            StatusCode::NOT_FOUND,
-            format!("no {other:?} here; try /healthz, /readyz, /metrics or /catalog\n"),
-            "text/plain",
-        ),
-    }
-}
-
-fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
-}
-
-/// The Prometheus text exposition of [`super::Metrics`] and the sets.
+/// The Prometheus text of the balancer's registry, with the gauges that
+/// describe the sets brought up to date first.
 pub fn metrics(shared: &Shared) -> String {
-    let m = &shared.metrics;
-    let mut out = String::new();
-    let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-    family(
-        &mut out,
-        "rollcall_balancer_responses_total",
-        "counter",
-        "Responses sent to clients, by status class.",
-        classes
-            .iter()
-            .zip(&m.responses)
-            .map(|(class, count)| (Some(("class", *class)), count.get())),
-    );
-    for (name, help, count) in [
-        (
-            "rollcall_balancer_upstream_connect_failures_total",
-            "Connections to instances that could not be made.",
-            &m.connect_failures,
-        ),
-        (
-            "rollcall_balancer_retries_total",
-            "Requests sent again to another instance after a failed connection.",
-            &m.retries,
-        ),
-        (
-            "rollcall_balancer_ejections_total",
-            "Instances taken out of rotation after a failed connection.",
-            &m.ejections,
-        ),
-    ] {
-        family(&mut out, name, "counter", help, [(None, count.get())]);
-    }
-    family(
-        &mut out,
-        "rollcall_balancer_catalog_updates_total",
-        "counter",
-        "Catalog snapshots received, by outcome.",
-        [
-            ("applied", &m.updates_applied),
-            ("stale", &m.updates_stale),
-            ("unrouted", &m.updates_unrouted),
-            ("bad_instance", &m.updates_bad),
-        ]
-        .map(|(result, count)| (Some(("result", result)), count.get())),
-    );
-    instance_gauges(&mut out, shared);
-    family(
-        &mut out,
-        "rollcall_balancer_last_catalog_update_age_seconds",
-        "gauge",
-        "Time since the last catalog update was applied (-1: none yet).",
-        [(None, last_update_age(shared))],
-    );
-    out
-}
-
-/// Per service: instances taking traffic, and those of them ejected.
-fn instance_gauges(out: &mut String, shared: &Shared) {
     let now = tokio::time::Instant::now().into_std();
-    let sets: Vec<_> = shared.rotations.iter().map(|r| r.load_full()).collect();
-    family(
-        out,
-        "rollcall_balancer_live_instances",
-        "gauge",
-        "Instances taking traffic, per service (ejected ones included).",
-        sets.iter()
-            .map(|set| (Some(("service", set.service())), set.live_count())),
-    );
-    family(
-        out,
-        "rollcall_balancer_ejected_instances",
-        "gauge",
-        "Instances out of rotation after failed connections, per service.",
-        sets.iter().map(|set| {
-            let ejected = set.members().iter().filter(|m| !m.is_eligible(now));
-            (Some(("service", set.service())), ejected.count())
-        }),
-    );
-}
-
-/// Seconds since the last catalog update was applied; -1 before the first.
-fn last_update_age(shared: &Shared) -> f64 {
-    let last = shared.metrics.last_update_ms.load(Ordering::Relaxed);
-    if last == 0 {
-        return -1.0;
+    for (index, rotation) in shared.rotations.iter().enumerate() {
+        let set = rotation.load();
+        let ejected = set.members().iter().filter(|m| !m.is_eligible(now)).count();
+        shared.metrics.observe_set(index, set.live_count(), ejected);
     }
-    (shared.started.elapsed().as_millis() as u64).saturating_sub(last) as f64 / 1000.0
-}
-
-/// One metric family: its `HELP` and `TYPE` lines, then a sample per
-/// `(label, value)`, the label as `(name, value)` when there is one.
-fn family<'a, V: std::fmt::Display>(
-    out: &mut String,
-    name: &str,
-    kind: &str,
-    help: &str,
-    samples: impl IntoIterator<Item = (Option<(&'a str, &'a str)>, V)>,
-) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (label, value) in samples {
-        let _ = match label {
-            Some((key, label)) => writeln!(out, "{name}{{{key}=\"{label}\"}} {value}"),
-            None => writeln!(out, "{name} {value}"),
-        };
-    }
+    crate::metrics::encode(&shared.registry)
 }
 
 /// The sets the balancer routes on, as JSON.
@@ -246,7 +92,12 @@ mod tests {
                 family = rest.split(' ').next().unwrap_or("");
             } else if !line.starts_with("# HELP ") {
                 let name = line.split(['{', ' ']).next().unwrap_or("");
-                assert_eq!(name, family, "{line:?} outside its family in\n{text}");
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .filter(|base| *base == family)
+                    .unwrap_or(name);
+                assert_eq!(base, family, "{line:?} outside its family in\n{text}");
             }
         }
         assert!(
@@ -258,8 +109,8 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("\nrollcall_balancer_last_catalog_update_age_seconds -1\n"),
-            "{text}"
+            !text.contains("rollcall_balancer_last_contact_age_seconds{"),
+            "no age before any contact: {text}"
         );
     }
 }

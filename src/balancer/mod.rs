@@ -11,7 +11,7 @@
 //! - [`routes`]: `ROUTE` arguments → which service a request goes to.
 //! - [`proxy`]: the hyper reverse proxy (retries, ejections, own answers).
 //! - [`upstream`]: each instance's pool of kept-alive connections.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/catalog`.
+//! - [`admin`]: what the admin endpoint shows (`/metrics`, `/catalog`).
 //!
 //! Updates: `Update::Service` replaces one service's set when its revision
 //! is above the one held (otherwise it is counted as stale and ignored).
@@ -31,14 +31,15 @@ pub mod upstream;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::metrics::BalancerMetrics;
 use crate::protocol::Snapshot;
 use crate::subscription::Update;
 use rotation::{Outcome, Rotation};
@@ -122,8 +123,9 @@ pub struct Shared {
     pub routes: Routes,
     /// One per entry of `routes.services()`, same order.
     pub rotations: Vec<Rotation>,
-    pub metrics: Metrics,
-    pub started: Instant,
+    pub metrics: BalancerMetrics,
+    /// Holds every family of `metrics`, for `/metrics`.
+    pub registry: prometheus_client::registry::Registry,
     applied: watch::Sender<Applied>,
     /// Set by the first Reset: the whole catalog has been read once.
     pub catalog_read: AtomicBool,
@@ -133,11 +135,13 @@ pub struct Shared {
 impl Shared {
     pub fn new(routes: Routes) -> Self {
         let rotations = routes.services().iter().map(|s| Rotation::new(s)).collect();
+        let mut registry = crate::metrics::registry();
+        let metrics = BalancerMetrics::new(&mut registry, routes.services());
         Shared {
             routes,
             rotations,
-            metrics: Metrics::default(),
-            started: Instant::now(),
+            metrics,
+            registry,
             applied: watch::Sender::new(Applied::default()),
             catalog_read: AtomicBool::new(false),
             source: SourceCheck::always(),
@@ -150,12 +154,8 @@ impl Shared {
         self.catalog_read.load(Ordering::Relaxed) && self.source.connected()
     }
 
-    fn rotation(&self, service: &str) -> Option<&Rotation> {
-        self.routes
-            .services()
-            .iter()
-            .position(|s| s == service)
-            .map(|index| &self.rotations[index])
+    fn service_index(&self, service: &str) -> Option<usize> {
+        self.routes.services().iter().position(|s| s == service)
     }
 
     /// Applies one catalog update to the sets, then tells the watchers of
@@ -173,9 +173,6 @@ impl Shared {
             .iter()
             .filter_map(|snapshot| self.apply_snapshot(snapshot))
             .collect();
-        self.metrics
-            .last_update_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
         self.applied.send_modify(|applied| {
             applied.updates += 1;
             for (service, revision) in held {
@@ -187,14 +184,16 @@ impl Shared {
     /// Applies one snapshot; for a routed service, the service and the
     /// revision its set holds afterwards.
     fn apply_snapshot<'s>(&self, snapshot: &'s Snapshot) -> Option<(&'s str, u64)> {
-        let Some(rotation) = self.rotation(&snapshot.service) else {
-            self.metrics.updates_unrouted.inc();
+        let Some(index) = self.service_index(&snapshot.service) else {
+            self.metrics.catalog_update("unrouted");
             tracing::debug!(service = %snapshot.service, "snapshot of a service no route names, ignored");
             return None;
         };
+        let rotation = &self.rotations[index];
+        self.metrics.contact(index);
         match rotation.apply(snapshot) {
             Outcome::Stale { held } => {
-                self.metrics.updates_stale.inc();
+                self.metrics.catalog_update("stale");
                 tracing::debug!(
                     service = %snapshot.service,
                     revision = snapshot.revision,
@@ -206,9 +205,13 @@ impl Shared {
                 membership_changed,
                 skipped,
             } => {
-                self.metrics.updates_applied.inc();
+                self.metrics.catalog_update("applied");
+                self.metrics.revision(index, snapshot.revision);
+                let set = rotation.load();
+                self.metrics
+                    .set_instances(index, set.members().iter().map(|m| m.id()));
                 for id in skipped {
-                    self.metrics.updates_bad.inc();
+                    self.metrics.catalog_update("bad_instance");
                     tracing::warn!(
                         service = %snapshot.service,
                         instance = %id,
@@ -254,43 +257,6 @@ impl Applied {
     }
 }
 
-/// What `/metrics` reports.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Responses sent to clients by status class: index 0 is 1xx … 4 is 5xx.
-    pub responses: [Counter; 5],
-    pub connect_failures: Counter,
-    pub retries: Counter,
-    pub ejections: Counter,
-    pub updates_applied: Counter,
-    pub updates_stale: Counter,
-    pub updates_unrouted: Counter,
-    pub updates_bad: Counter,
-    /// Milliseconds after start when the last update was applied; 0 for none.
-    pub last_update_ms: AtomicU64,
-}
-
-impl Metrics {
-    pub fn count_response(&self, status: http::StatusCode) {
-        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        self.responses[class].inc();
-    }
-}
-
-/// A count that only goes up. Relaxed: no counter orders any other memory.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
 /// A balancer not yet serving: built first so a caller can watch what it
 /// applies before any update arrives.
 #[derive(Debug)]
@@ -314,6 +280,12 @@ impl Balancer {
         self.shared.applied.subscribe()
     }
 
+    /// The families of the NATS link, for the caller that owns it to follow
+    /// ([`crate::metrics::NatsMetrics::follow`]).
+    pub fn nats_metrics(&self) -> crate::metrics::NatsMetrics {
+        self.shared.metrics.nats.clone()
+    }
+
     /// Runs the balancer on `listener` (and, when given, the admin endpoint
     /// on `admin`) until `shutdown` resolves; then stops accepting, lets
     /// in-flight requests finish (up to `drain_timeout`) and returns.
@@ -334,7 +306,8 @@ impl Balancer {
             Some(admin) => {
                 let admin_address = local_addr(&admin, "admin")?;
                 tracing::info!(address = %admin_address, "admin endpoint listening");
-                Some(tokio::spawn(admin::serve(admin, shared.clone())))
+                let endpoint: Arc<dyn crate::admin_http::Endpoint> = shared.clone();
+                Some(tokio::spawn(crate::admin_http::serve(admin, endpoint)))
             }
             None => None,
         };
@@ -396,8 +369,13 @@ mod tests {
         }
     }
 
+    fn updates(shared: &Shared, result: &'static str) -> u64 {
+        let labels = crate::metrics::ResultLabels { result };
+        shared.metrics.catalog_updates.get_or_create(&labels).get()
+    }
+
     fn ids(shared: &Shared, service: &str) -> Vec<String> {
-        let rotation = shared.rotation(service).expect("routed");
+        let rotation = &shared.rotations[shared.service_index(service).expect("routed")];
         let set = rotation.load();
         set.members().iter().map(|m| m.id().to_owned()).collect()
     }
@@ -410,7 +388,7 @@ mod tests {
         shared.apply(Update::Reset(vec![snapshot("web", 2, &["w1", "w2"])]));
         assert_eq!(ids(&shared, "web"), ["w1", "w2"]);
         assert_eq!(ids(&shared, "api"), ["a1"], "api keeps its last set");
-        assert_eq!(shared.metrics.updates_applied.get(), 3);
+        assert_eq!(updates(&shared, "applied"), 3);
     }
 
     #[test]
@@ -440,8 +418,8 @@ mod tests {
             snapshot("other", 9, &["o1"]),
         ]));
         assert_eq!(ids(&shared, "web"), ["w1"]);
-        assert_eq!(shared.metrics.updates_stale.get(), 1);
-        assert_eq!(shared.metrics.updates_unrouted.get(), 1);
+        assert_eq!(updates(&shared, "stale"), 1);
+        assert_eq!(updates(&shared, "unrouted"), 1);
     }
 
     #[test]
@@ -451,7 +429,7 @@ mod tests {
         bad.instances[0].address = "bad host".into();
         shared.apply(Update::Service(bad));
         assert_eq!(ids(&shared, "web"), ["w2"]);
-        assert_eq!(shared.metrics.updates_bad.get(), 1);
+        assert_eq!(updates(&shared, "bad_instance"), 1);
     }
 
     #[test]

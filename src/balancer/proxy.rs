@@ -41,6 +41,7 @@ use tokio::net::TcpListener;
 use super::rotation::{Member, Rotation, ServiceSet};
 use super::upstream::{PooledBody, RequestBody, UpstreamConnectError};
 use super::{BalancerConfig, Shared};
+use crate::metrics::{Held, UpstreamFailure};
 
 /// The largest request body kept in memory so the request can be retried on
 /// another instance. Bigger or unsized bodies stream without retry.
@@ -104,7 +105,9 @@ pub(super) async fn serve(
                         .serve_connection(TokioIo::new(stream), service(proxy.clone(), peer))
                         .into_owned();
                     let connection = graceful.watch(connection);
+                    let proxy = proxy.clone();
                     connections.spawn(async move {
+                        let _open = Held::new(&proxy.shared.metrics.open_connections);
                         if let Err(error) = connection.await {
                             tracing::debug!(%peer, %error, "client connection ended with an error");
                         }
@@ -152,9 +155,8 @@ fn service(
         let proxy = proxy.clone();
         let client_ip = client_ip.clone();
         async move {
-            let response = proxy.handle(request, client_ip).await;
-            proxy.shared.metrics.count_response(response.status());
-            Ok(response)
+            let _in_flight = Held::new(&proxy.shared.metrics.in_flight);
+            Ok(proxy.handle(request, client_ip).await)
         }
     })
 }
@@ -185,12 +187,22 @@ impl Proxy {
         let (parts, body) = request.into_parts();
         let index = match self.route(&parts) {
             Ok(index) => index,
-            Err(refusal) => return refusal.into_response(),
+            Err(refusal) => {
+                self.shared.metrics.own_answer(None, refusal.status);
+                return refusal.into_response();
+            }
         };
-        match prepare(parts, body, client_ip).await {
+        let response = match prepare(parts, body, client_ip).await {
             Ok(prepared) => self.forward(index, prepared).await,
             Err(refusal) => refusal.into_response(),
+        };
+        // Instances' answers were counted as they came, with their instance.
+        if let Either::Right(_) = response.body() {
+            self.shared
+                .metrics
+                .own_answer(Some(index), response.status());
         }
+        response
     }
 
     /// The index of the service the request goes to, or the 404 answer.
@@ -230,11 +242,21 @@ impl Proxy {
                 }
                 return unreachable_answer(service, &tried);
             };
+            let began = std::time::Instant::now();
             let error = match self.attempt(&member, &mut prepared).await {
-                Ok(response) => return answered(rotation, service, &member, response),
+                Ok(response) => {
+                    if let Some(metrics) = self.shared.metrics.instance(index, member.id()) {
+                        metrics.answered(response.status(), began.elapsed());
+                    }
+                    return answered(rotation, service, &member, response);
+                }
                 Err(error) => error,
             };
             let failure = error.failure();
+            let kind = error.kind(failure);
+            self.shared
+                .metrics
+                .upstream_failure(index, member.id(), kind);
             if failure == Failure::Connect {
                 self.eject(rotation, service, &member, &error);
             }
@@ -242,7 +264,9 @@ impl Proxy {
             log_failure(service, &member, &error, failure, next);
             tried.push(member);
             match next {
-                Next::Retry => self.shared.metrics.retries.inc(),
+                Next::Retry => {
+                    self.shared.metrics.retries.inc();
+                }
                 Next::AllTried => return unreachable_answer(service, &tried),
                 Next::Answer(status) => return failed_answer(status, service, &tried, &error),
             }
@@ -268,11 +292,9 @@ impl Proxy {
 
     /// Takes `member` out of rotation after a failed connection.
     fn eject(&self, rotation: &Rotation, service: &str, member: &Member, error: &AttemptError) {
-        let metrics = &self.shared.metrics;
-        metrics.connect_failures.inc();
         let now = tokio::time::Instant::now().into_std();
         if let Some(length) = rotation.eject(member.id(), now) {
-            metrics.ejections.inc();
+            self.shared.metrics.ejections.inc();
             tracing::warn!(
                 service = %service,
                 instance = %member.id(),
@@ -474,6 +496,21 @@ enum AttemptError {
 }
 
 impl AttemptError {
+    /// How Prometheus is told the attempt failed: `failure` as the retry
+    /// policy sees it, with a reset told apart from a quiet close.
+    fn kind(&self, failure: Failure) -> UpstreamFailure {
+        match (failure, self) {
+            (Failure::Connect, _) => UpstreamFailure::connect,
+            (Failure::TimedOut, _) => UpstreamFailure::timeout,
+            (Failure::NotSent, _) => UpstreamFailure::closed,
+            (Failure::Unanswered, AttemptError::Send(error)) if was_reset(error) => {
+                UpstreamFailure::reset
+            }
+            (Failure::Unanswered, _) => UpstreamFailure::closed,
+            (Failure::Broken, _) => UpstreamFailure::broken,
+        }
+    }
+
     fn failure(&self) -> Failure {
         match self {
             AttemptError::Connect(_) => Failure::Connect,

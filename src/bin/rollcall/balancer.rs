@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rollcall::balancer::routes::Routes;
-use rollcall::balancer::{BalancerConfig, SourceCheck};
+use rollcall::balancer::{Balancer, BalancerConfig, SourceCheck};
 use rollcall::permissions::balancer_needs;
 use tokio::net::TcpListener;
 
@@ -68,7 +68,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
         source,
     };
-    rollcall::balancer::serve(listener, admin, config, updates, shutdown_signal())
+    let balancer = Balancer::new(config);
+    tokio::spawn(balancer.nats_metrics().follow(connection.link()));
+    balancer
+        .serve(listener, admin, updates, shutdown_signal())
         .await
         .context("balancer stopped")?;
     Ok(())

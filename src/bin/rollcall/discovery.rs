@@ -2,8 +2,10 @@
 
 use anyhow::Context;
 use rollcall::discovery::DiscoveryConfig;
+use rollcall::metrics::DiscoveryMetrics;
 use rollcall::permissions::discovery_needs;
 
+use crate::admin;
 use crate::args::{shutdown_signal, NatsArgs};
 
 #[derive(clap::Args, Debug)]
@@ -14,10 +16,18 @@ pub struct Args {
     /// server, 3 on a three-node cluster. An existing stream is kept as is.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5), value_name = "N")]
     pub replicas: u8,
+    /// Address of the admin endpoint (/healthz, /readyz, /metrics); off when
+    /// not given.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let mut registry = rollcall::metrics::registry();
+    let metrics = DiscoveryMetrics::new(&mut registry);
+    let listener = admin::bind(args.admin).await?;
     let connection = args.nats.options().connect("rollcall-discovery").await?;
+    let _admin = admin::start(listener, registry, &connection, metrics.nats.clone());
     // A refused subscription would otherwise leave discovery deaf, not dead.
     connection
         .check_access(&discovery_needs(&args.nats.prefix))
@@ -27,6 +37,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.nats.prefix.clone(),
         DiscoveryConfig {
             stream_replicas: usize::from(args.replicas),
+            metrics,
         },
         shutdown_signal(),
     )
