@@ -89,6 +89,17 @@ pub enum UpstreamFailure {
     broken,
 }
 
+impl UpstreamFailure {
+    /// In declaration order: `kind as usize` indexes it.
+    const ALL: [UpstreamFailure; 5] = [
+        UpstreamFailure::connect,
+        UpstreamFailure::timeout,
+        UpstreamFailure::reset,
+        UpstreamFailure::closed,
+        UpstreamFailure::broken,
+    ];
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: u16,
@@ -129,12 +140,12 @@ impl NatsMetrics {
         let nats = registry.sub_registry_with_prefix("nats");
         nats.register(
             "connected",
-            "1 while the NATS connection is up, 0 while it is down.",
+            "1 while the NATS connection is up, 0 while it is down",
             metrics.connected.clone(),
         );
         nats.register(
             "reconnects",
-            "Times the NATS connection came back after being lost.",
+            "Times the NATS connection came back after being lost",
             metrics.reconnects.clone(),
         );
         metrics
@@ -192,6 +203,7 @@ pub struct BalancerMetrics {
 pub struct InstanceMetrics {
     responses: [Counter; 5],
     latency: Histogram,
+    failures: [Counter; 5],
 }
 
 impl InstanceMetrics {
@@ -200,6 +212,11 @@ impl InstanceMetrics {
     pub fn answered(&self, status: http::StatusCode, took: Duration) {
         self.responses[class_index(status)].inc();
         self.latency.observe(took.as_secs_f64());
+    }
+
+    /// An attempt at the instance failed.
+    pub fn failed(&self, kind: UpstreamFailure) {
+        self.failures[kind as usize].inc();
     }
 }
 
@@ -248,75 +265,93 @@ impl BalancerMetrics {
             instances: services.iter().map(|_| ArcSwap::default()).collect(),
             contacts: services.iter().map(|_| Mutex::new(None)).collect(),
         };
+        // Fixed label sets start at zero, so a dashboard sees them before
+        // the first occurrence.
+        for result in ["applied", "stale", "unrouted", "bad_instance"] {
+            metrics
+                .catalog_updates
+                .get_or_create_owned(&ResultLabels { result });
+        }
+        for status in [400, 414, 431] {
+            metrics
+                .hyper_answers
+                .get_or_create_owned(&StatusLabels { status });
+        }
+        for service in services {
+            let labels = ServiceLabels {
+                service: service.clone(),
+            };
+            metrics.client_aborts.get_or_create_owned(&labels);
+        }
         metrics.register(registry.sub_registry_with_prefix("balancer"));
         metrics
     }
 
     fn register(&self, r: &mut Registry) {
-        r.register("requests", "Requests answered, by service, instance, status class and who answered (instance or rollcall).", self.requests.clone());
+        r.register("requests", "Requests answered, by service, instance, status class and who answered (instance or rollcall)", self.requests.clone());
         r.register(
             "upstream_latency_seconds",
-            "From an attempt's start to the instance's response head.",
+            "From an attempt's start to the instance's response head",
             self.upstream_latency.clone(),
         );
         r.register(
             "upstream_failures",
-            "Failed attempts at instances, by kind.",
+            "Failed attempts at instances, by kind",
             self.upstream_failures.clone(),
         );
         r.register(
             "retries",
-            "Requests sent again to another instance after a failed attempt.",
+            "Requests sent again to another instance after a failed attempt",
             self.retries.clone(),
         );
         r.register(
             "ejections",
-            "Instances taken out of rotation after a failed connection.",
+            "Instances taken out of rotation after a failed connection",
             self.ejections.clone(),
         );
         r.register(
             "client_aborts",
-            "Clients that went away before their answer.",
+            "Clients that went away before their answer",
             self.client_aborts.clone(),
         );
         r.register(
             "hyper_answers",
-            "Requests refused by the HTTP server itself, by status.",
+            "Requests refused by the HTTP server itself, by status",
             self.hyper_answers.clone(),
         );
         r.register(
             "in_flight_requests",
-            "Requests being answered now.",
+            "Requests being answered now",
             self.in_flight.clone(),
         );
         r.register(
             "open_client_connections",
-            "Client connections open now.",
+            "Client connections open now",
             self.open_connections.clone(),
         );
         r.register(
             "ejected_instances",
-            "Instances out of rotation after failed connections, per service.",
+            "Instances out of rotation after failed connections, per service",
             self.ejected_instances.clone(),
         );
         r.register(
             "live_instances",
-            "Instances in the set, per service (ejected ones included).",
+            "Instances in the set, per service (ejected ones included)",
             self.live_instances.clone(),
         );
         r.register(
             "catalog_revision",
-            "Revision of the set routed on, per service.",
+            "Revision of the set routed on, per service",
             self.catalog_revision.clone(),
         );
         r.register(
             "catalog_updates",
-            "Catalog snapshots received, by outcome (applied, stale, unrouted, bad_instance).",
+            "Catalog snapshots received, by outcome (applied, stale, unrouted, bad_instance)",
             self.catalog_updates.clone(),
         );
         r.register(
             "last_contact_age_seconds",
-            "Time since the last snapshot of the service arrived; absent before the first.",
+            "Time since the last snapshot of the service arrived; absent before the first",
             self.last_contact_age.clone(),
         );
     }
@@ -343,6 +378,10 @@ impl BalancerMetrics {
                     latency: self
                         .upstream_latency
                         .get_or_create_owned(&instance_labels(service, id)),
+                    failures: UpstreamFailure::ALL.map(|kind| {
+                        self.upstream_failures
+                            .get_or_create_owned(&failure(service, id, kind))
+                    }),
                 })
             });
             new.insert(id.to_owned(), handles);
@@ -353,6 +392,9 @@ impl BalancerMetrics {
                     .remove(&answer(service, id, class, "instance"));
             }
             self.upstream_latency.remove(&instance_labels(service, id));
+            for kind in UpstreamFailure::ALL {
+                self.upstream_failures.remove(&failure(service, id, kind));
+            }
         }
         self.instances[index].store(Arc::new(new));
     }
@@ -369,15 +411,6 @@ impl BalancerMetrics {
                 "rollcall",
             ))
             .inc();
-    }
-
-    pub fn upstream_failure(&self, index: usize, id: &str, kind: UpstreamFailure) {
-        let labels = FailureLabels {
-            service: self.services[index].clone(),
-            instance: id.to_owned(),
-            kind,
-        };
-        self.upstream_failures.get_or_create(&labels).inc();
     }
 
     pub fn catalog_update(&self, result: &'static str) {
@@ -434,6 +467,14 @@ fn answer(service: &str, instance: &str, class: &'static str, by: &'static str) 
     }
 }
 
+fn failure(service: &str, id: &str, kind: UpstreamFailure) -> FailureLabels {
+    FailureLabels {
+        service: service.to_owned(),
+        instance: id.to_owned(),
+        kind,
+    }
+}
+
 fn instance_labels(service: &str, id: &str) -> InstanceLabels {
     InstanceLabels {
         service: service.to_owned(),
@@ -480,40 +521,45 @@ impl DiscoveryMetrics {
             epoch: Gauge::default(),
             nats: NatsMetrics::new(registry),
         };
+        for reason in INVALID_REASONS {
+            metrics
+                .invalid_events
+                .get_or_create_owned(&ReasonLabels { reason });
+        }
         let r = registry.sub_registry_with_prefix("discovery");
         r.register(
             "events",
-            "Event messages received, by kind (register, heartbeat, deregister, unknown).",
+            "Event messages received, by kind (register, heartbeat, deregister, unknown)",
             metrics.events.clone(),
         );
         r.register(
             "invalid_events",
-            "Event messages ignored because they broke the protocol, by reason.",
+            "Event messages ignored because they broke the protocol, by reason",
             metrics.invalid_events.clone(),
         );
         r.register(
             "snapshots_published",
-            "Snapshots published.",
+            "Snapshots published",
             metrics.snapshots_published.clone(),
         );
         r.register(
             "publish_failures",
-            "Snapshots that could not be handed to the NATS client.",
+            "Snapshots that could not be handed to the NATS client",
             metrics.publish_failures.clone(),
         );
         r.register(
             "live_instances",
-            "Live instances, per service, as last published.",
+            "Live instances, per service, as last published",
             metrics.live_instances.clone(),
         );
         r.register(
             "is_leader",
-            "1 while this discovery publishes the catalog.",
+            "1 while this discovery publishes the catalog",
             metrics.is_leader.clone(),
         );
         r.register(
             "epoch",
-            "The leadership epoch this discovery knows.",
+            "The leadership epoch this discovery knows",
             metrics.epoch.clone(),
         );
         metrics
@@ -548,6 +594,16 @@ impl DiscoveryMetrics {
     }
 }
 
+const INVALID_REASONS: [&str; 7] = [
+    "bad_name",
+    "bad_subject",
+    "bad_json",
+    "out_of_range",
+    "bad_address",
+    "subject_mismatch",
+    "unsorted_snapshot",
+];
+
 /// The rule an invalid event broke, as a label with few values.
 fn invalid_reason(error: &ProtocolError) -> &'static str {
     match error {
@@ -580,16 +636,24 @@ impl AgentMetrics {
             nats: NatsMetrics::new(registry),
             ..AgentMetrics::default()
         };
+        for result in ["pass", "fail"] {
+            metrics.checks.get_or_create_owned(&ResultLabels { result });
+        }
+        for kind in EventKind::ALL.map(EventKind::as_str) {
+            metrics
+                .publish_failures
+                .get_or_create_owned(&KindLabels { kind });
+        }
         let r = registry.sub_registry_with_prefix("agent");
         r.register(
             "checks",
-            "Health checks run, by result (pass, fail).",
+            "Health checks run, by result (pass, fail)",
             metrics.checks.clone(),
         );
-        r.register("heartbeats", "Heartbeats sent.", metrics.heartbeats.clone());
+        r.register("heartbeats", "Heartbeats sent", metrics.heartbeats.clone());
         r.register(
             "publish_failures",
-            "Events that could not be sent, by kind.",
+            "Events that could not be sent, by kind",
             metrics.publish_failures.clone(),
         );
         metrics

@@ -253,10 +253,9 @@ impl Proxy {
                 Err(error) => error,
             };
             let failure = error.failure();
-            let kind = error.kind(failure);
-            self.shared
-                .metrics
-                .upstream_failure(index, member.id(), kind);
+            if let Some(metrics) = self.shared.metrics.instance(index, member.id()) {
+                metrics.failed(error.kind(failure));
+            }
             if failure == Failure::Connect {
                 self.eject(rotation, service, &member, &error);
             }
