@@ -11,12 +11,12 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::balancer::limits::{self, Activity, Gate, Limits, Tracked, ADMIN_MAX_CONNECTIONS};
 use crate::connect::Link;
 
 /// What one component shows on its admin endpoint.
@@ -54,29 +54,34 @@ impl Endpoint for NatsComponent {
     }
 }
 
-/// Serves `endpoint` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, endpoint: Arc<dyn Endpoint>) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+/// Serves `endpoint` on `listener` until the task is dropped, with the
+/// timeouts of `limits` and a cap of its own ([`ADMIN_MAX_CONNECTIONS`]), so
+/// neither slow clients nor many of them can take it down.
+pub async fn serve(listener: TcpListener, endpoint: Arc<dyn Endpoint>, limits: Limits) {
+    let builder = limits::server_builder(&limits);
+    let mut gate = Gate::new(listener, ADMIN_MAX_CONNECTIONS, "admin");
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "admin endpoint cannot accept a connection");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                continue;
-            }
-        };
+        let (stream, peer, permit) = gate.accept().await;
         let endpoint = endpoint.clone();
         let service = hyper::service::service_fn(move |request| {
             let response = answer(endpoint.as_ref(), &request);
             async move { Ok::<_, Infallible>(response) }
         });
+        let activity = Activity::new();
+        let stream = Tracked::new(stream, activity.clone());
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
+        let idle_timeout = limits.idle_timeout;
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "admin connection ended with an error");
+            let _permit = permit;
+            tokio::select! {
+                ended = connection => if let Err(error) = ended {
+                    tracing::debug!(%peer, %error, "admin connection ended with an error");
+                },
+                () = activity.idle(idle_timeout) => {
+                    tracing::debug!(%peer, "admin connection idle; closed");
+                }
             }
         });
     }

@@ -2,6 +2,12 @@
 //! live catalog, and into the [`Change`]s that discovery publishes as snapshots.
 //!
 //! Pure: state, event and `now` in, changes out. No clock, no NATS, no tasks.
+//!
+//! Revisions are a hybrid logical clock: each change takes
+//! `max(previous + 1, clock)`, where the caller sets `clock` to the wall
+//! clock in microseconds ([`Catalog::set_clock`]). So a revision strictly
+//! increases per service, and a discovery that lost the stored catalog (and
+//! its own memory of it) still starts above every revision a balancer holds.
 //! Expiry is kept per instance in a deadline heap, so the caller can sleep
 //! until [`Catalog::next_deadline`] instead of scanning.
 
@@ -168,11 +174,57 @@ pub struct Catalog {
     /// when it comes due. So a heartbeat costs no heap work.
     deadlines: BinaryHeap<Reverse<(Instant, String, String)>>,
     live: usize,
+    /// The floor of the next revision (wall-clock microseconds); 0 keeps
+    /// revisions counting 1, 2, 3.
+    clock: u64,
+}
+
+/// The revision after `previous` when the clock reads `clock`.
+fn next_revision(previous: u64, clock: u64) -> u64 {
+    previous.saturating_add(1).max(clock)
 }
 
 impl Catalog {
     pub fn new() -> Self {
         Catalog::default()
+    }
+
+    /// Sets the floor of the revisions of the changes that follow.
+    pub fn set_clock(&mut self, clock: u64) {
+        self.clock = clock;
+    }
+
+    /// Takes in a snapshot stored by another writer (a new leader adopting
+    /// its predecessor's catalog): instances it does not know join with a
+    /// fresh TTL, known ones keep their record and deadline, and revisions
+    /// continue above the stored one. Returns whether this catalog now
+    /// differs from the stored snapshot, so it must be written.
+    pub fn adopt_unknown(&mut self, stored: &Snapshot, now: Instant) -> bool {
+        let unknown: Vec<Instance> = stored
+            .instances
+            .iter()
+            .filter(|i| self.instance(&stored.service, &i.id).is_none())
+            .cloned()
+            .collect();
+        self.adopt(
+            Snapshot {
+                service: stored.service.clone(),
+                revision: stored.revision,
+                instances: unknown,
+            },
+            now,
+        );
+        self.snapshot(&stored.service)
+            .is_some_and(|own| own.instances != stored.instances)
+    }
+
+    /// Gives `service` a new revision without a change: for a snapshot that
+    /// must be written again when it is not known whether the first write
+    /// was stored, so no two stored snapshots share a revision.
+    pub fn bump(&mut self, service: &str) {
+        if let Some(entry) = self.services.get_mut(service) {
+            entry.revision = next_revision(entry.revision, self.clock);
+        }
     }
 
     /// Takes in a snapshot kept from an earlier run: its instances count as
@@ -203,7 +255,7 @@ impl Catalog {
                 let entry = self.services.get_mut(&service)?;
                 entry.instances.remove(&id)?;
                 self.live -= 1;
-                entry.revision += 1;
+                entry.revision = next_revision(entry.revision, self.clock);
                 Some(Change {
                     revision: entry.revision,
                     service,
@@ -238,7 +290,7 @@ impl Catalog {
             }
             let (service, id) = (instance.service.clone(), instance.id.clone());
             live.update(instance);
-            entry.revision += 1;
+            entry.revision = next_revision(entry.revision, self.clock);
             return Some(Change {
                 service,
                 id,
@@ -250,7 +302,7 @@ impl Catalog {
         entry
             .instances
             .insert(id.clone(), Live::new(instance, deadline));
-        entry.revision += 1;
+        entry.revision = next_revision(entry.revision, self.clock);
         self.live += 1;
         self.deadlines
             .push(Reverse((deadline, service.clone(), id.clone())));
@@ -344,7 +396,7 @@ impl Catalog {
             }
             entry.instances.remove(&id);
             self.live -= 1;
-            entry.revision += 1;
+            entry.revision = next_revision(entry.revision, self.clock);
             changes.push(Change {
                 revision: entry.revision,
                 service,
@@ -761,5 +813,55 @@ mod tests {
         assert_eq!(change.revision, 42);
         let expired = catalog.expire(later + Duration::from_secs(3));
         assert_eq!(expired.len(), 2, "b and c were never heard again");
+    }
+    #[test]
+    fn revisions_follow_the_clock_and_never_go_back() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        catalog.set_clock(1_000_000);
+        let joined = catalog.apply(Event::Register(instance("web", "a", 1)), t0);
+        assert_eq!(joined.map(|c| c.revision), Some(1_000_000));
+        // The wall clock stepped back (NTP): still strictly increasing.
+        catalog.set_clock(5);
+        let moved = catalog.apply(Event::Register(instance("web", "a", 2)), t0);
+        assert_eq!(moved.map(|c| c.revision), Some(1_000_001));
+        catalog.bump("web");
+        assert_eq!(catalog.snapshot("web").unwrap().revision, 1_000_002);
+    }
+
+    #[test]
+    fn a_new_leader_adopts_only_what_it_does_not_know_and_never_shrinks() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        catalog.apply(Event::Register(instance("web", "a", 9)), t0);
+        let stored = Snapshot {
+            service: "web".into(),
+            revision: 40,
+            instances: vec![instance("web", "a", 1), instance("web", "b", 2)],
+        };
+        let later = t0 + Duration::from_secs(2);
+        assert!(
+            catalog.adopt_unknown(&stored, later),
+            "a's newer record differs from the stored one"
+        );
+        let own = catalog.snapshot("web").unwrap();
+        assert_eq!(own.revision, 40);
+        assert_eq!(
+            own.instances,
+            [instance("web", "a", 9), instance("web", "b", 2)]
+        );
+        assert_eq!(
+            catalog.expire(t0 + Duration::from_secs(3)).len(),
+            1,
+            "a keeps its deadline"
+        );
+        assert!(
+            catalog
+                .expire(later + Duration::from_millis(2999))
+                .is_empty(),
+            "b got a fresh TTL"
+        );
+        let same = catalog.snapshot("web").unwrap();
+        assert!(!catalog.adopt_unknown(&same, later), "nothing to write");
     }
 }

@@ -2,6 +2,12 @@
 //! stream keeps the last snapshot of every service. Discovery creates it and
 //! adopts it on restart; balancers and `rollcall catalog` read it to start
 //! from the whole catalog instead of waiting for the next change.
+//!
+//! Snapshots are written on `<prefix>.catalog-store.<service>` and the
+//! stream republishes each one it stored on `<prefix>.catalog.<service>`:
+//! live subscribers only ever see stored snapshots, so a write the stream
+//! refuses (a superseded leader's) reaches no one. The stream also keeps the
+//! fence, `<prefix>.catalog-fence`, whose sequence is the leader's epoch.
 
 use std::time::{Duration, SystemTime};
 
@@ -11,7 +17,7 @@ use futures::StreamExt;
 use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
 
 use crate::connect::NatsError;
-use crate::protocol::{Snapshot, Subjects};
+use crate::protocol::{Leadership, Snapshot, Subjects};
 
 /// What went wrong with the catalog stream, naming it.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +44,62 @@ pub enum CatalogStreamError {
     },
     #[error("the server announced {pending} more snapshots in {stream} but delivered none")]
     Starved { stream: String, pending: u64 },
+    #[error("cannot give the JetStream stream {stream} the version 2 shape (store and fence subjects, republished); may this user update it?")]
+    Update {
+        stream: String,
+        #[source]
+        source: NatsError<CreateStreamErrorKind>,
+    },
+    #[error("cannot read the catalog fence {subject}")]
+    Fence {
+        subject: String,
+        #[source]
+        source: NatsError<stream::DirectGetErrorKind>,
+    },
+}
+
+/// What [`ensure`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Ensured {
+    /// The stream did not exist: the server forgot the catalog.
+    pub created: bool,
+    /// Snapshots kept by a stream of the version 1 shape (stored on
+    /// `<prefix>.catalog.<service>`), now to be written again by the leader.
+    pub migrated: Vec<Snapshot>,
+}
+
+/// The fence as stored: who leads and since when; `epoch` is the message's
+/// stream sequence.
+pub async fn read_fence(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+) -> Result<Option<Leadership>, CatalogStreamError> {
+    let subject = subjects.catalog_fence();
+    let fence_error = |source| CatalogStreamError::Fence {
+        subject: subject.clone(),
+        source: NatsError(source),
+    };
+    let stream = js
+        .get_stream_no_info(subjects.catalog_stream())
+        .await
+        .map_err(|e| CatalogStreamError::Read {
+            stream: subjects.catalog_stream(),
+            source: Box::new(NatsError(e)),
+        })?;
+    match stream.direct_get_last_for_subject(subject.clone()).await {
+        Ok(message) => {
+            let mut leadership: Leadership =
+                serde_json::from_slice(&message.payload).unwrap_or(Leadership {
+                    replica: "?".to_owned(),
+                    epoch: 0,
+                    since_ms: 0,
+                });
+            leadership.epoch = message.sequence;
+            Ok(Some(leadership))
+        }
+        Err(e) if matches!(e.kind(), stream::DirectGetErrorKind::NotFound) => Ok(None),
+        Err(e) => Err(fence_error(e)),
+    }
 }
 
 /// A snapshot as the stream keeps it, with the time it was stored.
@@ -63,7 +125,12 @@ pub fn stream_config(subjects: &Subjects, replicas: usize) -> stream::Config {
         num_replicas: replicas,
         name: subjects.catalog_stream(),
         description: Some("rollcall: the last catalog snapshot of every service".to_owned()),
-        subjects: vec![subjects.catalog_wildcard()],
+        subjects: vec![subjects.catalog_store_wildcard(), subjects.catalog_fence()],
+        republish: Some(stream::Republish {
+            source: subjects.catalog_store_wildcard(),
+            destination: subjects.catalog_wildcard(),
+            headers_only: false,
+        }),
         max_messages_per_subject: 1,
         discard: stream::DiscardPolicy::Old,
         storage: stream::StorageType::File,
@@ -72,28 +139,29 @@ pub fn stream_config(subjects: &Subjects, replicas: usize) -> stream::Config {
     }
 }
 
-/// Opens the catalog stream, creating it with `replicas` copies if missing.
-/// Returns whether it was created, so that a caller holding a catalog knows
-/// the server forgot it.
+/// Opens the catalog stream, creating it with `replicas` copies if missing,
+/// and gives a stream of the version 1 shape the version 2 one in place,
+/// handing back the snapshots it kept so that none is lost.
 pub async fn ensure(
     js: &jetstream::Context,
     subjects: &Subjects,
     replicas: usize,
-) -> Result<bool, CatalogStreamError> {
+) -> Result<Ensured, CatalogStreamError> {
     let name = subjects.catalog_stream();
     match js.get_stream(&name).await {
         Ok(mut existing) => {
-            if let Ok(info) = existing.info().await {
-                if info.config.max_messages_per_subject != 1 {
-                    tracing::warn!(
-                        stream = %name,
-                        max_messages_per_subject = info.config.max_messages_per_subject,
-                        "the catalog stream keeps more than one message per subject; \
-                         readers only use the last"
-                    );
-                }
+            let info = existing
+                .info()
+                .await
+                .map_err(|e| CatalogStreamError::Read {
+                    stream: name.clone(),
+                    source: Box::new(NatsError(e)),
+                })?;
+            let wanted = stream_config(subjects, info.config.num_replicas);
+            if info.config.subjects == wanted.subjects && info.config.republish.is_some() {
+                return Ok(Ensured::default());
             }
-            Ok(false)
+            migrate(js, subjects, wanted).await
         }
         Err(error) if is_stream_not_found(&error.kind()) => {
             js.create_stream(stream_config(subjects, replicas))
@@ -103,7 +171,10 @@ pub async fn ensure(
                     source: NatsError(source),
                 })?;
             tracing::info!(stream = %name, "created the catalog stream");
-            Ok(true)
+            Ok(Ensured {
+                created: true,
+                migrated: Vec::new(),
+            })
         }
         Err(source) => Err(CatalogStreamError::Lookup {
             stream: name,
@@ -112,11 +183,45 @@ pub async fn ensure(
     }
 }
 
+/// Reads the snapshots a version 1 stream kept, then changes its subjects.
+async fn migrate(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    wanted: stream::Config,
+) -> Result<Ensured, CatalogStreamError> {
+    let name = subjects.catalog_stream();
+    let old = read_last_on(js, subjects, subjects.catalog_wildcard()).await?;
+    js.update_stream(wanted)
+        .await
+        .map_err(|source| CatalogStreamError::Update {
+            stream: name.clone(),
+            source: NatsError(source),
+        })?;
+    tracing::warn!(
+        stream = %name,
+        services = old.snapshots.len(),
+        "gave the catalog stream the version 2 shape; the leader writes its snapshots again"
+    );
+    Ok(Ensured {
+        created: false,
+        migrated: old.snapshots.into_iter().map(|s| s.snapshot).collect(),
+    })
+}
+
 /// Reads the last snapshot of every service from the stream, with an
 /// ephemeral consumer that delivers the last message per subject.
 pub async fn read_last(
     js: &jetstream::Context,
     subjects: &Subjects,
+) -> Result<LastSnapshots, CatalogStreamError> {
+    read_last_on(js, subjects, subjects.catalog_store_wildcard()).await
+}
+
+/// [`read_last`] of the snapshots stored under `filter`.
+async fn read_last_on(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    filter: String,
 ) -> Result<LastSnapshots, CatalogStreamError> {
     let name = subjects.catalog_stream();
     let read_error = |source: Box<dyn std::error::Error + Send + Sync>| CatalogStreamError::Read {
@@ -131,7 +236,7 @@ pub async fn read_last(
         .create_consumer(consumer::pull::Config {
             deliver_policy: consumer::DeliverPolicy::LastPerSubject,
             ack_policy: consumer::AckPolicy::None,
-            filter_subject: subjects.catalog_wildcard(),
+            filter_subject: filter,
             inactive_threshold: Duration::from_secs(10),
             memory_storage: true,
             ..consumer::pull::Config::default()

@@ -6,15 +6,29 @@
 //! Expiry sleeps until the catalog's next deadline; nothing scans. While the
 //! NATS connection is down nothing can be heard, so nothing expires, and on
 //! reconnect every instance counts as just heard.
+//!
+//! Several replicas may run on one NATS: every one folds every event (hot
+//! standbys), one leads and writes ([`leader`] decides when to try, the
+//! catalog stream's fence decides who wins, [`fence`] talks to it). A write
+//! carries the leader's epoch and the stream refuses it once another replica
+//! took over, so a superseded leader never gets a snapshot to a balancer.
+//!
+//! Its own stalls are not the fleet's failures: before expiring, the loop
+//! folds every event already waiting, and a loop turn that came far later
+//! than its timer asked (the process was frozen or starved) gives every
+//! instance a fresh TTL instead of expiring it. When most of a service
+//! expires at once after a normal turn, that is published: the process did
+//! hear the silence, and a balancer keeping dead instances would send them
+//! traffic (balancers retry, see the proxy's policy).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_nats::client::{FlushErrorKind, SubscribeErrorKind};
-use async_nats::{jetstream, Client};
+use async_nats::jetstream;
 use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::watch;
@@ -25,7 +39,12 @@ use crate::catalog::{payload_digest, Catalog, Change};
 use crate::catalog_stream::{self, CatalogStreamError};
 use crate::connect::{Connection, Link, NatsError};
 use crate::metrics::DiscoveryMetrics;
-use crate::protocol::{EventKind, Snapshot, Subjects};
+use crate::protocol::{EventKind, Leadership, Snapshot, Subjects, LEADER_HEARTBEAT};
+
+mod fence;
+pub mod leader;
+
+use leader::{Decision, Election, Role};
 
 /// Events folded before the changed services are published: under load one
 /// snapshot covers many changes; when idle every event publishes at once.
@@ -79,6 +98,17 @@ pub struct Stats {
     pub adopted_services: AtomicU64,
     /// Live instances right now.
     pub live_instances: AtomicU64,
+    /// 1 while this replica leads (writes the catalog), else 0.
+    pub leading: AtomicU64,
+    /// The epoch this replica leads under, or last led under.
+    pub epoch: AtomicU64,
+    /// Times this replica took over.
+    pub takeovers: AtomicU64,
+    /// Writes the stream refused because another replica had taken over.
+    pub superseded: AtomicU64,
+    /// Loop turns that came so late (a frozen or starved process) that
+    /// every instance got a fresh TTL instead of expiring.
+    pub stalls: AtomicU64,
 }
 
 impl Stats {
@@ -142,6 +172,9 @@ pub struct DiscoveryConfig {
     /// Copies of the catalog stream when discovery has to create it.
     pub stream_replicas: usize,
     pub metrics: DiscoveryMetrics,
+    /// This replica's name in the fence, the heartbeat and the logs;
+    /// `<host>-<pid>-<start ms>` when `None`.
+    pub replica: Option<String>,
 }
 
 impl Default for DiscoveryConfig {
@@ -149,8 +182,45 @@ impl Default for DiscoveryConfig {
         DiscoveryConfig {
             stream_replicas: 1,
             metrics: DiscoveryMetrics::default(),
+            replica: None,
         }
     }
+}
+
+/// An epoch as the value of a gauge.
+fn gauge(epoch: u64) -> i64 {
+    i64::try_from(epoch).unwrap_or(i64::MAX)
+}
+
+/// `<host>-<pid>-<start ms>`: different for every process, also across
+/// restarts of one.
+fn default_replica_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    format!("{host}-{}-{}", std::process::id(), unix_ms() % 1_000_000)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+async fn subscribe(
+    client: &async_nats::Client,
+    subject: String,
+) -> Result<async_nats::Subscriber, DiscoveryError> {
+    client
+        .subscribe(subject.clone())
+        .await
+        .map_err(|source| DiscoveryError::Subscribe {
+            subject,
+            source: NatsError(source),
+        })
 }
 
 /// [`spawn`] with explicit settings.
@@ -165,14 +235,8 @@ pub async fn spawn_with(
     // order only within a subscription, and a deregister must not overtake
     // the heartbeat sent before it.
     let subject = subjects.events_wildcard();
-    let events =
-        client
-            .subscribe(subject.clone())
-            .await
-            .map_err(|source| DiscoveryError::Subscribe {
-                subject: subject.clone(),
-                source: NatsError(source),
-            })?;
+    let events = subscribe(&client, subject.clone()).await?;
+    let leaders = subscribe(&client, subjects.leader_heartbeat()).await?;
     client
         .flush()
         .await
@@ -181,49 +245,82 @@ pub async fn spawn_with(
             source: NatsError(source),
         })?;
     let js = jetstream::new(client.clone());
-    catalog_stream::ensure(&js, &subjects, config.stream_replicas).await?;
+    let ensured = catalog_stream::ensure(&js, &subjects, config.stream_replicas).await?;
     let stored = catalog_stream::read_last(&js, &subjects)
         .await
         .map_err(DiscoveryError::Adopt)?;
-    let adopted: Vec<Snapshot> = stored.snapshots.into_iter().map(|s| s.snapshot).collect();
-    let wire = NatsWire {
-        client,
-        js,
-        subjects: subjects.clone(),
-        replicas: config.stream_replicas,
+    let mut wire = fence::NatsWire::new(client, subjects.clone(), config.stream_replicas);
+    let fence = wire.fence().await;
+    let adopted = Adopted {
+        stored: stored.snapshots.into_iter().map(|s| s.snapshot).collect(),
+        migrated: ensured.migrated,
+        fence,
     };
+    let replica = config.replica.unwrap_or_else(default_replica_name);
     Ok(start(
         wire,
-        events,
-        connection.link(),
+        Inputs {
+            events,
+            leaders,
+            link: connection.link(),
+        },
         subjects,
+        replica,
         adopted,
         config.metrics,
         shutdown,
     ))
 }
 
-/// Adopts `adopted` and runs the worker in a task of its own.
-fn start<W: Wire + 'static>(
-    wire: W,
-    events: impl Stream<Item = async_nats::Message> + Unpin + Send + 'static,
+/// What discovery hears: events, leader heartbeats, the link's state.
+struct Inputs<E, L> {
+    events: E,
+    leaders: L,
     link: watch::Receiver<Link>,
+}
+
+/// What a starting discovery finds in the catalog stream.
+#[derive(Debug, Default)]
+struct Adopted {
+    stored: Vec<Snapshot>,
+    /// Kept by a version 1 stream: written again once leading.
+    migrated: Vec<Snapshot>,
+    /// The fence's epoch, `None` when no replica ever led.
+    fence: Option<u64>,
+}
+
+/// Adopts `adopted` and runs the worker in a task of its own.
+fn start<W, E, L>(
+    wire: W,
+    inputs: Inputs<E, L>,
     subjects: Subjects,
-    adopted: Vec<Snapshot>,
+    replica: String,
+    adopted: Adopted,
     metrics: DiscoveryMetrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Discovery {
+) -> Discovery
+where
+    W: Wire + 'static,
+    E: Stream<Item = async_nats::Message> + Unpin + Send + 'static,
+    L: Stream<Item = async_nats::Message> + Unpin + Send + 'static,
+{
     let stats = Arc::new(Stats::default());
     let mut catalog = Catalog::new();
     let now = Instant::now().into_std();
     let mut latest = BTreeMap::new();
-    for snapshot in adopted {
+    let mut dirty = BTreeSet::new();
+    for snapshot in adopted
+        .stored
+        .into_iter()
+        .chain(adopted.migrated.iter().cloned())
+    {
         if let Ok(payload) = serde_json::to_vec(&snapshot) {
             latest.insert(snapshot.service.clone(), Bytes::from(payload));
         }
         catalog.adopt(snapshot, now);
         Stats::bump(&stats.adopted_services);
     }
+    dirty.extend(adopted.migrated.into_iter().map(|s| s.service));
     stats
         .live_instances
         .store(catalog.live_instances() as u64, Ordering::Relaxed);
@@ -231,10 +328,11 @@ fn start<W: Wire + 'static>(
         services = catalog.services(),
         instances = catalog.live_instances(),
         prefix = subjects.prefix(),
+        %replica,
         "discovery started; adopted the stored catalog"
     );
     let latest = Arc::new(Mutex::new(latest));
-    let generation = link.borrow().generation;
+    let generation = inputs.link.borrow().generation;
     let worker = Worker {
         wire,
         subjects,
@@ -242,12 +340,15 @@ fn start<W: Wire + 'static>(
         stats: Arc::clone(&stats),
         metrics,
         latest: Arc::clone(&latest),
-        dirty: BTreeSet::new(),
+        dirty,
+        unstored: BTreeSet::new(),
         dirty_since: None,
         blind: false,
         generation,
+        election: Election::new(replica, adopted.fence, now),
+        last_turn: Instant::now(),
     };
-    let task = tokio::spawn(worker.run(events, link, shutdown));
+    let task = tokio::spawn(worker.run(inputs, shutdown));
     Discovery {
         latest,
         stats,
@@ -255,57 +356,56 @@ fn start<W: Wire + 'static>(
     }
 }
 
-/// Where discovery's snapshots go: NATS, but for the worker's own tests.
+/// What became of one fenced snapshot write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Written {
+    Stored,
+    /// Another replica took over: the fence holds this sequence, if known.
+    Superseded(Option<u64>),
+    /// Not known to be stored (no stream leader, a timeout): write again.
+    Failed(String),
+}
+
+/// What became of a takeover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fenced {
+    Won(u64),
+    /// The fence holds this sequence (if known): someone else leads.
+    Lost(Option<u64>),
+}
+
+/// Where discovery's writes go: NATS, but for the worker's own tests.
 trait Wire: Send {
-    /// Publishes one service's snapshot, already serialized.
-    fn publish(
+    /// Writes serialized snapshots under `epoch`, each only if the fence
+    /// still holds it.
+    fn write(
         &mut self,
-        service: &str,
-        payload: Bytes,
-    ) -> impl Future<Output = Result<(), async_nats::PublishError>> + Send;
-    /// After a reconnect: whether the server forgot the stored catalog (so
-    /// everything must be published again).
+        epoch: u64,
+        batch: Vec<(String, Bytes)>,
+    ) -> impl Future<Output = Vec<(String, Written)>> + Send;
+    /// Says, unstored, that this replica leads.
+    fn heartbeat(&mut self, payload: Bytes) -> impl Future<Output = ()> + Send;
+    /// Writes the fence if its last sequence is `expected`.
+    fn take_over(&mut self, expected: u64, payload: Bytes) -> impl Future<Output = Fenced> + Send;
+    /// The fence's epoch now, `None` when never written.
+    fn fence(&mut self) -> impl Future<Output = Option<u64>> + Send;
+    /// The stored catalog, for a new leader to adopt.
+    fn read_stored(
+        &mut self,
+    ) -> impl Future<Output = Result<Vec<Snapshot>, CatalogStreamError>> + Send;
+    /// After a reconnect: whether the server forgot the stored catalog.
     fn catalog_lost(&mut self) -> impl Future<Output = bool> + Send;
     fn flush(&mut self) -> impl Future<Output = ()> + Send;
+    /// The floor of new revisions: the wall clock in microseconds.
+    fn clock(&self) -> u64;
 }
 
-struct NatsWire {
-    client: Client,
-    js: jetstream::Context,
-    subjects: Subjects,
-    replicas: usize,
-}
-
-impl Wire for NatsWire {
-    async fn publish(
-        &mut self,
-        service: &str,
-        payload: Bytes,
-    ) -> Result<(), async_nats::PublishError> {
-        self.client
-            .publish(self.subjects.catalog(service), payload)
-            .await
-    }
-
-    async fn catalog_lost(&mut self) -> bool {
-        match catalog_stream::ensure(&self.js, &self.subjects, self.replicas).await {
-            Ok(created) => created,
-            Err(error) => {
-                tracing::error!(%error, "cannot check the catalog stream after reconnecting");
-                false
-            }
-        }
-    }
-
-    async fn flush(&mut self) {
-        if let Err(error) = self.client.flush().await {
-            tracing::warn!(%error, "could not flush the last snapshots at shutdown");
-        }
-    }
-}
+/// A loop turn this much later than the last one means the process itself
+/// stood still: the loop wakes at least every [`LEADER_HEARTBEAT`].
+const STALL: Duration = Duration::from_secs(1);
 
 /// The running loop around the catalog fold: events in, expiry on time,
-/// snapshots out.
+/// snapshots out when leading.
 struct Worker<W> {
     wire: W,
     subjects: Subjects,
@@ -315,22 +415,33 @@ struct Worker<W> {
     latest: Latest,
     /// Services changed since the last publish.
     dirty: BTreeSet<String>,
+    /// Services whose last write is not known to be stored: written again
+    /// at the next tick, under a new revision.
+    unstored: BTreeSet<String>,
     /// When the oldest unpublished change happened, if any.
     dirty_since: Option<Instant>,
     /// NATS was found unreachable: nothing can be heard, nothing expires.
     blind: bool,
     /// The link generation at the last look.
     generation: u64,
+    election: Election,
+    /// When the loop last took a tick or looked at deadlines.
+    last_turn: Instant,
 }
 
 impl<W: Wire> Worker<W> {
-    async fn run(
+    async fn run<E, L>(
         mut self,
-        mut events: impl Stream<Item = async_nats::Message> + Unpin + Send,
-        mut link: watch::Receiver<Link>,
+        mut inputs: Inputs<E, L>,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), DiscoveryError> {
+    ) -> Result<(), DiscoveryError>
+    where
+        E: Stream<Item = async_nats::Message> + Unpin + Send,
+        L: Stream<Item = async_nats::Message> + Unpin + Send,
+    {
         tokio::pin!(shutdown);
+        let mut ticks = tokio::time::interval(LEADER_HEARTBEAT);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Blind, only the link's return can end the spell.
             let wake = if self.blind {
@@ -344,20 +455,24 @@ impl<W: Wire> Worker<W> {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
+                // First what the leaders say, so that a thawed leader learns
+                // it was superseded before anything else.
+                Some(message) = inputs.leaders.next() => self.on_leader(&message),
+                _ = ticks.tick() => self.tick(&mut inputs.events).await?,
                 // Before the events, so that expiry runs under any load.
                 () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
-                    let now = *link.borrow_and_update();
-                    self.look(now).await;
+                    let now = *inputs.link.borrow_and_update();
+                    self.look(now, &mut inputs.events).await?;
                 }
-                Ok(()) = link.changed(), if self.blind => {
-                    let now = *link.borrow_and_update();
-                    self.look(now).await;
+                Ok(()) = inputs.link.changed(), if self.blind => {
+                    let now = *inputs.link.borrow_and_update();
+                    self.look(now, &mut inputs.events).await?;
                 }
-                message = events.next() => {
+                message = inputs.events.next() => {
                     let Some(message) = message else {
                         return Err(DiscoveryError::Closed { subject: self.subjects.all() });
                     };
-                    publish = self.fold_batch(&message, &mut events).await?;
+                    publish = self.fold_batch(&message, &mut inputs.events).await?;
                 }
             }
             if publish {
@@ -375,10 +490,158 @@ impl<W: Wire> Worker<W> {
         Ok(())
     }
 
+    /// A leader heartbeat: someone else leads, or this leader heard itself.
+    fn on_leader(&mut self, message: &async_nats::Message) {
+        let Ok(heartbeat) = serde_json::from_slice::<Leadership>(&message.payload) else {
+            tracing::debug!(subject = %message.subject, "ignoring an unreadable leader heartbeat");
+            return;
+        };
+        let known = self.stats.epoch.load(Ordering::Relaxed);
+        if self.election.heard(&heartbeat, Instant::now().into_std()) {
+            tracing::warn!(leader = %heartbeat.replica, epoch = heartbeat.epoch, "superseded: another replica leads; stopping writes");
+            self.stepped_down();
+        }
+        if heartbeat.replica != self.election.replica() && heartbeat.epoch > known {
+            self.stats.epoch.store(heartbeat.epoch, Ordering::Relaxed);
+            self.metrics.epoch.set(gauge(heartbeat.epoch));
+            tracing::info!(leader = %heartbeat.replica, epoch = heartbeat.epoch, since_ms = heartbeat.since_ms, "following the catalog leader");
+        }
+    }
+
+    fn stepped_down(&mut self) {
+        self.stats.leading.store(0, Ordering::Relaxed);
+        self.metrics.is_leader.set(0);
+        self.unstored.clear();
+    }
+
+    /// Every [`LEADER_HEARTBEAT`]: notice a stall, run the election, say
+    /// that this replica leads, write again what was not stored.
+    async fn tick(
+        &mut self,
+        events: &mut (impl Stream<Item = async_nats::Message> + Unpin + Send),
+    ) -> Result<(), DiscoveryError> {
+        self.notice_stall(events)?;
+        let now = Instant::now().into_std();
+        match self.election.tick(now) {
+            Decision::Wait => {}
+            Decision::StepDown => {
+                tracing::warn!("cannot hear this replica's own leader heartbeat: stopping writes");
+                self.election.follow(None, now);
+                self.stepped_down();
+            }
+            Decision::TakeOver { expected } => self.take_over(expected).await,
+        }
+        if let Role::Leader { epoch, since_ms } = self.election.role() {
+            let beat = Leadership {
+                replica: self.election.replica().to_owned(),
+                epoch,
+                since_ms,
+            };
+            if let Ok(payload) = serde_json::to_vec(&beat) {
+                self.wire.heartbeat(Bytes::from(payload)).await;
+            }
+            self.catalog.set_clock(self.wire.clock());
+            for service in std::mem::take(&mut self.unstored) {
+                self.catalog.bump(&service);
+                self.dirty.insert(service);
+            }
+        }
+        Ok(())
+    }
+
+    /// When the loop turned far later than it asked to (the process was
+    /// frozen or starved), first folds every event already waiting, then
+    /// counts every instance as just heard: the silence was this process's.
+    fn notice_stall(
+        &mut self,
+        events: &mut (impl Stream<Item = async_nats::Message> + Unpin + Send),
+    ) -> Result<(), DiscoveryError> {
+        let now = Instant::now();
+        let gap = now - self.last_turn;
+        self.last_turn = now;
+        if gap < STALL {
+            return Ok(());
+        }
+        self.drain(events)?;
+        self.catalog.refresh_all(now.into_std());
+        Stats::bump(&self.stats.stalls);
+        tracing::warn!(
+            stalled_ms = gap.as_millis() as u64,
+            "this process stood still; every instance gets a fresh TTL instead of expiring"
+        );
+        Ok(())
+    }
+
+    /// Fences this replica in as the leader, expecting the fence at
+    /// `expected`; once in, adopts what the stored catalog has that this
+    /// replica does not know, and writes every service that differs.
+    async fn take_over(&mut self, expected: u64) {
+        let now = Instant::now().into_std();
+        let since_ms = unix_ms();
+        let claim = Leadership {
+            replica: self.election.replica().to_owned(),
+            epoch: 0,
+            since_ms,
+        };
+        let Ok(payload) = serde_json::to_vec(&claim) else {
+            return;
+        };
+        let epoch = match self.wire.take_over(expected, Bytes::from(payload)).await {
+            Fenced::Won(epoch) => epoch,
+            Fenced::Lost(actual) => {
+                tracing::debug!(expected, ?actual, "another replica holds the fence");
+                self.election.follow(actual, now);
+                return;
+            }
+        };
+        let stored = match self.wire.read_stored().await {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::warn!(%error, "took the fence but cannot read the stored catalog; not writing until it can");
+                self.election.follow(Some(epoch), now);
+                return;
+            }
+        };
+        self.election.won(epoch, since_ms, now);
+        Stats::bump(&self.stats.takeovers);
+        self.stats.leading.store(1, Ordering::Relaxed);
+        self.stats.epoch.store(epoch, Ordering::Relaxed);
+        self.metrics.is_leader.set(1);
+        self.metrics.epoch.set(gauge(epoch));
+        tracing::info!(replica = %self.election.replica(), epoch, since_ms, "leading the catalog");
+        self.adopt_stored(stored, now);
+    }
+
+    /// What a new leader does with its predecessor's catalog: never shrink
+    /// it for want of a heartbeat, and continue its revisions.
+    fn adopt_stored(&mut self, stored: Vec<Snapshot>, now: std::time::Instant) {
+        self.catalog.set_clock(self.wire.clock());
+        let mut unseen: BTreeSet<String> = self
+            .catalog
+            .snapshots()
+            .into_iter()
+            .map(|s| s.service)
+            .collect();
+        for snapshot in &stored {
+            unseen.remove(&snapshot.service);
+            if self.catalog.adopt_unknown(snapshot, now) {
+                self.dirty.insert(snapshot.service.clone());
+            }
+        }
+        self.dirty.extend(unseen);
+        for service in &self.dirty {
+            self.catalog.bump(service);
+        }
+    }
+
     /// At a deadline, or when the link changes while blind: expire what is
     /// due, unless the link is down (go blind) or came back since the last
     /// look, however briefly (forgive the silence).
-    async fn look(&mut self, link: Link) {
+    async fn look(
+        &mut self,
+        link: Link,
+        events: &mut (impl Stream<Item = async_nats::Message> + Unpin + Send),
+    ) -> Result<(), DiscoveryError> {
         if !link.connected {
             if !self.blind {
                 tracing::warn!("NATS is unreachable: holding the catalog, no instance expires until it is back");
@@ -389,9 +652,36 @@ impl<W: Wire> Worker<W> {
             self.generation = link.generation;
             self.catalog.refresh_all(Instant::now().into_std());
             tracing::info!("NATS is back: every instance counts as just heard");
-            self.recover_stream().await;
+            if self.wire.catalog_lost().await {
+                tracing::warn!(
+                    "the catalog stream was gone; the next leader writes every service again"
+                );
+            }
         } else {
+            self.notice_stall(events)?;
+            // What is already waiting was heard before now.
+            self.drain(events)?;
             self.expire();
+        }
+        Ok(())
+    }
+
+    /// Folds every event already waiting.
+    fn drain(
+        &mut self,
+        events: &mut (impl Stream<Item = async_nats::Message> + Unpin + Send),
+    ) -> Result<(), DiscoveryError> {
+        self.catalog.set_clock(self.wire.clock());
+        loop {
+            match tokio::task::unconstrained(events.next()).now_or_never() {
+                Some(Some(message)) => self.handle(&message),
+                Some(None) => {
+                    return Err(DiscoveryError::Closed {
+                        subject: self.subjects.all(),
+                    })
+                }
+                None => return Ok(()),
+            }
         }
     }
 
@@ -402,6 +692,7 @@ impl<W: Wire> Worker<W> {
         first: &async_nats::Message,
         events: &mut (impl Stream<Item = async_nats::Message> + Unpin + Send),
     ) -> Result<bool, DiscoveryError> {
+        self.catalog.set_clock(self.wire.clock());
         self.handle(first);
         // Unconstrained: tokio's cooperative budget would end the batch
         // early and make every few events a snapshot.
@@ -462,6 +753,7 @@ impl<W: Wire> Worker<W> {
     }
 
     fn expire(&mut self) {
+        self.catalog.set_clock(self.wire.clock());
         for change in self.catalog.expire(Instant::now().into_std()) {
             Stats::bump(&self.stats.expired);
             self.note(change);
@@ -488,17 +780,6 @@ impl<W: Wire> Worker<W> {
         self.dirty.insert(change.service);
     }
 
-    /// When the server lost the catalog stream (restarted without its
-    /// store), fills it again with what this discovery knows.
-    async fn recover_stream(&mut self) {
-        if self.wire.catalog_lost().await {
-            tracing::warn!("the catalog stream was gone; publishing every service again");
-            for snapshot in self.catalog.snapshots() {
-                self.publish(snapshot).await;
-            }
-        }
-    }
-
     async fn publish_dirty(&mut self) {
         if self.dirty.is_empty() {
             return;
@@ -506,38 +787,57 @@ impl<W: Wire> Worker<W> {
         self.stats
             .live_instances
             .store(self.catalog.live_instances() as u64, Ordering::Relaxed);
+        let Some(epoch) = self.election.epoch() else {
+            // A follower folds the same events; the leader writes them.
+            self.dirty.clear();
+            return;
+        };
+        let mut batch = Vec::new();
+        let mut live = BTreeMap::new();
         for service in std::mem::take(&mut self.dirty) {
             let Some(snapshot) = self.catalog.snapshot(&service) else {
                 continue;
             };
-            self.publish(snapshot).await;
+            live.insert(service.clone(), snapshot.instances.len());
+            match serde_json::to_vec(&snapshot) {
+                Ok(payload) => batch.push((service, Bytes::from(payload))),
+                Err(error) => {
+                    Stats::bump(&self.stats.publish_failures);
+                    self.metrics.publish_failures.inc();
+                    tracing::error!(%service, %error, "cannot serialize a snapshot");
+                }
+            }
         }
-    }
-
-    async fn publish(&mut self, snapshot: Snapshot) {
-        let payload = match serde_json::to_vec(&snapshot) {
-            Ok(payload) => Bytes::from(payload),
-            Err(error) => {
-                Stats::bump(&self.stats.publish_failures);
-                self.metrics.publish_failures.inc();
-                tracing::error!(service = %snapshot.service, %error, "cannot serialize a snapshot");
-                return;
-            }
-        };
-        self.latest
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(snapshot.service.clone(), payload.clone());
-        match self.wire.publish(&snapshot.service, payload).await {
-            Ok(()) => {
-                Stats::bump(&self.stats.published);
-                self.metrics
-                    .published(&snapshot.service, snapshot.instances.len());
-            }
-            Err(error) => {
-                Stats::bump(&self.stats.publish_failures);
-                self.metrics.publish_failures.inc();
-                tracing::error!(service = %snapshot.service, %error, "cannot publish a snapshot");
+        let payloads: BTreeMap<String, Bytes> = batch.iter().cloned().collect();
+        for (service, written) in self.wire.write(epoch, batch).await {
+            match written {
+                Written::Stored => {
+                    Stats::bump(&self.stats.published);
+                    let instances = live.get(&service).copied().unwrap_or(0);
+                    self.metrics.published(&service, instances);
+                    if let Some(payload) = payloads.get(&service) {
+                        self.latest
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert(service, payload.clone());
+                    }
+                }
+                Written::Superseded(actual) => {
+                    Stats::bump(&self.stats.superseded);
+                    if self.election.epoch().is_some() {
+                        tracing::warn!(epoch, ?actual, "the catalog stream refused a write: another replica took over; stopping writes");
+                        self.election.follow(actual, Instant::now().into_std());
+                        self.stepped_down();
+                    }
+                }
+                Written::Failed(error) => {
+                    Stats::bump(&self.stats.publish_failures);
+                    self.metrics.publish_failures.inc();
+                    tracing::warn!(%service, %error, "a snapshot was not stored; writing it again");
+                    if self.election.epoch().is_some() {
+                        self.unstored.insert(service);
+                    }
+                }
             }
         }
     }
@@ -545,28 +845,74 @@ impl<W: Wire> Worker<W> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
     use tokio::sync::{mpsc, oneshot};
 
     use super::*;
     use crate::protocol::Instance;
 
-    /// Stands in for NATS on the publishing side only: the worker's own
-    /// behaviour in time is what these tests pin down.
+    /// Stands in for NATS on the writing side: what is written is
+    /// recorded; the fence is free unless told otherwise, the leader
+    /// heartbeat comes straight back, and the clock stands at 0 so revisions
+    /// count 1, 2, 3.
     struct RecordingWire {
         published: mpsc::UnboundedSender<Snapshot>,
+        echo: mpsc::UnboundedSender<async_nats::Message>,
+        /// Writes are refused as superseded while set.
+        superseded: Arc<AtomicBool>,
+        /// Writes fail (no stream leader) while set.
+        failing: Arc<AtomicBool>,
+        stored: Vec<Snapshot>,
+        fence: u64,
     }
 
     impl Wire for RecordingWire {
-        async fn publish(
+        async fn write(
             &mut self,
-            service: &str,
-            payload: Bytes,
-        ) -> Result<(), async_nats::PublishError> {
-            let snapshot: Snapshot = serde_json::from_slice(&payload).expect("a snapshot");
-            assert_eq!(snapshot.service, service);
-            self.published
-                .send(snapshot)
-                .map_err(|_| async_nats::client::PublishErrorKind::Send.into())
+            _epoch: u64,
+            batch: Vec<(String, Bytes)>,
+        ) -> Vec<(String, Written)> {
+            let mut outcomes = Vec::new();
+            for (service, payload) in batch {
+                if self.superseded.load(Ordering::SeqCst) {
+                    outcomes.push((service, Written::Superseded(Some(self.fence + 1))));
+                    continue;
+                }
+                if self.failing.load(Ordering::SeqCst) {
+                    outcomes.push((service, Written::Failed("no stream leader".into())));
+                    continue;
+                }
+                let snapshot: Snapshot = serde_json::from_slice(&payload).expect("a snapshot");
+                assert_eq!(snapshot.service, service);
+                self.stored.retain(|s| s.service != service);
+                self.stored.push(snapshot.clone());
+                let _ = self.published.send(snapshot);
+                outcomes.push((service, Written::Stored));
+            }
+            outcomes
+        }
+
+        async fn heartbeat(&mut self, payload: Bytes) {
+            let _ = self
+                .echo
+                .send(message("rollcall.discovery.leader", payload));
+        }
+
+        async fn take_over(&mut self, expected: u64, _payload: Bytes) -> Fenced {
+            if expected != self.fence {
+                return Fenced::Lost(Some(self.fence));
+            }
+            self.fence += 1;
+            Fenced::Won(self.fence)
+        }
+
+        async fn fence(&mut self) -> Option<u64> {
+            (self.fence > 0).then_some(self.fence)
+        }
+
+        async fn read_stored(&mut self) -> Result<Vec<Snapshot>, CatalogStreamError> {
+            Ok(self.stored.clone())
         }
 
         async fn catalog_lost(&mut self) -> bool {
@@ -574,6 +920,30 @@ mod tests {
         }
 
         async fn flush(&mut self) {}
+
+        fn clock(&self) -> u64 {
+            0
+        }
+    }
+
+    fn message(subject: &str, payload: Bytes) -> async_nats::Message {
+        async_nats::Message {
+            subject: subject.into(),
+            reply: None,
+            length: payload.len(),
+            payload,
+            headers: None,
+            status: None,
+            description: None,
+        }
+    }
+
+    fn channel_stream(
+        receiver: mpsc::UnboundedReceiver<async_nats::Message>,
+    ) -> impl Stream<Item = async_nats::Message> + Unpin + Send + 'static {
+        Box::pin(futures::stream::unfold(receiver, |mut r| async move {
+            r.recv().await.map(|m| (m, r))
+        }))
     }
 
     const UP: Link = Link {
@@ -585,25 +955,48 @@ mod tests {
         events: mpsc::UnboundedSender<async_nats::Message>,
         published: mpsc::UnboundedReceiver<Snapshot>,
         link: watch::Sender<Link>,
+        superseded: Arc<AtomicBool>,
+        failing: Arc<AtomicBool>,
         discovery: Discovery,
         _stop: oneshot::Sender<()>,
     }
 
     impl Harness {
         async fn start(adopted: Vec<Snapshot>) -> Harness {
+            Harness::start_with(Adopted {
+                stored: adopted.clone(),
+                migrated: Vec::new(),
+                fence: None,
+            })
+            .await
+        }
+
+        async fn start_with(adopted: Adopted) -> Harness {
             let (events, receiver) = mpsc::unbounded_channel();
+            let (echo, leaders) = mpsc::unbounded_channel();
             let (published_tx, published) = mpsc::unbounded_channel();
             let (link, link_rx) = watch::channel(UP);
             let (stop, stopped) = oneshot::channel::<()>();
+            let superseded = Arc::new(AtomicBool::new(false));
+            let failing = Arc::new(AtomicBool::new(false));
+            let wire = RecordingWire {
+                published: published_tx,
+                echo,
+                superseded: Arc::clone(&superseded),
+                failing: Arc::clone(&failing),
+                stored: adopted.stored.clone(),
+                fence: adopted.fence.unwrap_or(0),
+            };
+            let inputs = Inputs {
+                events: channel_stream(receiver),
+                leaders: channel_stream(leaders),
+                link: link_rx,
+            };
             let discovery = start(
-                RecordingWire {
-                    published: published_tx,
-                },
-                Box::pin(futures::stream::unfold(receiver, |mut r| async move {
-                    r.recv().await.map(|m| (m, r))
-                })),
-                link_rx,
+                wire,
+                inputs,
                 Subjects::default(),
+                "test-replica".into(),
                 adopted,
                 DiscoveryMetrics::default(),
                 async {
@@ -614,6 +1007,8 @@ mod tests {
                 events,
                 published,
                 link,
+                superseded,
+                failing,
                 discovery,
                 _stop: stop,
             }
@@ -621,15 +1016,7 @@ mod tests {
 
         fn send(&self, subject: &str, payload: &str) {
             self.events
-                .send(async_nats::Message {
-                    subject: subject.into(),
-                    reply: None,
-                    payload: payload.to_owned().into(),
-                    headers: None,
-                    status: None,
-                    description: None,
-                    length: payload.len(),
-                })
+                .send(message(subject, payload.to_owned().into()))
                 .expect("the worker is running");
         }
 
@@ -692,7 +1079,9 @@ mod tests {
         h.register(&web("a", 1000));
         h.next_snapshot().await;
         for _ in 0..5 {
-            tokio::time::advance(Duration::from_millis(600)).await;
+            // A sleep, not a jump of the clock: the worker keeps turning,
+            // as a process that is not frozen does.
+            tokio::time::sleep(Duration::from_millis(600)).await;
             h.heartbeat(&web("a", 1000));
         }
         let last_heard = Instant::now();
@@ -802,5 +1191,94 @@ mod tests {
         );
         assert!(expired.instances.is_empty());
         assert_eq!(t0.elapsed(), Duration::from_millis(2000));
+    }
+    #[tokio::test(start_paused = true)]
+    async fn a_frozen_process_expires_nothing_because_of_its_own_freeze() {
+        let mut h = Harness::start(Vec::new()).await;
+        h.register(&web("a", 1000));
+        h.next_snapshot().await;
+        // A jump of the clock with no turn of the loop: SIGSTOP, a stalled VM.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let thawed = Instant::now();
+        let expired = h.next_snapshot().await;
+        assert!(expired.instances.is_empty());
+        assert_eq!(
+            thawed.elapsed(),
+            Duration::from_millis(1000),
+            "a full TTL from the thaw, not an expiry at once"
+        );
+        assert_eq!(h.discovery.stats().stalls.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_superseded_leader_stops_writing_at_once() {
+        let mut h = Harness::start(Vec::new()).await;
+        h.register(&web("a", 3000));
+        h.next_snapshot().await;
+        h.superseded.store(true, Ordering::SeqCst);
+        h.register(&web("b", 3000));
+        eventually_stat(&h, |s| s.superseded.load(Ordering::Relaxed) == 1).await;
+        let stats = h.discovery.stats();
+        assert_eq!(stats.leading.load(Ordering::Relaxed), 0);
+        h.register(&web("c", 3000));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            stats.superseded.load(Ordering::Relaxed),
+            1,
+            "a follower tries no further write"
+        );
+        assert!(h.published.try_recv().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_folds_but_writes_only_once_the_leader_is_silent() {
+        let mut h = Harness::start_with(Adopted {
+            fence: Some(4),
+            ..Adopted::default()
+        })
+        .await;
+        let t0 = Instant::now();
+        h.register(&web("a", 3000));
+        let first = h.next_snapshot().await;
+        assert_eq!(first.instances, [web("a", 3000)]);
+        let waited = t0.elapsed();
+        assert!(
+            waited >= leader::TAKEOVER_AFTER
+                && waited <= leader::TAKEOVER_AFTER + leader::MAX_JITTER + LEADER_HEARTBEAT,
+            "took over after {waited:?} of silence"
+        );
+        assert_eq!(h.discovery.stats().epoch.load(Ordering::Relaxed), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_was_not_stored_is_written_again_until_it_is() {
+        let mut h = Harness::start(Vec::new()).await;
+        h.register(&web("a", 3000));
+        let first = h.next_snapshot().await;
+        h.failing.store(true, Ordering::SeqCst);
+        h.register(&web("b", 3000));
+        eventually_stat(&h, |s| s.publish_failures.load(Ordering::Relaxed) >= 2).await;
+        h.failing.store(false, Ordering::SeqCst);
+        let stored = h.next_snapshot().await;
+        assert_eq!(stored.instances, [web("a", 3000), web("b", 3000)]);
+        assert!(
+            stored.revision > first.revision + 1,
+            "a new revision per try"
+        );
+        assert_eq!(h.discovery.stats().leading.load(Ordering::Relaxed), 1);
+    }
+
+    /// Waits, in paused time, until the worker's counters satisfy `done`.
+    async fn eventually_stat(h: &Harness, done: impl Fn(&Stats) -> bool) {
+        for _ in 0..100 {
+            if done(h.discovery.stats()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "the worker's counters never got there: {:?}",
+            h.discovery.stats()
+        );
     }
 }

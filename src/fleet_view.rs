@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Value};
 
 use crate::catalog_stream::Stored;
-use crate::protocol::{Event, Instance, Snapshot, Subjects};
+use crate::protocol::{Event, Instance, Leadership, Snapshot, Subjects};
 
 /// One message seen on the fleet's subjects, as understood.
 // One value per message, printed and dropped at once: boxing would only add
@@ -24,6 +24,8 @@ pub enum Observed {
         instance: Option<Instance>,
     },
     Snapshot(Snapshot),
+    /// The leading discovery replica's heartbeat.
+    Leader(Leadership),
     /// Anything under the prefix that breaks docs/protocol.md, and why.
     Invalid {
         subject: String,
@@ -39,6 +41,15 @@ impl Observed {
             subject: subject.to_owned(),
             reason: error.to_string(),
         };
+        if subject == subjects.leader_heartbeat() {
+            return serde_json::from_slice(payload).map_or_else(
+                |e| Observed::Invalid {
+                    subject: subject.to_owned(),
+                    reason: format!("not a leader heartbeat: {e}"),
+                },
+                Observed::Leader,
+            );
+        }
         if subjects.is_catalog(subject) {
             return subjects
                 .parse_snapshot(subject, payload)
@@ -105,6 +116,13 @@ impl Observed {
                 line
             }
             Observed::Snapshot(snapshot) => snapshot_line("snapshot", snapshot, at),
+            Observed::Leader(leader) => format!(
+                "{time} {:<10} {} epoch={} since={}",
+                "leader",
+                leader.replica,
+                leader.epoch,
+                since(leader)
+            ),
             Observed::Invalid { subject, reason } => {
                 format!("{time} {:<10} {subject}: {reason}", "invalid")
             }
@@ -128,6 +146,13 @@ impl Observed {
                 "service": snapshot.service,
                 "revision": snapshot.revision,
                 "instances": snapshot.instances,
+            }),
+            Observed::Leader(leader) => json!({
+                "time": time,
+                "kind": "leader",
+                "replica": leader.replica,
+                "epoch": leader.epoch,
+                "since": since(leader),
             }),
             Observed::Invalid { subject, reason } => json!({
                 "time": time,
@@ -278,6 +303,30 @@ pub fn catalog_json(stored: &[Stored], now: SystemTime) -> Value {
             })
             .collect(),
     )
+}
+
+/// When `leader` took over, as an RFC 3339 time.
+fn since(leader: &Leadership) -> String {
+    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(leader.since_ms);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// Who writes the catalog, for `rollcall catalog`: `leader <replica> epoch
+/// <n> since <time> (<age> ago)`, or that no replica ever led.
+pub fn leader_line(leader: Option<&Leadership>, now: SystemTime) -> String {
+    match leader {
+        Some(leader) => {
+            let at = SystemTime::UNIX_EPOCH + Duration::from_millis(leader.since_ms);
+            format!(
+                "leader {} epoch {} since {} ({} ago)",
+                leader.replica,
+                leader.epoch,
+                since(leader),
+                age(at, now)
+            )
+        }
+        None => "no discovery replica has led this catalog yet".to_owned(),
+    }
 }
 
 /// `1h2m`, `3m4s`, `5s`, rounded down to whole seconds.

@@ -6,11 +6,13 @@
 //! The modules follow the data, from a service's announcement to a client's
 //! request reaching it:
 //!
-//! - [`protocol`]: the wire, version 1: Instance and Snapshot records, the
+//! - [`protocol`]: the wire (events version 1, catalog version 2): Instance,
+//!   Snapshot and Leadership records, the
 //!   subjects, and the name and field rules (`docs/protocol.md`).
 //! - [`catalog`]: the pure fold: events and time in, the live catalog and its
 //!   changes out.
-//! - [`discovery`]: NATS events through the fold; a snapshot per change,
+//! - [`discovery`]: NATS events through the fold (every replica; one leads,
+//!   fenced by the catalog stream); a snapshot per change,
 //!   published and kept in the catalog stream.
 //! - [`catalog_stream`]: the JetStream last-value stream of snapshots.
 //! - [`subscription`]: catalog messages from NATS into a stream of updates,

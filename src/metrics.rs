@@ -169,9 +169,8 @@ impl NatsMetrics {
     }
 }
 
-/// The balancer's families. Those no code path counts yet (client aborts,
-/// hyper's own answers) are exported at zero so dashboards can be built on
-/// them.
+/// The balancer's families. Fixed label sets are exported at zero from the
+/// start, so dashboards can be built on them before the first occurrence.
 #[derive(Debug)]
 pub struct BalancerMetrics {
     pub requests: Family<RequestLabels, Counter>,
@@ -183,6 +182,14 @@ pub struct BalancerMetrics {
     pub client_aborts: Family<ServiceLabels, Counter>,
     /// Requests hyper refused before the proxy saw them (400, 414, 431).
     pub hyper_answers: Family<StatusLabels, Counter>,
+    /// Requests that came back to this balancer, refused with 508.
+    pub loops_refused: Counter,
+    /// Client connections closed for a request head not sent in time.
+    pub header_timeouts: Counter,
+    /// Client connections closed after the idle timeout.
+    pub idle_closed: Counter,
+    /// Client request bodies that paused beyond the body timeout (408).
+    pub body_timeouts: Counter,
     pub in_flight: Gauge,
     pub open_connections: Gauge,
     pub ejected_instances: Family<ServiceLabels, Gauge>,
@@ -191,6 +198,12 @@ pub struct BalancerMetrics {
     pub catalog_updates: Family<ResultLabels, Counter>,
     pub last_contact_age: Family<ServiceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub nats: NatsMetrics,
+    /// The catalog feed's own counters: its stale drops are the balancer's,
+    /// copied into `catalog_updates` at scrape time ([`Self::observe_feed`]).
+    pub feed: Arc<crate::subscription::Stats>,
+    /// Held while copying the feed's stale count, so two scrapes at once
+    /// do not both add the same drops.
+    stale_copy: Mutex<()>,
     services: Vec<String>,
     /// Per service (same order as `services`): its instances' handles.
     instances: Vec<ArcSwap<HashMap<String, Arc<InstanceMetrics>>>>,
@@ -253,6 +266,10 @@ impl BalancerMetrics {
             ejections: Counter::default(),
             client_aborts: Family::default(),
             hyper_answers: Family::default(),
+            loops_refused: Counter::default(),
+            header_timeouts: Counter::default(),
+            idle_closed: Counter::default(),
+            body_timeouts: Counter::default(),
             in_flight: Gauge::default(),
             open_connections: Gauge::default(),
             ejected_instances: Family::default(),
@@ -261,6 +278,8 @@ impl BalancerMetrics {
             catalog_updates: Family::default(),
             last_contact_age: Family::default(),
             nats: NatsMetrics::new(registry),
+            feed: Arc::default(),
+            stale_copy: Mutex::new(()),
             services: services.to_vec(),
             instances: services.iter().map(|_| ArcSwap::default()).collect(),
             contacts: services.iter().map(|_| Mutex::new(None)).collect(),
@@ -318,6 +337,26 @@ impl BalancerMetrics {
             "hyper_answers",
             "Requests refused by the HTTP server itself, by status",
             self.hyper_answers.clone(),
+        );
+        r.register(
+            "loops_refused",
+            "Requests that came back to this balancer, refused with 508",
+            self.loops_refused.clone(),
+        );
+        r.register(
+            "header_timeouts",
+            "Client connections closed for a request head not sent in time",
+            self.header_timeouts.clone(),
+        );
+        r.register(
+            "idle_closed",
+            "Client connections closed after the idle timeout",
+            self.idle_closed.clone(),
+        );
+        r.register(
+            "body_timeouts",
+            "Client request bodies that paused beyond the body timeout (408)",
+            self.body_timeouts.clone(),
         );
         r.register(
             "in_flight_requests",
@@ -413,6 +452,38 @@ impl BalancerMetrics {
             .inc();
     }
 
+    /// A client went away before its answer; `index` is its service's
+    /// number once the request was routed.
+    pub fn client_abort(&self, index: Option<usize>) {
+        let service = index.map_or("", |i| self.services[i].as_str());
+        self.client_aborts
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Hyper answered a malformed request head itself with `status`.
+    pub fn hyper_answer(&self, status: http::StatusCode) {
+        let status = status.as_u16();
+        self.hyper_answers
+            .get_or_create(&StatusLabels { status })
+            .inc();
+    }
+
+    /// At scrape time: the stale snapshots the feed dropped so far.
+    pub fn observe_feed(&self) {
+        let _copying = self
+            .stale_copy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let dropped = self.feed.stale.load(std::sync::atomic::Ordering::Relaxed);
+        let stale = self
+            .catalog_updates
+            .get_or_create_owned(&ResultLabels { result: "stale" });
+        stale.inc_by(dropped.saturating_sub(stale.get()));
+    }
+
     pub fn catalog_update(&self, result: &'static str) {
         self.catalog_updates
             .get_or_create(&ResultLabels { result })
@@ -482,8 +553,8 @@ fn instance_labels(service: &str, id: &str) -> InstanceLabels {
     }
 }
 
-/// Discovery's families. `is_leader` and `epoch` stay at 0 until discovery
-/// elects a leader.
+/// Discovery's families. `is_leader` and `epoch` follow the election: the
+/// epoch is this replica's own while it leads, else the highest it heard.
 #[derive(Clone, Debug)]
 pub struct DiscoveryMetrics {
     pub events: Family<KindLabels, Counter>,
@@ -594,7 +665,7 @@ impl DiscoveryMetrics {
     }
 }
 
-const INVALID_REASONS: [&str; 7] = [
+const INVALID_REASONS: [&str; 8] = [
     "bad_name",
     "bad_subject",
     "bad_json",
@@ -602,6 +673,7 @@ const INVALID_REASONS: [&str; 7] = [
     "bad_address",
     "subject_mismatch",
     "unsorted_snapshot",
+    "too_large",
 ];
 
 /// The rule an invalid event broke, as a label with few values.
@@ -618,6 +690,7 @@ fn invalid_reason(error: &ProtocolError) -> &'static str {
         ProtocolError::BadAddress { .. } => "bad_address",
         ProtocolError::SubjectMismatch { .. } => "subject_mismatch",
         ProtocolError::UnsortedSnapshot { .. } => "unsorted_snapshot",
+        ProtocolError::TooLarge { .. } => "too_large",
     }
 }
 

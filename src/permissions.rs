@@ -101,11 +101,15 @@ impl fmt::Display for Access {
     }
 }
 
-/// The subscription discovery cannot work without: every event, on the one
-/// subscription it makes. (Its publishes go to the catalog, where a probe
-/// would reach every balancer, so they are reported when they happen.)
+/// The subscriptions discovery cannot work without: every event, on one
+/// subscription, and the leader heartbeat (a leader that cannot hear its own
+/// steps down). (Its writes go to the catalog stream, where a probe would
+/// be stored, so they are reported when they happen.)
 pub fn discovery_needs(subjects: &Subjects) -> Vec<Access> {
-    vec![Access::Subscribe(subjects.events_wildcard())]
+    vec![
+        Access::Subscribe(subjects.events_wildcard()),
+        Access::Subscribe(subjects.leader_heartbeat()),
+    ]
 }
 
 /// The subscription a balancer (and `rollcall watch`'s catalog part) cannot
@@ -176,7 +180,13 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect();
-        assert_eq!(discovery, ["subscribing to rollcall.*.*.*"]);
+        assert_eq!(
+            discovery,
+            [
+                "subscribing to rollcall.*.*.*",
+                "subscribing to rollcall.discovery.leader"
+            ]
+        );
         assert_eq!(
             balancer_needs(&subjects),
             [Access::Subscribe("rollcall.catalog.>".into())]

@@ -19,6 +19,11 @@ pub const DEFAULT_TTL_MS: u64 = 3_000;
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Allowed range of `ttl_ms`.
 pub const TTL_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=600_000;
+/// The largest event payload a receiver takes: a record is a few hundred
+/// bytes; a bigger one would make every snapshot of its service that big.
+pub const MAX_EVENT_BYTES: usize = 16 * 1024;
+/// The most `tags`, and the most `meta` entries, one record may carry.
+pub const MAX_LABELS: usize = 64;
 /// Allowed range of `weight`.
 pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 0..=10_000;
 /// Longest `address` (a DNS name is at most 253 characters).
@@ -69,6 +74,12 @@ pub enum ProtocolError {
     },
     #[error("snapshot of {service:?} lists instance {id:?} twice or out of id order")]
     UnsortedSnapshot { service: String, id: String },
+    #[error("{what} is too large: {size}, at most {limit}")]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        limit: usize,
+    },
 }
 
 /// Checks a service, instance or prefix token: 1 to 64 characters from
@@ -153,6 +164,18 @@ impl Instance {
             &(i128::from(*WEIGHT_RANGE.start())..=i128::from(*WEIGHT_RANGE.end())),
             "0..10000",
         )?;
+        for (what, count) in [
+            ("field `tags` (entries)", self.tags.len()),
+            ("field `meta` (entries)", self.meta.len()),
+        ] {
+            if count > MAX_LABELS {
+                return Err(ProtocolError::TooLarge {
+                    what,
+                    size: count,
+                    limit: MAX_LABELS,
+                });
+            }
+        }
         Ok(())
     }
 
@@ -292,6 +315,25 @@ impl Snapshot {
     }
 }
 
+/// How often the leading discovery replica says so on
+/// [`Subjects::leader_heartbeat`].
+pub const LEADER_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Which discovery replica writes the catalog (protocol version 2, catalog
+/// side): the payload of the fence message and of the leader heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leadership {
+    /// The replica's name: `<host>-<pid>-<start>` unless configured.
+    pub replica: String,
+    /// The catalog stream's sequence of the fence message that made this
+    /// replica leader; 0 in the fence message itself (the sequence is only
+    /// known once stored). Higher is newer.
+    #[serde(default)]
+    pub epoch: u64,
+    /// When it took over, in milliseconds since the Unix epoch.
+    pub since_ms: u64,
+}
+
 /// The kinds of event subject a service (or an agent for it) publishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
@@ -415,6 +457,31 @@ impl Subjects {
         format!("{}.catalog.>", self.prefix)
     }
 
+    /// `<prefix>.catalog-store.<service>`: where the leading discovery
+    /// writes a snapshot; the catalog stream keeps it and republishes it on
+    /// [`Subjects::catalog`] only once stored, so a refused write reaches no
+    /// balancer.
+    pub fn catalog_store(&self, service: &str) -> String {
+        format!("{}.catalog-store.{service}", self.prefix)
+    }
+
+    /// `<prefix>.catalog-store.>`: every stored snapshot.
+    pub fn catalog_store_wildcard(&self) -> String {
+        format!("{}.catalog-store.>", self.prefix)
+    }
+
+    /// `<prefix>.catalog-fence`: the one stored message naming the leading
+    /// discovery replica; its stream sequence is the leader's epoch.
+    pub fn catalog_fence(&self) -> String {
+        format!("{}.catalog-fence", self.prefix)
+    }
+
+    /// `<prefix>.discovery.leader`: the leader's heartbeat (plain NATS, not
+    /// stored), a [`Leadership`] every [`LEADER_HEARTBEAT`].
+    pub fn leader_heartbeat(&self) -> String {
+        format!("{}.discovery.leader", self.prefix)
+    }
+
     /// `<prefix>.>`: everything of this fleet.
     pub fn all(&self) -> String {
         format!("{}.>", self.prefix)
@@ -458,15 +525,16 @@ impl Subjects {
         }
     }
 
-    /// The service token of a catalog subject.
+    /// The service token of a catalog subject (live, or as the catalog
+    /// stream stores it).
     pub fn parse_catalog_subject<'s>(&self, subject: &'s str) -> Result<&'s str, ProtocolError> {
         let rest = self.strip_prefix(subject)?;
         match rest.split_once('.') {
-            Some(("catalog", service)) if !service.contains('.') => {
+            Some(("catalog" | "catalog-store", service)) if !service.contains('.') => {
                 validate_name("service token", service)?;
                 Ok(service)
             }
-            Some(("catalog", _)) => Err(ProtocolError::SubjectShape {
+            Some(("catalog" | "catalog-store", _)) => Err(ProtocolError::SubjectShape {
                 subject: subject.to_owned(),
                 expected: "<prefix>.catalog.<service>",
             }),
@@ -491,6 +559,13 @@ impl Subjects {
     /// every field rule, and that `service`/`id` equal the subject's tokens.
     pub fn parse_event(&self, subject: &str, payload: &[u8]) -> Result<Event, ProtocolError> {
         let (kind, service, id) = self.parse_event_subject(subject)?;
+        if payload.len() > MAX_EVENT_BYTES {
+            return Err(ProtocolError::TooLarge {
+                what: "the event payload (bytes)",
+                size: payload.len(),
+                limit: MAX_EVENT_BYTES,
+            });
+        }
         match kind {
             EventKind::Register | EventKind::Heartbeat => {
                 let instance: Instance =
@@ -550,6 +625,15 @@ impl Subjects {
     /// `<prefix>.*.<service>.*`: every event of one service.
     pub fn service_events(&self, service: &str) -> String {
         format!("{}.*.{service}.*", self.prefix)
+    }
+
+    /// Whether `subject` is one of discovery's own writes to the catalog
+    /// stream (a snapshot store subject or the fence): people and balancers
+    /// follow the republished snapshots instead, which are only the stored
+    /// ones.
+    pub fn is_catalog_write(&self, subject: &str) -> bool {
+        self.strip_prefix(subject)
+            .is_ok_and(|rest| rest.starts_with("catalog-store.") || rest == "catalog-fence")
     }
 
     /// Whether `subject` is under `<prefix>.catalog.`, valid or not.

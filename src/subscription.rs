@@ -315,6 +315,23 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_revision_changes_nothing_whatever_it_lists() {
+        let mut held = Held::default();
+        let set = |revision: u64, ports: &[u16]| Snapshot {
+            service: "web".into(),
+            revision,
+            instances: ports
+                .iter()
+                .map(|p| Instance::new("web", format!("i{p}"), "127.0.0.1", *p))
+                .collect(),
+        };
+        assert_eq!(held.offer(set(5, &[1])), Ok(()));
+        assert_eq!(held.offer(set(5, &[1, 2])), Err(5));
+        assert_eq!(held.offer(set(4, &[])), Err(5));
+        assert_eq!(held.all(), [set(5, &[1])]);
+    }
+
+    #[test]
     fn only_a_newer_revision_is_held() {
         let mut held = Held::default();
         assert_eq!(held.offer(snapshot(5, 1)), Ok(()));

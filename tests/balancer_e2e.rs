@@ -52,12 +52,14 @@ async fn until(
     start.elapsed()
 }
 
-/// Waits until the balancer routes on revision `revision` of `web`.
-async fn routes_on(applied: &mut watch::Receiver<Applied>, revision: u64) {
-    tokio::time::timeout(LIMIT, applied.wait_for(|a| a.revision("web") >= revision))
+/// Waits until the balancer routes on a revision of `web` above `held`;
+/// returns it.
+async fn routes_after(applied: &mut watch::Receiver<Applied>, held: u64) -> u64 {
+    tokio::time::timeout(LIMIT, applied.wait_for(|a| a.revision("web") > held))
         .await
-        .unwrap_or_else(|_| panic!("web never reached revision {revision}"))
-        .expect("the balancer is running");
+        .unwrap_or_else(|_| panic!("web never went past revision {held}"))
+        .expect("the balancer is running")
+        .revision("web")
 }
 
 /// The bodies of `n` sequential requests.
@@ -103,7 +105,7 @@ async fn register_deregister_and_a_nats_restart_under_the_balancer() {
     // Each register and deregister below is one revision of `web`.
     let start = Instant::now();
     announce(&nats, "register", &web1).await;
-    routes_on(&mut applied, 1).await;
+    let joined = routes_after(&mut applied, 0).await;
     let took = start.elapsed();
     assert!(
         took < Duration::from_secs(1),
@@ -111,13 +113,13 @@ async fn register_deregister_and_a_nats_restart_under_the_balancer() {
     );
     assert_eq!(bodies(&http, &url, 2).await, ["web-1", "web-1"]);
     announce(&nats, "register", &web2).await;
-    routes_on(&mut applied, 2).await;
+    let second = routes_after(&mut applied, joined).await;
     let mut seen = bodies(&http, &url, 4).await;
     seen.sort();
     assert_eq!(seen, ["web-1", "web-1", "web-2", "web-2"]);
 
     announce(&nats, "deregister", &web1).await;
-    routes_on(&mut applied, 3).await;
+    routes_after(&mut applied, second).await;
     let after = web1.served();
     assert!(bodies(&http, &url, 10).await.iter().all(|b| b == "web-2"));
     assert_eq!(

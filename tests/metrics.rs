@@ -216,6 +216,10 @@ async fn every_component_serves_metrics_a_prometheus_parser_reads() {
         ("rollcall_balancer_ejections", "counter"),
         ("rollcall_balancer_client_aborts", "counter"),
         ("rollcall_balancer_hyper_answers", "counter"),
+        ("rollcall_balancer_loops_refused", "counter"),
+        ("rollcall_balancer_header_timeouts", "counter"),
+        ("rollcall_balancer_idle_closed", "counter"),
+        ("rollcall_balancer_body_timeouts", "counter"),
         ("rollcall_balancer_in_flight_requests", "gauge"),
         ("rollcall_balancer_open_client_connections", "gauge"),
         ("rollcall_balancer_ejected_instances", "gauge"),
@@ -245,8 +249,11 @@ async fn every_component_serves_metrics_a_prometheus_parser_reads() {
         1.0
     );
     let reasons = &discovery.families["rollcall_discovery_invalid_events"].1;
-    assert_eq!(reasons.len(), 7, "every reason starts at zero");
+    assert_eq!(reasons.len(), 8, "every reason starts at zero");
     assert!(discovery.value("rollcall_discovery_snapshots_published_total", &[]) >= 1.0);
+    // Only the leader publishes: the one discovery leads.
+    assert_eq!(discovery.value("rollcall_discovery_is_leader", &[]), 1.0);
+    assert!(discovery.value("rollcall_discovery_epoch", &[]) >= 1.0);
     let web_service = [("service", "web")];
     assert_eq!(
         discovery.value("rollcall_discovery_live_instances", &web_service),

@@ -34,6 +34,7 @@ pub fn metrics(shared: &Shared) -> String {
         let ejected = set.members().iter().filter(|m| !m.is_eligible(now)).count();
         shared.metrics.observe_set(index, set.live_count(), ejected);
     }
+    shared.metrics.observe_feed();
     crate::metrics::encode(&shared.registry)
 }
 
@@ -78,6 +79,9 @@ pub fn catalog(shared: &Shared) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
     use super::*;
     use crate::balancer::routes::Routes;
 
@@ -112,5 +116,18 @@ mod tests {
             !text.contains("rollcall_balancer_last_contact_age_seconds{"),
             "no age before any contact: {text}"
         );
+    }
+
+    #[test]
+    fn the_feeds_stale_drops_are_read_at_scrape_time() {
+        let mut shared = Shared::new(Routes::parse(&["web"]).expect("routes"));
+        let feed = Arc::new(crate::subscription::Stats::default());
+        shared.metrics.feed = Arc::clone(&feed);
+        feed.stale.store(2, Ordering::Relaxed);
+        let stale = "\nrollcall_balancer_catalog_updates_total{result=\"stale\"} ";
+        assert!(metrics(&shared).contains(&format!("{stale}2\n")));
+        feed.stale.store(5, Ordering::Relaxed);
+        let text = metrics(&shared);
+        assert!(text.contains(&format!("{stale}5\n")), "{text}");
     }
 }

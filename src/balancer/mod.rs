@@ -8,10 +8,15 @@
 //! [`Balancer::applied`] tells a caller which revisions it routes on.
 //!
 //! - [`rotation`]: one service's round-robin set, swapped whole on change.
+//! - [`outlier`]: passive health, the policy of ejections and slow start.
 //! - [`routes`]: `ROUTE` arguments → which service a request goes to.
 //! - [`proxy`]: the hyper reverse proxy (retries, ejections, own answers).
+//! - [`upgrade`]: WebSocket and other upgrades tunnelled, CONNECT refused.
 //! - [`upstream`]: each instance's pool of kept-alive connections.
+//! - [`limits`]: timeouts and the connection cap of both listeners.
+//! - [`access_log`]: one line per request, when asked for.
 //! - [`admin`]: what the admin endpoint shows (`/metrics`, `/catalog`).
+//! - [`tls`]: HTTPS for clients, certificates reloadable.
 //!
 //! Updates: `Update::Service` replaces one service's set when its revision
 //! is above the one held (otherwise it is counted as stale and ignored).
@@ -22,10 +27,15 @@
 //! routing on the last snapshot it has rather than drop traffic. A service that really lost
 //! its last instance arrives as a snapshot with no instances.
 
+pub mod access_log;
 pub mod admin;
+pub mod limits;
+pub mod outlier;
 pub mod proxy;
 pub mod rotation;
 pub mod routes;
+pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 
 use std::collections::BTreeMap;
@@ -35,9 +45,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use access_log::AccessLog;
+use limits::Limits;
 
 use crate::metrics::BalancerMetrics;
 use crate::protocol::Snapshot;
@@ -57,7 +70,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct BalancerConfig {
     pub routes: Routes,
     /// From the request sent upstream to the response head; beyond it the
-    /// client gets a 504. The response body then streams without a limit.
+    /// client gets a 504. The response body then streams, each pause in it
+    /// bounded by `limits.upstream_body_timeout`.
     pub upstream_timeout: Duration,
     /// To open a TCP connection to an instance; beyond it the instance counts
     /// as unreachable (ejected, and the request retried elsewhere).
@@ -66,6 +80,16 @@ pub struct BalancerConfig {
     pub drain_timeout: Duration,
     /// Whether the source of the updates is connected now, for `/readyz`.
     pub source: SourceCheck,
+    /// Passive health: ejection thresholds and cap, slow start.
+    pub outlier: outlier::OutlierPolicy,
+    /// Client-side timeouts and the connection cap.
+    pub limits: Limits,
+    /// One line per request, when given.
+    pub access_log: Option<AccessLog>,
+    /// The counters of the catalog feed given to `serve`
+    /// ([`follow_with_stats`](crate::subscription::follow_with_stats)), for
+    /// `/metrics`.
+    pub feed: Arc<crate::subscription::Stats>,
 }
 
 /// Asks whether the source of the catalog updates (NATS, in the binary) is
@@ -103,6 +127,10 @@ impl BalancerConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             source: SourceCheck::always(),
+            outlier: outlier::OutlierPolicy::default(),
+            limits: Limits::default(),
+            access_log: None,
+            feed: Arc::default(),
         }
     }
 }
@@ -126,6 +154,9 @@ pub struct Shared {
     pub metrics: BalancerMetrics,
     /// Holds every family of `metrics`, for `/metrics`.
     pub registry: prometheus_client::registry::Registry,
+    /// Names this balancer in the `Via` header of the requests it forwards,
+    /// so a request that comes back to it is recognised.
+    pub via: String,
     applied: watch::Sender<Applied>,
     /// Set by the first Reset: the whole catalog has been read once.
     pub catalog_read: AtomicBool,
@@ -134,7 +165,15 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(routes: Routes) -> Self {
-        let rotations = routes.services().iter().map(|s| Rotation::new(s)).collect();
+        Shared::with_policy(routes, outlier::OutlierPolicy::default())
+    }
+
+    pub fn with_policy(routes: Routes, policy: outlier::OutlierPolicy) -> Self {
+        let rotations = routes
+            .services()
+            .iter()
+            .map(|s| Rotation::with_policy(s, policy))
+            .collect();
         let mut registry = crate::metrics::registry();
         let metrics = BalancerMetrics::new(&mut registry, routes.services());
         Shared {
@@ -142,6 +181,7 @@ impl Shared {
             rotations,
             metrics,
             registry,
+            via: via_name(),
             applied: watch::Sender::new(Applied::default()),
             catalog_read: AtomicBool::new(false),
             source: SourceCheck::always(),
@@ -192,15 +232,6 @@ impl Shared {
         let rotation = &self.rotations[index];
         self.metrics.contact(index);
         match rotation.apply(snapshot) {
-            Outcome::Stale { held } => {
-                self.metrics.catalog_update("stale");
-                tracing::debug!(
-                    service = %snapshot.service,
-                    revision = snapshot.revision,
-                    held,
-                    "snapshot not newer than the set held, ignored"
-                );
-            }
             Outcome::Replaced {
                 membership_changed,
                 skipped,
@@ -239,6 +270,16 @@ impl Shared {
     }
 }
 
+/// `rollcall-` and 64 random bits: unique per balancer, so two balancers
+/// chained on purpose do not take each other for a loop. `RandomState`'s
+/// keys are random per process and differ for each one made, which is all
+/// the randomness this needs.
+fn via_name() -> String {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    format!("rollcall-{random:016x}")
+}
+
 /// What the balancer has applied so far, as [`Balancer::applied`] reports
 /// it after each catalog update.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -263,15 +304,28 @@ impl Applied {
 pub struct Balancer {
     config: BalancerConfig,
     shared: Arc<Shared>,
+    https: Option<(TcpListener, Arc<tls::Tls>)>,
 }
 
 impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
-        let shared = Arc::new(Shared {
+        let mut shared = Shared {
             source: config.source.clone(),
-            ..Shared::new(config.routes.clone())
-        });
-        Balancer { config, shared }
+            ..Shared::with_policy(config.routes.clone(), config.outlier)
+        };
+        shared.metrics.feed = Arc::clone(&config.feed);
+        Balancer {
+            config,
+            shared: Arc::new(shared),
+            https: None,
+        }
+    }
+
+    /// Also serves clients over TLS on `listener` with `tls`'s certificate,
+    /// beside the plain listener.
+    pub fn https(mut self, listener: TcpListener, tls: Arc<tls::Tls>) -> Self {
+        self.https = Some((listener, tls));
+        self
     }
 
     /// Changes after each catalog update has been applied to the sets, so a
@@ -299,7 +353,11 @@ impl Balancer {
         updates: impl Stream<Item = Update> + Send + 'static,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), BalancerError> {
-        let Balancer { config, shared } = self;
+        let Balancer {
+            config,
+            shared,
+            https,
+        } = self;
         let address = local_addr(&listener, "proxy")?;
         let follower = tokio::spawn(follow(shared.clone(), updates));
         let admin_task = match admin {
@@ -307,7 +365,10 @@ impl Balancer {
                 let admin_address = local_addr(&admin, "admin")?;
                 tracing::info!(address = %admin_address, "admin endpoint listening");
                 let endpoint: Arc<dyn crate::admin_http::Endpoint> = shared.clone();
-                Some(tokio::spawn(crate::admin_http::serve(admin, endpoint)))
+                let limits = config.limits.clone();
+                Some(tokio::spawn(crate::admin_http::serve(
+                    admin, endpoint, limits,
+                )))
             }
             None => None,
         };
@@ -316,7 +377,17 @@ impl Balancer {
             routes = ?config.routes.routes().map(|r| r.text.as_str()).collect::<Vec<_>>(),
             "balancer listening"
         );
-        proxy::serve(listener, shared, &config, shutdown).await;
+        let shutdown = shutdown.shared();
+        let plain = proxy::serve(listener, None, shared.clone(), &config, shutdown.clone());
+        match https {
+            None => plain.await,
+            Some((listener, tls)) => {
+                let address = local_addr(&listener, "HTTPS")?;
+                tracing::info!(%address, certificate = %tls.certificate().display(), "HTTPS listening");
+                let secure = proxy::serve(listener, Some(tls), shared, &config, shutdown);
+                tokio::join!(plain, secure);
+            }
+        }
         follower.abort();
         if let Some(task) = admin_task {
             task.abort();
@@ -410,15 +481,14 @@ mod tests {
     }
 
     #[test]
-    fn stale_and_unrouted_snapshots_are_counted_and_ignored() {
+    fn unrouted_snapshots_are_counted_and_ignored() {
         let shared = Shared::new(Routes::parse(&["web"]).expect("routes"));
         shared.apply(Update::Service(snapshot("web", 3, &["w1"])));
         shared.apply(Update::Reset(vec![
-            snapshot("web", 3, &[]),
+            snapshot("web", 4, &["w1"]),
             snapshot("other", 9, &["o1"]),
         ]));
         assert_eq!(ids(&shared, "web"), ["w1"]);
-        assert_eq!(updates(&shared, "stale"), 1);
         assert_eq!(updates(&shared, "unrouted"), 1);
     }
 
@@ -433,22 +503,25 @@ mod tests {
     }
 
     #[test]
+    fn each_balancer_has_its_own_via_name() {
+        let (one, two) = (via_name(), via_name());
+        assert!(one.starts_with("rollcall-") && one.len() == 25, "{one}");
+        assert_ne!(one, two);
+    }
+
+    #[test]
     fn applied_reports_each_update_and_the_revisions_held() {
         let shared = Shared::new(Routes::parse(&["web", "/api=api"]).expect("routes"));
         let applied = shared.applied.subscribe();
         shared.apply(Update::Service(snapshot("web", 2, &["w1"])));
         shared.apply(Update::Reset(vec![
-            snapshot("web", 1, &[]),
+            snapshot("web", 3, &[]),
             snapshot("api", 4, &["a1"]),
             snapshot("other", 9, &["o1"]),
         ]));
         let seen = applied.borrow();
         assert_eq!(seen.updates, 2);
-        assert_eq!(
-            seen.revision("web"),
-            2,
-            "a stale snapshot keeps the revision held"
-        );
+        assert_eq!(seen.revision("web"), 3);
         assert_eq!(seen.revision("api"), 4);
         assert_eq!(seen.revision("other"), 0, "unrouted services are not held");
     }

@@ -15,11 +15,23 @@
 //! its body is empty or was small enough to keep ([`REPLAY_LIMIT`], read
 //! whole before the first attempt), and either it never left or its method
 //! is idempotent (GET, HEAD, PUT, DELETE, OPTIONS, TRACE), since the
-//! instance may have acted on it.
+//! instance may have acted on it. The same holds after no response head
+//! came within the upstream timeout.
+//!
+//! Every attempt's outcome feeds the instance's passive health
+//! ([`super::outlier`]): 5xx answers, timeouts and closes without an answer
+//! in a row eject it, as a failed connection does at once.
 //!
 //! Answers of its own: 404 no route, 503 no live instance (naming the
 //! service), 502 no instance reachable, 504 no response head within the
-//! upstream timeout.
+//! upstream timeout, 405 for CONNECT (upgrades go to [`super::upgrade`]);
+//! and for a client at fault, never counted against an
+//! instance: 400 for a duplicate Host, a missing one on HTTP/1.1 or a
+//! request body with bad framing, 408 for a request body that paused
+//! beyond the body timeout, 508 for a request that already passed through
+//! this balancer (its `Via` names it). A client gone before its answer is
+//! counted as an abort (nginx's 499). An absolute-form request is routed
+//! by its own authority, which also becomes the `Host` sent upstream.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,33 +40,42 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Body, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use super::rotation::{Member, Rotation, ServiceSet};
+use super::access_log::{AccessLog, Entry};
+use super::limits::{self, Activity, BodyError, Flight, Gate, IdleBody, Tracked};
+use super::outlier::Outcome;
+use super::rotation::{Member, ServiceSet};
+use super::tls::{self, Tls};
+use super::upgrade;
 use super::upstream::{PooledBody, RequestBody, UpstreamConnectError};
 use super::{BalancerConfig, Shared};
-use crate::metrics::{Held, UpstreamFailure};
+use crate::metrics::{BalancerMetrics, Held, UpstreamFailure};
 
 /// The largest request body kept in memory so the request can be retried on
 /// another instance. Bigger or unsized bodies stream without retry.
 pub const REPLAY_LIMIT: u64 = 64 * 1024;
 
-/// Body of responses to clients: an instance's stream, or an answer of ours.
-pub type ClientBody = Either<PooledBody, Full<Bytes>>;
+/// nginx's code for a client gone before its answer; never sent.
+const CLIENT_CLOSED: u16 = 499;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const HTTP: HeaderValue = HeaderValue::from_static("http");
+/// `Via` entries this balancer adds: `1.1 <its name>`.
+const VIA_PROTOCOL: &str = "1.1 ";
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), besides any `proxy-*` and those
 /// named in `Connection`.
@@ -71,25 +92,40 @@ struct Proxy {
     shared: Arc<Shared>,
     upstream_timeout: Duration,
     connect_timeout: Duration,
+    body_timeout: Duration,
+    upstream_body_timeout: Duration,
+    /// `Via` value this balancer appends: `1.1 <its name>`.
+    via: HeaderValue,
+    access_log: Option<AccessLog>,
 }
 
-/// Accepts on `listener` until `shutdown`; then drains in-flight requests
-/// for at most `config.drain_timeout`.
+/// Accepts on `listener` until `shutdown`, at most
+/// `config.limits.max_connections` connections at once; then drains
+/// in-flight requests for at most `config.drain_timeout`.
 pub(super) async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     shared: Arc<Shared>,
     config: &BalancerConfig,
     shutdown: impl Future<Output = ()>,
 ) {
+    let limits = &config.limits;
+    let via = HeaderValue::from_str(&format!("{VIA_PROTOCOL}{}", shared.via))
+        .unwrap_or_else(|_| HeaderValue::from_static("1.1 rollcall"));
     let proxy = Arc::new(Proxy {
         shared,
         upstream_timeout: config.upstream_timeout,
         connect_timeout: config.connect_timeout,
+        body_timeout: limits.body_timeout,
+        upstream_body_timeout: limits.upstream_body_timeout,
+        via,
+        access_log: config.access_log.clone(),
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = limits::server_builder(limits);
     // One buffer, one write(2): hyper's vectored path sets up 64 iovecs on
     // every flush, which costs more than copying a response chunk.
     builder.http1().writev(false);
+    let mut gate = Gate::new(listener, limits.max_connections, "proxy");
     let graceful = GracefulShutdown::new();
     // Held here so that connections still open after the drain timeout end
     // with `serve`, not whenever the runtime goes.
@@ -97,34 +133,40 @@ pub(super) async fn serve(
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    // Small responses must not wait for Nagle.
-                    let _ = stream.set_nodelay(true);
-                    let connection = builder
-                        .serve_connection(TokioIo::new(stream), service(proxy.clone(), peer))
-                        .into_owned();
-                    let connection = graceful.watch(connection);
-                    let proxy = proxy.clone();
-                    connections.spawn(async move {
-                        let _open = Held::new(&proxy.shared.metrics.open_connections);
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%peer, %error, "client connection ended with an error");
+            (stream, peer, permit) = gate.accept() => {
+                // Small responses must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                let activity = Activity::new();
+                let stream = Tracked::new(tls::Stream::new(stream, tls.as_deref()), activity.clone());
+                let connection = builder
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(stream),
+                        service(proxy.clone(), peer, tls.is_some(), activity.clone()),
+                    )
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                let (proxy, idle_timeout) = (proxy.clone(), limits.idle_timeout);
+                connections.spawn(async move {
+                    // The permit goes when the connection does.
+                    let _permit = permit;
+                    let _open = Held::new(&proxy.shared.metrics.open_connections);
+                    tokio::select! {
+                        ended = connection => if let Err(error) = ended {
+                            connection_failed(&proxy.shared.metrics, peer, &*error);
+                        },
+                        () = activity.idle(idle_timeout) => {
+                            proxy.shared.metrics.idle_closed.inc();
+                            tracing::debug!(%peer, "client connection idle; closed");
                         }
-                    });
-                    // Reap finished connections so the set only holds open ones.
-                    while connections.try_join_next().is_some() {}
-                }
-                Err(error) => {
-                    // Out of file descriptors, mostly: wait instead of spinning.
-                    tracing::warn!(%error, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                    }
+                });
+                // Reap finished connections so the set only holds open ones.
+                while connections.try_join_next().is_some() {}
             },
             () = &mut shutdown => break,
         }
     }
-    drop(listener);
+    drop(gate);
     tracing::info!("no longer accepting; finishing in-flight requests");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections finished"),
@@ -139,9 +181,33 @@ pub(super) async fn serve(
     connections.shutdown().await;
 }
 
+/// Counts what a client connection's error says about the client: a head
+/// hyper answered itself (400, 414, 431) or one not sent in time.
+fn connection_failed(
+    metrics: &BalancerMetrics,
+    peer: SocketAddr,
+    error: &(dyn std::error::Error + Send + Sync + 'static),
+) {
+    if let Some(error) = error.downcast_ref::<hyper::Error>() {
+        if error.is_parse() && !error.is_parse_version_h2() {
+            let status = if error.is_parse_too_large() {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            metrics.hyper_answer(status);
+        } else if error.is_timeout() {
+            metrics.header_timeouts.inc();
+        }
+    }
+    tracing::debug!(%peer, %error, "client connection ended with an error");
+}
+
 fn service(
     proxy: Arc<Proxy>,
     peer: SocketAddr,
+    secure: bool,
+    activity: Arc<Activity>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<ClientBody>,
@@ -151,14 +217,172 @@ fn service(
     // Formatted once per connection, not per request.
     let client_ip = HeaderValue::from_str(&peer.ip().to_string())
         .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-    hyper::service::service_fn(move |request| {
+    hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        tls::mark(&mut request, secure);
         let proxy = proxy.clone();
         let client_ip = client_ip.clone();
+        let flight = activity.begin();
         async move {
             let _in_flight = Held::new(&proxy.shared.metrics.in_flight);
-            Ok(proxy.handle(request, client_ip).await)
+            let mut exchange = Exchange::new(&proxy, peer, &request);
+            let mut response = proxy.handle(request, client_ip, &mut exchange).await;
+            exchange.answered(response.status());
+            response.body_mut().finish_with(flight, exchange.log.take());
+            Ok(response)
         }
     })
+}
+
+/// One request from its head to its answer; dropped before the answer, it
+/// counts (and logs) the client's abort.
+struct Exchange<'p> {
+    metrics: &'p BalancerMetrics,
+    log: Option<Logged>,
+    answered: bool,
+    /// The number of the service it was routed to, once it was.
+    service: Option<usize>,
+}
+
+impl<'p> Exchange<'p> {
+    fn new(proxy: &'p Proxy, peer: SocketAddr, request: &Request<Incoming>) -> Self {
+        let log = proxy.access_log.as_ref().map(|log| Logged {
+            log: log.clone(),
+            entry: Box::new(Entry::new(peer, request.method(), request.uri())),
+            started: std::time::Instant::now(),
+        });
+        Exchange {
+            metrics: &proxy.shared.metrics,
+            log,
+            answered: false,
+            service: None,
+        }
+    }
+
+    fn entry(&mut self) -> Option<&mut Entry> {
+        self.log.as_mut().map(|logged| &mut *logged.entry)
+    }
+
+    fn answered(&mut self, status: StatusCode) {
+        self.answered = true;
+        if let Some(logged) = &mut self.log {
+            logged.entry.status = status.as_u16();
+        }
+        if status.as_u16() == CLIENT_CLOSED {
+            self.metrics.client_abort(self.service);
+        } else if status == StatusCode::REQUEST_TIMEOUT {
+            self.metrics.body_timeouts.inc();
+        }
+    }
+}
+
+impl Drop for Exchange<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.metrics.client_abort(self.service);
+            if let Some(mut logged) = self.log.take() {
+                logged.entry.status = CLIENT_CLOSED;
+                logged.write(0);
+            }
+        }
+    }
+}
+
+/// An access-log entry waiting for its answer to be sent.
+struct Logged {
+    log: AccessLog,
+    entry: Box<Entry>,
+    started: std::time::Instant,
+}
+
+impl Logged {
+    fn write(mut self, bytes: u64) {
+        self.entry.bytes = bytes;
+        self.entry.duration = self.started.elapsed();
+        self.log.write(&self.entry);
+    }
+}
+
+/// Body of responses to clients: an instance's stream (cut when it pauses
+/// beyond the upstream body timeout), or an answer of ours. It holds its
+/// request in flight on the connection, and its access-log entry, until
+/// hyper drops it once sent or abandoned.
+pub struct ClientBody {
+    inner: Either<IdleBody<PooledBody>, Full<Bytes>>,
+    flight: Option<Flight>,
+    log: Option<Logged>,
+    bytes: u64,
+}
+
+impl ClientBody {
+    fn upstream(body: PooledBody, limit: Duration) -> Self {
+        Self::new(Either::Left(IdleBody::new(body, limit)))
+    }
+
+    /// A whole body of rollcall's own (or an instance's, read whole).
+    pub(super) fn full(bytes: Bytes) -> Self {
+        Self::new(Either::Right(Full::new(bytes)))
+    }
+
+    fn new(inner: Either<IdleBody<PooledBody>, Full<Bytes>>) -> Self {
+        ClientBody {
+            inner,
+            flight: None,
+            log: None,
+            bytes: 0,
+        }
+    }
+
+    /// Whether rollcall wrote this body, not an instance.
+    fn is_own(&self) -> bool {
+        matches!(self.inner, Either::Right(_))
+    }
+
+    fn finish_with(&mut self, flight: Flight, log: Option<Logged>) {
+        self.flight = Some(flight);
+        self.log = log;
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        if let Some(logged) = self.log.take() {
+            logged.write(self.bytes);
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            Either::Left(upstream) => Pin::new(upstream).poll_frame(cx),
+            Either::Right(own) => Pin::new(own).poll_frame(cx).map_err(|never| match never {}),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) if this.log.is_some() => {
+                this.bytes += frame.data_ref().map_or(0, |data| data.len() as u64);
+            }
+            Poll::Ready(Some(Err(error))) => {
+                tracing::warn!(error = %Chain(error), "response body from instance cut");
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The request as it goes upstream, minus the instance.
@@ -173,7 +397,7 @@ enum Replay {
     /// Can be sent again: no body, or a small one read whole.
     Bytes(Option<Bytes>),
     /// Streamed once.
-    Stream(Option<Incoming>),
+    Stream(Option<IdleBody<Incoming>>),
 }
 
 impl Proxy {
@@ -183,8 +407,18 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         client_ip: HeaderValue,
+        exchange: &mut Exchange<'_>,
     ) -> Response<ClientBody> {
         let (parts, body) = request.into_parts();
+        if upgrade::is_connect(&parts) {
+            let response = upgrade::connect_refused();
+            self.shared.metrics.own_answer(None, response.status());
+            return response;
+        }
+        if let Err(refusal) = self.check_loop(&parts.headers) {
+            self.shared.metrics.own_answer(None, refusal.status);
+            return refusal.into_response();
+        }
         let index = match self.route(&parts) {
             Ok(index) => index,
             Err(refusal) => {
@@ -192,26 +426,52 @@ impl Proxy {
                 return refusal.into_response();
             }
         };
-        let response = match prepare(parts, body, client_ip).await {
-            Ok(prepared) => self.forward(index, prepared).await,
+        exchange.service = Some(index);
+        if let Some(entry) = exchange.entry() {
+            entry.service = Some(self.shared.routes.services()[index].clone());
+        }
+        if upgrade::is_upgrade(&parts) {
+            // Counted in `upgrade`, instance answers included.
+            let request = Request::from_parts(parts, body);
+            let timeouts = (self.connect_timeout, self.upstream_timeout);
+            return upgrade::forward(&self.shared, index, request, client_ip, timeouts).await;
+        }
+        let via = self.via.clone();
+        let response = match prepare(parts, body, client_ip, via, self.body_timeout).await {
+            Ok(prepared) => self.forward(index, prepared, exchange.entry()).await,
             Err(refusal) => refusal.into_response(),
         };
-        // Instances' answers were counted as they came, with their instance.
-        if let Either::Right(_) = response.body() {
-            self.shared
-                .metrics
-                .own_answer(Some(index), response.status());
+        // Instances' answers were counted as they came, with their instance;
+        // a client gone (499) was answered by no one.
+        let status = response.status();
+        if response.body().is_own() && status.as_u16() != CLIENT_CLOSED {
+            self.shared.metrics.own_answer(Some(index), status);
         }
         response
     }
 
-    /// The index of the service the request goes to, or the 404 answer.
+    /// The 508 answer when the request already passed through this
+    /// balancer: an instance registered at the balancer's own address
+    /// would otherwise send each request round until descriptors run out.
+    fn check_loop(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+        let mut seen = headers.get_all(header::VIA).iter();
+        if seen.any(|via| via.to_str().is_ok_and(|via| via.contains(&self.shared.via))) {
+            self.shared.metrics.loops_refused.inc();
+            return Err(Refusal {
+                status: StatusCode::LOOP_DETECTED,
+                text: format!(
+                    "request came back to balancer {}: an instance points at the balancer itself\n",
+                    self.shared.via
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The index of the service the request goes to; or the 400 answer for
+    /// a bad `Host`, or the 404 answer.
     fn route(&self, parts: &http::request::Parts) -> Result<usize, Refusal> {
-        let host = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+        let host = request_host(parts)?;
         self.shared
             .routes
             .find(host, parts.uri.path())
@@ -227,7 +487,12 @@ impl Proxy {
 
     /// Sends `prepared` to the service's instances in rotation, one after
     /// another while the retry policy allows.
-    async fn forward(&self, index: usize, mut prepared: Prepared) -> Response<ClientBody> {
+    async fn forward(
+        &self,
+        index: usize,
+        mut prepared: Prepared,
+        mut entry: Option<&mut Entry>,
+    ) -> Response<ClientBody> {
         let service = &self.shared.routes.services()[index];
         let rotation = &self.shared.rotations[index];
         let mut tried: Vec<Arc<Member>> = Vec::new();
@@ -242,22 +507,36 @@ impl Proxy {
                 }
                 return unreachable_answer(service, &tried);
             };
+            if let Some(entry) = entry.as_deref_mut() {
+                entry.instance = Some(member.id().to_owned());
+                entry.retries = tried.len() as u32;
+            }
             let began = std::time::Instant::now();
             let error = match self.attempt(&member, &mut prepared).await {
                 Ok(response) => {
-                    if let Some(metrics) = self.shared.metrics.instance(index, member.id()) {
-                        metrics.answered(response.status(), began.elapsed());
+                    let (metrics, status) = (&self.shared.metrics, response.status());
+                    if let Some(instance) = metrics.instance(index, member.id()) {
+                        instance.answered(status, began.elapsed());
                     }
-                    return answered(rotation, service, &member, response);
+                    rotation.observe(
+                        metrics,
+                        service,
+                        &member,
+                        Outcome::of_status(status),
+                        &status,
+                    );
+                    return answered(response, self.upstream_body_timeout);
                 }
                 Err(error) => error,
             };
             let failure = error.failure();
-            if let Some(metrics) = self.shared.metrics.instance(index, member.id()) {
-                metrics.failed(error.kind(failure));
+            let instance = self.shared.metrics.instance(index, member.id());
+            if let (Some(instance), Some(kind)) = (instance, error.kind(failure)) {
+                instance.failed(kind);
             }
-            if failure == Failure::Connect {
-                self.eject(rotation, service, &member, &error);
+            if let Some(outcome) = failure.outcome() {
+                let metrics = &self.shared.metrics;
+                rotation.observe(metrics, service, &member, outcome, &Chain(&error));
             }
             let next = next_step(failure, prepared.facts(), tried.len() + 1, set.live_count());
             log_failure(service, &member, &error, failure, next);
@@ -288,38 +567,13 @@ impl Proxy {
             .await
             .unwrap_or(Err(AttemptError::TimedOut(self.upstream_timeout)))
     }
-
-    /// Takes `member` out of rotation after a failed connection.
-    fn eject(&self, rotation: &Rotation, service: &str, member: &Member, error: &AttemptError) {
-        let now = tokio::time::Instant::now().into_std();
-        if let Some(length) = rotation.eject(member.id(), now) {
-            self.shared.metrics.ejections.inc();
-            tracing::warn!(
-                service = %service,
-                instance = %member.id(),
-                error = %Chain(error),
-                ejected_for = ?length,
-                "cannot connect to instance; ejected"
-            );
-        }
-    }
 }
 
-/// The instance's response, passed on; an instance that had failed before
-/// counts as healthy again.
-fn answered(
-    rotation: &Rotation,
-    service: &str,
-    member: &Member,
-    response: Response<PooledBody>,
-) -> Response<ClientBody> {
-    if member.health.failures > 0 {
-        rotation.recovered(member.id());
-        tracing::info!(service = %service, instance = %member.id(), "instance answers again");
-    }
+/// The instance's response, passed on.
+fn answered(response: Response<PooledBody>, body_timeout: Duration) -> Response<ClientBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, Either::Left(body))
+    Response::from_parts(parts, ClientBody::upstream(body, body_timeout))
 }
 
 /// Logs a failed attempt at the level its consequence deserves: connection
@@ -328,16 +582,23 @@ fn answered(
 fn log_failure(service: &str, member: &Member, error: &AttemptError, failure: Failure, next: Next) {
     match (failure, next) {
         (Failure::Connect, Next::Retry | Next::AllTried) => {}
+        (Failure::Client(status), _) => tracing::debug!(
+            service = %service,
+            instance = %member.id(),
+            error = %Chain(error),
+            %status,
+            "the client's request body failed; not the instance's fault"
+        ),
         (_, Next::Retry | Next::AllTried) => {
             // A kept-alive connection the instance closed as the request
-            // went out: an instance that just exited, or an idle timeout
-            // racing us. Not proof enough to eject; if the instance is gone,
-            // the next connection to it fails and ejects it.
+            // went out (an instance that just exited, or an idle timeout
+            // racing us), or no answer in time. One is not proof enough to
+            // eject; passive health counts them in a row.
             tracing::debug!(
                 service = %service,
                 instance = %member.id(),
                 error = %Chain(error),
-                "connection closed before an answer; trying the next instance"
+                "no answer; trying the next instance"
             );
         }
         (_, Next::Answer(_)) => tracing::warn!(
@@ -351,31 +612,74 @@ fn log_failure(service: &str, member: &Member, error: &AttemptError, failure: Fa
 }
 
 /// The request's route and headers made ready to go upstream, and its body
-/// read whole when small enough to send again; or the 400 answer when the
-/// body cannot be read.
+/// read whole when small enough to send again; or the client's answer when
+/// the body cannot be read.
 async fn prepare(
     parts: http::request::Parts,
     body: Incoming,
     client_ip: HeaderValue,
+    via: HeaderValue,
+    body_timeout: Duration,
 ) -> Result<Prepared, Refusal> {
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     add_forwarded(&mut headers, &parts.uri, client_ip);
+    tls::forwarded_proto(&parts.extensions, &mut headers);
+    append_list(&mut headers, header::VIA, via);
     let path_and_query = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let body = replayable(body).await.map_err(|error| Refusal {
-        status: StatusCode::BAD_REQUEST,
-        text: format!("could not read the request body: {}\n", Chain(&error)),
-    })?;
+    let body = replayable(IdleBody::new(body, body_timeout))
+        .await
+        .map_err(|error| Refusal {
+            status: client_fault(&error),
+            text: format!("could not read the request body: {}\n", Chain(&error)),
+        })?;
     Ok(Prepared {
         method: parts.method,
         path_and_query,
         headers,
         body,
     })
+}
+
+/// The host a request is routed by: the URI's own authority when it has
+/// one (absolute form, or h2's `:authority`), else its one `Host`. The 400
+/// answer for more than one `Host`, an unreadable one, or none on HTTP/1.1
+/// (RFC 9112 §3.2).
+fn request_host(parts: &http::request::Parts) -> Result<Option<&str>, Refusal> {
+    let bad = |text: &str| Refusal {
+        status: StatusCode::BAD_REQUEST,
+        text: format!("{text}\n"),
+    };
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(bad("more than one Host header"));
+    }
+    if host.is_none() && parts.version == Version::HTTP_11 {
+        return Err(bad("an HTTP/1.1 request needs a Host header"));
+    }
+    let host = match host.map(HeaderValue::to_str).transpose() {
+        Ok(host) => host,
+        Err(_) => return Err(bad("the Host header is not readable text")),
+    };
+    Ok(parts.uri.authority().map(|a| a.as_str()).or(host))
+}
+
+/// The status for a request body that failed on the client's side: 408
+/// when it paused too long, 499 when the client went away mid-body, 400
+/// for bad framing.
+fn client_fault(error: &BodyError) -> StatusCode {
+    match error {
+        BodyError::Idle(_) => StatusCode::REQUEST_TIMEOUT,
+        BodyError::Read(error) if error.is_incomplete_message() || was_reset(error) => {
+            StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST)
+        }
+        BodyError::Read(_) => StatusCode::BAD_REQUEST,
+    }
 }
 
 /// A request refused before any instance saw it: an answer of ours, kept
@@ -405,6 +709,19 @@ fn pick(set: &ServiceSet, tried: &[Arc<Member>]) -> Option<Arc<Member>> {
     None
 }
 
+impl Failure {
+    /// What the failure tells of the instance's health, if anything: a
+    /// connection closed before the request went out is a pool race, and a
+    /// broken exchange may be the client's doing.
+    fn outcome(self) -> Option<Outcome> {
+        match self {
+            Failure::Connect => Some(Outcome::ConnectFailure),
+            Failure::Unanswered | Failure::TimedOut => Some(Outcome::GatewayFailure),
+            Failure::NotSent | Failure::Broken | Failure::Client(_) => None,
+        }
+    }
+}
+
 /// How an attempt failed, as far as the retry policy cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failure {
@@ -421,6 +738,9 @@ enum Failure {
     Broken,
     /// No response head within the upstream timeout.
     TimedOut,
+    /// The client's request body failed (paused too long, bad framing,
+    /// client gone): the client's answer, not the instance's fault.
+    Client(StatusCode),
 }
 
 /// What the retry policy needs to know of the request.
@@ -447,16 +767,19 @@ enum Next {
 /// request (the failed one included) out of `live`. A request is sent
 /// elsewhere only when it can be sent again: it was never built (connect
 /// failure), or its body was kept and either it never left or its method
-/// is idempotent.
+/// is idempotent. A timeout ends in 504, whether it was the only try or the
+/// last.
 fn next_step(failure: Failure, request: RequestFacts, tried: usize, live: usize) -> Next {
     let may_resend = match failure {
         Failure::Connect => true,
         Failure::NotSent => request.replayable,
-        Failure::Unanswered => request.replayable && request.idempotent,
+        Failure::Unanswered | Failure::TimedOut => request.replayable && request.idempotent,
         Failure::Broken => false,
-        Failure::TimedOut => return Next::Answer(StatusCode::GATEWAY_TIMEOUT),
+        Failure::Client(status) => return Next::Answer(status),
     };
-    if !may_resend {
+    if failure == Failure::TimedOut && (!may_resend || tried >= live) {
+        Next::Answer(StatusCode::GATEWAY_TIMEOUT)
+    } else if !may_resend {
         Next::Answer(StatusCode::BAD_GATEWAY)
     } else if tried >= live {
         Next::AllTried
@@ -474,6 +797,7 @@ fn was_reset(error: &hyper::Error) -> bool {
                 std::io::ErrorKind::ConnectionReset
                     | std::io::ErrorKind::ConnectionAborted
                     | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
             );
         }
         source = cause.source();
@@ -496,9 +820,11 @@ enum AttemptError {
 
 impl AttemptError {
     /// How Prometheus is told the attempt failed: `failure` as the retry
-    /// policy sees it, with a reset told apart from a quiet close.
-    fn kind(&self, failure: Failure) -> UpstreamFailure {
-        match (failure, self) {
+    /// policy sees it, with a reset told apart from a quiet close. `None`
+    /// when the client's side failed, not the instance.
+    fn kind(&self, failure: Failure) -> Option<UpstreamFailure> {
+        let kind = match (failure, self) {
+            (Failure::Client(_), _) => return None,
             (Failure::Connect, _) => UpstreamFailure::connect,
             (Failure::TimedOut, _) => UpstreamFailure::timeout,
             (Failure::NotSent, _) => UpstreamFailure::closed,
@@ -507,10 +833,14 @@ impl AttemptError {
             }
             (Failure::Unanswered, _) => UpstreamFailure::closed,
             (Failure::Broken, _) => UpstreamFailure::broken,
-        }
+        };
+        Some(kind)
     }
 
     fn failure(&self) -> Failure {
+        if let Some(client) = self.client_body_error() {
+            return Failure::Client(client_fault(client));
+        }
         match self {
             AttemptError::Connect(_) => Failure::Connect,
             AttemptError::Send(error) if error.is_canceled() || error.is_closed() => {
@@ -524,6 +854,23 @@ impl AttemptError {
             AttemptError::Send(_) | AttemptError::BodyGone => Failure::Broken,
             AttemptError::TimedOut(_) => Failure::TimedOut,
         }
+    }
+}
+
+impl AttemptError {
+    /// The client's body error that made sending fail, if that is why.
+    fn client_body_error(&self) -> Option<&BodyError> {
+        let AttemptError::Send(error) = self else {
+            return None;
+        };
+        let mut source = std::error::Error::source(error);
+        while let Some(cause) = source {
+            if let Some(body) = cause.downcast_ref::<BodyError>() {
+                return Some(body);
+            }
+            source = cause.source();
+        }
+        None
     }
 }
 
@@ -585,7 +932,7 @@ impl Prepared {
 
 /// Reads a small declared-length body whole so the request can be retried;
 /// leaves any other body streaming.
-async fn replayable(body: Incoming) -> Result<Replay, hyper::Error> {
+async fn replayable(body: IdleBody<Incoming>) -> Result<Replay, BodyError> {
     if body.is_end_stream() {
         return Ok(Replay::Bytes(None));
     }
@@ -599,7 +946,7 @@ async fn replayable(body: Incoming) -> Result<Replay, hyper::Error> {
 }
 
 /// Removes the headers that describe one connection, not the message.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the few names present costs
     // less than a hash lookup per hop-by-hop name. Headers named in
     // `Connection` only count when `Connection` itself is there.
@@ -642,9 +989,31 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Appends the client to `X-Forwarded-For`; sets `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` to what this hop saw, and keeps the `Host` the client
 /// asked for (an h2 client sends it as the URI authority).
-fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, client_ip: HeaderValue) {
+pub(super) fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, client_ip: HeaderValue) {
+    append_list(headers, X_FORWARDED_FOR, client_ip);
+    headers.insert(X_FORWARDED_PROTO, HTTP);
+    // The URI's authority (absolute form, h2) outranks `Host` (RFC 9112
+    // §3.2.2), so it is what goes on as `Host`.
+    let authority = uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    match authority {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST, host.clone());
+            headers.insert(header::HOST, host);
+        }
+        None => {
+            if let Some(host) = headers.get(header::HOST).cloned() {
+                headers.insert(X_FORWARDED_HOST, host);
+            }
+        }
+    }
+}
+
+/// Appends `value` to the comma-separated list header `name`.
+fn append_list(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
     // Entries, not get-then-insert: one hash lookup per header.
-    match headers.entry(X_FORWARDED_FOR) {
+    match headers.entry(name) {
         header::Entry::Occupied(mut earlier) => {
             // Several lines count as one comma-separated list, in order.
             let mut joined = Vec::new();
@@ -652,32 +1021,17 @@ fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, client_ip: HeaderValue) {
                 joined.extend_from_slice(value.as_bytes());
                 joined.extend_from_slice(b", ");
             }
-            joined.extend_from_slice(client_ip.as_bytes());
-            earlier.insert(HeaderValue::from_bytes(&joined).unwrap_or(client_ip));
+            joined.extend_from_slice(value.as_bytes());
+            earlier.insert(HeaderValue::from_bytes(&joined).unwrap_or(value));
         }
         header::Entry::Vacant(none) => {
-            none.insert(client_ip);
-        }
-    }
-    headers.insert(X_FORWARDED_PROTO, HTTP);
-    match headers.get(header::HOST).cloned() {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST, host);
-        }
-        None => {
-            if let Some(host) = uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                headers.insert(X_FORWARDED_HOST, host.clone());
-                headers.insert(header::HOST, host);
-            }
+            none.insert(value);
         }
     }
 }
 
 fn own_answer(status: StatusCode, body: String) -> Response<ClientBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    let mut response = Response::new(ClientBody::full(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -767,14 +1121,19 @@ mod tests {
     }
 
     #[test]
-    fn other_failures_answer_502_and_a_timeout_504_without_retry() {
+    fn other_failures_answer_502_without_retry() {
         for request in [GET_EMPTY, POST_SMALL, PUT_STREAMED] {
             assert_eq!(next_step(Failure::Broken, request, 1, 3), BAD_GATEWAY);
-            assert_eq!(
-                next_step(Failure::TimedOut, request, 1, 3),
-                Next::Answer(StatusCode::GATEWAY_TIMEOUT)
-            );
         }
+    }
+
+    #[test]
+    fn a_timeout_is_retried_when_idempotent_and_kept_else_answered_504() {
+        const TIMEOUT: Next = Next::Answer(StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(next_step(Failure::TimedOut, GET_EMPTY, 1, 3), Next::Retry);
+        assert_eq!(next_step(Failure::TimedOut, GET_EMPTY, 3, 3), TIMEOUT);
+        assert_eq!(next_step(Failure::TimedOut, POST_SMALL, 1, 3), TIMEOUT);
+        assert_eq!(next_step(Failure::TimedOut, PUT_STREAMED, 1, 3), TIMEOUT);
     }
 
     #[test]
@@ -811,6 +1170,10 @@ mod tests {
             shared: shared.clone(),
             upstream_timeout: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(2),
+            body_timeout: Duration::from_secs(60),
+            upstream_body_timeout: Duration::from_secs(60),
+            via: HeaderValue::from_static("1.1 test"),
+            access_log: None,
         };
         let prepared = Prepared {
             method: http::Method::GET,
@@ -819,7 +1182,7 @@ mod tests {
             body: Replay::Bytes(None),
         };
         let started = tokio::time::Instant::now();
-        let response = proxy.forward(0, prepared).await;
+        let response = proxy.forward(0, prepared, None).await;
         let took = started.elapsed();
         assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
         assert!(took >= Duration::from_millis(200), "{took:?}");
@@ -827,6 +1190,55 @@ mod tests {
         assert_eq!(shared.metrics.retries.get(), 0, "a timeout is not retried");
         assert_eq!(shared.metrics.ejections.get(), 0);
         holder.abort();
+    }
+
+    #[test]
+    fn a_client_failure_answers_the_client_without_retry() {
+        let timeout = Next::Answer(StatusCode::REQUEST_TIMEOUT);
+        for request in [GET_EMPTY, POST_SMALL, PUT_STREAMED] {
+            let failure = Failure::Client(StatusCode::REQUEST_TIMEOUT);
+            assert_eq!(next_step(failure, request, 1, 3), timeout);
+        }
+    }
+
+    fn parts(request: http::request::Builder) -> http::request::Parts {
+        request.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn the_host_is_the_uris_authority_else_the_one_host_header() {
+        let host = |request| {
+            request_host(&parts(request))
+                .map(|host| host.map(str::to_owned))
+                .map_err(|r| r.status)
+        };
+        let origin = Request::get("/x").header(header::HOST, "web.test");
+        assert_eq!(host(origin), Ok(Some("web.test".into())));
+        let absolute = Request::get("http://api.test/x").header(header::HOST, "web.test");
+        assert_eq!(host(absolute), Ok(Some("api.test".into())));
+        let http10 = Request::get("/x").version(Version::HTTP_10);
+        assert_eq!(host(http10), Ok(None));
+        let h2 = Request::get("http://api.test/x").version(Version::HTTP_2);
+        assert_eq!(host(h2), Ok(Some("api.test".into())));
+    }
+
+    #[test]
+    fn a_missing_or_doubled_host_is_the_clients_400() {
+        let host = |request| {
+            request_host(&parts(request))
+                .map(|host| host.map(str::to_owned))
+                .map_err(|r| r.status)
+        };
+        assert_eq!(host(Request::get("/x")), Err(StatusCode::BAD_REQUEST));
+        let twice = Request::get("/x")
+            .header(header::HOST, "a")
+            .header(header::HOST, "b");
+        assert_eq!(host(twice), Err(StatusCode::BAD_REQUEST));
+        let unreadable = Request::get("/x").header(
+            header::HOST,
+            HeaderValue::from_bytes(b"caf\xe9").expect("opaque bytes are a valid value"),
+        );
+        assert_eq!(host(unreadable), Err(StatusCode::BAD_REQUEST));
     }
 
     #[test]

@@ -16,15 +16,25 @@
 //!
 //! Time is an argument (`now`): ejections expire by the clock the caller
 //! passes, so tests need no sleeping.
+//!
+//! Passive health follows [`super::outlier`]'s policy: each member counts
+//! its failures in a row in an atomic of its own (an answer below 500 is
+//! one load when nothing failed), and only an ejection builds a new set.
+//! Slow start lives in the set too: a member that joined or came back from
+//! an ejection carries the instant its ramp began, and a pick that lands on
+//! it passes with the probability its share has reached (a hash of the
+//! cursor position, [`outlier::admits`]), otherwise the pick moves on.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
 
+use super::outlier::{self, Outcome as Attempt, OutlierPolicy, Reason, Streak, FULL_SHARE};
 use super::upstream::Upstream;
+use crate::metrics::BalancerMetrics;
 use crate::protocol::{Instance, Snapshot};
 
 /// How long an instance that refused a connection stays out of rotation the
@@ -54,12 +64,28 @@ pub struct Member {
     /// connections outlive set changes and close when the instance leaves.
     pub upstream: Arc<Upstream>,
     pub health: Health,
+    /// Failures in a row ([`Streak::pack`]ed), counted without a new set.
+    streak: AtomicU64,
+    /// When its slow start began (joined, or back from an ejection).
+    ramp_from: Option<Instant>,
 }
 
 impl Member {
     /// Whether the member may take a request at `now`.
     pub fn is_eligible(&self, now: Instant) -> bool {
         self.health.ejected_until.is_none_or(|until| now >= until)
+    }
+
+    /// A copy with `health` and `ramp_from`, carrying the failure streak.
+    fn with(&self, health: Health, ramp_from: Option<Instant>) -> Member {
+        Member {
+            instance: self.instance.clone(),
+            authority: self.authority.clone(),
+            upstream: self.upstream.clone(),
+            health,
+            streak: AtomicU64::new(self.streak.load(Ordering::Relaxed)),
+            ramp_from,
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -89,23 +115,31 @@ pub struct ServiceSet {
     /// Position of the next pick. Lives in the set so a swap can place the
     /// new set's cursor where the old rotation left off.
     cursor: AtomicUsize,
-    /// Whether any member is ejected; when not, a pick needs no clock.
-    any_ejected: bool,
+    /// Whether any member is ejected or ramping; when not, a pick needs no
+    /// clock.
+    any_held: bool,
     /// Members with a weight above 0.
     live: usize,
+    /// The slow-start window of the rotation this set belongs to.
+    policy: OutlierPolicy,
 }
 
 impl ServiceSet {
     /// The set of a service not seen yet: no instances, revision 0.
     pub fn empty(service: &str) -> Self {
+        ServiceSet::empty_with(service, OutlierPolicy::default())
+    }
+
+    fn empty_with(service: &str, policy: OutlierPolicy) -> Self {
         ServiceSet {
             service: Arc::from(service),
             revision: 0,
             members: Vec::new(),
             sequence: Vec::new(),
             cursor: AtomicUsize::new(0),
-            any_ejected: false,
+            any_held: false,
             live: 0,
+            policy,
         }
     }
 
@@ -131,9 +165,9 @@ impl ServiceSet {
         self.live
     }
 
-    /// The next member in rotation at `now`, skipping ejected ones. When
-    /// every member with weight is ejected, the balancer fails open: it
-    /// returns the next one anyway. An ejection is only this balancer's guess
+    /// The next member in rotation at `now`, skipping ejected ones and
+    /// thinning ramping ones to their share. When every member with weight
+    /// is ejected, the balancer fails open: it returns the next one anyway. An ejection is only this balancer's guess
     /// from a refused connection, and a refused connection costs
     /// microseconds, while refusing to try could turn a fleet that just came
     /// back into a minute of 502s. `None` only when nothing takes traffic.
@@ -144,20 +178,34 @@ impl ServiceSet {
         }
         let first = self.cursor.fetch_add(1, Ordering::Relaxed);
         let member = self.at(first);
-        if !self.any_ejected {
+        if !self.any_held {
             return Some(member);
         }
         let now = now();
-        if member.is_eligible(now) {
-            return Some(member);
-        }
-        for _ in 1..len {
-            let candidate = self.at(self.cursor.fetch_add(1, Ordering::Relaxed));
-            if candidate.is_eligible(now) {
+        // A ramping member refused every time still beats an ejected one.
+        let mut refused = None;
+        let mut position = first;
+        for step in 0..len {
+            if step > 0 {
+                position = self.cursor.fetch_add(1, Ordering::Relaxed);
+            }
+            let candidate = self.at(position);
+            if !candidate.is_eligible(now) {
+                continue;
+            }
+            if outlier::admits(self.share_of(candidate, now), position) {
                 return Some(candidate);
             }
+            refused.get_or_insert(candidate);
         }
-        Some(member)
+        Some(refused.unwrap_or(member))
+    }
+
+    /// `member`'s share of its weight at `now`, in 1/[`FULL_SHARE`]ths.
+    fn share_of(&self, member: &Member, now: Instant) -> u32 {
+        member
+            .ramp_from
+            .map_or(FULL_SHARE, |since| self.policy.share(since, now))
     }
 
     fn at(&self, position: usize) -> &Arc<Member> {
@@ -180,7 +228,15 @@ impl ServiceSet {
     /// equal weights that is exactly "carry on in id order": a joining
     /// instance is visited when its turn in id order comes, and no remaining
     /// instance is skipped or visited twice by the change.
-    pub fn from_snapshot(snapshot: &Snapshot, previous: &ServiceSet) -> (Self, Vec<String>) {
+    ///
+    /// A member new to a set that had members starts its slow start at
+    /// `now`; the first members of a set take their full share at once, as
+    /// a balancer that just started has nothing else to send traffic to.
+    pub fn from_snapshot(
+        snapshot: &Snapshot,
+        previous: &ServiceSet,
+        now: Instant,
+    ) -> (Self, Vec<String>) {
         let mut instances: Vec<&Instance> = snapshot.instances.iter().collect();
         instances.sort_by(|a, b| a.id.cmp(&b.id));
         instances.dedup_by(|a, b| a.id == b.id);
@@ -200,11 +256,21 @@ impl ServiceSet {
                 Some(m) => m.upstream.clone(),
                 None => Arc::new(Upstream::new(&instance.address, instance.port)),
             };
+            let ramp_from = match kept {
+                Some(m) => m.ramp_from,
+                None if previous.members.is_empty() => None,
+                None => Some(now),
+            };
+            let streak = kept.map_or(0, |m| m.streak.load(Ordering::Relaxed));
             members.push(Arc::new(Member {
                 instance: instance.clone(),
                 authority,
                 upstream,
                 health,
+                streak: AtomicU64::new(streak),
+                // A finished ramp is dropped so picks stop reading the clock.
+                ramp_from: ramp_from
+                    .filter(|&since| previous.policy.share(since, now) < FULL_SHARE),
             }));
         }
         let set = ServiceSet::assemble(
@@ -217,16 +283,18 @@ impl ServiceSet {
     }
 
     /// A copy of this set with `id`'s health replaced by `update(health)`.
+    /// A new ejection also moves the start of its slow start to the
+    /// ejection's end.
     fn with_health(&self, id: &str, update: impl FnOnce(Health) -> Health) -> Option<Self> {
         let index = self.position_of(id)?;
         let mut members = self.members.clone();
         let old = &members[index];
-        members[index] = Arc::new(Member {
-            instance: old.instance.clone(),
-            authority: old.authority.clone(),
-            upstream: old.upstream.clone(),
-            health: update(old.health),
-        });
+        let health = update(old.health);
+        let ramp_from = match health.ejected_until {
+            Some(until) if !self.policy.slow_start.is_zero() => Some(until),
+            _ => old.ramp_from,
+        };
+        members[index] = Arc::new(old.with(health, ramp_from));
         Some(ServiceSet::assemble(
             self.service.clone(),
             self.revision,
@@ -243,7 +311,9 @@ impl ServiceSet {
     ) -> Self {
         let weights: Vec<u32> = members.iter().map(|m| m.instance.weight).collect();
         let sequence = smooth_weighted_sequence(&weights);
-        let any_ejected = members.iter().any(|m| m.health.ejected_until.is_some());
+        let any_held = members
+            .iter()
+            .any(|m| m.health.ejected_until.is_some() || m.ramp_from.is_some());
         let cursor = continue_rotation(previous, &members, &sequence);
         let live = members.iter().filter(|m| m.instance.weight > 0).count();
         ServiceSet {
@@ -253,7 +323,8 @@ impl ServiceSet {
             members,
             sequence,
             cursor: AtomicUsize::new(cursor),
-            any_ejected,
+            any_held,
+            policy: previous.policy,
         }
     }
 }
@@ -350,13 +421,19 @@ pub struct Rotation {
     /// Serializes writers (the catalog task, ejections, recoveries) so none
     /// loses another's change; readers never touch it.
     write: Mutex<()>,
+    policy: OutlierPolicy,
 }
 
 impl Rotation {
     pub fn new(service: &str) -> Self {
+        Rotation::with_policy(service, OutlierPolicy::default())
+    }
+
+    pub fn with_policy(service: &str, policy: OutlierPolicy) -> Self {
         Rotation {
-            current: ArcSwap::from_pointee(ServiceSet::empty(service)),
+            current: ArcSwap::from_pointee(ServiceSet::empty_with(service, policy)),
             write: Mutex::new(()),
+            policy,
         }
     }
 
@@ -370,15 +447,18 @@ impl Rotation {
         self.current.load_full()
     }
 
-    /// Replaces the set with `snapshot` when its revision is above the one
-    /// held. Returns what happened.
+    /// Replaces the set with `snapshot`. The feed filtered stale revisions
+    /// already ([`Held`](crate::subscription::Held)). Returns what happened.
     pub fn apply(&self, snapshot: &Snapshot) -> Outcome {
+        self.apply_at(snapshot, tokio::time::Instant::now().into_std())
+    }
+
+    /// [`Rotation::apply`] at `now`, when joining members start their slow
+    /// start.
+    pub fn apply_at(&self, snapshot: &Snapshot, now: Instant) -> Outcome {
         let _writer = self.write.lock().unwrap_or_else(PoisonError::into_inner);
         let previous = self.current.load_full();
-        if let Some(stale) = stale(&previous, snapshot) {
-            return stale;
-        }
-        let (set, skipped) = ServiceSet::from_snapshot(snapshot, &previous);
+        let (set, skipped) = ServiceSet::from_snapshot(snapshot, &previous, now);
         let membership_changed = previous.members.len() != set.members.len()
             || previous.members.iter().zip(&set.members).any(|(a, b)| {
                 a.id() != b.id()
@@ -393,11 +473,74 @@ impl Rotation {
     }
 
     /// Takes `id` out of rotation after a failed connection at `now`, for
-    /// longer each failure in a row. Returns the ejection's length, or
-    /// `None` when the instance has left the set meanwhile.
+    /// longer each ejection in a row. Returns the ejection's length, or
+    /// `None` when the instance has left the set meanwhile or the service
+    /// already has as many instances out as the policy allows.
     pub fn eject(&self, id: &str, now: Instant) -> Option<Duration> {
+        match self.take_out(id, Reason::Connect, now) {
+            Report::Ejected { length, .. } => Some(length),
+            _ => None,
+        }
+    }
+
+    /// Feeds the outcome of one attempt at `member` to its passive health:
+    /// counts it, ejects when a threshold is crossed (within the ejection
+    /// cap), clears the failures after an answer.
+    pub fn report(&self, member: &Member, outcome: Attempt, now: Instant) -> Report {
+        if outcome == Attempt::Answered {
+            // The hot path: one load when nothing had failed.
+            if member.streak.load(Ordering::Relaxed) != 0 {
+                member.streak.store(0, Ordering::Relaxed);
+            }
+            if member.health.failures == 0 {
+                return Report::Nothing;
+            }
+            self.recovered(member.id());
+            return Report::Recovered;
+        }
+        let mut crossed = None;
+        let _ = member
+            .streak
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+                let (next, reason) = self.policy.record(Streak::unpack(word), outcome);
+                crossed = reason;
+                Some(next.pack())
+            });
+        match crossed {
+            Some(reason) => self.take_out(member.id(), reason, now),
+            None => Report::Nothing,
+        }
+    }
+
+    /// [`Rotation::report`], counted in `metrics` and logged; `cause` names
+    /// what happened.
+    pub fn observe(
+        &self,
+        metrics: &BalancerMetrics,
+        service: &str,
+        member: &Member,
+        outcome: Attempt,
+        cause: &dyn std::fmt::Display,
+    ) {
+        let report = self.report(member, outcome, tokio::time::Instant::now().into_std());
+        if matches!(report, Report::Ejected { .. }) {
+            metrics.ejections.inc();
+        }
+        report.log(service, member, cause);
+    }
+
+    /// Ejects `id` unless the cap of ejected members is reached.
+    fn take_out(&self, id: &str, reason: Reason, now: Instant) -> Report {
         let _writer = self.write.lock().unwrap_or_else(PoisonError::into_inner);
         let previous = self.current.load_full();
+        let out = previous
+            .members
+            .iter()
+            .filter(|m| m.id() != id && m.instance.weight > 0 && !m.is_eligible(now))
+            .count();
+        if out >= self.policy.ejection_cap(previous.live) {
+            return Report::Capped { reason, out };
+        }
         let mut length = Duration::ZERO;
         let set = previous.with_health(id, |health| {
             let failures = health.failures.saturating_add(1);
@@ -406,9 +549,12 @@ impl Rotation {
                 failures,
                 ejected_until: Some(now + length),
             }
-        })?;
+        });
+        let Some(set) = set else {
+            return Report::Gone;
+        };
         self.current.store(Arc::new(set));
-        Some(length)
+        Report::Ejected { length, reason }
     }
 
     /// Clears `id`'s failures after it answered.
@@ -421,19 +567,54 @@ impl Rotation {
     }
 }
 
-/// The stale-revision filter: a snapshot whose revision is not above the
-/// one `held` changes nothing.
-fn stale(held: &ServiceSet, snapshot: &Snapshot) -> Option<Outcome> {
-    (held.revision >= snapshot.revision).then_some(Outcome::Stale {
-        held: held.revision,
-    })
+/// What [`Rotation::report`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// Counted, nothing else changed.
+    Nothing,
+    /// An instance that had been ejected answers again.
+    Recovered,
+    /// Out of rotation for `length`.
+    Ejected { length: Duration, reason: Reason },
+    /// A threshold was crossed, but `out` instances of the service are
+    /// already ejected, as many as the policy allows.
+    Capped { reason: Reason, out: usize },
+    /// The instance left the set meanwhile.
+    Gone,
+}
+
+impl Report {
+    /// Logs what changed for `member` of `service`; `cause` is the failure
+    /// that made the report.
+    pub fn log(&self, service: &str, member: &Member, cause: &dyn std::fmt::Display) {
+        match self {
+            Report::Nothing | Report::Gone => {}
+            Report::Recovered => {
+                tracing::info!(service = %service, instance = %member.id(), "instance answers again");
+            }
+            Report::Ejected { length, reason } => tracing::warn!(
+                service = %service,
+                instance = %member.id(),
+                error = %cause,
+                %reason,
+                ejected_for = ?length,
+                "instance ejected"
+            ),
+            Report::Capped { reason, out } => tracing::warn!(
+                service = %service,
+                instance = %member.id(),
+                error = %cause,
+                %reason,
+                already_out = out,
+                "instance kept in rotation: the ejection cap is reached"
+            ),
+        }
+    }
 }
 
 /// The outcome of [`Rotation::apply`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// The snapshot's revision was not above the one held: nothing changed.
-    Stale { held: u64 },
     /// The set was replaced. `skipped` lists instances whose address cannot
     /// be an HTTP authority.
     Replaced {
@@ -561,21 +742,6 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_revision_changes_nothing() {
-        let rotation = Rotation::new("web");
-        rotation.apply(&snapshot(5, &[("a", 1)]));
-        assert_eq!(
-            rotation.apply(&snapshot(5, &[("a", 1), ("b", 1)])),
-            Outcome::Stale { held: 5 }
-        );
-        assert_eq!(
-            rotation.apply(&snapshot(4, &[])),
-            Outcome::Stale { held: 5 }
-        );
-        assert_eq!(rotation.load().members().len(), 1);
-    }
-
-    #[test]
     fn ejected_instances_are_skipped_until_the_ejection_ends() {
         let rotation = Rotation::new("web");
         rotation.apply(&snapshot(1, &[("a", 1), ("b", 1), ("c", 1)]));
@@ -651,5 +817,142 @@ mod tests {
         rotation.apply(&snapshot(2, &[("a", 2), ("b", 1), ("c", 1)]));
         let next = picks(&rotation, 1, t0);
         assert_ne!(next, ids(&["a"]), "a was just picked; {next:?}");
+    }
+
+    fn member(rotation: &Rotation, id: &str) -> Arc<Member> {
+        let set = rotation.load();
+        set.members()[set.position_of(id).expect("member")].clone()
+    }
+
+    fn report_n(
+        rotation: &Rotation,
+        id: &str,
+        outcome: Attempt,
+        n: usize,
+        now: Instant,
+    ) -> Vec<Report> {
+        (0..n)
+            .map(|_| rotation.report(&member(rotation, id), outcome, now))
+            .collect()
+    }
+
+    fn shares(
+        rotation: &Rotation,
+        n: usize,
+        now: Instant,
+    ) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for id in picks(rotation, n, now) {
+            *counts.entry(id).or_default() += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn five_5xx_in_a_row_eject_and_an_answer_clears_the_streak() {
+        let rotation = Rotation::new("web");
+        rotation.apply(&snapshot(1, &[("a", 1), ("b", 1), ("c", 1)]));
+        let t0 = Instant::now();
+        let reports = report_n(&rotation, "b", Attempt::ServerError, 4, t0);
+        assert!(reports.iter().all(|r| *r == Report::Nothing), "{reports:?}");
+        assert_eq!(
+            rotation.report(&member(&rotation, "b"), Attempt::Answered, t0),
+            Report::Nothing
+        );
+        report_n(&rotation, "b", Attempt::ServerError, 4, t0);
+        assert_eq!(
+            rotation.report(&member(&rotation, "b"), Attempt::ServerError, t0),
+            Report::Ejected {
+                length: FIRST_EJECTION,
+                reason: Reason::ServerErrors(5)
+            }
+        );
+        assert_eq!(picks(&rotation, 4, t0), ids(&["a", "c", "a", "c"]));
+        // Back, failing again: the growing ejection goes on.
+        let later = t0 + FIRST_EJECTION;
+        let reports = report_n(&rotation, "b", Attempt::GatewayFailure, 3, later);
+        assert_eq!(
+            reports[2],
+            Report::Ejected {
+                length: 2 * FIRST_EJECTION,
+                reason: Reason::GatewayFailures(3)
+            }
+        );
+    }
+
+    #[test]
+    fn no_more_than_the_capped_share_is_ejected_at_once() {
+        let rotation = Rotation::new("web");
+        rotation.apply(&snapshot(1, &[("a", 1), ("b", 1), ("c", 1), ("d", 1)]));
+        let t0 = Instant::now();
+        assert!(rotation.eject("a", t0).is_some());
+        assert!(rotation.eject("b", t0).is_some());
+        let reports = report_n(&rotation, "c", Attempt::ServerError, 5, t0);
+        assert_eq!(
+            reports[4],
+            Report::Capped {
+                reason: Reason::ServerErrors(5),
+                out: 2
+            }
+        );
+        assert_eq!(rotation.eject("d", t0), None);
+        assert_eq!(picks(&rotation, 4, t0), ids(&["c", "d", "c", "d"]));
+        // Once one is back, another may go.
+        let later = t0 + FIRST_EJECTION;
+        assert!(rotation.eject("d", later).is_some());
+    }
+
+    fn slow(window: u64) -> Rotation {
+        Rotation::with_policy(
+            "web",
+            OutlierPolicy {
+                slow_start: Duration::from_secs(window),
+                ..OutlierPolicy::default()
+            },
+        )
+    }
+
+    #[test]
+    fn a_joining_instance_ramps_its_share_over_the_slow_start_window() {
+        let rotation = slow(10);
+        let t0 = Instant::now();
+        rotation.apply_at(&snapshot(1, &[("a", 1), ("b", 1)]), t0);
+        // The first members take their full share at once.
+        assert_eq!(shares(&rotation, 100, t0)["a"], 50);
+        rotation.apply_at(&snapshot(2, &[("a", 1), ("b", 1), ("c", 1)]), t0);
+        let share_of_c = |secs: u64| {
+            let at = t0 + Duration::from_secs(secs);
+            shares(&rotation, 3000, at).get("c").copied().unwrap_or(0)
+        };
+        let ramp: Vec<usize> = [0, 2, 5, 8, 10].map(share_of_c).into();
+        assert_eq!(ramp[0], 0, "{ramp:?}");
+        assert!(ramp.windows(2).all(|w| w[0] < w[1]), "{ramp:?}");
+        assert_eq!(ramp[4], 1000, "the full share at the end: {ramp:?}");
+        // Halfway, about half of its full third (thinned picks go on to the next).
+        assert!((450..=650).contains(&ramp[2]), "{ramp:?}");
+    }
+
+    #[test]
+    fn an_instance_back_from_ejection_ramps_from_the_ejection_end() {
+        let rotation = slow(10);
+        let t0 = Instant::now();
+        rotation.apply_at(&snapshot(1, &[("a", 1), ("b", 1)]), t0);
+        rotation.eject("b", t0);
+        let back = t0 + FIRST_EJECTION;
+        assert_eq!(shares(&rotation, 100, back).get("b"), None);
+        let half = shares(&rotation, 1000, back + Duration::from_secs(5))["b"];
+        assert!((250..=400).contains(&half), "{half}");
+        let full = shares(&rotation, 1000, back + Duration::from_secs(10))["b"];
+        assert_eq!(full, 500);
+    }
+
+    #[test]
+    fn a_lone_ramping_instance_still_takes_requests() {
+        let rotation = slow(10);
+        let t0 = Instant::now();
+        rotation.apply_at(&snapshot(1, &[("a", 1)]), t0);
+        rotation.apply_at(&snapshot(2, &[("a", 1), ("b", 1)]), t0);
+        rotation.eject("a", t0);
+        assert_eq!(picks(&rotation, 3, t0), ids(&["b", "b", "b"]));
     }
 }

@@ -25,9 +25,11 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// Body of requests sent upstream: the client's own stream, or bytes kept
-/// so the request can be sent again.
-pub type RequestBody = Either<Incoming, Full<Bytes>>;
+use super::limits::IdleBody;
+
+/// Body of requests sent upstream: the client's own stream (cut when it
+/// pauses too long), or bytes kept so the request can be sent again.
+pub type RequestBody = Either<IdleBody<Incoming>, Full<Bytes>>;
 
 /// At most this many idle connections are kept per instance; a connection
 /// coming back to a full pool is closed.

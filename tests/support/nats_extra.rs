@@ -164,21 +164,24 @@ impl Cluster {
                     ConfiguredServer::from_text_with(client, monitor, move |_, _, store| {
                         let mut text =
                             relocate(&text, &[("store_dir:", format!("store_dir: {store:?}"))]);
+                        // Every shipped port becomes a placeholder first, so
+                        // that a new port (42231, say) is never mistaken for
+                        // a shipped one (4223) still to replace.
+                        let mut swaps = Vec::new();
                         for (i, (client, monitor, route)) in ports.iter().enumerate() {
                             let node = i + 1;
-                            text = text
-                                .replace(
-                                    &format!("127.0.0.1:422{node}"),
-                                    &format!("127.0.0.1:{client}"),
-                                )
-                                .replace(
-                                    &format!("127.0.0.1:822{node}"),
-                                    &format!("127.0.0.1:{monitor}"),
-                                )
-                                .replace(
-                                    &format!("127.0.0.1:622{node}"),
-                                    &format!("127.0.0.1:{route}"),
-                                );
+                            swaps.push((format!("422{node}"), *client));
+                            swaps.push((format!("822{node}"), *monitor));
+                            swaps.push((format!("622{node}"), *route));
+                        }
+                        for (k, (shipped, _)) in swaps.iter().enumerate() {
+                            text = text.replace(
+                                &format!("127.0.0.1:{shipped}"),
+                                &format!("127.0.0.1:@port{k}@"),
+                            );
+                        }
+                        for (k, (_, port)) in swaps.iter().enumerate() {
+                            text = text.replace(&format!("@port{k}@"), &port.to_string());
                         }
                         text
                     });

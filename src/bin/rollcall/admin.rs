@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use prometheus_client::registry::Registry;
 use rollcall::admin_http::NatsComponent;
+use rollcall::balancer::limits::Limits;
 use rollcall::connect::Connection;
 use rollcall::metrics::NatsMetrics;
 use tokio::net::TcpListener;
@@ -42,7 +43,9 @@ pub fn start(
         link: connection.link(),
     });
     Some(Stop(tokio::spawn(rollcall::admin_http::serve(
-        listener, endpoint,
+        listener,
+        endpoint,
+        Limits::default(),
     ))))
 }
 

@@ -2,10 +2,16 @@
 //! catalog subscription.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use rollcall::balancer::access_log::{AccessLog, LogFormat};
+use rollcall::balancer::limits::{default_max_connections, Limits};
+use rollcall::balancer::outlier::OutlierPolicy;
 use rollcall::balancer::routes::Routes;
+use rollcall::balancer::tls::Tls;
 use rollcall::balancer::{Balancer, BalancerConfig, SourceCheck};
 use rollcall::permissions::balancer_needs;
 use tokio::net::TcpListener;
@@ -33,10 +39,76 @@ pub struct Args {
     /// On SIGINT/SIGTERM, how long in-flight requests get to finish.
     #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DUR")]
     pub drain_timeout: Duration,
+    // Boxed: the command enum stays small whatever flags are added here.
+    #[command(flatten)]
+    pub https: Box<HttpsArgs>,
+    #[command(flatten)]
+    pub outlier: OutlierArgs,
+    /// Longest wait for a whole request head (HTTP/1); on HTTP/1 it also
+    /// bounds the wait for the next request on a kept-alive connection.
+    #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DUR")]
+    pub header_timeout: Duration,
+    /// A client connection with no request in flight and nothing read for
+    /// this long is closed.
+    #[arg(long, value_parser = parse_duration, default_value = "75s", value_name = "DUR")]
+    pub idle_timeout: Duration,
+    /// Longest pause within a client's request body before answering 408.
+    #[arg(long, value_parser = parse_duration, default_value = "60s", value_name = "DUR")]
+    pub body_timeout: Duration,
+    /// Longest pause within an instance's response body before cutting it.
+    #[arg(long, value_parser = parse_duration, default_value = "60s", value_name = "DUR")]
+    pub upstream_body_timeout: Duration,
+    /// Interval of HTTP/2 keep-alive pings to clients.
+    #[arg(long, value_parser = parse_duration, default_value = "60s", value_name = "DUR")]
+    pub h2_ping_interval: Duration,
+    /// Wait for a ping's acknowledgement before closing the h2 connection.
+    #[arg(long, value_parser = parse_duration, default_value = "20s", value_name = "DUR")]
+    pub h2_ping_timeout: Duration,
+    /// Client connections served at once; beyond, new ones wait in the
+    /// listen queue. The default is half of (the open-file limit - 96), so
+    /// descriptors stay free for instance connections and the admin port.
+    #[arg(long, default_value_t = default_max_connections(), value_name = "N")]
+    pub max_connections: usize,
+    /// Write one line per request to stdout (time, client, method, path,
+    /// status, bytes, duration, service, instance, retries).
+    #[arg(long)]
+    pub access_log: bool,
+    /// Format of the access log.
+    #[arg(long, value_enum, default_value = "text", value_name = "FORMAT")]
+    pub access_log_format: AccessLogFormat,
     /// SERVICE, /PATH=SERVICE, HOST=SERVICE or HOST/PATH=SERVICE; the longest
     /// match wins and a bare SERVICE catches everything else.
     #[arg(required = true, value_name = "ROUTE")]
     pub routes: Vec<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum AccessLogFormat {
+    Text,
+    Json,
+}
+
+impl Args {
+    fn limits(&self) -> Limits {
+        Limits {
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            body_timeout: self.body_timeout,
+            upstream_body_timeout: self.upstream_body_timeout,
+            h2_ping_interval: self.h2_ping_interval,
+            h2_ping_timeout: self.h2_ping_timeout,
+            max_connections: self.max_connections,
+        }
+    }
+
+    fn access_log(&self) -> Option<AccessLog> {
+        let format = match self.access_log_format {
+            AccessLogFormat::Text => LogFormat::Text,
+            AccessLogFormat::Json => LogFormat::Json,
+        };
+        self.access_log
+            .then(|| AccessLog::new(format, std::io::stdout()))
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -53,26 +125,137 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let https = match (args.https.https, &args.https.cert, &args.https.key) {
+        (Some(address), Some(cert), Some(key)) => {
+            let tls = Tls::load(cert, key)?;
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address} for HTTPS"))?;
+            tokio::spawn(reload_on_sighup(tls.clone()));
+            Some((listener, tls))
+        }
+        _ => None,
+    };
     let connection = args.nats.options().connect("rollcall-balancer").await?;
     // A refused catalog subscription would leave the balancer blind, not dead.
     connection
         .check_access(&balancer_needs(&args.nats.prefix))
         .await?;
-    let updates = rollcall::subscription::follow(&connection, args.nats.prefix.clone());
     let link = connection.link();
     let source = SourceCheck::new(move || link.borrow().connected);
     let config = BalancerConfig {
+        limits: args.limits(),
+        access_log: args.access_log(),
         routes,
         upstream_timeout: args.upstream_timeout,
         connect_timeout: args.connect_timeout,
         drain_timeout: args.drain_timeout,
         source,
+        outlier: args.outlier.policy(),
+        feed: Default::default(),
     };
-    let balancer = Balancer::new(config);
+    let updates = rollcall::subscription::follow_with_stats(
+        &connection,
+        args.nats.prefix.clone(),
+        Arc::clone(&config.feed),
+    );
+    let mut balancer = Balancer::new(config);
     tokio::spawn(balancer.nats_metrics().follow(connection.link()));
+    if let Some((listener, tls)) = https {
+        balancer = balancer.https(listener, tls);
+    }
     balancer
         .serve(listener, admin, updates, shutdown_signal())
         .await
         .context("balancer stopped")?;
     Ok(())
+}
+
+/// Re-reads the HTTPS certificate and key on every SIGHUP.
+async fn reload_on_sighup(tls: Arc<Tls>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            return tracing::error!(%error, "cannot listen for SIGHUP; no certificate reloads")
+        }
+    };
+    while hangups.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => {
+                tracing::info!(certificate = %tls.certificate().display(), "certificate reloaded")
+            }
+            Err(error) => tracing::error!(
+                error = %anyhow::Error::from(error),
+                "certificate reload failed; keeping the certificate in use"
+            ),
+        }
+    }
+}
+
+/// HTTPS for clients.
+#[derive(clap::Args, Debug)]
+pub struct HttpsArgs {
+    /// Also serve HTTPS (HTTP/1.1 and h2 by ALPN) on this address; needs
+    /// --cert and --key, re-read on SIGHUP.
+    #[arg(long, value_name = "ADDR", requires_all = ["cert", "key"])]
+    pub https: Option<SocketAddr>,
+    /// PEM certificate chain for --https.
+    #[arg(long, value_name = "FILE", requires = "https")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key for --https.
+    #[arg(long, value_name = "FILE", requires = "https")]
+    pub key: Option<PathBuf>,
+}
+
+/// Passive health; the defaults are `outlier::DEFAULT_*`, spelled for --help.
+#[derive(clap::Args, Debug)]
+pub struct OutlierArgs {
+    /// Eject an instance after this many 5xx answers or failures in a row
+    /// (Envoy consecutive_5xx); 0: never.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub eject_after_5xx: u32,
+    /// Eject an instance after this many timeouts or closes without an answer
+    /// in a row; 0: never.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub eject_after_gateway_failures: u32,
+    /// At most this share of a service's instances ejected at once (always
+    /// at least one; Envoy max_ejection_percent).
+    #[arg(long, default_value_t = 50, value_name = "PERCENT",
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub max_ejection_percent: u32,
+    /// An instance that joins or returns from ejection ramps up to its full
+    /// share over this long (HAProxy slowstart); 0s: at once.
+    #[arg(long, value_parser = parse_duration, default_value = "0s", value_name = "DUR")]
+    pub slow_start: Duration,
+}
+
+impl OutlierArgs {
+    fn policy(&self) -> OutlierPolicy {
+        OutlierPolicy {
+            consecutive_5xx: self.eject_after_5xx,
+            consecutive_gateway_failures: self.eject_after_gateway_failures,
+            max_ejection_percent: self.max_ejection_percent,
+            slow_start: self.slow_start,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn the_flag_defaults_are_the_librarys() {
+        let command = Command::try_parse_from(["balancer", "web"]).expect("parses");
+        assert_eq!(command.args.limits(), Limits::default());
+        assert!(command.args.access_log().is_none(), "off by default");
+    }
 }

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use rollcall::catalog_stream;
 use rollcall::connect::NatsOptions;
-use rollcall::fleet_view::{catalog_json, catalog_table, only_service};
+use rollcall::fleet_view::{catalog_json, catalog_table, leader_line, only_service};
 
 use crate::args::FleetArgs;
 
@@ -30,6 +30,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         last.snapshots = only_service(last.snapshots, service)?;
     }
     let now = SystemTime::now();
+    // On stderr: the table and the JSON on stdout keep their shape.
+    match catalog_stream::read_fence(&js, &args.nats.prefix).await {
+        Ok(leader) => eprintln!("{}", leader_line(leader.as_ref(), now)),
+        Err(error) => tracing::warn!(%error, "cannot tell which discovery replica leads"),
+    }
     if args.json {
         println!(
             "{}",

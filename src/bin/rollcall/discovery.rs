@@ -1,5 +1,7 @@
 //! `rollcall discovery`: the catalog fold as a process.
 
+use std::time::Duration;
+
 use anyhow::Context;
 use rollcall::discovery::DiscoveryConfig;
 use rollcall::metrics::DiscoveryMetrics;
@@ -16,6 +18,11 @@ pub struct Args {
     /// server, 3 on a three-node cluster. An existing stream is kept as is.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5), value_name = "N")]
     pub replicas: u8,
+    /// This replica's name in the catalog fence, the leader heartbeat and
+    /// the logs (several `rollcall discovery` may run on one NATS; one
+    /// leads). Default: `<host>-<pid>-<start>`.
+    #[arg(long, env = "ROLLCALL_REPLICA", value_name = "NAME")]
+    pub replica: Option<String>,
     /// Address of the admin endpoint (/healthz, /readyz, /metrics); off when
     /// not given.
     #[arg(long, value_name = "ADDR")]
@@ -26,7 +33,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut registry = rollcall::metrics::registry();
     let metrics = DiscoveryMetrics::new(&mut registry);
     let listener = admin::bind(args.admin).await?;
-    let connection = args.nats.options().connect("rollcall-discovery").await?;
+    let mut options = args.nats.options();
+    // Two missed pings and the link counts as lost: a replica cut off from
+    // NATS notices within about a second, like the leader's heartbeats.
+    options.ping_interval = options.ping_interval.min(Duration::from_millis(500));
+    let connection = options.connect("rollcall-discovery").await?;
     let _admin = admin::start(listener, registry, &connection, metrics.nats.clone());
     // A refused subscription would otherwise leave discovery deaf, not dead.
     connection
@@ -38,6 +49,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         DiscoveryConfig {
             stream_replicas: usize::from(args.replicas),
             metrics,
+            replica: args.replica,
         },
         shutdown_signal(),
     )

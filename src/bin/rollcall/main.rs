@@ -52,7 +52,7 @@ enum Command {
     Discovery(discovery::Args),
     /// The HTTP reverse proxy: each request to a live instance of its
     /// route's service, round-robin, following the catalog over NATS.
-    Balancer(balancer::Args),
+    Balancer(Box<balancer::Args>),
     /// Announce a service written in any language, gated by its health check.
     Agent(Box<agent::Args>),
     /// Print the current catalog, then every event and snapshot as it
@@ -78,7 +78,7 @@ async fn main() -> std::process::ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Discovery(args) => discovery::run(args).await,
-        Command::Balancer(args) => balancer::run(args).await,
+        Command::Balancer(args) => balancer::run(*args).await,
         Command::Agent(args) => agent::run(*args).await,
         Command::Watch(args) => watch::run(args).await,
         Command::Catalog(args) => catalog::run(args).await,

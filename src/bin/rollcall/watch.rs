@@ -35,7 +35,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let connection = options.connect("rollcall watch").await?;
     let client = &connection.client;
     let filters = match &fleet.service {
-        Some(service) => vec![subjects.service_events(service), subjects.catalog(service)],
+        Some(service) => vec![
+            subjects.service_events(service),
+            subjects.catalog(service),
+            subjects.leader_heartbeat(),
+        ],
         None => vec![subjects.all()],
     };
     let mut subscriptions = Vec::new();
@@ -74,6 +78,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let (mut seen, mut invalid) = (0u64, 0u64);
+    // The leader heartbeats ten times a second: shown when it changes.
+    let mut leader: Option<(String, u64)> = None;
     loop {
         let message = tokio::select! {
             () = &mut shutdown => break,
@@ -82,8 +88,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 None => anyhow::bail!("the NATS subscription ended"),
             },
         };
+        // Discovery's own writes: their stored copies come republished.
+        if subjects.is_catalog_write(&message.subject) {
+            continue;
+        }
         let now = SystemTime::now();
         let observed = Observed::read(subjects, &message.subject, &message.payload);
+        if let Observed::Leader(beat) = &observed {
+            let current = Some((beat.replica.clone(), beat.epoch));
+            if current == leader {
+                continue;
+            }
+            leader = current;
+        }
         seen += 1;
         if observed.is_invalid() {
             invalid += 1;

@@ -1,0 +1,315 @@
+//! HTTP/1.1 upgrades through the proxy (WebSocket and any other protocol
+//! asked for with `Upgrade`), and CONNECT refused.
+//!
+//! An upgrade request goes to the next instance in rotation on a connection
+//! of its own: a connection that changes protocol never goes back to a
+//! pool. When the instance answers 101, hyper hands both connections over
+//! and their bytes are copied both ways until each side has closed. The
+//! exchange counts as one request (its 101) and its outcome feeds the
+//! instance's passive health like any other. It is not retried elsewhere:
+//! an upgrade is a conversation with one instance.
+//!
+//! CONNECT asks the proxy to open a tunnel to any host: no route can allow
+//! that today, so it is always answered 405.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::outlier::Outcome;
+use super::proxy::{add_forwarded, strip_hop_by_hop, ClientBody};
+use super::rotation::Member;
+use super::Shared;
+use crate::metrics::UpstreamFailure;
+
+/// The largest body of an instance's refusal to upgrade that is passed on;
+/// such answers are short error pages, read whole since the connection
+/// they came on is not pooled.
+pub const REFUSAL_LIMIT: usize = 64 * 1024;
+
+/// Methods the proxy forwards, for the `Allow` header of its 405.
+const ALLOW: HeaderValue =
+    HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE");
+
+/// Whether `parts` asks to switch protocols: HTTP/1.1 with an `Upgrade`
+/// header that `Connection` names (RFC 9110 §7.8).
+pub fn is_upgrade(parts: &http::request::Parts) -> bool {
+    parts.version == Version::HTTP_11
+        && parts.headers.contains_key(header::UPGRADE)
+        && parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Whether the request is a CONNECT, which no route allows.
+pub fn is_connect(parts: &http::request::Parts) -> bool {
+    parts.method == Method::CONNECT
+}
+
+/// The answer to a CONNECT.
+pub fn connect_refused() -> Response<ClientBody> {
+    let text = "CONNECT is not allowed: this proxy tunnels only to the instances of its routes\n";
+    let mut response = answer(StatusCode::METHOD_NOT_ALLOWED, text.to_owned());
+    response.headers_mut().insert(header::ALLOW, ALLOW);
+    response
+}
+
+/// Sends the upgrade `request` to the next instance of service `index` and,
+/// when it switches protocols, splices the two connections together.
+pub(super) async fn forward(
+    shared: &Shared,
+    index: usize,
+    mut request: Request<Incoming>,
+    client_ip: HeaderValue,
+    timeouts: (Duration, Duration),
+) -> Response<ClientBody> {
+    let (connect_timeout, upstream_timeout) = timeouts;
+    let service = &shared.routes.services()[index];
+    let rotation = &shared.rotations[index];
+    let set = rotation.load_full();
+    let Some(member) = set.next(|| tokio::time::Instant::now().into_std()) else {
+        let text = format!("service {service:?} has no live instance\n");
+        shared
+            .metrics
+            .own_answer(Some(index), StatusCode::SERVICE_UNAVAILABLE);
+        return answer(StatusCode::SERVICE_UNAVAILABLE, text);
+    };
+    let began = std::time::Instant::now();
+    let client = hyper::upgrade::on(&mut request);
+    let exchange = exchange(
+        member,
+        upstream_request(request, client_ip),
+        connect_timeout,
+    );
+    let result = tokio::time::timeout(upstream_timeout, exchange)
+        .await
+        .unwrap_or(Err(UpgradeError::TimedOut(upstream_timeout)));
+    let metrics = &shared.metrics;
+    let instance = metrics.instance(index, member.id());
+    let mut response = match result {
+        Ok(response) => response,
+        Err(error) => {
+            if let Some(instance) = &instance {
+                instance.failed(error.kind());
+            }
+            metrics.own_answer(Some(index), error.status());
+            rotation.observe(metrics, service, member, error.outcome(), &error);
+            let id = member.id();
+            let text =
+                format!("upgrade to instance {id:?} of service {service:?} failed: {error}\n");
+            return answer(error.status(), text);
+        }
+    };
+    let status = response.status();
+    if let Some(instance) = &instance {
+        instance.answered(status, began.elapsed());
+    }
+    rotation.observe(
+        metrics,
+        service,
+        member,
+        Outcome::of_status(status),
+        &status,
+    );
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        return refusal(response).await;
+    }
+    let upstream = hyper::upgrade::on(&mut response);
+    tokio::spawn(splice(
+        client,
+        upstream,
+        service.clone(),
+        member.id().to_owned(),
+    ));
+    let (mut parts, _) = response.into_parts();
+    let protocol = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = protocol {
+        parts.headers.insert(header::UPGRADE, protocol);
+    }
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    Response::from_parts(parts, ClientBody::full(Bytes::new()))
+}
+
+/// The request as it goes to the instance: forwarded headers added,
+/// hop-by-hop ones dropped except the upgrade itself.
+fn upstream_request(request: Request<Incoming>, client_ip: HeaderValue) -> Request<Incoming> {
+    let (mut parts, body) = request.into_parts();
+    let protocol = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    add_forwarded(&mut parts.headers, &parts.uri, client_ip);
+    super::tls::forwarded_proto(&parts.extensions, &mut parts.headers);
+    if let Some(protocol) = protocol {
+        parts.headers.insert(header::UPGRADE, protocol);
+    }
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    parts.uri = Uri::from(path);
+    parts.extensions = http::Extensions::new();
+    Request::from_parts(parts, body)
+}
+
+/// A connection of its own to `member`, the request, the response head.
+async fn exchange(
+    member: &Member,
+    request: Request<Incoming>,
+    connect_timeout: Duration,
+) -> Result<Response<Incoming>, UpgradeError> {
+    let address = member.authority.as_str();
+    let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(address))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        .map_err(UpgradeError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(UpgradeError::Exchange)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(%error, "upgrade connection to an instance ended with an error");
+        }
+    });
+    sender
+        .send_request(request)
+        .await
+        .map_err(UpgradeError::Exchange)
+}
+
+/// The instance's answer other than 101, passed on whole.
+async fn refusal(response: Response<Incoming>) -> Response<ClientBody> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    match Limited::new(body, REFUSAL_LIMIT).collect().await {
+        Ok(body) => Response::from_parts(parts, ClientBody::full(body.to_bytes())),
+        Err(error) => answer(
+            StatusCode::BAD_GATEWAY,
+            format!("the instance refused the upgrade with an unreadable answer: {error}\n"),
+        ),
+    }
+}
+
+/// Copies bytes both ways between the client and the instance once both
+/// connections are handed over, until each side has closed.
+async fn splice(client: OnUpgrade, upstream: OnUpgrade, service: String, instance: String) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(error) => {
+            tracing::debug!(%service, %instance, %error, "upgrade not completed");
+            return;
+        }
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((sent, received)) => {
+            tracing::debug!(%service, %instance, sent, received, "upgraded connection closed")
+        }
+        Err(error) => {
+            tracing::debug!(%service, %instance, %error, "upgraded connection ended with an error")
+        }
+    }
+}
+
+/// Why an upgrade could not reach its instance.
+#[derive(Debug, thiserror::Error)]
+enum UpgradeError {
+    #[error("cannot connect")]
+    Connect(#[source] std::io::Error),
+    #[error("no answer")]
+    Exchange(#[source] hyper::Error),
+    #[error("no response head within {0:?}")]
+    TimedOut(Duration),
+}
+
+impl UpgradeError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            UpgradeError::Connect(_) => Outcome::ConnectFailure,
+            UpgradeError::Exchange(_) | UpgradeError::TimedOut(_) => Outcome::GatewayFailure,
+        }
+    }
+
+    /// How Prometheus is told the attempt failed.
+    fn kind(&self) -> UpstreamFailure {
+        match self {
+            UpgradeError::Connect(_) => UpstreamFailure::connect,
+            UpgradeError::TimedOut(_) => UpstreamFailure::timeout,
+            UpgradeError::Exchange(_) => UpstreamFailure::broken,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            UpgradeError::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+fn answer(status: StatusCode, text: String) -> Response<ClientBody> {
+    let mut response = Response::new(ClientBody::full(Bytes::from(text)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(version: Version, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut request = Request::get("/chat").version(version);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn an_upgrade_needs_the_header_named_in_connection_on_http_1_1() {
+        let asks = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ];
+        assert!(is_upgrade(&parts(Version::HTTP_11, &asks)));
+        assert!(!is_upgrade(&parts(Version::HTTP_10, &asks)));
+        assert!(!is_upgrade(&parts(
+            Version::HTTP_11,
+            &[("upgrade", "websocket")]
+        )));
+        assert!(!is_upgrade(&parts(
+            Version::HTTP_11,
+            &[("connection", "upgrade")]
+        )));
+    }
+
+    #[test]
+    fn connect_is_answered_405_with_the_methods_allowed() {
+        let response = connect_refused();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()[header::ALLOW], ALLOW);
+    }
+}
