@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::announcer::{check_announcement, AnnounceError, Announcer, Gate, Verdict};
 use crate::connect::{AccessError, Connection};
+use crate::metrics::AgentMetrics;
 use crate::permissions::Access;
 use crate::protocol::{EventKind, Instance, Subjects};
 use bytes::Bytes;
@@ -83,6 +84,9 @@ pub struct AgentConfig {
     pub interval: Duration,
     pub check: Option<Check>,
     pub fail_after: u32,
+    /// Counts checks and what is sent; [`AgentMetrics::default`] when
+    /// nobody scrapes them.
+    pub metrics: AgentMetrics,
 }
 
 impl AgentConfig {
@@ -166,9 +170,11 @@ pub async fn run(
         passed: false,
         service: config.instance.service.clone(),
         id: config.instance.id.clone(),
+        metrics: config.metrics.clone(),
     };
     let announcement = Announcer::new(connection, subjects, config.instance)
         .interval(config.interval)
+        .metrics(config.metrics)
         .gate(gate)
         .start()
         .await?;
@@ -185,12 +191,17 @@ struct HealthGate {
     passed: bool,
     service: String,
     id: String,
+    metrics: AgentMetrics,
 }
 
 impl Gate for HealthGate {
     async fn verdict(&mut self) -> Verdict {
         let outcome = match &self.prober {
-            Some(prober) => prober.probe().await,
+            Some(prober) => {
+                let outcome = prober.probe().await;
+                self.metrics.check(outcome.is_ok());
+                outcome
+            }
             None => Ok(()),
         };
         let verdict = self.run.next(outcome.is_ok());
@@ -378,6 +389,7 @@ mod tests {
             interval: Duration::from_secs(1),
             check: None,
             fail_after: 3,
+            metrics: AgentMetrics::default(),
         };
         assert!(config.validate().is_ok());
         let slow = AgentConfig {

@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::connect::{Connection, Link, NatsError};
+use crate::metrics::AgentMetrics;
 use crate::protocol::{EventKind, Instance, ProtocolError, Subjects};
 
 /// How often a heartbeat goes out when nothing else is said.
@@ -137,6 +138,7 @@ impl Wire for async_nats::Client {
 pub(crate) struct Publisher<W = async_nats::Client> {
     wire: W,
     subjects: Subjects,
+    metrics: Option<AgentMetrics>,
 }
 
 impl Publisher {
@@ -144,6 +146,7 @@ impl Publisher {
         Publisher {
             wire: client,
             subjects,
+            metrics: None,
         }
     }
 }
@@ -180,14 +183,18 @@ impl<W: Wire> Publisher<W> {
             }
             Ok(())
         };
-        tokio::time::timeout(SEND_TIMEOUT, sending)
+        let result = tokio::time::timeout(SEND_TIMEOUT, sending)
             .await
             .unwrap_or_else(|_| {
                 Err(AnnounceError::Timeout {
                     subject: subject.clone(),
                     after: SEND_TIMEOUT,
                 })
-            })
+            });
+        if let Some(metrics) = &self.metrics {
+            metrics.sent(kind, result.is_ok());
+        }
+        result
     }
 }
 
@@ -255,6 +262,12 @@ impl<W: Wire, G: Gate> Announcer<W, G> {
     /// Heartbeat interval; [`DEFAULT_INTERVAL`] unless set.
     pub fn interval(mut self, interval: Duration) -> Self {
         self.interval = interval;
+        self
+    }
+
+    /// Counts heartbeats and failed sends into `metrics`.
+    pub fn metrics(mut self, metrics: AgentMetrics) -> Self {
+        self.publisher.metrics = Some(metrics);
         self
     }
 
@@ -527,6 +540,7 @@ mod tests {
             publisher: Publisher {
                 wire: Recorder(sender),
                 subjects: Subjects::default(),
+                metrics: None,
             },
             instance: Instance::new("web", "web-1", "127.0.0.1", 8081),
             interval: Duration::from_millis(500),

@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use crate::catalog::{payload_digest, Catalog, Change};
 use crate::catalog_stream::{self, CatalogStreamError};
 use crate::connect::{Connection, Link, NatsError};
+use crate::metrics::DiscoveryMetrics;
 use crate::protocol::{EventKind, Leadership, Snapshot, Subjects, LEADER_HEARTBEAT};
 
 mod fence;
@@ -170,6 +171,7 @@ pub async fn spawn(
 pub struct DiscoveryConfig {
     /// Copies of the catalog stream when discovery has to create it.
     pub stream_replicas: usize,
+    pub metrics: DiscoveryMetrics,
     /// This replica's name in the fence, the heartbeat and the logs;
     /// `<host>-<pid>-<start ms>` when `None`.
     pub replica: Option<String>,
@@ -179,9 +181,15 @@ impl Default for DiscoveryConfig {
     fn default() -> Self {
         DiscoveryConfig {
             stream_replicas: 1,
+            metrics: DiscoveryMetrics::default(),
             replica: None,
         }
     }
+}
+
+/// An epoch as the value of a gauge.
+fn gauge(epoch: u64) -> i64 {
+    i64::try_from(epoch).unwrap_or(i64::MAX)
 }
 
 /// `<host>-<pid>-<start ms>`: different for every process, also across
@@ -259,6 +267,7 @@ pub async fn spawn_with(
         subjects,
         replica,
         adopted,
+        config.metrics,
         shutdown,
     ))
 }
@@ -287,6 +296,7 @@ fn start<W, E, L>(
     subjects: Subjects,
     replica: String,
     adopted: Adopted,
+    metrics: DiscoveryMetrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Discovery
 where
@@ -328,6 +338,7 @@ where
         subjects,
         catalog,
         stats: Arc::clone(&stats),
+        metrics,
         latest: Arc::clone(&latest),
         dirty,
         unstored: BTreeSet::new(),
@@ -400,6 +411,7 @@ struct Worker<W> {
     subjects: Subjects,
     catalog: Catalog,
     stats: Arc<Stats>,
+    metrics: DiscoveryMetrics,
     latest: Latest,
     /// Services changed since the last publish.
     dirty: BTreeSet<String>,
@@ -491,12 +503,14 @@ impl<W: Wire> Worker<W> {
         }
         if heartbeat.replica != self.election.replica() && heartbeat.epoch > known {
             self.stats.epoch.store(heartbeat.epoch, Ordering::Relaxed);
+            self.metrics.epoch.set(gauge(heartbeat.epoch));
             tracing::info!(leader = %heartbeat.replica, epoch = heartbeat.epoch, since_ms = heartbeat.since_ms, "following the catalog leader");
         }
     }
 
     fn stepped_down(&mut self) {
         self.stats.leading.store(0, Ordering::Relaxed);
+        self.metrics.is_leader.set(0);
         self.unstored.clear();
     }
 
@@ -592,6 +606,8 @@ impl<W: Wire> Worker<W> {
         Stats::bump(&self.stats.takeovers);
         self.stats.leading.store(1, Ordering::Relaxed);
         self.stats.epoch.store(epoch, Ordering::Relaxed);
+        self.metrics.is_leader.set(1);
+        self.metrics.epoch.set(gauge(epoch));
         tracing::info!(replica = %self.election.replica(), epoch, since_ms, "leading the catalog");
         self.adopt_stored(stored, now);
     }
@@ -703,7 +719,10 @@ impl<W: Wire> Worker<W> {
         let now = Instant::now().into_std();
         // Most events are heartbeats repeating the last one byte for byte:
         // those only move a deadline, without parsing the JSON again.
-        let repeatable = match self.subjects.parse_event_subject(&message.subject) {
+        let parsed = self.subjects.parse_event_subject(&message.subject);
+        self.metrics
+            .event(parsed.as_ref().ok().map(|(kind, _, _)| *kind));
+        let repeatable = match parsed {
             Ok((EventKind::Deregister, _, _)) | Err(_) => None,
             Ok((_, service, id)) => {
                 let digest = payload_digest(&message.payload);
@@ -720,6 +739,7 @@ impl<W: Wire> Worker<W> {
             Ok(event) => event,
             Err(error) => {
                 Stats::bump(&self.stats.invalid);
+                self.metrics.invalid(&error);
                 tracing::warn!(subject = %message.subject, %error, "ignoring an invalid event");
                 return;
             }
@@ -773,14 +793,17 @@ impl<W: Wire> Worker<W> {
             return;
         };
         let mut batch = Vec::new();
+        let mut live = BTreeMap::new();
         for service in std::mem::take(&mut self.dirty) {
             let Some(snapshot) = self.catalog.snapshot(&service) else {
                 continue;
             };
+            live.insert(service.clone(), snapshot.instances.len());
             match serde_json::to_vec(&snapshot) {
                 Ok(payload) => batch.push((service, Bytes::from(payload))),
                 Err(error) => {
                     Stats::bump(&self.stats.publish_failures);
+                    self.metrics.publish_failures.inc();
                     tracing::error!(%service, %error, "cannot serialize a snapshot");
                 }
             }
@@ -790,6 +813,8 @@ impl<W: Wire> Worker<W> {
             match written {
                 Written::Stored => {
                     Stats::bump(&self.stats.published);
+                    let instances = live.get(&service).copied().unwrap_or(0);
+                    self.metrics.published(&service, instances);
                     if let Some(payload) = payloads.get(&service) {
                         self.latest
                             .lock()
@@ -807,6 +832,7 @@ impl<W: Wire> Worker<W> {
                 }
                 Written::Failed(error) => {
                     Stats::bump(&self.stats.publish_failures);
+                    self.metrics.publish_failures.inc();
                     tracing::warn!(%service, %error, "a snapshot was not stored; writing it again");
                     if self.election.epoch().is_some() {
                         self.unstored.insert(service);
@@ -972,6 +998,7 @@ mod tests {
                 Subjects::default(),
                 "test-replica".into(),
                 adopted,
+                DiscoveryMetrics::default(),
                 async {
                     let _ = stopped.await;
                 },

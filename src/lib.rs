@@ -28,6 +28,8 @@
 //! - [`fleet_view`]: events, snapshots and the stored catalog as lines and
 //!   JSON for people (`rollcall watch`, `rollcall catalog`).
 //! - [`permissions`]: what NATS lets each role do; refusals as typed errors.
+//! - [`metrics`] and [`admin_http`]: every long-running component's
+//!   Prometheus families and the admin endpoint that serves them.
 //!
 //! # The public surface
 //!
@@ -51,6 +53,7 @@
 //! breaking anyone.
 #![forbid(unsafe_code)]
 
+pub mod admin_http;
 pub mod agent;
 pub mod announcer;
 pub mod balancer;
@@ -59,6 +62,7 @@ pub mod catalog_stream;
 pub mod connect;
 pub mod discovery;
 pub mod fleet_view;
+pub mod metrics;
 pub mod permissions;
 pub mod protocol;
 pub mod subscription;

@@ -113,12 +113,24 @@ impl TestBalancer {
         .expect("balancer is running");
     }
 
-    async fn metric(&self, line_start: &str) -> u64 {
+    /// The sum of the samples `selector` picks: `name` alone, or
+    /// `name{label="value",...}` for the samples carrying those labels
+    /// (others too).
+    async fn metric(&self, selector: &str) -> u64 {
         let (_, body) = self.admin("/metrics").await;
-        body.lines()
-            .find_map(|line| line.strip_prefix(line_start))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no metric {line_start:?} in\n{body}"))
+        let (name, wanted) = split_sample(selector);
+        let values: Vec<u64> = body
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.rsplit_once(' '))
+            .filter(|(sample, _)| {
+                let (sample_name, labels) = split_sample(sample);
+                sample_name == name && wanted.iter().all(|w| labels.contains(w))
+            })
+            .filter_map(|(_, value)| value.parse().ok())
+            .collect();
+        assert!(!values.is_empty(), "no metric {selector:?} in\n{body}");
+        values.iter().sum()
     }
 
     /// Shuts the balancer down and waits for `serve` to return.
@@ -264,7 +276,7 @@ async fn a_killed_instance_costs_no_failed_request_and_is_ejected() {
     assert_eq!(lb.metric("rollcall_balancer_ejections_total").await, 1);
     assert_eq!(lb.metric("rollcall_balancer_retries_total").await, 1);
     assert_eq!(
-        lb.metric("rollcall_balancer_upstream_connect_failures_total")
+        lb.metric("rollcall_balancer_upstream_failures_total{kind=\"connect\"}")
             .await,
         1
     );
@@ -343,7 +355,7 @@ async fn no_live_instance_answers_503_naming_the_service() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("\"web\""), "{body}");
     assert!(
-        lb.metric("rollcall_balancer_responses_total{class=\"5xx\"}")
+        lb.metric("rollcall_balancer_requests_total{class=\"5xx\",answered_by=\"rollcall\"}")
             .await
             >= 2
     );
@@ -730,10 +742,20 @@ async fn admin_endpoint_answers() {
     assert_eq!(lb.admin("/healthz").await, (StatusCode::OK, "ok\n".into()));
     let (_, metrics) = lb.admin("/metrics").await;
     assert!(
-        metrics.contains("rollcall_balancer_last_catalog_update_age_seconds -1"),
-        "{metrics}"
+        !metrics.contains("rollcall_balancer_last_contact_age_seconds{"),
+        "no age before the first snapshot: {metrics}"
     );
     lb.publish(snapshot("web", 7, &[&web[0]])).await;
+    let (_, metrics) = lb.admin("/metrics").await;
+    assert!(
+        metrics.contains("rollcall_balancer_last_contact_age_seconds{service=\"web\"} "),
+        "{metrics}"
+    );
+    assert_eq!(
+        lb.metric("rollcall_balancer_catalog_revision{service=\"web\"}")
+            .await,
+        7
+    );
     lb.get("/").await;
     assert_eq!(
         lb.metric("rollcall_balancer_live_instances{service=\"web\"}")
@@ -741,7 +763,7 @@ async fn admin_endpoint_answers() {
         1
     );
     assert_eq!(
-        lb.metric("rollcall_balancer_responses_total{class=\"2xx\"}")
+        lb.metric("rollcall_balancer_requests_total{service=\"web\",instance=\"web-1\",class=\"2xx\",answered_by=\"instance\"}")
             .await,
         1
     );
@@ -756,4 +778,12 @@ async fn admin_endpoint_answers() {
     assert_eq!(catalog["routes"][0], "web");
     assert_eq!(lb.admin("/nope").await.0, StatusCode::NOT_FOUND);
     lb.stop().await;
+}
+
+/// `name{a="b",c="d"}` as the name and its `a="b"` pairs.
+fn split_sample(sample: &str) -> (&str, Vec<&str>) {
+    match sample.split_once('{') {
+        Some((name, labels)) => (name, labels.trim_end_matches('}').split(',').collect()),
+        None => (sample, Vec::new()),
+    }
 }

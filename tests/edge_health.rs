@@ -117,10 +117,7 @@ impl TestBalancer {
     async fn metric(&self, name: &str) -> u64 {
         let url = format!("http://{}/metrics", self.admin);
         let (_, body) = http_support::must_get(&self.client, &url).await;
-        body.lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name:?} in\n{body}"))
+        support::metric_sum(&body, name).unwrap_or_else(|| panic!("no metric {name:?} in\n{body}"))
     }
 
     async fn stop(mut self) {
@@ -474,12 +471,12 @@ async fn a_websocket_echo_passes_through_as_one_request() {
     );
 
     assert_eq!(
-        lb.metric("rollcall_balancer_responses_total{class=\"1xx\"}")
+        lb.metric("rollcall_balancer_requests_total{class=\"1xx\"}")
             .await,
         1
     );
     assert_eq!(
-        lb.metric("rollcall_balancer_responses_total{class=\"2xx\"}")
+        lb.metric("rollcall_balancer_requests_total{class=\"2xx\"}")
             .await,
         0
     );

@@ -1,229 +1,41 @@
-//! The admin endpoint, beside the proxy: what the balancer routes on and how
-//! it fares, for people and for Prometheus. `GET /healthz` (alive), `GET
-//! /readyz` (200 once the catalog is read, while NATS is connected), `GET
-//! /metrics` (Prometheus text format), `GET /catalog` (JSON).
+//! The balancer's admin endpoint (served by [`crate::admin_http`]): what it
+//! routes on and how it fares, for people and for Prometheus. `/readyz` is
+//! 200 once the catalog is read and while NATS is connected; `/catalog` is
+//! the sets as JSON.
 
-use std::convert::Infallible;
-use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use crate::admin_http::Endpoint;
 
-use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-
-use super::limits::{self, Activity, Gate, Limits, Tracked, ADMIN_MAX_CONNECTIONS};
 use super::Shared;
 
-/// Serves the admin endpoint on `listener` until the task is dropped, with
-/// the proxy's timeouts and a cap of its own ([`ADMIN_MAX_CONNECTIONS`]), so
-/// neither slow clients nor many of them can take it down.
-pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: Limits) {
-    let builder = limits::server_builder(&limits);
-    let mut gate = Gate::new(listener, ADMIN_MAX_CONNECTIONS, "admin");
-    loop {
-        let (stream, peer, permit) = gate.accept().await;
-        let shared = shared.clone();
-        let service = hyper::service::service_fn(move |request| {
-            let response = answer(&shared, &request);
-            async move { Ok::<_, Infallible>(response) }
-        });
-        let activity = Activity::new();
-        let stream = Tracked::new(stream, activity.clone());
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let idle_timeout = limits.idle_timeout;
-        tokio::spawn(async move {
-            let _permit = permit;
-            tokio::select! {
-                ended = connection => if let Err(error) = ended {
-                    tracing::debug!(%peer, %error, "admin connection ended with an error");
-                },
-                () = activity.idle(idle_timeout) => {
-                    tracing::debug!(%peer, "admin connection idle; closed");
-                }
-            }
-        });
+impl Endpoint for Shared {
+    fn ready(&self) -> bool {
+        Shared::ready(self)
+    }
+
+    fn not_ready_reason(&self) -> &'static str {
+        "not ready: catalog not read yet or NATS disconnected"
+    }
+
+    fn metrics(&self) -> String {
+        metrics(self)
+    }
+
+    fn page(&self, path: &str) -> Option<(&'static str, String)> {
+        (path == "/catalog").then(|| ("application/json", catalog(self)))
     }
 }
 
-fn answer(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if request.method() != Method::GET {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "only GET is served here\n".into(),
-            "text/plain",
-        );
-    }
-    match request.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-        "/readyz" if shared.ready() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-        "/readyz" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: catalog not read yet or NATS disconnected\n".into(),
-            "text/plain",
-        ),
-        "/metrics" => text(StatusCode::OK, metrics(shared), "text/plain; version=0.0.4"),
-        "/catalog" => text(StatusCode::OK, catalog(shared), "application/json"),
-        other => text(
-            StatusCode::NOT_FOUND,
-            format!("no {other:?} here; try /healthz, /readyz, /metrics or /catalog\n"),
-            "text/plain",
-        ),
-    }
-}
-
-fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
-}
-
-/// The Prometheus text exposition of [`super::Metrics`] and the sets.
+/// The Prometheus text of the balancer's registry, with the gauges that
+/// describe the sets brought up to date first.
 pub fn metrics(shared: &Shared) -> String {
-    let m = &shared.metrics;
-    let mut out = String::new();
-    let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-    family(
-        &mut out,
-        "rollcall_balancer_responses_total",
-        "counter",
-        "Responses sent to clients, by status class.",
-        classes
-            .iter()
-            .zip(&m.responses)
-            .map(|(class, count)| (Some(("class", *class)), count.get())),
-    );
-    for (name, help, count) in [
-        (
-            "rollcall_balancer_upstream_connect_failures_total",
-            "Connections to instances that could not be made.",
-            &m.connect_failures,
-        ),
-        (
-            "rollcall_balancer_retries_total",
-            "Requests sent again to another instance after a failed connection.",
-            &m.retries,
-        ),
-        (
-            "rollcall_balancer_ejections_total",
-            "Instances taken out of rotation after a failed connection.",
-            &m.ejections,
-        ),
-        (
-            "rollcall_balancer_client_aborts_total",
-            "Clients gone before their answer was sent (499).",
-            &m.client_aborts,
-        ),
-        (
-            "rollcall_balancer_malformed_heads_total",
-            "Malformed request heads answered 400, 414 or 431 by the HTTP layer.",
-            &m.malformed_heads,
-        ),
-        (
-            "rollcall_balancer_loops_refused_total",
-            "Requests that came back to this balancer, refused with 508.",
-            &m.loops_refused,
-        ),
-        (
-            "rollcall_balancer_header_timeouts_total",
-            "Client connections closed for a request head not sent in time.",
-            &m.header_timeouts,
-        ),
-        (
-            "rollcall_balancer_idle_closed_total",
-            "Client connections closed after the idle timeout.",
-            &m.idle_closed,
-        ),
-        (
-            "rollcall_balancer_body_timeouts_total",
-            "Client request bodies that paused beyond the body timeout (408).",
-            &m.body_timeouts,
-        ),
-    ] {
-        family(&mut out, name, "counter", help, [(None, count.get())]);
-    }
-    family(
-        &mut out,
-        "rollcall_balancer_catalog_updates_total",
-        "counter",
-        "Catalog snapshots received, by outcome.",
-        [
-            ("applied", m.updates_applied.get()),
-            ("stale", m.feed.stale.load(Ordering::Relaxed)),
-            ("unrouted", m.updates_unrouted.get()),
-            ("bad_instance", m.updates_bad.get()),
-        ]
-        .map(|(result, count)| (Some(("result", result)), count)),
-    );
-    instance_gauges(&mut out, shared);
-    family(
-        &mut out,
-        "rollcall_balancer_last_catalog_update_age_seconds",
-        "gauge",
-        "Time since the last catalog update was applied (-1: none yet).",
-        [(None, last_update_age(shared))],
-    );
-    out
-}
-
-/// Per service: instances taking traffic, and those of them ejected.
-fn instance_gauges(out: &mut String, shared: &Shared) {
     let now = tokio::time::Instant::now().into_std();
-    let sets: Vec<_> = shared.rotations.iter().map(|r| r.load_full()).collect();
-    family(
-        out,
-        "rollcall_balancer_live_instances",
-        "gauge",
-        "Instances taking traffic, per service (ejected ones included).",
-        sets.iter()
-            .map(|set| (Some(("service", set.service())), set.live_count())),
-    );
-    family(
-        out,
-        "rollcall_balancer_ejected_instances",
-        "gauge",
-        "Instances out of rotation after failed connections, per service.",
-        sets.iter().map(|set| {
-            let ejected = set.members().iter().filter(|m| !m.is_eligible(now));
-            (Some(("service", set.service())), ejected.count())
-        }),
-    );
-}
-
-/// Seconds since the last catalog update was applied; -1 before the first.
-fn last_update_age(shared: &Shared) -> f64 {
-    let last = shared.metrics.last_update_ms.load(Ordering::Relaxed);
-    if last == 0 {
-        return -1.0;
+    for (index, rotation) in shared.rotations.iter().enumerate() {
+        let set = rotation.load();
+        let ejected = set.members().iter().filter(|m| !m.is_eligible(now)).count();
+        shared.metrics.observe_set(index, set.live_count(), ejected);
     }
-    (shared.started.elapsed().as_millis() as u64).saturating_sub(last) as f64 / 1000.0
-}
-
-/// One metric family: its `HELP` and `TYPE` lines, then a sample per
-/// `(label, value)`, the label as `(name, value)` when there is one.
-fn family<'a, V: std::fmt::Display>(
-    out: &mut String,
-    name: &str,
-    kind: &str,
-    help: &str,
-    samples: impl IntoIterator<Item = (Option<(&'a str, &'a str)>, V)>,
-) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (label, value) in samples {
-        let _ = match label {
-            Some((key, label)) => writeln!(out, "{name}{{{key}=\"{label}\"}} {value}"),
-            None => writeln!(out, "{name} {value}"),
-        };
-    }
+    shared.metrics.observe_feed();
+    crate::metrics::encode(&shared.registry)
 }
 
 /// The sets the balancer routes on, as JSON.
@@ -267,6 +79,9 @@ pub fn catalog(shared: &Shared) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
     use super::*;
     use crate::balancer::routes::Routes;
 
@@ -281,7 +96,12 @@ mod tests {
                 family = rest.split(' ').next().unwrap_or("");
             } else if !line.starts_with("# HELP ") {
                 let name = line.split(['{', ' ']).next().unwrap_or("");
-                assert_eq!(name, family, "{line:?} outside its family in\n{text}");
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .filter(|base| *base == family)
+                    .unwrap_or(name);
+                assert_eq!(base, family, "{line:?} outside its family in\n{text}");
             }
         }
         assert!(
@@ -293,8 +113,21 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("\nrollcall_balancer_last_catalog_update_age_seconds -1\n"),
-            "{text}"
+            !text.contains("rollcall_balancer_last_contact_age_seconds{"),
+            "no age before any contact: {text}"
         );
+    }
+
+    #[test]
+    fn the_feeds_stale_drops_are_read_at_scrape_time() {
+        let mut shared = Shared::new(Routes::parse(&["web"]).expect("routes"));
+        let feed = Arc::new(crate::subscription::Stats::default());
+        shared.metrics.feed = Arc::clone(&feed);
+        feed.stale.store(2, Ordering::Relaxed);
+        let stale = "\nrollcall_balancer_catalog_updates_total{result=\"stale\"} ";
+        assert!(metrics(&shared).contains(&format!("{stale}2\n")));
+        feed.stale.store(5, Ordering::Relaxed);
+        let text = metrics(&shared);
+        assert!(text.contains(&format!("{stale}5\n")), "{text}");
     }
 }

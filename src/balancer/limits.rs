@@ -114,7 +114,7 @@ fn max_connections_for(open_files: Option<u64>) -> usize {
 }
 
 /// A server builder (HTTP/1.1 and h2c) with the timeouts of `limits`.
-pub(super) fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+pub(crate) fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -129,7 +129,7 @@ pub(super) fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 }
 
 /// A listener that accepts only while a connection permit is free.
-pub(super) struct Gate {
+pub(crate) struct Gate {
     listener: TcpListener,
     permits: Arc<Semaphore>,
     what: &'static str,
@@ -138,7 +138,7 @@ pub(super) struct Gate {
 }
 
 impl Gate {
-    pub(super) fn new(listener: TcpListener, max_connections: usize, what: &'static str) -> Self {
+    pub(crate) fn new(listener: TcpListener, max_connections: usize, what: &'static str) -> Self {
         Gate {
             listener,
             permits: Arc::new(Semaphore::new(max_connections)),
@@ -150,7 +150,7 @@ impl Gate {
 
     /// The next connection, with the permit it holds until it closes.
     /// Cancel-safe: nothing is lost when the future is dropped.
-    pub(super) async fn accept(&mut self) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
+    pub(crate) async fn accept(&mut self) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
         loop {
             let Ok(permit) = self.permits.clone().acquire_owned().await else {
                 unreachable!("the semaphore is never closed")
@@ -192,7 +192,7 @@ fn should_log(last: Option<Instant>, now: Instant, every: Duration) -> bool {
 /// One connection's activity: when it last read, how many requests are in
 /// flight on it.
 #[derive(Debug)]
-pub(super) struct Activity {
+pub(crate) struct Activity {
     opened: Instant,
     /// Milliseconds after `opened` of the last read or request end.
     last_ms: AtomicU64,
@@ -200,7 +200,7 @@ pub(super) struct Activity {
 }
 
 impl Activity {
-    pub(super) fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Activity {
             opened: Instant::now(),
             last_ms: AtomicU64::new(0),
@@ -221,7 +221,7 @@ impl Activity {
 
     /// Resolves once the connection has had no request in flight and read
     /// nothing for `limit`.
-    pub(super) async fn idle(&self, limit: Duration) {
+    pub(crate) async fn idle(&self, limit: Duration) {
         loop {
             let last = self.opened + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
             let due = last + limit;
@@ -249,13 +249,13 @@ impl Drop for Flight {
 }
 
 /// A client stream that stamps its [`Activity`] on every read.
-pub(super) struct Tracked<S> {
+pub(crate) struct Tracked<S> {
     stream: S,
     activity: Arc<Activity>,
 }
 
 impl<S> Tracked<S> {
-    pub(super) fn new(stream: S, activity: Arc<Activity>) -> Self {
+    pub(crate) fn new(stream: S, activity: Arc<Activity>) -> Self {
         Tracked { stream, activity }
     }
 }

@@ -15,7 +15,7 @@
 //! - `upstream`: each instance's pool of kept-alive connections.
 //! - [`limits`]: timeouts and the connection cap of both listeners.
 //! - [`access_log`]: one line per request, when asked for.
-//! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/catalog`.
+//! - `admin`: what the admin endpoint shows (`/metrics`, `/catalog`).
 //! - [`tls`]: HTTPS for clients, certificates reloadable.
 //!
 //! Updates: `Update::Service` replaces one service's set when its revision
@@ -41,9 +41,9 @@ mod upstream;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::net::TcpListener;
@@ -52,6 +52,7 @@ use tokio::sync::watch;
 use access_log::AccessLog;
 use limits::Limits;
 
+use crate::metrics::BalancerMetrics;
 use crate::protocol::Snapshot;
 use crate::subscription::Update;
 use rotation::{Outcome, Rotation};
@@ -150,8 +151,9 @@ pub struct Shared {
     pub routes: Routes,
     /// One per entry of `routes.services()`, same order.
     pub rotations: Vec<Rotation>,
-    pub metrics: Metrics,
-    pub started: Instant,
+    pub metrics: BalancerMetrics,
+    /// Holds every family of `metrics`, for `/metrics`.
+    pub registry: prometheus_client::registry::Registry,
     /// Names this balancer in the `Via` header of the requests it forwards,
     /// so a request that comes back to it is recognised.
     pub via: String,
@@ -172,11 +174,13 @@ impl Shared {
             .iter()
             .map(|s| Rotation::with_policy(s, policy))
             .collect();
+        let mut registry = crate::metrics::registry();
+        let metrics = BalancerMetrics::new(&mut registry, routes.services());
         Shared {
             routes,
             rotations,
-            metrics: Metrics::default(),
-            started: Instant::now(),
+            metrics,
+            registry,
             via: via_name(),
             applied: watch::Sender::new(Applied::default()),
             catalog_read: AtomicBool::new(false),
@@ -190,12 +194,8 @@ impl Shared {
         self.catalog_read.load(Ordering::Relaxed) && self.source.connected()
     }
 
-    fn rotation(&self, service: &str) -> Option<&Rotation> {
-        self.routes
-            .services()
-            .iter()
-            .position(|s| s == service)
-            .map(|index| &self.rotations[index])
+    fn service_index(&self, service: &str) -> Option<usize> {
+        self.routes.services().iter().position(|s| s == service)
     }
 
     /// Applies one catalog update to the sets, then tells the watchers of
@@ -213,9 +213,6 @@ impl Shared {
             .iter()
             .filter_map(|snapshot| self.apply_snapshot(snapshot))
             .collect();
-        self.metrics
-            .last_update_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
         self.applied.send_modify(|applied| {
             applied.updates += 1;
             for (service, revision) in held {
@@ -227,19 +224,25 @@ impl Shared {
     /// Applies one snapshot; for a routed service, the service and the
     /// revision its set holds afterwards.
     fn apply_snapshot<'s>(&self, snapshot: &'s Snapshot) -> Option<(&'s str, u64)> {
-        let Some(rotation) = self.rotation(&snapshot.service) else {
-            self.metrics.updates_unrouted.inc();
+        let Some(index) = self.service_index(&snapshot.service) else {
+            self.metrics.catalog_update("unrouted");
             tracing::debug!(service = %snapshot.service, "snapshot of a service no route names, ignored");
             return None;
         };
+        let rotation = &self.rotations[index];
+        self.metrics.contact(index);
         match rotation.apply(snapshot) {
             Outcome::Replaced {
                 membership_changed,
                 skipped,
             } => {
-                self.metrics.updates_applied.inc();
+                self.metrics.catalog_update("applied");
+                self.metrics.revision(index, snapshot.revision);
+                let set = rotation.load();
+                self.metrics
+                    .set_instances(index, set.members().iter().map(|m| m.id()));
                 for id in skipped {
-                    self.metrics.updates_bad.inc();
+                    self.metrics.catalog_update("bad_instance");
                     tracing::warn!(
                         service = %snapshot.service,
                         instance = %id,
@@ -295,57 +298,6 @@ impl Applied {
     }
 }
 
-/// What `/metrics` reports.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Responses sent to clients by status class: index 0 is 1xx … 4 is 5xx.
-    pub responses: [Counter; 5],
-    pub connect_failures: Counter,
-    pub retries: Counter,
-    pub ejections: Counter,
-    pub updates_applied: Counter,
-    /// The catalog feed's own counters: its stale drops are the balancer's.
-    pub feed: Arc<crate::subscription::Stats>,
-    pub updates_unrouted: Counter,
-    pub updates_bad: Counter,
-    /// Clients gone before their answer was sent (nginx's 499).
-    pub client_aborts: Counter,
-    /// Requests answered by hyper itself for a malformed head (400, 414,
-    /// 431); also counted in `responses`.
-    pub malformed_heads: Counter,
-    /// Requests that came back to this balancer, refused with 508.
-    pub loops_refused: Counter,
-    /// Client connections closed for a head not sent in time.
-    pub header_timeouts: Counter,
-    /// Client connections closed after the idle timeout.
-    pub idle_closed: Counter,
-    /// Client request bodies that paused beyond the body timeout (408).
-    pub body_timeouts: Counter,
-    /// Milliseconds after start when the last update was applied; 0 for none.
-    pub last_update_ms: AtomicU64,
-}
-
-impl Metrics {
-    pub(crate) fn count_response(&self, status: http::StatusCode) {
-        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        self.responses[class].inc();
-    }
-}
-
-/// A count that only goes up. Relaxed: no counter orders any other memory.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    pub(crate) fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
 /// A balancer not yet serving: built first so a caller can watch what it
 /// applies before any update arrives.
 #[derive(Debug)]
@@ -382,6 +334,12 @@ impl Balancer {
         self.shared.applied.subscribe()
     }
 
+    /// The families of the NATS link, for the caller that owns it to follow
+    /// ([`crate::metrics::NatsMetrics::follow`]).
+    pub fn nats_metrics(&self) -> crate::metrics::NatsMetrics {
+        self.shared.metrics.nats.clone()
+    }
+
     /// Runs the balancer on `listener` (and, when given, the admin endpoint
     /// on `admin`) until `shutdown` resolves; then stops accepting, lets
     /// in-flight requests finish (up to `drain_timeout`) and returns.
@@ -406,10 +364,10 @@ impl Balancer {
             Some(admin) => {
                 let admin_address = local_addr(&admin, "admin")?;
                 tracing::info!(address = %admin_address, "admin endpoint listening");
-                Some(tokio::spawn(admin::serve(
-                    admin,
-                    shared.clone(),
-                    config.limits.clone(),
+                let endpoint: Arc<dyn crate::admin_http::Endpoint> = shared.clone();
+                let limits = config.limits.clone();
+                Some(tokio::spawn(crate::admin_http::serve(
+                    admin, endpoint, limits,
                 )))
             }
             None => None,
@@ -482,8 +440,13 @@ mod tests {
         }
     }
 
+    fn updates(shared: &Shared, result: &'static str) -> u64 {
+        let labels = crate::metrics::ResultLabels { result };
+        shared.metrics.catalog_updates.get_or_create(&labels).get()
+    }
+
     fn ids(shared: &Shared, service: &str) -> Vec<String> {
-        let rotation = shared.rotation(service).expect("routed");
+        let rotation = &shared.rotations[shared.service_index(service).expect("routed")];
         let set = rotation.load();
         set.members().iter().map(|m| m.id().to_owned()).collect()
     }
@@ -496,7 +459,7 @@ mod tests {
         shared.apply(Update::Reset(vec![snapshot("web", 2, &["w1", "w2"])]));
         assert_eq!(ids(&shared, "web"), ["w1", "w2"]);
         assert_eq!(ids(&shared, "api"), ["a1"], "api keeps its last set");
-        assert_eq!(shared.metrics.updates_applied.get(), 3);
+        assert_eq!(updates(&shared, "applied"), 3);
     }
 
     #[test]
@@ -526,7 +489,7 @@ mod tests {
             snapshot("other", 9, &["o1"]),
         ]));
         assert_eq!(ids(&shared, "web"), ["w1"]);
-        assert_eq!(shared.metrics.updates_unrouted.get(), 1);
+        assert_eq!(updates(&shared, "unrouted"), 1);
     }
 
     #[test]
@@ -536,7 +499,7 @@ mod tests {
         bad.instances[0].address = "bad host".into();
         shared.apply(Update::Service(bad));
         assert_eq!(ids(&shared, "web"), ["w2"]);
-        assert_eq!(shared.metrics.updates_bad.get(), 1);
+        assert_eq!(updates(&shared, "bad_instance"), 1);
     }
 
     #[test]

@@ -59,7 +59,8 @@ use super::rotation::{Member, ServiceSet};
 use super::tls::{self, Tls};
 use super::upgrade;
 use super::upstream::{PooledBody, RequestBody, UpstreamConnectError};
-use super::{BalancerConfig, Metrics, Shared};
+use super::{BalancerConfig, Shared};
+use crate::metrics::{BalancerMetrics, Held, UpstreamFailure};
 
 /// The largest request body kept in memory so the request can be retried on
 /// another instance. Bigger or unsized bodies stream without retry.
@@ -148,6 +149,7 @@ pub(super) async fn serve(
                 connections.spawn(async move {
                     // The permit goes when the connection does.
                     let _permit = permit;
+                    let _open = Held::new(&proxy.shared.metrics.open_connections);
                     tokio::select! {
                         ended = connection => if let Err(error) = ended {
                             connection_failed(&proxy.shared.metrics, peer, &*error);
@@ -182,19 +184,18 @@ pub(super) async fn serve(
 /// Counts what a client connection's error says about the client: a head
 /// hyper answered itself (400, 414, 431) or one not sent in time.
 fn connection_failed(
-    metrics: &Metrics,
+    metrics: &BalancerMetrics,
     peer: SocketAddr,
     error: &(dyn std::error::Error + Send + Sync + 'static),
 ) {
     if let Some(error) = error.downcast_ref::<hyper::Error>() {
         if error.is_parse() && !error.is_parse_version_h2() {
-            metrics.malformed_heads.inc();
             let status = if error.is_parse_too_large() {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             } else {
                 StatusCode::BAD_REQUEST
             };
-            metrics.count_response(status);
+            metrics.hyper_answer(status);
         } else if error.is_timeout() {
             metrics.header_timeouts.inc();
         }
@@ -222,8 +223,9 @@ fn service(
         let client_ip = client_ip.clone();
         let flight = activity.begin();
         async move {
+            let _in_flight = Held::new(&proxy.shared.metrics.in_flight);
             let mut exchange = Exchange::new(&proxy, peer, &request);
-            let mut response = proxy.handle(request, client_ip, exchange.entry()).await;
+            let mut response = proxy.handle(request, client_ip, &mut exchange).await;
             exchange.answered(response.status());
             response.body_mut().finish_with(flight, exchange.log.take());
             Ok(response)
@@ -234,9 +236,11 @@ fn service(
 /// One request from its head to its answer; dropped before the answer, it
 /// counts (and logs) the client's abort.
 struct Exchange<'p> {
-    metrics: &'p Metrics,
+    metrics: &'p BalancerMetrics,
     log: Option<Logged>,
     answered: bool,
+    /// The number of the service it was routed to, once it was.
+    service: Option<usize>,
 }
 
 impl<'p> Exchange<'p> {
@@ -250,6 +254,7 @@ impl<'p> Exchange<'p> {
             metrics: &proxy.shared.metrics,
             log,
             answered: false,
+            service: None,
         }
     }
 
@@ -263,20 +268,17 @@ impl<'p> Exchange<'p> {
             logged.entry.status = status.as_u16();
         }
         if status.as_u16() == CLIENT_CLOSED {
-            self.metrics.client_aborts.inc();
-            return;
-        }
-        if status == StatusCode::REQUEST_TIMEOUT {
+            self.metrics.client_abort(self.service);
+        } else if status == StatusCode::REQUEST_TIMEOUT {
             self.metrics.body_timeouts.inc();
         }
-        self.metrics.count_response(status);
     }
 }
 
 impl Drop for Exchange<'_> {
     fn drop(&mut self) {
         if !self.answered {
-            self.metrics.client_aborts.inc();
+            self.metrics.client_abort(self.service);
             if let Some(mut logged) = self.log.take() {
                 logged.entry.status = CLIENT_CLOSED;
                 logged.write(0);
@@ -328,6 +330,11 @@ impl ClientBody {
             log: None,
             bytes: 0,
         }
+    }
+
+    /// Whether rollcall wrote this body, not an instance.
+    fn is_own(&self) -> bool {
+        matches!(self.inner, Either::Right(_))
     }
 
     fn finish_with(&mut self, flight: Flight, log: Option<Logged>) {
@@ -400,32 +407,47 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         client_ip: HeaderValue,
-        mut entry: Option<&mut Entry>,
+        exchange: &mut Exchange<'_>,
     ) -> Response<ClientBody> {
         let (parts, body) = request.into_parts();
         if upgrade::is_connect(&parts) {
-            return upgrade::connect_refused();
+            let response = upgrade::connect_refused();
+            self.shared.metrics.own_answer(None, response.status());
+            return response;
         }
         if let Err(refusal) = self.check_loop(&parts.headers) {
+            self.shared.metrics.own_answer(None, refusal.status);
             return refusal.into_response();
         }
         let index = match self.route(&parts) {
             Ok(index) => index,
-            Err(refusal) => return refusal.into_response(),
+            Err(refusal) => {
+                self.shared.metrics.own_answer(None, refusal.status);
+                return refusal.into_response();
+            }
         };
-        if let Some(entry) = entry.as_deref_mut() {
+        exchange.service = Some(index);
+        if let Some(entry) = exchange.entry() {
             entry.service = Some(self.shared.routes.services()[index].clone());
         }
         if upgrade::is_upgrade(&parts) {
+            // Counted in `upgrade`, instance answers included.
             let request = Request::from_parts(parts, body);
             let timeouts = (self.connect_timeout, self.upstream_timeout);
             return upgrade::forward(&self.shared, index, request, client_ip, timeouts).await;
         }
         let via = self.via.clone();
-        match prepare(parts, body, client_ip, via, self.body_timeout).await {
-            Ok(prepared) => self.forward(index, prepared, entry).await,
+        let response = match prepare(parts, body, client_ip, via, self.body_timeout).await {
+            Ok(prepared) => self.forward(index, prepared, exchange.entry()).await,
             Err(refusal) => refusal.into_response(),
+        };
+        // Instances' answers were counted as they came, with their instance;
+        // a client gone (499) was answered by no one.
+        let status = response.status();
+        if response.body().is_own() && status.as_u16() != CLIENT_CLOSED {
+            self.shared.metrics.own_answer(Some(index), status);
         }
+        response
     }
 
     /// The 508 answer when the request already passed through this
@@ -489,9 +511,13 @@ impl Proxy {
                 entry.instance = Some(member.id().to_owned());
                 entry.retries = tried.len() as u32;
             }
+            let began = std::time::Instant::now();
             let error = match self.attempt(&member, &mut prepared).await {
                 Ok(response) => {
                     let (metrics, status) = (&self.shared.metrics, response.status());
+                    if let Some(instance) = metrics.instance(index, member.id()) {
+                        instance.answered(status, began.elapsed());
+                    }
                     rotation.observe(
                         metrics,
                         service,
@@ -504,6 +530,10 @@ impl Proxy {
                 Err(error) => error,
             };
             let failure = error.failure();
+            let instance = self.shared.metrics.instance(index, member.id());
+            if let (Some(instance), Some(kind)) = (instance, error.kind(failure)) {
+                instance.failed(kind);
+            }
             if let Some(outcome) = failure.outcome() {
                 let metrics = &self.shared.metrics;
                 rotation.observe(metrics, service, &member, outcome, &Chain(&error));
@@ -512,7 +542,9 @@ impl Proxy {
             log_failure(service, &member, &error, failure, next);
             tried.push(member);
             match next {
-                Next::Retry => self.shared.metrics.retries.inc(),
+                Next::Retry => {
+                    self.shared.metrics.retries.inc();
+                }
                 Next::AllTried => return unreachable_answer(service, &tried),
                 Next::Answer(status) => return failed_answer(status, service, &tried, &error),
             }
@@ -787,6 +819,24 @@ enum AttemptError {
 }
 
 impl AttemptError {
+    /// How Prometheus is told the attempt failed: `failure` as the retry
+    /// policy sees it, with a reset told apart from a quiet close. `None`
+    /// when the client's side failed, not the instance.
+    fn kind(&self, failure: Failure) -> Option<UpstreamFailure> {
+        let kind = match (failure, self) {
+            (Failure::Client(_), _) => return None,
+            (Failure::Connect, _) => UpstreamFailure::connect,
+            (Failure::TimedOut, _) => UpstreamFailure::timeout,
+            (Failure::NotSent, _) => UpstreamFailure::closed,
+            (Failure::Unanswered, AttemptError::Send(error)) if was_reset(error) => {
+                UpstreamFailure::reset
+            }
+            (Failure::Unanswered, _) => UpstreamFailure::closed,
+            (Failure::Broken, _) => UpstreamFailure::broken,
+        };
+        Some(kind)
+    }
+
     fn failure(&self) -> Failure {
         if let Some(client) = self.client_body_error() {
             return Failure::Client(client_fault(client));

@@ -34,7 +34,7 @@ use http::uri::Authority;
 
 use super::outlier::{self, Outcome as Attempt, OutlierPolicy, Reason, Streak, FULL_SHARE};
 use super::upstream::Upstream;
-use super::Metrics;
+use crate::metrics::BalancerMetrics;
 use crate::protocol::{Instance, Snapshot};
 
 /// How long an instance that refused a connection stays out of rotation the
@@ -516,15 +516,12 @@ impl Rotation {
     /// what happened.
     pub(crate) fn observe(
         &self,
-        metrics: &Metrics,
+        metrics: &BalancerMetrics,
         service: &str,
         member: &Member,
         outcome: Attempt,
         cause: &dyn std::fmt::Display,
     ) {
-        if outcome == Attempt::ConnectFailure {
-            metrics.connect_failures.inc();
-        }
         let report = self.report(member, outcome, tokio::time::Instant::now().into_std());
         if matches!(report, Report::Ejected { .. }) {
             metrics.ejections.inc();

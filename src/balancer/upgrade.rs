@@ -29,6 +29,7 @@ use super::outlier::Outcome;
 use super::proxy::{add_forwarded, strip_hop_by_hop, ClientBody};
 use super::rotation::Member;
 use super::Shared;
+use crate::metrics::UpstreamFailure;
 
 /// The largest body of an instance's refusal to upgrade that is passed on;
 /// such answers are short error pages, read whole since the connection
@@ -81,8 +82,12 @@ pub(super) async fn forward(
     let set = rotation.load_full();
     let Some(member) = set.next(|| tokio::time::Instant::now().into_std()) else {
         let text = format!("service {service:?} has no live instance\n");
+        shared
+            .metrics
+            .own_answer(Some(index), StatusCode::SERVICE_UNAVAILABLE);
         return answer(StatusCode::SERVICE_UNAVAILABLE, text);
     };
+    let began = std::time::Instant::now();
     let client = hyper::upgrade::on(&mut request);
     let exchange = exchange(
         member,
@@ -93,9 +98,14 @@ pub(super) async fn forward(
         .await
         .unwrap_or(Err(UpgradeError::TimedOut(upstream_timeout)));
     let metrics = &shared.metrics;
+    let instance = metrics.instance(index, member.id());
     let mut response = match result {
         Ok(response) => response,
         Err(error) => {
+            if let Some(instance) = &instance {
+                instance.failed(error.kind());
+            }
+            metrics.own_answer(Some(index), error.status());
             rotation.observe(metrics, service, member, error.outcome(), &error);
             let id = member.id();
             let text =
@@ -104,6 +114,9 @@ pub(super) async fn forward(
         }
     };
     let status = response.status();
+    if let Some(instance) = &instance {
+        instance.answered(status, began.elapsed());
+    }
     rotation.observe(
         metrics,
         service,
@@ -233,6 +246,15 @@ impl UpgradeError {
         match self {
             UpgradeError::Connect(_) => Outcome::ConnectFailure,
             UpgradeError::Exchange(_) | UpgradeError::TimedOut(_) => Outcome::GatewayFailure,
+        }
+    }
+
+    /// How Prometheus is told the attempt failed.
+    fn kind(&self) -> UpstreamFailure {
+        match self {
+            UpgradeError::Connect(_) => UpstreamFailure::connect,
+            UpgradeError::TimedOut(_) => UpstreamFailure::timeout,
+            UpgradeError::Exchange(_) => UpstreamFailure::broken,
         }
     }
 

@@ -298,3 +298,30 @@ pub fn register_json(service: &str, id: &str, port: u16, extra: serde_json::Valu
     }
     record.to_string()
 }
+
+/// The sum of the samples of Prometheus text `text` that `selector` picks:
+/// a family name, then optionally labels they must carry, as
+/// `name{key="value",...}`. `None` when no sample matches.
+pub fn metric_sum(text: &str, selector: &str) -> Option<u64> {
+    let (family, wanted) = match selector.split_once('{') {
+        Some((family, labels)) => (family, labels.trim_end_matches('}')),
+        None => (selector, ""),
+    };
+    let wanted: Vec<&str> = wanted.split(',').filter(|l| !l.is_empty()).collect();
+    let mut found = None;
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        let Some((name_and_labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (name, labels) = match name_and_labels.split_once('{') {
+            Some((name, labels)) => (name, labels.trim_end_matches('}')),
+            None => (name_and_labels, ""),
+        };
+        let carried: Vec<&str> = labels.split(',').collect();
+        if name == family && wanted.iter().all(|w| carried.contains(w)) {
+            let value: f64 = value.parse().ok()?;
+            *found.get_or_insert(0) += value as u64;
+        }
+    }
+    found
+}

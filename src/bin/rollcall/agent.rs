@@ -8,6 +8,9 @@ use rollcall::agent::{AgentConfig, AgentError, Check, DEFAULT_FAIL_AFTER};
 use rollcall::announcer::AnnounceError;
 use rollcall::protocol::{validate_name, Instance, ProtocolError, TTL_MS_RANGE, WEIGHT_RANGE};
 
+use rollcall::metrics::AgentMetrics;
+
+use crate::admin;
 use crate::args::{parse_duration, parse_service, shutdown_signal, NatsArgs};
 
 #[derive(clap::Args, Debug)]
@@ -51,6 +54,10 @@ pub struct Args {
     /// Deregister after this many failed checks in a row.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), default_value_t = DEFAULT_FAIL_AFTER)]
     fail_after: u32,
+    /// Address of the admin endpoint (/healthz, /readyz, /metrics); off when
+    /// not given.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<std::net::SocketAddr>,
 }
 
 fn parse_id(name: &str) -> Result<String, String> {
@@ -94,6 +101,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tags: args.tags,
         meta: args.meta.into_iter().collect::<BTreeMap<_, _>>(),
     };
+    let mut registry = rollcall::metrics::registry();
     let config = AgentConfig {
         check: args.check.map(|url| Check {
             url,
@@ -102,6 +110,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         interval: args.interval,
         fail_after: args.fail_after,
         instance,
+        metrics: AgentMetrics::new(&mut registry),
     };
     // Refuse a bad record (say, --address with a space) before connecting.
     config.validate().map_err(|error| {
@@ -118,7 +127,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "rollcall agent {}/{}",
         config.instance.service, config.instance.id
     );
+    let listener = admin::bind(args.admin).await?;
     let connection = args.nats.options().connect(&name).await?;
+    let nats = config.metrics.nats.clone();
+    let _admin = admin::start(listener, registry, &connection, nats);
     rollcall::agent::run(
         &connection,
         args.nats.prefix.clone(),

@@ -160,6 +160,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Arc::clone(&config.feed),
     );
     let mut balancer = Balancer::new(config);
+    tokio::spawn(balancer.nats_metrics().follow(connection.link()));
     if let Some((listener, tls)) = https {
         balancer = balancer.https(listener, tls);
     }

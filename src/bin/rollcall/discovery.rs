@@ -4,8 +4,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rollcall::discovery::DiscoveryConfig;
+use rollcall::metrics::DiscoveryMetrics;
 use rollcall::permissions::discovery_needs;
 
+use crate::admin;
 use crate::args::{shutdown_signal, NatsArgs};
 
 #[derive(clap::Args, Debug)]
@@ -21,14 +23,22 @@ pub struct Args {
     /// leads). Default: `<host>-<pid>-<start>`.
     #[arg(long, env = "ROLLCALL_REPLICA", value_name = "NAME")]
     pub replica: Option<String>,
+    /// Address of the admin endpoint (/healthz, /readyz, /metrics); off when
+    /// not given.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let mut registry = rollcall::metrics::registry();
+    let metrics = DiscoveryMetrics::new(&mut registry);
+    let listener = admin::bind(args.admin).await?;
     let mut options = args.nats.options();
     // Two missed pings and the link counts as lost: a replica cut off from
     // NATS notices within about a second, like the leader's heartbeats.
     options.ping_interval = options.ping_interval.min(Duration::from_millis(500));
     let connection = options.connect("rollcall-discovery").await?;
+    let _admin = admin::start(listener, registry, &connection, metrics.nats.clone());
     // A refused subscription would otherwise leave discovery deaf, not dead.
     connection
         .check_access(&discovery_needs(&args.nats.prefix))
@@ -38,6 +48,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.nats.prefix.clone(),
         DiscoveryConfig {
             stream_replicas: usize::from(args.replicas),
+            metrics,
             replica: args.replica,
         },
         shutdown_signal(),

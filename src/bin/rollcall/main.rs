@@ -1,6 +1,7 @@
 //! `rollcall`: one binary, one subcommand per role. Argument parsing, logging
 //! set-up and process signals live here; the work is done by the library.
 
+mod admin;
 mod agent;
 mod args;
 mod balancer;
