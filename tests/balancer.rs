@@ -9,7 +9,6 @@
 mod http_support;
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,65 +19,17 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use rollcall::balancer::routes::Routes;
-use rollcall::balancer::{Applied, Balancer, BalancerConfig, BalancerError};
 use rollcall::protocol::{Instance, Snapshot};
-use rollcall::subscription::Update;
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio::sync::mpsc;
 
-use http_support::{client, get, get_with, must_get, HttpBackend, TestClient};
+use http_support::{client, get, get_with, must_get, HttpBackend};
+use support::balancer::TestBalancer;
 use support::eventually;
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
-struct TestBalancer {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    updates: mpsc::UnboundedSender<Update>,
-    applied: watch::Receiver<Applied>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), BalancerError>>,
-    client: TestClient,
-}
-
 impl TestBalancer {
-    async fn start(routes: &[&str]) -> TestBalancer {
-        Self::start_with(routes, |_| {}).await
-    }
-
-    async fn start_with(routes: &[&str], tweak: impl FnOnce(&mut BalancerConfig)) -> TestBalancer {
-        let mut config = BalancerConfig::new(Routes::parse(routes).expect("valid routes"));
-        tweak(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let addr = listener.local_addr().expect("proxy address");
-        let admin_addr = admin.local_addr().expect("admin address");
-        let (updates, receiver) = mpsc::unbounded_channel();
-        let (shutdown, stop) = oneshot::channel::<()>();
-        let balancer = Balancer::new(config);
-        let applied = balancer.applied();
-        let task = tokio::spawn(balancer.serve(
-            listener,
-            Some(admin),
-            UnboundedReceiverStream::new(receiver),
-            async {
-                let _ = stop.await;
-            },
-        ));
-        TestBalancer {
-            addr,
-            admin: admin_addr,
-            updates,
-            applied,
-            shutdown: Some(shutdown),
-            task,
-            client: client(),
-        }
-    }
-
     fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -87,62 +38,10 @@ impl TestBalancer {
         must_get(&self.client, &self.url(path)).await
     }
 
-    async fn admin(&self, path: &str) -> (StatusCode, String) {
-        must_get(&self.client, &format!("http://{}{}", self.admin, path)).await
-    }
-
     async fn catalog(&self) -> serde_json::Value {
         let (status, body) = self.admin("/catalog").await;
         assert_eq!(status, StatusCode::OK);
         serde_json::from_str(&body).expect("/catalog is JSON")
-    }
-
-    /// Sends `snapshot` and waits until the balancer routes on it.
-    async fn publish(&self, snapshot: Snapshot) {
-        let (service, revision) = (snapshot.service.clone(), snapshot.revision);
-        self.updates
-            .send(Update::Service(snapshot))
-            .expect("balancer is running");
-        let mut applied = self.applied.clone();
-        tokio::time::timeout(
-            DEADLINE,
-            applied.wait_for(|applied| applied.revision(&service) >= revision),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{service} never reached revision {revision}"))
-        .expect("balancer is running");
-    }
-
-    /// The sum of the samples `selector` picks: `name` alone, or
-    /// `name{label="value",...}` for the samples carrying those labels
-    /// (others too).
-    async fn metric(&self, selector: &str) -> u64 {
-        let (_, body) = self.admin("/metrics").await;
-        let (name, wanted) = split_sample(selector);
-        let values: Vec<u64> = body
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| line.rsplit_once(' '))
-            .filter(|(sample, _)| {
-                let (sample_name, labels) = split_sample(sample);
-                sample_name == name && wanted.iter().all(|w| labels.contains(w))
-            })
-            .filter_map(|(_, value)| value.parse().ok())
-            .collect();
-        assert!(!values.is_empty(), "no metric {selector:?} in\n{body}");
-        values.iter().sum()
-    }
-
-    /// Shuts the balancer down and waits for `serve` to return.
-    async fn stop(mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        let result = tokio::time::timeout(DEADLINE, &mut self.task)
-            .await
-            .expect("serve returns after shutdown")
-            .expect("serve task does not panic");
-        result.expect("serve ends without error");
     }
 }
 
@@ -778,12 +677,4 @@ async fn admin_endpoint_answers() {
     assert_eq!(catalog["routes"][0], "web");
     assert_eq!(lb.admin("/nope").await.0, StatusCode::NOT_FOUND);
     lb.stop().await;
-}
-
-/// `name{a="b",c="d"}` as the name and its `a="b"` pairs.
-fn split_sample(sample: &str) -> (&str, Vec<&str>) {
-    match sample.split_once('{') {
-        Some((name, labels)) => (name, labels.trim_end_matches('}').split(',').collect()),
-        None => (sample, Vec::new()),
-    }
 }

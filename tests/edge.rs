@@ -16,62 +16,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rollcall::balancer::access_log::{AccessLog, LogFormat};
-use rollcall::balancer::routes::Routes;
-use rollcall::balancer::{Applied, Balancer, BalancerConfig, BalancerError};
 use rollcall::protocol::{Instance, Snapshot};
-use rollcall::subscription::Update;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use http_support::HttpBackend;
+use support::balancer::TestBalancer;
 use support::eventually;
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
-struct Edge {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    updates: mpsc::UnboundedSender<Update>,
-    applied: watch::Receiver<Applied>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), BalancerError>>,
-}
-
-impl Edge {
-    async fn start(routes: &[&str], tweak: impl FnOnce(&mut BalancerConfig)) -> Edge {
-        let mut config = BalancerConfig::new(Routes::parse(routes).expect("valid routes"));
-        tweak(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let addr = listener.local_addr().expect("proxy address");
-        let admin_addr = admin.local_addr().expect("admin address");
-        let (updates, receiver) = mpsc::unbounded_channel();
-        let (shutdown, stop) = oneshot::channel::<()>();
-        let balancer = Balancer::new(config);
-        let applied = balancer.applied();
-        let task = tokio::spawn(balancer.serve(
-            listener,
-            Some(admin),
-            UnboundedReceiverStream::new(receiver),
-            async {
-                let _ = stop.await;
-            },
-        ));
-        Edge {
-            addr,
-            admin: admin_addr,
-            updates,
-            applied,
-            shutdown: Some(shutdown),
-            task,
-        }
-    }
-
+impl TestBalancer {
     /// Routes `service` to instances at `ports` and waits until applied.
-    async fn publish(&self, service: &str, ports: &[u16]) {
+    async fn route_to(&self, service: &str, ports: &[u16]) {
         let instances = ports
             .iter()
             .enumerate()
@@ -80,41 +38,12 @@ impl Edge {
             })
             .collect();
         let revision = self.applied.borrow().revision(service) + 1;
-        self.updates
-            .send(Update::Service(Snapshot {
-                service: service.into(),
-                revision,
-                instances,
-            }))
-            .expect("balancer is running");
-        let mut applied = self.applied.clone();
-        tokio::time::timeout(
-            DEADLINE,
-            applied.wait_for(|a| a.revision(service) >= revision),
-        )
-        .await
-        .expect("snapshot applied in time")
-        .expect("balancer is running");
-    }
-
-    async fn metric(&self, name: &str) -> u64 {
-        let text = exchange(
-            self.admin,
-            "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-        )
+        self.publish(Snapshot {
+            service: service.into(),
+            revision,
+            instances,
+        })
         .await;
-        support::metric_sum(&text, name).unwrap_or_else(|| panic!("no metric {name:?} in\n{text}"))
-    }
-
-    async fn stop(mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        tokio::time::timeout(DEADLINE, &mut self.task)
-            .await
-            .expect("serve returns after shutdown")
-            .expect("serve task does not panic")
-            .expect("serve ends without error");
     }
 }
 
@@ -150,7 +79,7 @@ async fn closed_after(stream: &mut TcpStream, since: Instant) -> Duration {
 }
 
 /// A get through the balancer that must answer 200 from `expected`.
-async fn must_serve(edge: &Edge, expected: &str) {
+async fn must_serve(edge: &TestBalancer, expected: &str) {
     let answer = exchange(
         edge.addr,
         "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
@@ -186,12 +115,12 @@ async fn raw_backend(answer: &'static [u8]) -> (u16, tokio::task::JoinHandle<()>
 #[tokio::test(start_paused = true)]
 async fn slow_heads_and_idle_connections_close_at_their_timeouts_while_clients_are_served() {
     let web = HttpBackend::start("web-1").await;
-    let edge = Edge::start(&["web"], |config| {
+    let edge = TestBalancer::start_with(&["web"], |config| {
         config.limits.header_timeout = Duration::from_secs(3);
         config.limits.idle_timeout = Duration::from_secs(1);
     })
     .await;
-    edge.publish("web", &[web.port()]).await;
+    edge.route_to("web", &[web.port()]).await;
     let started = Instant::now();
 
     // Slowloris: a header line every 500 ms, never the end of the head.
@@ -253,7 +182,7 @@ async fn slow_heads_and_idle_connections_close_at_their_timeouts_while_clients_a
 
 #[tokio::test(start_paused = true)]
 async fn an_h2_preface_alone_is_closed_at_the_idle_timeout() {
-    let edge = Edge::start(&["web"], |config| {
+    let edge = TestBalancer::start_with(&["web"], |config| {
         config.limits.idle_timeout = Duration::from_secs(2);
     })
     .await;
@@ -272,12 +201,12 @@ async fn a_declared_but_unsent_body_is_answered_408_without_blaming_the_instance
     // Reads the whole request before answering, so a stalled streamed body
     // is the only thing that can end the exchange.
     let (sink, _sink_task) = raw_backend(b"").await;
-    let edge = Edge::start(&["web", "/sink=sink"], |config| {
+    let edge = TestBalancer::start_with(&["web", "/sink=sink"], |config| {
         config.limits.body_timeout = Duration::from_secs(2);
     })
     .await;
-    edge.publish("web", &[web.port()]).await;
-    edge.publish("sink", &[sink]).await;
+    edge.route_to("web", &[web.port()]).await;
+    edge.route_to("sink", &[sink]).await;
     for (request, what) in [
         (
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789",
@@ -310,11 +239,11 @@ async fn a_declared_but_unsent_body_is_answered_408_without_blaming_the_instance
 async fn a_stalled_instance_body_is_cut_at_the_upstream_body_timeout() {
     let (stalled, _task) =
         raw_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789").await;
-    let edge = Edge::start(&["web"], |config| {
+    let edge = TestBalancer::start_with(&["web"], |config| {
         config.limits.upstream_body_timeout = Duration::from_secs(2);
     })
     .await;
-    edge.publish("web", &[stalled]).await;
+    edge.route_to("web", &[stalled]).await;
     let started = Instant::now();
     let mut client = TcpStream::connect(edge.addr).await.expect("connect");
     client
@@ -337,11 +266,11 @@ async fn a_stalled_instance_body_is_cut_at_the_upstream_body_timeout() {
 #[tokio::test(start_paused = true)]
 async fn the_connection_cap_holds_and_the_admin_port_answers_at_it() {
     let web = HttpBackend::start("web-1").await;
-    let edge = Edge::start(&["web"], |config| {
+    let edge = TestBalancer::start_with(&["web"], |config| {
         config.limits.max_connections = 2;
     })
     .await;
-    edge.publish("web", &[web.port()]).await;
+    edge.route_to("web", &[web.port()]).await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut stream = TcpStream::connect(edge.addr).await.expect("connect");
@@ -407,11 +336,11 @@ async fn the_access_log_writes_one_line_per_request_as_text_or_json() {
     let web = HttpBackend::start("web-1").await;
     for format in [LogFormat::Text, LogFormat::Json] {
         let lines = Lines::default();
-        let edge = Edge::start(&["web", "/none=none"], |config| {
+        let edge = TestBalancer::start_with(&["web", "/none=none"], |config| {
             config.access_log = Some(AccessLog::new(format, lines.clone()));
         })
         .await;
-        edge.publish("web", &[web.port()]).await;
+        edge.route_to("web", &[web.port()]).await;
         must_serve(&edge, "web-1").await;
         let answer = exchange(
             edge.addr,
@@ -456,9 +385,9 @@ async fn the_access_log_writes_one_line_per_request_as_text_or_json() {
 async fn strict_answers_for_hosts_absolute_form_and_malformed_requests() {
     let web = HttpBackend::start("web-1").await;
     let api = HttpBackend::start("api-1").await;
-    let edge = Edge::start(&["web.test=web", "api.test=api"], |_| {}).await;
-    edge.publish("web", &[web.port()]).await;
-    edge.publish("api", &[api.port()]).await;
+    let edge = TestBalancer::start_with(&["web.test=web", "api.test=api"], |_| {}).await;
+    edge.route_to("web", &[web.port()]).await;
+    edge.route_to("api", &[api.port()]).await;
     let cases = [
         (
             "GET / HTTP/1.1\r\nHost: web.test\r\nHost: api.test\r\n",
@@ -501,9 +430,9 @@ async fn strict_answers_for_hosts_absolute_form_and_malformed_requests() {
 async fn a_bad_chunked_body_is_the_clients_400_and_an_abort_is_no_instance_failure() {
     let web = HttpBackend::start("web-1").await;
     let (sink, _sink_task) = raw_backend(b"").await;
-    let edge = Edge::start(&["web", "/sink=sink"], |_| {}).await;
-    edge.publish("web", &[web.port()]).await;
-    edge.publish("sink", &[sink]).await;
+    let edge = TestBalancer::start_with(&["web", "/sink=sink"], |_| {}).await;
+    edge.route_to("web", &[web.port()]).await;
+    edge.route_to("sink", &[sink]).await;
     let answer = exchange(
         edge.addr,
         "POST /sink HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabc\r\nZZ\r\n",
@@ -537,8 +466,8 @@ async fn a_bad_chunked_body_is_the_clients_400_and_an_abort_is_no_instance_failu
 
 #[tokio::test]
 async fn a_self_registered_loop_is_refused_with_508_after_one_hop() {
-    let edge = Edge::start(&["web"], |_| {}).await;
-    edge.publish("web", &[edge.addr.port()]).await;
+    let edge = TestBalancer::start_with(&["web"], |_| {}).await;
+    edge.route_to("web", &[edge.addr.port()]).await;
     let answer = exchange(
         edge.addr,
         "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",

@@ -12,7 +12,6 @@
 mod http_support;
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,81 +20,32 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rollcall::balancer::routes::Routes;
-use rollcall::balancer::{Applied, Balancer, BalancerConfig, BalancerError};
+use rollcall::balancer::BalancerConfig;
 use rollcall::protocol::{Instance, Snapshot};
-use rollcall::subscription::Update;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use http_support::{client, HttpBackend, TestClient};
+use http_support::HttpBackend;
+
+use support::balancer::TestBalancer;
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
-struct TestBalancer {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    updates: mpsc::UnboundedSender<Update>,
-    applied: watch::Receiver<Applied>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), BalancerError>>,
-    client: TestClient,
-}
-
 impl TestBalancer {
-    async fn start(tweak: impl FnOnce(&mut BalancerConfig)) -> TestBalancer {
-        let mut config = BalancerConfig::new(Routes::parse(&["web"]).expect("valid routes"));
-        tweak(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let addr = listener.local_addr().expect("proxy address");
-        let admin_addr = admin.local_addr().expect("admin address");
-        let (updates, receiver) = mpsc::unbounded_channel();
-        let (shutdown, stop) = oneshot::channel::<()>();
-        let balancer = Balancer::new(config);
-        let applied = balancer.applied();
-        let task = tokio::spawn(balancer.serve(
-            listener,
-            Some(admin),
-            UnboundedReceiverStream::new(receiver),
-            async {
-                let _ = stop.await;
-            },
-        ));
-        TestBalancer {
-            addr,
-            admin: admin_addr,
-            updates,
-            applied,
-            shutdown: Some(shutdown),
-            task,
-            client: client(),
-        }
-    }
-
     /// Routes `web` to `ports` (named `web-1`, `web-2`...) and waits until
     /// the balancer does.
-    async fn publish(&self, ports: &[u16]) {
+    async fn route_to(&self, ports: &[u16]) {
         let instances = ports
             .iter()
             .enumerate()
             .map(|(i, port)| Instance::new("web", format!("web-{}", i + 1), "127.0.0.1", *port))
             .collect();
-        let snapshot = Snapshot {
+        self.publish(Snapshot {
             service: "web".into(),
             revision: 1,
             instances,
-        };
-        self.updates
-            .send(Update::Service(snapshot))
-            .expect("balancer is running");
-        let mut applied = self.applied.clone();
-        tokio::time::timeout(DEADLINE, applied.wait_for(|a| a.revision("web") >= 1))
-            .await
-            .expect("the balancer applies the snapshot")
-            .expect("balancer is running");
+        })
+        .await;
     }
 
     /// The status of `n` sequential requests, with `method`.
@@ -112,23 +62,6 @@ impl TestBalancer {
             response.into_body().collect().await.expect("whole body");
         }
         statuses
-    }
-
-    async fn metric(&self, name: &str) -> u64 {
-        let url = format!("http://{}/metrics", self.admin);
-        let (_, body) = http_support::must_get(&self.client, &url).await;
-        support::metric_sum(&body, name).unwrap_or_else(|| panic!("no metric {name:?} in\n{body}"))
-    }
-
-    async fn stop(mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        let result = tokio::time::timeout(DEADLINE, &mut self.task)
-            .await
-            .expect("serve returns after shutdown")
-            .expect("serve task does not panic");
-        result.expect("serve ends without error");
     }
 }
 
@@ -221,8 +154,8 @@ async fn one_bad_of_three(
         HttpBackend::start("web-3").await,
     ];
     let bad = BadBackend::start(fault).await;
-    let lb = TestBalancer::start(tweak).await;
-    lb.publish(&[good[0].port(), bad.port, good[1].port()])
+    let lb = TestBalancer::start_with(&["web"], tweak).await;
+    lb.route_to(&[good[0].port(), bad.port, good[1].port()])
         .await;
     (lb, bad, good)
 }
@@ -311,8 +244,8 @@ async fn no_more_than_half_of_the_instances_are_ejected_at_once() {
         BadBackend::start(Fault::ServerError).await,
         BadBackend::start(Fault::ServerError).await,
     ];
-    let lb = TestBalancer::start(|_| {}).await;
-    lb.publish(&bad.each_ref().map(|b| b.port)).await;
+    let lb = TestBalancer::start_with(&["web"], |_| {}).await;
+    lb.route_to(&bad.each_ref().map(|b| b.port)).await;
     let statuses = lb.statuses(http::Method::GET, 40).await;
     assert_eq!(count(&statuses, StatusCode::INTERNAL_SERVER_ERROR), 40);
     assert_eq!(lb.metric(EJECTIONS).await, 2, "half of 4");
@@ -419,8 +352,8 @@ async fn echo_frames(mut stream: impl AsyncReadExt + AsyncWriteExt + Unpin) {
 #[tokio::test]
 async fn a_websocket_echo_passes_through_as_one_request() {
     let (port, backend) = websocket_backend().await;
-    let lb = TestBalancer::start(|_| {}).await;
-    lb.publish(&[port]).await;
+    let lb = TestBalancer::start_with(&["web"], |_| {}).await;
+    lb.route_to(&[port]).await;
     let mut stream = TcpStream::connect(lb.addr).await.expect("connect");
     let handshake = format!(
         "GET /chat HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -487,8 +420,8 @@ async fn a_websocket_echo_passes_through_as_one_request() {
 #[tokio::test]
 async fn connect_is_answered_405() {
     let good = HttpBackend::start("web-1").await;
-    let lb = TestBalancer::start(|_| {}).await;
-    lb.publish(&[good.port()]).await;
+    let lb = TestBalancer::start_with(&["web"], |_| {}).await;
+    lb.route_to(&[good.port()]).await;
     let mut stream = TcpStream::connect(lb.addr).await.expect("connect");
     stream
         .write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")

@@ -1,11 +1,13 @@
 //! Real processes for integration tests: a `nats-server -js` on a free port
 //! with its own store, killed on drop; discovery and a balancer running
 //! in-process against it; the one wait helper, [`eventually`]; and, in
-//! [`http`], the one HTTP backend and client.
+//! [`http`], the one HTTP backend and client; [`balancer`], a balancer in
+//! process fed through a channel.
 #![allow(dead_code)] // each test binary uses its own part of the support code
 
 // Test binaries written before `support::http` existed load this file as
 // `#[path = "support/http.rs"] mod http_support;` too.
+pub mod balancer;
 #[allow(clippy::duplicate_mod)]
 pub mod http;
 
