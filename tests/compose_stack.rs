@@ -472,8 +472,9 @@ async fn a_killed_web_container_leaves_after_its_ttl_and_returns_when_started() 
     let Some(_turn) = turn() else { return };
     let snapshots = Snapshots::follow().await;
     let load = Load::start();
-    docker(&["kill", "{}"], "web1").await;
+    // From before the command: the kill may land before `docker` returns.
     let killed = Instant::now();
+    docker(&["kill", "{}"], "web1").await;
     eventually("web1 gone from the catalog", TTL * 3, || async {
         snapshots
             .latest()
