@@ -102,9 +102,27 @@ wait_healthy() {
   done
 }
 
+# Waits (at most 60 s, then goes on) until no running container of the stack
+# is unhealthy or still starting.
+settle_running() {
+  local started=$SECONDS
+  while [ $((SECONDS - started)) -lt 60 ]; do
+    if ! compose ps -q | xargs -r docker inspect -f '{{.State.Running}} {{if .State.Health}}{{.State.Health.Status}}{{else}}healthy{{end}}' | grep -q '^true \(unhealthy\|starting\)$'; then
+      return
+    fi
+    sleep 1
+  done
+}
+
 if [ "${1:-}" = up ]; then
   shift
   build_images
+  # A running stack that is getting over a fault (a container just
+  # unpaused or reconnected) settles first: compose refuses to start a
+  # service while a dependency is unhealthy, instead of waiting.
+  if [ -n "$(compose ps -q 2>/dev/null)" ]; then
+    settle_running
+  fi
   compose up -d --no-build "$@"
   wait_healthy
 else
