@@ -306,6 +306,7 @@ impl BalancerMetrics {
         metrics
     }
 
+    /// The counters of requests, attempts and refusals.
     fn register(&self, r: &mut Registry) {
         r.register("requests", "Requests answered, by service, instance, status class and who answered (instance or rollcall)", self.requests.clone());
         r.register(
@@ -358,6 +359,11 @@ impl BalancerMetrics {
             "Client request bodies that paused beyond the body timeout (408)",
             self.body_timeouts.clone(),
         );
+        self.register_state(r);
+    }
+
+    /// The gauges of what is open and routed on now, and the catalog's.
+    fn register_state(&self, r: &mut Registry) {
         r.register(
             "in_flight_requests",
             "Requests being answered now",

@@ -34,44 +34,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let connection = options.connect("rollcall watch").await?;
     let client = &connection.client;
-    let filters = match &fleet.service {
-        Some(service) => vec![
-            subjects.service_events(service),
-            subjects.catalog(service),
-            subjects.leader_heartbeat(),
-        ],
-        None => vec![subjects.all()],
-    };
-    let mut subscriptions = Vec::new();
-    for filter in &filters {
-        let subscription = client
-            .subscribe(filter.clone())
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot subscribe to {filter}: {e}"))?;
-        subscriptions.push(subscription);
-    }
-    client
-        .flush()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot subscribe to {}: {e}", filters.join(" and ")))?;
+    let filters = filters(subjects, fleet.service.as_deref());
+    let subscriptions = subscribe(client, &filters).await?;
     tracing::info!(subjects = %filters.join(" "), "watching");
 
     let mut stdout = std::io::stdout().lock();
     // Subscribed first, so nothing that changes while the stream is read is
     // missed; a change may then show twice, never not at all.
-    if !args.events_only {
-        let current = current_state(client, subjects, fleet.service.as_deref()).await;
-        for line in current.iter().map(|stored| {
-            if fleet.json {
-                current_json(stored).to_string()
-            } else {
-                current_line(stored)
-            }
-        }) {
-            if writeln!(stdout, "{line}").is_err() {
-                return Ok(());
-            }
-        }
+    if !args.events_only && !print_current(&mut stdout, client, fleet).await {
+        return Ok(());
     }
 
     let mut messages = futures::stream::select_all(subscriptions);
@@ -120,6 +91,57 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!(messages = seen, invalid, "watch ended");
     Ok(())
+}
+
+/// What to subscribe to: every subject under the prefix, or one service's
+/// events and catalog and the leader's heartbeat.
+fn filters(subjects: &Subjects, service: Option<&str>) -> Vec<String> {
+    match service {
+        Some(service) => vec![
+            subjects.service_events(service),
+            subjects.catalog(service),
+            subjects.leader_heartbeat(),
+        ],
+        None => vec![subjects.all()],
+    }
+}
+
+/// One subscription per filter, confirmed by the server.
+async fn subscribe(
+    client: &async_nats::Client,
+    filters: &[String],
+) -> anyhow::Result<Vec<async_nats::Subscriber>> {
+    let mut subscriptions = Vec::new();
+    for filter in filters {
+        let subscription = client
+            .subscribe(filter.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot subscribe to {filter}: {e}"))?;
+        subscriptions.push(subscription);
+    }
+    client
+        .flush()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot subscribe to {}: {e}", filters.join(" and ")))?;
+    Ok(subscriptions)
+}
+
+/// Prints the current catalog, one `current` line per service; false when
+/// stdout is closed.
+async fn print_current(
+    stdout: &mut impl Write,
+    client: &async_nats::Client,
+    fleet: &FleetArgs,
+) -> bool {
+    let current = current_state(client, &fleet.nats.prefix, fleet.service.as_deref()).await;
+    current.iter().all(|stored| {
+        let line = if fleet.json {
+            current_json(stored).to_string()
+        } else {
+            current_line(stored)
+        };
+        writeln!(stdout, "{line}").is_ok()
+    })
 }
 
 /// The stored snapshots (of `service` only, when given). A catalog that
