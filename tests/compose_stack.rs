@@ -109,8 +109,18 @@ fn turn() -> Option<Turn> {
         take_down_after(std::process::id());
     } else {
         // The previous test may have restarted a container: `up` again
-        // changes nothing but waits until every service is healthy.
-        compose_sh(&["up"]).expect("scripts/compose.sh up");
+        // changes nothing but waits until every service is healthy. A stack
+        // a fault left unhealthy is reported, then started afresh so the
+        // next test meets the state it expects.
+        if let Err(why) = compose_sh(&["up"]) {
+            say!(
+                "stack left unhealthy by the previous test, started afresh: {}",
+                last_lines(&why, 6)
+            );
+            say!("health checks: {}", health_report());
+            compose_sh(&["down", "-v", "--remove-orphans"]).expect("take the stack down");
+            compose_sh(&["up"]).expect("scripts/compose.sh up");
+        }
     }
     Some(Turn { shared })
 }
@@ -150,6 +160,37 @@ fn engine() -> Result<(), String> {
 
 /// Runs scripts/compose.sh under the tests' project name: its stdout and
 /// stderr, or why it failed.
+/// The last `n` lines of `text`.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// Every container's health status and its last check's output.
+fn health_report() -> String {
+    let ids = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=com.docker.compose.project={PROJECT}"),
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut args = vec![
+        "inspect",
+        "-f",
+        "{{.Name}} {{if .State.Health}}{{.State.Health.Status}} {{range .State.Health.Log}}{{.ExitCode}}:{{.Output}};{{end}}{{else}}no-check{{end}}",
+    ];
+    args.extend(ids.split_whitespace());
+    std::process::Command::new("docker")
+        .args(&args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).replace('\n', " / "))
+        .unwrap_or_default()
+}
+
 fn compose_sh(args: &[&str]) -> Result<String, String> {
     let output = script_command(args)
         .output()
