@@ -181,11 +181,16 @@ impl Process {
 
     /// Waits until stderr contains `needle` (a log line saying it is ready).
     pub fn wait_stderr(&self, needle: &str, limit: Duration) {
+        self.wait_stderr_times(needle, 1, limit);
+    }
+
+    /// Waits until stderr contains `needle` at least `times` times.
+    pub fn wait_stderr_times(&self, needle: &str, times: usize, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while !self.stderr_text().contains(needle) {
+        while self.stderr_text().matches(needle).count() < times {
             assert!(
                 Instant::now() < deadline,
-                "stderr never said {needle:?} within {limit:?}:\n{}",
+                "stderr did not say {needle:?} {times} times within {limit:?}:\n{}",
                 self.stderr_text()
             );
             std::thread::sleep(Duration::from_millis(10));
