@@ -123,6 +123,29 @@ pub struct Instance {
     pub tags: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub meta: BTreeMap<String, String>,
+    /// An operator's override, merged by discovery over the instance's own
+    /// record; only in snapshots, never in an instance's own events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<Operator>,
+}
+
+/// What an operator set on one instance (`rollcall drain`, `rollcall
+/// weight`): carried in snapshots beside the instance, whose `weight` is
+/// then the effective one (0 while drained).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operator {
+    /// Drained: takes no new requests; requests in flight finish.
+    #[serde(default)]
+    pub drain: bool,
+    /// The weight the operator set, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// The weight the instance itself announces.
+    pub own_weight: u32,
+    /// Who set it, as the operator's command said.
+    pub by: String,
+    /// When it was last changed, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
 }
 
 impl Instance {
@@ -143,6 +166,7 @@ impl Instance {
             weight: DEFAULT_WEIGHT,
             tags: Vec::new(),
             meta: BTreeMap::new(),
+            operator: None,
         }
     }
 
@@ -249,6 +273,8 @@ struct RawInstance {
     tags: Vec<String>,
     #[serde(default)]
     meta: BTreeMap<String, String>,
+    #[serde(default)]
+    operator: Option<Operator>,
 }
 
 fn default_ttl() -> i64 {
@@ -275,6 +301,7 @@ impl TryFrom<RawInstance> for Instance {
             weight: raw.weight as u32,
             tags: raw.tags,
             meta: raw.meta,
+            operator: raw.operator,
         };
         instance.validate()?;
         Ok(instance)

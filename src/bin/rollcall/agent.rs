@@ -100,6 +100,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         weight: args.weight,
         tags: args.tags,
         meta: args.meta.into_iter().collect::<BTreeMap<_, _>>(),
+        operator: None,
     };
     let mut registry = rollcall::metrics::registry();
     let config = AgentConfig {
