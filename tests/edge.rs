@@ -235,6 +235,29 @@ async fn a_declared_but_unsent_body_is_answered_408_without_blaming_the_instance
     edge.stop().await;
 }
 
+#[tokio::test]
+async fn an_instance_answering_408_is_passed_through_and_not_counted_as_a_client_stall() {
+    let (web, _task) =
+        raw_backend(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 4\r\n\r\nslow").await;
+    let edge = TestBalancer::start(&["web"]).await;
+    edge.route_to("web", &[web]).await;
+    let answer = exchange(
+        edge.addr,
+        "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&answer), 408, "{answer}");
+    assert!(
+        answer.ends_with("slow"),
+        "the instance's own body: {answer}"
+    );
+    assert_eq!(
+        edge.metric("rollcall_balancer_body_timeouts_total").await,
+        0
+    );
+    edge.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_stalled_instance_body_is_cut_at_the_upstream_body_timeout() {
     let (stalled, _task) =

@@ -269,8 +269,6 @@ impl<'p> Exchange<'p> {
         }
         if status.as_u16() == CLIENT_CLOSED {
             self.metrics.client_abort(self.service);
-        } else if status == StatusCode::REQUEST_TIMEOUT {
-            self.metrics.body_timeouts.inc();
         }
     }
 }
@@ -443,9 +441,14 @@ impl Proxy {
         };
         // Instances' answers were counted as they came, with their instance;
         // a client gone (499) was answered by no one.
+        // An instance may answer 408 itself; only ours is a client body
+        // that stalled.
         let status = response.status();
         if response.body().is_own() && status.as_u16() != CLIENT_CLOSED {
             self.shared.metrics.own_answer(Some(index), status);
+            if status == StatusCode::REQUEST_TIMEOUT {
+                self.shared.metrics.body_timeouts.inc();
+            }
         }
         response
     }
