@@ -157,6 +157,14 @@ pub async fn ensure(
                     stream: name.clone(),
                     source: Box::new(NatsError(e)),
                 })?;
+            if info.config.num_replicas < replicas {
+                tracing::warn!(
+                    stream = %name,
+                    copies = info.config.num_replicas,
+                    wanted = replicas,
+                    "the catalog stream has fewer copies than asked; kept as is (`nats stream edit --replicas` changes it)"
+                );
+            }
             let wanted = stream_config(subjects, info.config.num_replicas);
             if info.config.subjects == wanted.subjects && info.config.republish.is_some() {
                 return Ok(Ensured::default());
