@@ -70,11 +70,14 @@ pub fn rotated(urls: &[String], first: usize) -> String {
         .join(",")
 }
 
-/// A client connected to `urls` tried in their order.
+/// A client connected to `urls` (comma-separated) tried in their order.
 pub async fn client_preferring(urls: &str) -> async_nats::Client {
+    let addresses: Vec<async_nats::ServerAddr> = (urls.split(','))
+        .map(|url| url.parse().expect("a valid NATS URL"))
+        .collect();
     async_nats::ConnectOptions::new()
         .retain_servers_order()
-        .connect(urls)
+        .connect(addresses)
         .await
         .expect("connect to the test servers")
 }
@@ -197,23 +200,29 @@ impl<S> Fleet<S> {
 
     /// Registers `web-new` and waits until a stored snapshot lists it.
     pub async fn change_reaches_subscribers(&self) -> Snapshot {
-        let mut extra = Instance::new("web", "web-new", "127.0.0.1", 9);
+        self.joins("web-new").await
+    }
+
+    /// Registers an instance `id` of `web` (weight 0, so it takes no
+    /// traffic) and waits until a stored snapshot lists it.
+    pub async fn joins(&self, id: &str) -> Snapshot {
+        let mut extra = Instance::new("web", id, "127.0.0.1", 9);
         extra.ttl_ms = 600_000;
         extra.weight = 0;
         let payload: bytes::Bytes = serde_json::to_vec(&extra).unwrap().into();
+        let subject = format!("rollcall.heartbeat.web.{id}");
         let probes = AtomicU64::new(0);
         eventually("the change stored and republished", self.limit, || async {
             // Sent again every 200 ms, as an instance heartbeats: one sent
             // while the client has not yet noticed a dead server is lost.
             if probes.fetch_add(1, Ordering::Relaxed) % 40 == 0 {
-                let subject = "rollcall.heartbeat.web.web-new";
-                let _ = self.nats.publish(subject, payload.clone()).await;
+                let _ = self.nats.publish(subject.clone(), payload.clone()).await;
             }
             let seen = self.seen.lock().unwrap();
             seen.snapshots
                 .iter()
                 .rev()
-                .find(|s| s.instances.iter().any(|i| i.id == "web-new"))
+                .find(|s| s.instances.iter().any(|i| i.id == id))
                 .cloned()
         })
         .await

@@ -96,6 +96,17 @@ impl ConfiguredServer {
     pub fn stop(&mut self) {
         self.process.stop();
     }
+
+    /// Starts it again with the same config (ports, store), after
+    /// [`ConfiguredServer::stop`].
+    pub fn restart(&mut self) {
+        self.process.restart();
+    }
+
+    /// Its `server_name` in a cluster: `rollcall-N`.
+    pub fn name(&self) -> String {
+        format!("rollcall-{}", self.name_number)
+    }
 }
 
 /// Replaces every line that starts (after indentation) with one of the
@@ -194,6 +205,11 @@ impl Cluster {
             wait_healthy(node.monitor_port, Duration::from_secs(20));
         }
         cluster
+    }
+
+    /// Every node's URL.
+    pub fn url_list(&self) -> Vec<String> {
+        self.nodes.iter().map(ConfiguredServer::url).collect()
     }
 
     /// Every node's URL, comma-separated, as `--nats` takes them.
