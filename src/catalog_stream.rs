@@ -30,9 +30,10 @@ pub enum CatalogStreamError {
         #[source]
         source: NatsError<GetStreamErrorKind>,
     },
-    #[error("cannot create the JetStream stream {stream} (is JetStream enabled on the server, nats-server -js, and may this user create it?)")]
+    #[error("cannot create the JetStream stream {stream} with {replicas} copies (is JetStream enabled on the server, nats-server -js, may this user create it, and are there {replicas} JetStream servers? see --replicas)")]
     Create {
         stream: String,
+        replicas: usize,
         #[source]
         source: NatsError<CreateStreamErrorKind>,
     },
@@ -176,6 +177,7 @@ pub async fn ensure(
                 .await
                 .map_err(|source| CatalogStreamError::Create {
                     stream: name.clone(),
+                    replicas,
                     source: NatsError(source),
                 })?;
             tracing::info!(stream = %name, "created the catalog stream");
