@@ -70,13 +70,16 @@ pub fn rotated(urls: &[String], first: usize) -> String {
         .join(",")
 }
 
-/// A client connected to `urls` (comma-separated) tried in their order.
+/// A client connected to `urls` (comma-separated) tried in their order,
+/// noticing a server that stopped answering within about a second, as
+/// discovery does.
 pub async fn client_preferring(urls: &str) -> async_nats::Client {
     let addresses: Vec<async_nats::ServerAddr> = (urls.split(','))
         .map(|url| url.parse().expect("a valid NATS URL"))
         .collect();
     async_nats::ConnectOptions::new()
         .retain_servers_order()
+        .ping_interval(Duration::from_millis(500))
         .connect(addresses)
         .await
         .expect("connect to the test servers")

@@ -103,6 +103,11 @@ impl ConfiguredServer {
         self.process.restart();
     }
 
+    /// Sends signal `name` (STOP to freeze it, CONT to thaw it).
+    pub fn signal(&self, name: &str) {
+        self.process.signal(name);
+    }
+
     /// Its `server_name` in a cluster: `rollcall-N`.
     pub fn name(&self) -> String {
         format!("rollcall-{}", self.name_number)
