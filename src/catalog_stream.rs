@@ -30,9 +30,10 @@ pub enum CatalogStreamError {
         #[source]
         source: NatsError<GetStreamErrorKind>,
     },
-    #[error("cannot create the JetStream stream {stream} (is JetStream enabled on the server, nats-server -js, and may this user create it?)")]
+    #[error("cannot create the JetStream stream {stream} with {replicas} copies (is JetStream enabled on the server, nats-server -js, may this user create it, and are there {replicas} JetStream servers? see --replicas)")]
     Create {
         stream: String,
+        replicas: usize,
         #[source]
         source: NatsError<CreateStreamErrorKind>,
     },
@@ -157,6 +158,14 @@ pub async fn ensure(
                     stream: name.clone(),
                     source: Box::new(NatsError(e)),
                 })?;
+            if info.config.num_replicas < replicas {
+                tracing::warn!(
+                    stream = %name,
+                    copies = info.config.num_replicas,
+                    wanted = replicas,
+                    "the catalog stream has fewer copies than asked; kept as is (`nats stream edit --replicas` changes it)"
+                );
+            }
             let wanted = stream_config(subjects, info.config.num_replicas);
             if info.config.subjects == wanted.subjects && info.config.republish.is_some() {
                 return Ok(Ensured::default());
@@ -168,6 +177,7 @@ pub async fn ensure(
                 .await
                 .map_err(|source| CatalogStreamError::Create {
                     stream: name.clone(),
+                    replicas,
                     source: NatsError(source),
                 })?;
             tracing::info!(stream = %name, "created the catalog stream");

@@ -339,7 +339,7 @@ impl NatsOptions {
                 watcher.on(event);
                 async {}
             })
-            .connect(self.url.as_str())
+            .connect(server_list(&self.url))
             .await
             .map_err(|source| refused(source, &url, &identity))?;
         // The first `Connected` event may come later, or may have come.
@@ -497,6 +497,16 @@ fn log_event(url: &str, event: &Event, closing: bool) {
     }
 }
 
+/// The comma-separated URLs of `--nats` one by one (async-nats takes a
+/// list, not a comma-separated string); the client tries them all and moves
+/// to another when its server goes away.
+fn server_list(urls: &str) -> Vec<&str> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect()
+}
+
 /// Credentials written into a URL: `nats://user:password@host` or
 /// `nats://token@host`.
 #[derive(Debug, PartialEq, Eq)]
@@ -581,6 +591,15 @@ mod tests {
         );
         assert_eq!(redact("h:4222"), "h:4222");
         assert_eq!(redact("nats://a:p@ss@h:4222"), "nats://a:***@h:4222");
+    }
+
+    #[test]
+    fn every_comma_separated_url_is_a_server_to_try() {
+        assert_eq!(
+            server_list("nats://a:4222, nats://b:4222,nats://u:p@c:4222,"),
+            ["nats://a:4222", "nats://b:4222", "nats://u:p@c:4222"]
+        );
+        assert_eq!(server_list("nats://a:4222"), ["nats://a:4222"]);
     }
 
     #[test]

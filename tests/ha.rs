@@ -8,270 +8,23 @@
 
 #[path = "support/cli.rs"]
 mod cli;
+#[path = "support/ha.rs"]
+mod ha;
 mod support;
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
-use rollcall::balancer::routes::Routes;
-use rollcall::balancer::{Balancer, BalancerConfig};
-use rollcall::connect::NatsOptions;
-use rollcall::protocol::{Instance, Leadership, Snapshot, Subjects};
-use support::http::{client, get, HttpBackend};
+use ha::{replica, Fleet};
 use support::{eventually, NatsServer};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-
-use cli::{rollcall, Process};
 
 const LIMIT: Duration = Duration::from_secs(10);
-/// Longer than [`TTL_MS`]: a freeze this long would expire everything if
+/// Longer than [`ha::TTL_MS`]: a freeze this long would expire everything if
 /// the frozen replica trusted its own clock.
 const FREEZE: Duration = Duration::from_millis(2500);
-const TTL_MS: u64 = 1500;
-
-/// Everything a catalog subscriber and the leader heartbeat showed.
-#[derive(Default)]
-struct Seen {
-    snapshots: Vec<Snapshot>,
-    leaders: Vec<Leadership>,
-}
-
-struct Fleet {
-    server: NatsServer,
-    replicas: Vec<Option<Process>>,
-    nats: async_nats::Client,
-    seen: Arc<Mutex<Seen>>,
-    /// The instances that heartbeat (and must be in every snapshot).
-    alive: Vec<Instance>,
-    failed: Arc<AtomicU64>,
-    served: Arc<AtomicU64>,
-    _backends: Vec<HttpBackend>,
-    _stop: Vec<oneshot::Sender<()>>,
-}
-
-fn replica(url: &str, name: &str) -> Process {
-    Process::spawn(rollcall(&["discovery", "--nats", url, "--replica", name]))
-}
-
-impl Fleet {
-    /// A server, `replicas` discovery processes, three instances of `web`
-    /// heartbeating, a balancer and a request loop through it.
-    async fn start(replicas: usize) -> Fleet {
-        let server = NatsServer::start();
-        let url = server.url();
-        let nats = support::client(&url).await;
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        record(&nats, Arc::clone(&seen)).await;
-        let replicas = (0..replicas)
-            .map(|i| Some(replica(&url, &format!("d{i}"))))
-            .collect();
-        let mut backends = Vec::new();
-        let mut alive = Vec::new();
-        for id in ["web-1", "web-2", "web-3"] {
-            let backend = HttpBackend::start(id).await;
-            let mut instance = Instance::new("web", id, "127.0.0.1", backend.port());
-            instance.ttl_ms = TTL_MS;
-            alive.push(instance);
-            backends.push(backend);
-        }
-        let mut stop = vec![heartbeat(nats.clone(), alive.clone())];
-        let (balancer_url, balancer_stop) = balancer(&url).await;
-        stop.push(balancer_stop);
-        let (failed, served) = (Arc::default(), Arc::default());
-        let fleet = Fleet {
-            server,
-            replicas,
-            nats,
-            seen,
-            alive,
-            failed: Arc::clone(&failed),
-            served: Arc::clone(&served),
-            _backends: backends,
-            _stop: stop,
-        };
-        fleet.wait_for_all_three().await;
-        let http = client();
-        eventually("the balancer routes", LIMIT, || async {
-            let answer = get(&http, &balancer_url).await;
-            answer.ok().filter(|(status, _)| status.is_success())
-        })
-        .await;
-        fleet.request_loop(balancer_url, failed, served);
-        fleet
-    }
-
-    async fn wait_for_all_three(&self) {
-        eventually("a snapshot with all three instances", LIMIT, || async {
-            let seen = self.seen.lock().unwrap();
-            seen.snapshots
-                .iter()
-                .any(|s| s.instances.len() == 3)
-                .then_some(())
-        })
-        .await;
-    }
-
-    fn request_loop(&self, url: String, failed: Arc<AtomicU64>, served: Arc<AtomicU64>) {
-        tokio::spawn(async move {
-            let http = client();
-            loop {
-                match get(&http, &url).await {
-                    Ok((status, _)) if status.is_success() => {
-                        served.fetch_add(1, Ordering::Relaxed)
-                    }
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
-    }
-
-    /// The replica leading now, by the newest heartbeat, once one is heard
-    /// after `after` heartbeats.
-    async fn leader_after(&self, epoch_above: u64) -> Leadership {
-        eventually("a leader heartbeat", LIMIT, || async {
-            let seen = self.seen.lock().unwrap();
-            seen.leaders
-                .last()
-                .filter(|l| l.epoch > epoch_above)
-                .cloned()
-        })
-        .await
-    }
-
-    fn process(&mut self, leader: &Leadership) -> &mut Option<Process> {
-        let index: usize = leader.replica[1..].parse().expect("replicas are d<N>");
-        &mut self.replicas[index]
-    }
-
-    fn signal(&mut self, leader: &Leadership, signal: &str) {
-        self.process(leader)
-            .as_ref()
-            .expect("the leader runs")
-            .signal(signal);
-    }
-
-    /// Registers `web-new` and waits until a stored snapshot lists it.
-    async fn change_reaches_subscribers(&self) -> Snapshot {
-        let mut extra = Instance::new("web", "web-new", "127.0.0.1", 9);
-        extra.ttl_ms = 600_000;
-        extra.weight = 0;
-        let payload: bytes::Bytes = serde_json::to_vec(&extra).unwrap().into();
-        let probes = AtomicU64::new(0);
-        eventually("the change stored and republished", LIMIT, || async {
-            // Sent again every 200 ms, as an instance heartbeats: one sent
-            // while the client has not yet noticed a dead server is lost.
-            if probes.fetch_add(1, Ordering::Relaxed) % 40 == 0 {
-                let subject = "rollcall.heartbeat.web.web-new";
-                let _ = self.nats.publish(subject, payload.clone()).await;
-            }
-            let seen = self.seen.lock().unwrap();
-            seen.snapshots
-                .iter()
-                .rev()
-                .find(|s| s.instances.iter().any(|i| i.id == "web-new"))
-                .cloned()
-        })
-        .await
-    }
-
-    /// The three invariants, over everything seen.
-    fn check(&self) {
-        let seen = self.seen.lock().unwrap();
-        let mut last: BTreeMap<&str, u64> = BTreeMap::new();
-        for snapshot in &seen.snapshots {
-            if let Some(held) = last.insert(&snapshot.service, snapshot.revision) {
-                assert!(
-                    snapshot.revision > held,
-                    "revision went from {held} to {} on {}",
-                    snapshot.revision,
-                    snapshot.service
-                );
-            }
-        }
-        let lists_all =
-            |s: &Snapshot| (self.alive.iter()).all(|a| s.instances.iter().any(|i| i.id == a.id));
-        // Before the first snapshot listing them all, they were still joining.
-        let joined = seen.snapshots.iter().position(lists_all).unwrap_or(0);
-        for snapshot in &seen.snapshots[joined..] {
-            for instance in &self.alive {
-                assert!(
-                    snapshot.instances.iter().any(|i| i.id == instance.id),
-                    "a snapshot (revision {}) lacks {}, which was alive",
-                    snapshot.revision,
-                    instance.id
-                );
-            }
-        }
-        assert!(self.served.load(Ordering::Relaxed) > 0);
-        assert_eq!(self.failed.load(Ordering::Relaxed), 0, "failed requests");
-    }
-}
-
-/// Records every snapshot on `rollcall.catalog.>` and every leader heartbeat.
-async fn record(nats: &async_nats::Client, seen: Arc<Mutex<Seen>>) {
-    let subjects = Subjects::default();
-    let mut catalog = nats.subscribe("rollcall.catalog.>").await.unwrap();
-    let mut leaders = nats.subscribe(subjects.leader_heartbeat()).await.unwrap();
-    nats.flush().await.unwrap();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                Some(m) = catalog.next() => {
-                    let snapshot = subjects.parse_snapshot(&m.subject, &m.payload).expect("valid snapshot");
-                    seen.lock().unwrap().snapshots.push(snapshot);
-                }
-                Some(m) = leaders.next() => {
-                    let beat: Leadership = serde_json::from_slice(&m.payload).expect("valid heartbeat");
-                    seen.lock().unwrap().leaders.push(beat);
-                }
-                else => return,
-            }
-        }
-    });
-}
-
-/// Heartbeats every instance each 200 ms until the sender is dropped.
-fn heartbeat(nats: async_nats::Client, instances: Vec<Instance>) -> oneshot::Sender<()> {
-    let (stop, mut stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(Duration::from_millis(200));
-        loop {
-            tokio::select! {
-                _ = &mut stopped => return,
-                _ = ticks.tick() => {
-                    for instance in &instances {
-                        let subject = format!("rollcall.heartbeat.web.{}", instance.id);
-                        let payload = serde_json::to_vec(instance).unwrap();
-                        let _ = nats.publish(subject, payload.into()).await;
-                    }
-                }
-            }
-        }
-    });
-    stop
-}
-
-async fn balancer(url: &str) -> (String, oneshot::Sender<()>) {
-    let connection = NatsOptions::new(url).connect("ha-balancer").await.unwrap();
-    let updates = rollcall::subscription::follow(&connection, Subjects::default());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}/", listener.local_addr().unwrap());
-    let balancer = Balancer::new(BalancerConfig::new(Routes::parse(&["web"]).unwrap()));
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(balancer.serve(listener, None, updates, async {
-        let _ = stopped.await;
-    }));
-    (address, stop)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_hands_over_in_under_a_second() {
-    let mut fleet = Fleet::start(3).await;
+    let mut fleet = Fleet::one_server(3).await;
     let old = fleet.leader_after(0).await;
     fleet.signal(&old, "KILL");
     let killed = tokio::time::Instant::now();
@@ -286,7 +39,7 @@ async fn killing_the_leader_hands_over_in_under_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_is_fenced_out_and_expires_nothing() {
-    let mut fleet = Fleet::start(3).await;
+    let mut fleet = Fleet::one_server(3).await;
     let old = fleet.leader_after(0).await;
     fleet.signal(&old, "STOP");
     let new = fleet.leader_after(old.epoch).await;
@@ -306,7 +59,7 @@ async fn a_frozen_leader_is_fenced_out_and_expires_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_frozen_replica_expires_nothing_because_of_its_freeze() {
-    let mut fleet = Fleet::start(1).await;
+    let mut fleet = Fleet::one_server(1).await;
     let leader = fleet.leader_after(0).await;
     fleet.signal(&leader, "STOP");
     tokio::time::sleep(FREEZE).await;
@@ -322,7 +75,7 @@ async fn a_lone_frozen_replica_expires_nothing_because_of_its_freeze() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_racing_for_an_empty_fence_elect_exactly_one() {
-    let fleet = Fleet::start(3).await;
+    let fleet = Fleet::one_server(3).await;
     let first = fleet.leader_after(0).await;
     // A second of heartbeats: had two won, two replicas would heartbeat.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -350,11 +103,11 @@ async fn replicas_racing_for_an_empty_fence_elect_exactly_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_server_restart_keeps_every_invariant() {
-    let mut fleet = Fleet::start(3).await;
+    let mut fleet = Fleet::one_server(3).await;
     fleet.leader_after(0).await;
-    fleet.server.stop();
+    fleet.servers.stop();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    fleet.server.restart();
+    fleet.servers.restart();
     fleet.change_reaches_subscribers().await;
     fleet.check();
 }

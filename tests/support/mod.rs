@@ -103,6 +103,17 @@ impl ServerProcess {
         }
     }
 
+    /// Sends signal `name` (STOP, CONT...) to the running server.
+    pub fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("the server runs");
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
     /// Starts it again with the same arguments (so the same port and store).
     pub fn restart(&mut self) {
         self.stop();

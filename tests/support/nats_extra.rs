@@ -96,6 +96,22 @@ impl ConfiguredServer {
     pub fn stop(&mut self) {
         self.process.stop();
     }
+
+    /// Starts it again with the same config (ports, store), after
+    /// [`ConfiguredServer::stop`].
+    pub fn restart(&mut self) {
+        self.process.restart();
+    }
+
+    /// Sends signal `name` (STOP to freeze it, CONT to thaw it).
+    pub fn signal(&self, name: &str) {
+        self.process.signal(name);
+    }
+
+    /// Its `server_name` in a cluster: `rollcall-N`.
+    pub fn name(&self) -> String {
+        format!("rollcall-{}", self.name_number)
+    }
 }
 
 /// Replaces every line that starts (after indentation) with one of the
@@ -194,6 +210,11 @@ impl Cluster {
             wait_healthy(node.monitor_port, Duration::from_secs(20));
         }
         cluster
+    }
+
+    /// Every node's URL.
+    pub fn url_list(&self) -> Vec<String> {
+        self.nodes.iter().map(ConfiguredServer::url).collect()
     }
 
     /// Every node's URL, comma-separated, as `--nats` takes them.

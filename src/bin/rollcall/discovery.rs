@@ -14,10 +14,12 @@ use crate::args::{shutdown_signal, NatsArgs};
 pub struct Args {
     #[command(flatten)]
     pub nats: NatsArgs,
-    /// Copies of the catalog stream when discovery creates it: 1 on a single
-    /// server, 3 on a three-node cluster. An existing stream is kept as is.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5), value_name = "N")]
-    pub replicas: u8,
+    /// Copies of the catalog stream when discovery creates it: `auto` makes
+    /// 3 when the server is part of a cluster (so the catalog survives the
+    /// loss of a node) and 1 on a single server; or a number, 1 to 5. An
+    /// existing stream is kept as is.
+    #[arg(long, default_value = "auto", value_parser = parse_replicas, value_name = "auto|N")]
+    pub replicas: StreamReplicas,
     /// This replica's name in the catalog fence, the leader heartbeat and
     /// the logs (several `rollcall discovery` may run on one NATS; one
     /// leads). Default: `<host>-<pid>-<start>`.
@@ -27,6 +29,37 @@ pub struct Args {
     /// not given.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<std::net::SocketAddr>,
+}
+
+/// How many copies of the catalog stream to create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamReplicas {
+    /// 3 on a cluster, 1 on a single server.
+    Auto,
+    Fixed(u8),
+}
+
+impl StreamReplicas {
+    /// The number for a server that is (`clustered`) or is not in a cluster.
+    fn resolve(self, clustered: bool) -> usize {
+        match self {
+            StreamReplicas::Fixed(n) => usize::from(n),
+            StreamReplicas::Auto if clustered => 3,
+            StreamReplicas::Auto => 1,
+        }
+    }
+}
+
+fn parse_replicas(text: &str) -> Result<StreamReplicas, String> {
+    if text == "auto" {
+        return Ok(StreamReplicas::Auto);
+    }
+    match text.parse::<u8>() {
+        Ok(n @ 1..=5) => Ok(StreamReplicas::Fixed(n)),
+        _ => Err(format!(
+            "{text:?} is not `auto` or a number of copies from 1 to 5 (JetStream's limit)"
+        )),
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -43,11 +76,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     connection
         .check_access(&discovery_needs(&args.nats.prefix))
         .await?;
+    let cluster = connection.client.server_info().cluster;
+    let stream_replicas = args.replicas.resolve(cluster.is_some());
+    tracing::info!(
+        ?cluster,
+        stream_replicas,
+        "copies of the catalog stream, if it is created"
+    );
     let discovery = rollcall::discovery::spawn_with(
         &connection,
         args.nats.prefix.clone(),
         DiscoveryConfig {
-            stream_replicas: usize::from(args.replicas),
+            stream_replicas,
             metrics,
             replica: args.replica,
         },
@@ -57,4 +97,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .context("discovery could not start")?;
     discovery.wait().await.context("discovery stopped")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_three_copies_on_a_cluster_and_one_alone() {
+        let auto = parse_replicas("auto").unwrap();
+        assert_eq!(auto.resolve(true), 3);
+        assert_eq!(auto.resolve(false), 1);
+        assert_eq!(parse_replicas("2").unwrap().resolve(true), 2);
+        assert_eq!(parse_replicas("1").unwrap().resolve(true), 1);
+    }
+
+    #[test]
+    fn a_bad_count_is_named() {
+        for bad in ["0", "6", "three", ""] {
+            let error = parse_replicas(bad).unwrap_err();
+            assert!(error.contains(&format!("{bad:?}")), "{error}");
+        }
+    }
 }
