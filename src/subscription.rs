@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,12 +118,15 @@ pub fn follow_with_stats(
     })
 }
 
+type StreamResult = Result<LastSnapshots, CatalogStreamError>;
+
 /// What the follower reads: NATS, but for the follower's own tests.
 trait Source: Send {
-    /// The last snapshot of every service, from the catalog stream.
-    fn read_stream(
-        &mut self,
-    ) -> impl Future<Output = Result<LastSnapshots, CatalogStreamError>> + Send;
+    /// The last snapshot of every service, from the catalog stream: a read
+    /// of its own, so live snapshots go on while it waits (on a node that
+    /// just lost the stream's leader it can wait out a whole request
+    /// timeout).
+    fn read_stream(&self) -> impl Future<Output = StreamResult> + Send + 'static;
     /// The next live catalog message; `None` once the client is closed.
     fn next_live(&mut self) -> impl Future<Output = Option<async_nats::Message>> + Send;
 }
@@ -166,8 +170,9 @@ impl NatsSource {
 }
 
 impl Source for NatsSource {
-    async fn read_stream(&mut self) -> Result<LastSnapshots, CatalogStreamError> {
-        catalog_stream::read_last(&self.js, &self.subjects).await
+    fn read_stream(&self) -> impl Future<Output = StreamResult> + Send + 'static {
+        let (js, subjects) = (self.js.clone(), self.subjects.clone());
+        async move { catalog_stream::read_last(&js, &subjects).await }
     }
 
     async fn next_live(&mut self) -> Option<async_nats::Message> {
@@ -199,34 +204,23 @@ impl Follower {
             attempt: 0,
             at: Instant::now(),
         };
+        let mut reading: Option<Pin<Box<dyn Future<Output = StreamResult> + Send>>> = None;
         loop {
             let due = match read {
-                StreamRead::Due { at, .. } => Some(at),
-                StreamRead::Done => None,
+                StreamRead::Due { at, .. } if reading.is_none() => Some(at),
+                _ => None,
             };
             tokio::select! {
                 () = self.sender.closed() => return,
                 () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                    reading = Some(Box::pin(source.read_stream()));
+                }
+                result = async { reading.as_mut().expect("guarded by is_some").await }, if reading.is_some() => {
+                    reading = None;
                     let StreamRead::Due { attempt, .. } = read else { continue };
-                    read = match source.read_stream().await {
-                        Ok(last) => {
-                            Stats::add(&self.stats.invalid, last.invalid as u64);
-                            if !self.reset(last.snapshots.into_iter().map(|s| s.snapshot)).await {
-                                return;
-                            }
-                            StreamRead::Done
-                        }
-                        Err(error) => {
-                            if attempt == 0 {
-                                tracing::warn!(%error, "cannot read the catalog stream; following live snapshots and retrying");
-                            } else {
-                                tracing::debug!(%error, attempt, "catalog stream still unreadable");
-                            }
-                            let attempt = attempt.saturating_add(1);
-                            // An absolute deadline: live snapshots arriving
-                            // in between must not put the retry off.
-                            StreamRead::Due { attempt, at: Instant::now() + retry_delay(attempt) }
-                        }
+                    read = match self.stream_read(result, attempt).await {
+                        Some(read) => read,
+                        None => return,
                     };
                 }
                 message = source.next_live() => {
@@ -247,9 +241,39 @@ impl Follower {
                     } else if now.generation != generation {
                         generation = now.generation;
                         tracing::info!("NATS connection back: re-reading the catalog stream");
+                        // A read begun on the old connection may never be
+                        // answered: start again.
+                        reading = None;
                         read = StreamRead::Due { attempt: 0, at: Instant::now() };
                     }
                 }
+            }
+        }
+    }
+
+    /// What follows a finished read of the stream: done, or another try
+    /// after a delay. `None` when nobody listens any more.
+    async fn stream_read(&mut self, result: StreamResult, attempt: u32) -> Option<StreamRead> {
+        match result {
+            Ok(last) => {
+                Stats::add(&self.stats.invalid, last.invalid as u64);
+                self.reset(last.snapshots.into_iter().map(|s| s.snapshot))
+                    .await
+                    .then_some(StreamRead::Done)
+            }
+            Err(error) => {
+                if attempt == 0 {
+                    tracing::warn!(%error, "cannot read the catalog stream; following live snapshots and retrying");
+                } else {
+                    tracing::debug!(%error, attempt, "catalog stream still unreadable");
+                }
+                let attempt = attempt.saturating_add(1);
+                // An absolute deadline: live snapshots arriving in between
+                // must not put the retry off.
+                Some(StreamRead::Due {
+                    attempt,
+                    at: Instant::now() + retry_delay(attempt),
+                })
             }
         }
     }
@@ -367,28 +391,39 @@ mod tests {
     /// reports when it happened.
     struct Scripted {
         failing: Arc<AtomicBool>,
+        /// Reads begun while set are never answered (a node that lost the
+        /// stream's leader).
+        hanging: Arc<AtomicBool>,
         stored: Vec<Snapshot>,
         reads: mpsc::UnboundedSender<Instant>,
         live: mpsc::UnboundedReceiver<async_nats::Message>,
     }
 
     impl Source for Scripted {
-        async fn read_stream(&mut self) -> Result<LastSnapshots, CatalogStreamError> {
+        fn read_stream(&self) -> impl Future<Output = StreamResult> + Send + 'static {
             let _ = self.reads.send(Instant::now());
-            if self.failing.load(Ordering::SeqCst) {
-                return Err(CatalogStreamError::Missing {
+            let hanging = self.hanging.load(Ordering::SeqCst);
+            let result = if self.failing.load(Ordering::SeqCst) {
+                Err(CatalogStreamError::Missing {
                     stream: "ROLLCALL_CATALOG".into(),
-                });
+                })
+            } else {
+                Ok(LastSnapshots {
+                    snapshots: (self.stored.iter().cloned())
+                        .map(|snapshot| Stored {
+                            snapshot,
+                            published: std::time::SystemTime::UNIX_EPOCH,
+                        })
+                        .collect(),
+                    invalid: 0,
+                })
+            };
+            async move {
+                if hanging {
+                    std::future::pending::<()>().await;
+                }
+                result
             }
-            Ok(LastSnapshots {
-                snapshots: (self.stored.iter().cloned())
-                    .map(|snapshot| Stored {
-                        snapshot,
-                        published: std::time::SystemTime::UNIX_EPOCH,
-                    })
-                    .collect(),
-                invalid: 0,
-            })
         }
 
         async fn next_live(&mut self) -> Option<async_nats::Message> {
@@ -398,6 +433,7 @@ mod tests {
 
     struct Harness {
         failing: Arc<AtomicBool>,
+        hanging: Arc<AtomicBool>,
         reads: mpsc::UnboundedReceiver<Instant>,
         live: mpsc::UnboundedSender<async_nats::Message>,
         link: watch::Sender<Link>,
@@ -412,12 +448,14 @@ mod tests {
     impl Harness {
         fn start(failing: bool, stored: Vec<Snapshot>) -> Harness {
             let failing = Arc::new(AtomicBool::new(failing));
+            let hanging = Arc::new(AtomicBool::new(false));
             let (reads_tx, reads) = mpsc::unbounded_channel();
             let (live, live_rx) = mpsc::unbounded_channel();
             let (link, link_rx) = watch::channel(UP);
             let (sender, updates) = mpsc::channel(256);
             let source = Scripted {
                 failing: Arc::clone(&failing),
+                hanging: Arc::clone(&hanging),
                 stored,
                 reads: reads_tx,
                 live: live_rx,
@@ -431,6 +469,7 @@ mod tests {
             tokio::spawn(follower.run(source, link_rx));
             Harness {
                 failing,
+                hanging,
                 reads,
                 live,
                 link,
@@ -512,5 +551,33 @@ mod tests {
             Update::Reset(vec![snapshot(4, 4)]),
             "the held revision beats the older stored one"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn live_snapshots_go_on_while_a_stream_read_hangs() {
+        let mut h = Harness::start(false, vec![snapshot(3, 1)]);
+        assert_eq!(h.update().await, Update::Reset(vec![snapshot(3, 1)]));
+        h.hanging.store(true, Ordering::SeqCst);
+        h.link
+            .send(Link {
+                connected: true,
+                generation: 2,
+            })
+            .expect("follower listens");
+        h.read().await;
+        h.publish(&snapshot(4, 2));
+        let began = Instant::now();
+        assert_eq!(h.update().await, Update::Service(snapshot(4, 2)));
+        assert_eq!(began.elapsed(), Duration::ZERO, "not held behind the read");
+        // A reconnect while it hangs starts a read that is answered.
+        h.hanging.store(false, Ordering::SeqCst);
+        h.link
+            .send(Link {
+                connected: true,
+                generation: 3,
+            })
+            .expect("follower listens");
+        h.read().await;
+        assert_eq!(h.update().await, Update::Reset(vec![snapshot(4, 2)]));
     }
 }
