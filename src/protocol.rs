@@ -638,6 +638,11 @@ impl Subjects {
         format!("{}.operator.>", self.prefix)
     }
 
+    /// `<prefix>.operator.*.<service>.*`: every override of one service.
+    pub fn service_overrides(&self, service: &str) -> String {
+        format!("{}.operator.*.{service}.*", self.prefix)
+    }
+
     /// Whether `subject` is under `<prefix>.operator.`, valid or not.
     pub fn is_operator(&self, subject: &str) -> bool {
         self.strip_prefix(subject)
