@@ -168,8 +168,9 @@ struct Live {
     /// change and pay only a null pointer for it.
     previous: Option<Box<Instance>>,
     conflict: ConflictState,
-    /// The operators' override, if any.
-    held: Option<Held>,
+    /// The operators' override, if any; boxed, as most instances never
+    /// have one.
+    held: Option<Box<Held>>,
 }
 
 impl Live {
@@ -190,12 +191,12 @@ impl Live {
     fn stored(mut instance: Instance, deadline: Instant) -> Live {
         let held = instance.operator.take().map(|operator| {
             instance.weight = operator.own_weight;
-            Held {
+            Box::new(Held {
                 drain: operator.drain,
                 weight: operator.weight,
                 by: operator.by,
                 at_ms: operator.at_ms,
-            }
+            })
         });
         Live {
             held,
@@ -369,11 +370,11 @@ impl Catalog {
             .get_mut(&request.service)
             .ok_or_else(not_live)?;
         let live = entry.instances.get_mut(&request.id).ok_or_else(not_live)?;
-        let held = Held::after(live.held.as_ref(), request.change, &request.by, at_ms);
-        if Held::same_as(live.held.as_ref(), held.as_ref()) {
+        let held = Held::after(live.held.as_deref(), request.change, &request.by, at_ms);
+        if Held::same_as(live.held.as_deref(), held.as_ref()) {
             return Ok(None);
         }
-        live.held = held;
+        live.held = held.map(Box::new);
         entry.revision = next_revision(entry.revision, self.clock);
         Ok(Some(Change {
             service: request.service.clone(),

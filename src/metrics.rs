@@ -624,53 +624,56 @@ impl DiscoveryMetrics {
                 .invalid_overrides
                 .get_or_create_owned(&ReasonLabels { reason });
         }
-        let r = registry.sub_registry_with_prefix("discovery");
+        metrics.register(registry.sub_registry_with_prefix("discovery"));
+        metrics
+    }
+
+    fn register(&self, r: &mut Registry) {
         r.register(
             "events",
             "Event messages received, by kind (register, heartbeat, deregister, unknown)",
-            metrics.events.clone(),
+            self.events.clone(),
         );
         r.register(
             "invalid_events",
             "Event messages ignored because they broke the protocol, by reason",
-            metrics.invalid_events.clone(),
+            self.invalid_events.clone(),
         );
         r.register(
             "snapshots_published",
             "Snapshots published",
-            metrics.snapshots_published.clone(),
+            self.snapshots_published.clone(),
         );
         r.register(
             "publish_failures",
             "Snapshots that could not be handed to the NATS client",
-            metrics.publish_failures.clone(),
+            self.publish_failures.clone(),
         );
         r.register(
             "live_instances",
             "Live instances, per service, as last published",
-            metrics.live_instances.clone(),
+            self.live_instances.clone(),
         );
         r.register(
             "is_leader",
             "1 while this discovery publishes the catalog",
-            metrics.is_leader.clone(),
+            self.is_leader.clone(),
         );
         r.register(
             "epoch",
             "The leadership epoch this discovery knows",
-            metrics.epoch.clone(),
+            self.epoch.clone(),
         );
         r.register(
             "overrides",
             "Operator overrides applied, by action (drain, undrain, weight, clear)",
-            metrics.overrides.clone(),
+            self.overrides.clone(),
         );
         r.register(
             "invalid_overrides",
             "Operator overrides that changed nothing (bad message, instance not live), by reason",
-            metrics.invalid_overrides.clone(),
+            self.invalid_overrides.clone(),
         );
-        metrics
     }
 
     /// One event message of `kind` (`None`: its subject names no kind).
