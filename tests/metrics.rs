@@ -251,7 +251,11 @@ async fn every_component_serves_metrics_a_prometheus_parser_reads() {
     let reasons = &discovery.families["rollcall_discovery_invalid_events"].1;
     assert_eq!(reasons.len(), 11, "every reason starts at zero");
     let actions = &discovery.families["rollcall_discovery_overrides"].1;
-    assert_eq!(actions.len(), 4, "drain, undrain, weight, clear start at zero");
+    assert_eq!(
+        actions.len(),
+        4,
+        "drain, undrain, weight, clear start at zero"
+    );
     let refusals = &discovery.families["rollcall_discovery_invalid_overrides"].1;
     assert_eq!(refusals.len(), 8, "every reason starts at zero");
     assert!(discovery.value("rollcall_discovery_snapshots_published_total", &[]) >= 1.0);

@@ -325,7 +325,7 @@ async fn a_drain_lets_in_flight_finish_holds_through_heartbeats_and_a_restart() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_raw_publish_drains_and_an_instance_that_registers_again_comes_back_without_it() {
+async fn a_raw_publish_drains_shows_in_watch_and_a_new_registration_comes_back_without_it() {
     let server = NatsServer::start();
     let url = server.url();
     let nats = support::client(&url).await;
@@ -337,6 +337,8 @@ async fn a_raw_publish_drains_and_an_instance_that_registers_again_comes_back_wi
         .await
         .expect("publish");
     snapshot_where(&mut catalog, "web-1 joins", |s| s.instances.len() == 1).await;
+    let watch = Process::spawn(rollcall(&["watch", "web", "--events-only", "--nats", &url]));
+    tokio::task::block_in_place(|| watch.wait_stderr("watching", LIMIT));
 
     // As `nats pub rollcall.operator.drain.web.web-1 '{"by":"carol"}'`.
     nats.publish(
@@ -352,6 +354,18 @@ async fn a_raw_publish_drains_and_an_instance_that_registers_again_comes_back_wi
         .expect("an operator block");
     assert!(operator.drain);
     assert_eq!((operator.by.as_str(), operator.own_weight), ("carol", 1));
+    tokio::task::block_in_place(|| {
+        let line = watch.line_containing("override", LIMIT);
+        assert!(
+            line.ends_with("override   web/web-1 drain by carol"),
+            "{line}"
+        );
+        let line = watch.line_containing("snapshot", LIMIT);
+        assert!(
+            line.contains("web-1@127.0.0.1:5001(drained by carol)"),
+            "{line}"
+        );
+    });
 
     nats.publish("rollcall.deregister.web.web-1", "{}".into())
         .await
