@@ -122,6 +122,14 @@ impl Held {
     }
 }
 
+/// What an override did: the instance as it now stands (its override
+/// merged in), and the change, `None` when it left things as they were.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overridden {
+    pub instance: Instance,
+    pub change: Option<Change>,
+}
+
 /// Whether a conflict was seen for an instance's current pair of records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum ConflictState {
@@ -354,13 +362,13 @@ impl Catalog {
 
     /// Folds one operator override in, stamped `at_ms` (milliseconds since
     /// the Unix epoch). One that leaves the override as it was (a second
-    /// drain) returns `None`; one for an instance that is not live changes
+    /// drain) is no change; one for an instance that is not live changes
     /// nothing and is an error.
     pub fn apply_override(
         &mut self,
         request: &Override,
         at_ms: u64,
-    ) -> Result<Option<Change>, NotLive> {
+    ) -> Result<Overridden, NotLive> {
         let not_live = || NotLive {
             service: request.service.clone(),
             id: request.id.clone(),
@@ -372,16 +380,22 @@ impl Catalog {
         let live = entry.instances.get_mut(&request.id).ok_or_else(not_live)?;
         let held = Held::after(live.held.as_deref(), request.change, &request.by, at_ms);
         if Held::same_as(live.held.as_deref(), held.as_ref()) {
-            return Ok(None);
+            return Ok(Overridden {
+                instance: live.effective(),
+                change: None,
+            });
         }
         live.held = held.map(Box::new);
         entry.revision = next_revision(entry.revision, self.clock);
-        Ok(Some(Change {
-            service: request.service.clone(),
-            id: request.id.clone(),
-            kind: ChangeKind::Overridden,
-            revision: entry.revision,
-        }))
+        Ok(Overridden {
+            instance: live.effective(),
+            change: Some(Change {
+                service: request.service.clone(),
+                id: request.id.clone(),
+                kind: ChangeKind::Overridden,
+                revision: entry.revision,
+            }),
+        })
     }
 
     fn upsert(&mut self, instance: Instance, now: Instant) -> Option<Change> {
@@ -1001,6 +1015,21 @@ mod tests {
         }
     }
 
+    /// The change an override made, if any.
+    fn apply_override(
+        catalog: &mut Catalog,
+        request: &Override,
+        at_ms: u64,
+    ) -> Result<Option<Change>, NotLive> {
+        let done = catalog.apply_override(request, at_ms)?;
+        assert_eq!(
+            Some(&done.instance),
+            catalog.effective(&request.service, &request.id).as_ref(),
+            "the instance as it now stands"
+        );
+        Ok(done.change)
+    }
+
     fn web_a(catalog: &Catalog) -> Instance {
         catalog.effective("web", "a").expect("web/a is live")
     }
@@ -1010,10 +1039,13 @@ mod tests {
         let t0 = Instant::now();
         let mut catalog = Catalog::new();
         catalog.apply(Event::Register(instance("web", "a", 1)), t0);
-        let change = catalog
-            .apply_override(&operator(OverrideChange::Drain, "alice"), 1_000)
-            .expect("a is live")
-            .expect("draining is a change");
+        let change = apply_override(
+            &mut catalog,
+            &operator(OverrideChange::Drain, "alice"),
+            1_000,
+        )
+        .expect("a is live")
+        .expect("draining is a change");
         assert_eq!(change.kind, ChangeKind::Overridden);
         assert_eq!(change.revision, 2);
         let drained = catalog.snapshot("web").unwrap().instances.remove(0);
@@ -1061,8 +1093,7 @@ mod tests {
             OverrideChange::Weight(Some(9)),
             OverrideChange::Clear,
         ] {
-            catalog
-                .apply_override(&operator(change, "bob"), 5)
+            apply_override(&mut catalog, &operator(change, "bob"), 5)
                 .expect("a is live")
                 .unwrap_or_else(|| panic!("{change} is a change"));
             let now = web_a(&catalog);
@@ -1088,12 +1119,13 @@ mod tests {
         let t0 = Instant::now();
         let mut catalog = Catalog::new();
         catalog.apply(Event::Register(instance("web", "a", 1)), t0);
-        assert!(catalog
-            .apply_override(&operator(OverrideChange::Drain, "alice"), 1)
-            .unwrap()
-            .is_some());
+        assert!(
+            apply_override(&mut catalog, &operator(OverrideChange::Drain, "alice"), 1)
+                .unwrap()
+                .is_some()
+        );
         assert_eq!(
-            catalog.apply_override(&operator(OverrideChange::Drain, "bob"), 2),
+            apply_override(&mut catalog, &operator(OverrideChange::Drain, "bob"), 2),
             Ok(None)
         );
         assert_eq!(
@@ -1101,16 +1133,14 @@ mod tests {
             Some("alice".into()),
             "who set it stays who changed it"
         );
-        catalog
-            .apply_override(&operator(OverrideChange::Clear, "alice"), 3)
-            .unwrap();
+        apply_override(&mut catalog, &operator(OverrideChange::Clear, "alice"), 3).unwrap();
         for change in [
             OverrideChange::Undrain,
             OverrideChange::Clear,
             OverrideChange::Weight(None),
         ] {
             assert_eq!(
-                catalog.apply_override(&operator(change, "bob"), 4),
+                apply_override(&mut catalog, &operator(change, "bob"), 4),
                 Ok(None),
                 "{change}"
             );
@@ -1123,11 +1153,11 @@ mod tests {
         let t0 = Instant::now();
         let mut catalog = Catalog::new();
         let drain = operator(OverrideChange::Drain, "alice");
-        let error = catalog.apply_override(&drain, 1).unwrap_err();
+        let error = apply_override(&mut catalog, &drain, 1).unwrap_err();
         assert_eq!(error.to_string().split(' ').next(), Some("web/a"));
         assert_eq!(catalog.services(), 0, "no service is created");
         catalog.apply(Event::Register(instance("web", "b", 1)), t0);
-        assert!(catalog.apply_override(&drain, 1).is_err());
+        assert!(apply_override(&mut catalog, &drain, 1).is_err());
         assert_eq!(catalog.snapshot("web").unwrap().revision, 1);
     }
 
@@ -1136,9 +1166,7 @@ mod tests {
         let t0 = Instant::now();
         let mut catalog = Catalog::new();
         catalog.apply(Event::Register(instance("web", "a", 1)), t0);
-        catalog
-            .apply_override(&operator(OverrideChange::Drain, "alice"), 1)
-            .unwrap();
+        apply_override(&mut catalog, &operator(OverrideChange::Drain, "alice"), 1).unwrap();
         catalog.apply(
             Event::Deregister {
                 service: "web".into(),
@@ -1148,9 +1176,12 @@ mod tests {
         );
         catalog.apply(Event::Register(instance("web", "a", 1)), t0);
         assert_eq!(web_a(&catalog), instance("web", "a", 1));
-        catalog
-            .apply_override(&operator(OverrideChange::Weight(Some(4)), "bob"), 2)
-            .unwrap();
+        apply_override(
+            &mut catalog,
+            &operator(OverrideChange::Weight(Some(4)), "bob"),
+            2,
+        )
+        .unwrap();
         assert_eq!(catalog.expire(t0 + Duration::from_secs(3)).len(), 1);
         catalog.apply(
             Event::Register(instance("web", "a", 1)),
@@ -1170,9 +1201,12 @@ mod tests {
         let mut own = instance("web", "a", 1);
         own.weight = 2;
         first.apply(Event::Register(own.clone()), t0);
-        first
-            .apply_override(&operator(OverrideChange::Weight(Some(6)), "bob"), 9)
-            .unwrap();
+        apply_override(
+            &mut first,
+            &operator(OverrideChange::Weight(Some(6)), "bob"),
+            9,
+        )
+        .unwrap();
         let stored = first.snapshot("web").unwrap();
         let mut restarted = Catalog::new();
         restarted.adopt(stored.clone(), t0);

@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::catalog::{payload_digest, Catalog, Change};
+use crate::catalog::{payload_digest, Catalog, Change, Overridden};
 use crate::catalog_stream::{self, CatalogStreamError};
 use crate::connect::{Connection, Link, NatsError};
 use crate::metrics::{invalid_reason, DiscoveryMetrics, UNKNOWN_INSTANCE};
@@ -578,16 +578,12 @@ impl<W: Wire> Worker<W> {
             .parse_override(&message.subject, &message.payload)
             .map_err(|error| (invalid_reason(&error), error.to_string()))?;
         self.catalog.set_clock(self.wire.clock());
-        let change = self
+        let Overridden { instance, change } = self
             .catalog
             .apply_override(&request, unix_ms())
             .map_err(|error| (UNKNOWN_INSTANCE, error.to_string()))?;
         Stats::bump(&self.stats.overrides);
         self.metrics.override_applied(request.change.action());
-        let instance = self
-            .catalog
-            .effective(&request.service, &request.id)
-            .ok_or((UNKNOWN_INSTANCE, "the instance left".to_owned()))?;
         let Some(change) = change else {
             tracing::debug!(service = %request.service, id = %request.id, by = %request.by, change = %request.change, "override changed nothing");
             return Ok(instance);
