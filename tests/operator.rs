@@ -41,17 +41,20 @@ async fn cli(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
     .expect("the command ran")
 }
 
-/// A `rollcall discovery` process, leading once it says so.
-fn discovery(url: &str, replica: &str, admin: Option<u16>) -> Process {
+/// A `rollcall discovery` process, once it has logged `ready`.
+fn discovery(url: &str, replica: &str, admin: Option<u16>, ready: &str) -> Process {
     let mut args = vec!["discovery", "--nats", url, "--replica", replica];
     let admin = admin.map(|port| format!("127.0.0.1:{port}"));
     if let Some(admin) = &admin {
         args.extend(["--admin", admin.as_str()]);
     }
     let process = Process::spawn(rollcall(&args));
-    tokio::task::block_in_place(|| process.wait_stderr("leading the catalog", LIMIT));
+    tokio::task::block_in_place(|| process.wait_stderr(ready, LIMIT));
     process
 }
+
+const LEADING: &str = "leading the catalog";
+const FOLLOWING: &str = "following the catalog leader";
 
 /// Instances heartbeating every [`BEAT`] until taken out; how many
 /// heartbeats each was sent.
@@ -210,12 +213,13 @@ fn counts(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_lets_in_flight_finish_holds_through_heartbeats_and_a_restart() {
+async fn a_drain_lets_in_flight_finish_and_holds_through_heartbeats_failovers_and_restarts() {
     let server = NatsServer::start();
     let url = server.url();
     let nats = support::client(&url).await;
     let mut catalog = follow_web(&nats).await;
-    let first = discovery(&url, "d1", None);
+    let first = discovery(&url, "d1", None, LEADING);
+    let standby = discovery(&url, "d1b", None, FOLLOWING);
     let heartbeats = Heartbeats::start(nats.clone());
     let backends = [
         HttpBackend::start("web-1").await,
@@ -281,11 +285,12 @@ async fn a_drain_lets_in_flight_finish_holds_through_heartbeats_and_a_restart() 
         .unwrap_or_else(|| panic!("{drained} is listed:\n{table}"));
     assert!(row.ends_with("drained by alice"), "{row}");
 
-    // Nor does a kill -9 of discovery: the next one adopts it with the
-    // instance, and its first own snapshot (web-3 joining) still has it.
+    // Nor does a kill -9 of the leader: the hot standby folded the drain
+    // too, and its first own snapshot (web-3 joining) still has it.
     first.signal("KILL");
     drop(first);
-    let _second = discovery(&url, "d2", None);
+    tokio::task::block_in_place(|| standby.wait_stderr(LEADING, LIMIT));
+    let restarted = discovery(&url, "d2", None, FOLLOWING);
     heartbeats.add(&backends[2]);
     let joined = snapshot_where(&mut catalog, "web-3 joins", |s| s.instances.len() == 3).await;
     let held = member(&joined, drained).expect("still live");
@@ -294,7 +299,24 @@ async fn a_drain_lets_in_flight_finish_holds_through_heartbeats_and_a_restart() 
     front.routes(&joined).await;
     assert_eq!(front.shares(6).await, counts(&[(other, 3), ("web-3", 3)]));
 
-    // Undrained, it takes its share again; a weight changes the share.
+    // Nor a kill -9 of that one: a discovery started after the drain
+    // adopted it from the stored catalog with the instance.
+    standby.signal("KILL");
+    drop(standby);
+    tokio::task::block_in_place(|| restarted.wait_stderr(LEADING, LIMIT));
+    let (code, stdout, stderr) = cli(&url, &["weight", "web/web-3", "3", "--by", "bob"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "web/web-3 weight 3 by bob: weight 3 (own 1)");
+    let weighted = snapshot_where(&mut catalog, "web-3 weighted", |s| {
+        member(s, "web-3").is_some_and(|i| i.weight == 3)
+    })
+    .await;
+    assert_eq!(member(&weighted, drained).map(|i| i.weight), Some(0));
+    front.routes(&weighted).await;
+    assert_eq!(front.shares(8).await, counts(&[(other, 2), ("web-3", 6)]));
+
+    // Undrained, it takes its share again; back to its own weight, web-3
+    // takes an equal share.
     let (code, stdout, stderr) = cli(&url, &["undrain", &target, "--by", "bob"]).await;
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout, format!("{target} live: weight 1 (own 1)"));
@@ -304,24 +326,21 @@ async fn a_drain_lets_in_flight_finish_holds_through_heartbeats_and_a_restart() 
     .await;
     front.routes(&back).await;
     assert_eq!(
-        front.shares(6).await,
-        counts(&[("web-1", 2), ("web-2", 2), ("web-3", 2)])
-    );
-    let (code, stdout, stderr) = cli(&url, &["weight", "web/web-3", "3", "--by", "bob"]).await;
-    assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(stdout, "web/web-3 weight 3 by bob: weight 3 (own 1)");
-    let weighted = snapshot_where(&mut catalog, "web-3 weighted", |s| {
-        member(s, "web-3").is_some_and(|i| i.weight == 3)
-    })
-    .await;
-    front.routes(&weighted).await;
-    assert_eq!(
         front.shares(10).await,
         counts(&[("web-1", 2), ("web-2", 2), ("web-3", 6)])
     );
     let (code, stdout, stderr) = cli(&url, &["weight", "web/web-3", "own"]).await;
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout, "web/web-3 live: weight 1 (own 1)");
+    let equal = snapshot_where(&mut catalog, "web-3 at its own weight", |s| {
+        member(s, "web-3").is_some_and(|i| i.weight == 1)
+    })
+    .await;
+    front.routes(&equal).await;
+    assert_eq!(
+        front.shares(6).await,
+        counts(&[("web-1", 2), ("web-2", 2), ("web-3", 2)])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,7 +349,7 @@ async fn a_raw_publish_drains_shows_in_watch_and_a_new_registration_comes_back_w
     let url = server.url();
     let nats = support::client(&url).await;
     let mut catalog = follow_web(&nats).await;
-    let _discovery = discovery(&url, "d1", None);
+    let _discovery = discovery(&url, "d1", None, LEADING);
     let register =
         support::register_json("web", "web-1", 5001, serde_json::json!({"ttl_ms": 60000}));
     nats.publish("rollcall.register.web.web-1", register.clone().into())
@@ -388,7 +407,7 @@ async fn every_bad_override_gets_a_clear_error_and_is_counted() {
     let nats = support::client(&url).await;
     let mut catalog = follow_web(&nats).await;
     let admin = free_port();
-    let _discovery = discovery(&url, "d1", Some(admin));
+    let _discovery = discovery(&url, "d1", Some(admin), LEADING);
     let register =
         support::register_json("web", "web-1", 5001, serde_json::json!({"ttl_ms": 60000}));
     nats.publish("rollcall.register.web.web-1", register.into())
