@@ -432,7 +432,7 @@ async fn every_bad_override_gets_a_clear_error_and_is_counted() {
         (
             &["drain", "web/nope"],
             1,
-            "rollcall: web/nope: web/nope is not a live instance",
+            "rollcall: web/nope is not a live instance",
         ),
         (
             &["undrain", "api/web-1"],

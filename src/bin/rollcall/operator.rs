@@ -96,10 +96,15 @@ async fn send(target: Target, change: OverrideChange) -> anyhow::Result<()> {
         .with_context(|| format!("discovery's answer on {subject} is not an override reply"))?;
     let instance = match (reply.ok, reply.instance) {
         (true, Some(instance)) => instance,
-        _ => anyhow::bail!(
-            "{service}/{id}: {}",
-            reply.error.as_deref().unwrap_or("refused without a reason")
-        ),
+        _ => {
+            let error = reply.error.as_deref().unwrap_or("refused without a reason");
+            // Most reasons name the instance already (`web/web-9 is not a
+            // live instance`); the others get it in front.
+            if error.starts_with(&format!("{service}/{id} ")) {
+                anyhow::bail!("{error}");
+            }
+            anyhow::bail!("discovery refused the override of {service}/{id}: {error}");
+        }
     };
     let own = instance
         .operator
