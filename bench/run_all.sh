@@ -14,3 +14,4 @@ CONN_MODE=close "$here/churn.sh" | grep '^CHURN_SUMMARY'
 "$here/convergence.sh" | grep '^CONVERGENCE'
 "$here/discovery_scale.sh" | grep -E '^(DISCOVERY_SCALE|NATS_RAW)'
 "$here/balancer_memory.sh" | grep "^BALANCER_MEMORY"
+"$here/override.sh" | grep '^OVERRIDE'

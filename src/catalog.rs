@@ -15,7 +15,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::time::Instant;
 
-use crate::protocol::{Event, Instance, Snapshot};
+use crate::protocol::{Event, Instance, Operator, Override, OverrideChange, Snapshot};
 
 /// What one event or one expiry did to the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +37,8 @@ pub enum ChangeKind {
     Deregistered,
     /// Nothing was heard from the instance for its `ttl_ms`.
     Expired,
+    /// An operator drained, undrained, weighted or cleared it.
+    Overridden,
 }
 
 impl ChangeKind {
@@ -46,6 +48,7 @@ impl ChangeKind {
             ChangeKind::Updated => "updated",
             ChangeKind::Deregistered => "deregistered",
             ChangeKind::Expired => "expired",
+            ChangeKind::Overridden => "overridden",
         }
     }
 }
@@ -74,6 +77,57 @@ impl std::fmt::Display for Conflict {
             before.authority()
         )
     }
+}
+
+/// An override for an instance the catalog does not hold: it changes
+/// nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{service}/{id} is not a live instance; an override applies only to a registered one (`rollcall catalog {service}` lists them)")]
+pub struct NotLive {
+    pub service: String,
+    pub id: String,
+}
+
+/// What operators set on one live instance, kept beside (never inside) the
+/// instance's own record, so heartbeats replace the record and leave this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Held {
+    drain: bool,
+    weight: Option<u32>,
+    by: String,
+    at_ms: u64,
+}
+
+impl Held {
+    /// What `change` leaves: `None` once nothing is overridden.
+    fn after(held: Option<&Held>, change: OverrideChange, by: &str, at_ms: u64) -> Option<Held> {
+        let (drain, weight) = held.map_or((false, None), |h| (h.drain, h.weight));
+        let (drain, weight) = match change {
+            OverrideChange::Drain => (true, weight),
+            OverrideChange::Undrain => (false, weight),
+            OverrideChange::Weight(set) => (drain, set),
+            OverrideChange::Clear => (false, None),
+        };
+        (drain || weight.is_some()).then(|| Held {
+            drain,
+            weight,
+            by: by.to_owned(),
+            at_ms,
+        })
+    }
+
+    /// Whether `other` overrides the same way (who and when aside).
+    fn same_as(held: Option<&Held>, other: Option<&Held>) -> bool {
+        held.map(|h| (h.drain, h.weight)) == other.map(|h| (h.drain, h.weight))
+    }
+}
+
+/// What an override did: the instance as it now stands (its override
+/// merged in), and the change, `None` when it left things as they were.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overridden {
+    pub instance: Instance,
+    pub change: Option<Change>,
 }
 
 /// Whether a conflict was seen for an instance's current pair of records.
@@ -122,6 +176,9 @@ struct Live {
     /// change and pay only a null pointer for it.
     previous: Option<Box<Instance>>,
     conflict: ConflictState,
+    /// The operators' override, if any; boxed, as most instances never
+    /// have one.
+    held: Option<Box<Held>>,
 }
 
 impl Live {
@@ -133,7 +190,47 @@ impl Live {
             scheduled: deadline,
             previous: None,
             conflict: ConflictState::None,
+            held: None,
         }
+    }
+
+    /// An instance as a stored snapshot lists it: its `operator` block
+    /// becomes the override again, and its own weight its record's.
+    fn stored(mut instance: Instance, deadline: Instant) -> Live {
+        let held = instance.operator.take().map(|operator| {
+            instance.weight = operator.own_weight;
+            Box::new(Held {
+                drain: operator.drain,
+                weight: operator.weight,
+                by: operator.by,
+                at_ms: operator.at_ms,
+            })
+        });
+        Live {
+            held,
+            ..Live::new(instance, deadline)
+        }
+    }
+
+    /// The record as snapshots show it: the override merged over the
+    /// instance's own, `weight` the effective one.
+    fn effective(&self) -> Instance {
+        let mut instance = self.instance.clone();
+        if let Some(held) = &self.held {
+            let own_weight = instance.weight;
+            instance.weight = match (held.drain, held.weight) {
+                (true, _) => 0,
+                (false, weight) => weight.unwrap_or(own_weight),
+            };
+            instance.operator = Some(Operator {
+                drain: held.drain,
+                weight: held.weight,
+                own_weight,
+                by: held.by.clone(),
+                at_ms: held.at_ms,
+            });
+        }
+        instance
     }
 
     /// Takes a different record in, keeping the one it replaces.
@@ -156,11 +253,7 @@ impl ServiceEntry {
         Snapshot {
             service: service.to_owned(),
             revision: self.revision,
-            instances: self
-                .instances
-                .values()
-                .map(|live| live.instance.clone())
-                .collect(),
+            instances: self.instances.values().map(Live::effective).collect(),
         }
     }
 }
@@ -228,8 +321,9 @@ impl Catalog {
     }
 
     /// Takes in a snapshot kept from an earlier run: its instances count as
-    /// just heard, and the service's revisions continue from it. Returns no
-    /// change: nothing changed for anyone who saw that snapshot.
+    /// just heard, keep their overrides (an `operator` block), and the
+    /// service's revisions continue from it. Returns no change: nothing
+    /// changed for anyone who saw that snapshot.
     pub fn adopt(&mut self, snapshot: Snapshot, now: Instant) {
         let service = snapshot.service;
         let entry = self.services.entry(service.clone()).or_default();
@@ -237,7 +331,7 @@ impl Catalog {
         for instance in snapshot.instances {
             let deadline = now + instance.ttl();
             let id = instance.id.clone();
-            let live = Live::new(instance, deadline);
+            let live = Live::stored(instance, deadline);
             if entry.instances.insert(id.clone(), live).is_none() {
                 self.live += 1;
             }
@@ -264,6 +358,44 @@ impl Catalog {
                 })
             }
         }
+    }
+
+    /// Folds one operator override in, stamped `at_ms` (milliseconds since
+    /// the Unix epoch). One that leaves the override as it was (a second
+    /// drain) is no change; one for an instance that is not live changes
+    /// nothing and is an error.
+    pub fn apply_override(
+        &mut self,
+        request: &Override,
+        at_ms: u64,
+    ) -> Result<Overridden, NotLive> {
+        let not_live = || NotLive {
+            service: request.service.clone(),
+            id: request.id.clone(),
+        };
+        let entry = self
+            .services
+            .get_mut(&request.service)
+            .ok_or_else(not_live)?;
+        let live = entry.instances.get_mut(&request.id).ok_or_else(not_live)?;
+        let held = Held::after(live.held.as_deref(), request.change, &request.by, at_ms);
+        if Held::same_as(live.held.as_deref(), held.as_ref()) {
+            return Ok(Overridden {
+                instance: live.effective(),
+                change: None,
+            });
+        }
+        live.held = held.map(Box::new);
+        entry.revision = next_revision(entry.revision, self.clock);
+        Ok(Overridden {
+            instance: live.effective(),
+            change: Some(Change {
+                service: request.service.clone(),
+                id: request.id.clone(),
+                kind: ChangeKind::Overridden,
+                revision: entry.revision,
+            }),
+        })
     }
 
     fn upsert(&mut self, instance: Instance, now: Instant) -> Option<Change> {
@@ -431,7 +563,16 @@ impl Catalog {
             .map(|entry| entry.snapshot(service))
     }
 
-    /// One live instance's record.
+    /// One live instance as snapshots show it: its override merged in.
+    pub fn effective(&self, service: &str, id: &str) -> Option<Instance> {
+        self.services
+            .get(service)?
+            .instances
+            .get(id)
+            .map(Live::effective)
+    }
+
+    /// One live instance's own record, as it announced it.
     pub fn instance(&self, service: &str, id: &str) -> Option<&Instance> {
         self.services
             .get(service)?
@@ -863,5 +1004,220 @@ mod tests {
         );
         let same = catalog.snapshot("web").unwrap();
         assert!(!catalog.adopt_unknown(&same, later), "nothing to write");
+    }
+
+    fn operator(change: OverrideChange, by: &str) -> Override {
+        Override {
+            service: "web".into(),
+            id: "a".into(),
+            change,
+            by: by.into(),
+        }
+    }
+
+    /// The change an override made, if any.
+    fn apply_override(
+        catalog: &mut Catalog,
+        request: &Override,
+        at_ms: u64,
+    ) -> Result<Option<Change>, NotLive> {
+        let done = catalog.apply_override(request, at_ms)?;
+        assert_eq!(
+            Some(&done.instance),
+            catalog.effective(&request.service, &request.id).as_ref(),
+            "the instance as it now stands"
+        );
+        Ok(done.change)
+    }
+
+    fn web_a(catalog: &Catalog) -> Instance {
+        catalog.effective("web", "a").expect("web/a is live")
+    }
+
+    #[test]
+    fn a_drain_holds_through_heartbeats_and_own_weight_follows_the_instance() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        catalog.apply(Event::Register(instance("web", "a", 1)), t0);
+        let change = apply_override(
+            &mut catalog,
+            &operator(OverrideChange::Drain, "alice"),
+            1_000,
+        )
+        .expect("a is live")
+        .expect("draining is a change");
+        assert_eq!(change.kind, ChangeKind::Overridden);
+        assert_eq!(change.revision, 2);
+        let drained = catalog.snapshot("web").unwrap().instances.remove(0);
+        assert_eq!(drained.weight, 0);
+        assert_eq!(
+            drained.operator,
+            Some(Operator {
+                drain: true,
+                weight: None,
+                own_weight: 1,
+                by: "alice".into(),
+                at_ms: 1_000
+            })
+        );
+        let t1 = t0 + Duration::from_secs(2);
+        assert_eq!(
+            catalog.apply(Event::Heartbeat(instance("web", "a", 1)), t1),
+            None,
+            "the same heartbeat changes nothing, the drain stays"
+        );
+        let mut heavier = instance("web", "a", 1);
+        heavier.weight = 7;
+        let change = catalog.apply(Event::Heartbeat(heavier), t1).unwrap();
+        assert_eq!(change.kind, ChangeKind::Updated);
+        let still = web_a(&catalog);
+        assert_eq!(still.weight, 0, "drained whatever the instance announces");
+        assert_eq!(still.operator.map(|o| o.own_weight), Some(7));
+        assert_eq!(catalog.instance("web", "a").map(|i| i.weight), Some(7));
+    }
+
+    #[test]
+    fn effective_weight_is_zero_when_drained_else_the_operators_else_its_own() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        let mut own = instance("web", "a", 1);
+        own.weight = 3;
+        catalog.apply(Event::Register(own), t0);
+        let mut weights = Vec::new();
+        for change in [
+            OverrideChange::Weight(Some(5)),
+            OverrideChange::Drain,
+            OverrideChange::Undrain,
+            OverrideChange::Weight(None),
+            OverrideChange::Drain,
+            OverrideChange::Weight(Some(9)),
+            OverrideChange::Clear,
+        ] {
+            apply_override(&mut catalog, &operator(change, "bob"), 5)
+                .expect("a is live")
+                .unwrap_or_else(|| panic!("{change} is a change"));
+            let now = web_a(&catalog);
+            weights.push((now.weight, now.operator.map(|o| (o.drain, o.weight))));
+        }
+        assert_eq!(
+            weights,
+            [
+                (5, Some((false, Some(5)))),
+                (0, Some((true, Some(5)))),
+                (5, Some((false, Some(5)))),
+                (3, None),
+                (0, Some((true, None))),
+                (0, Some((true, Some(9)))),
+                (3, None),
+            ]
+        );
+        assert_eq!(catalog.snapshot("web").unwrap().revision, 8);
+    }
+
+    #[test]
+    fn an_override_that_changes_nothing_publishes_nothing() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        catalog.apply(Event::Register(instance("web", "a", 1)), t0);
+        assert!(
+            apply_override(&mut catalog, &operator(OverrideChange::Drain, "alice"), 1)
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            apply_override(&mut catalog, &operator(OverrideChange::Drain, "bob"), 2),
+            Ok(None)
+        );
+        assert_eq!(
+            web_a(&catalog).operator.map(|o| o.by),
+            Some("alice".into()),
+            "who set it stays who changed it"
+        );
+        apply_override(&mut catalog, &operator(OverrideChange::Clear, "alice"), 3).unwrap();
+        for change in [
+            OverrideChange::Undrain,
+            OverrideChange::Clear,
+            OverrideChange::Weight(None),
+        ] {
+            assert_eq!(
+                apply_override(&mut catalog, &operator(change, "bob"), 4),
+                Ok(None),
+                "{change}"
+            );
+        }
+        assert_eq!(catalog.snapshot("web").unwrap().revision, 3);
+    }
+
+    #[test]
+    fn an_override_for_an_instance_that_is_not_live_changes_nothing() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        let drain = operator(OverrideChange::Drain, "alice");
+        let error = apply_override(&mut catalog, &drain, 1).unwrap_err();
+        assert_eq!(error.to_string().split(' ').next(), Some("web/a"));
+        assert_eq!(catalog.services(), 0, "no service is created");
+        catalog.apply(Event::Register(instance("web", "b", 1)), t0);
+        assert!(apply_override(&mut catalog, &drain, 1).is_err());
+        assert_eq!(catalog.snapshot("web").unwrap().revision, 1);
+    }
+
+    #[test]
+    fn an_instance_that_leaves_comes_back_without_its_override() {
+        let t0 = Instant::now();
+        let mut catalog = Catalog::new();
+        catalog.apply(Event::Register(instance("web", "a", 1)), t0);
+        apply_override(&mut catalog, &operator(OverrideChange::Drain, "alice"), 1).unwrap();
+        catalog.apply(
+            Event::Deregister {
+                service: "web".into(),
+                id: "a".into(),
+            },
+            t0,
+        );
+        catalog.apply(Event::Register(instance("web", "a", 1)), t0);
+        assert_eq!(web_a(&catalog), instance("web", "a", 1));
+        apply_override(
+            &mut catalog,
+            &operator(OverrideChange::Weight(Some(4)), "bob"),
+            2,
+        )
+        .unwrap();
+        assert_eq!(catalog.expire(t0 + Duration::from_secs(3)).len(), 1);
+        catalog.apply(
+            Event::Register(instance("web", "a", 1)),
+            t0 + Duration::from_secs(3),
+        );
+        assert_eq!(
+            web_a(&catalog),
+            instance("web", "a", 1),
+            "expiry forgets it too"
+        );
+    }
+
+    #[test]
+    fn an_adopted_override_survives_with_the_instances_own_weight() {
+        let t0 = Instant::now();
+        let mut first = Catalog::new();
+        let mut own = instance("web", "a", 1);
+        own.weight = 2;
+        first.apply(Event::Register(own.clone()), t0);
+        apply_override(
+            &mut first,
+            &operator(OverrideChange::Weight(Some(6)), "bob"),
+            9,
+        )
+        .unwrap();
+        let stored = first.snapshot("web").unwrap();
+        let mut restarted = Catalog::new();
+        restarted.adopt(stored.clone(), t0);
+        assert_eq!(restarted.snapshot("web").unwrap(), stored);
+        assert_eq!(restarted.instance("web", "a"), Some(&own));
+        assert_eq!(
+            restarted.apply(Event::Heartbeat(own), t0),
+            None,
+            "the instance's own heartbeat matches what was adopted"
+        );
+        assert_eq!(web_a(&restarted).weight, 6);
+        assert!(!restarted.adopt_unknown(&stored, t0), "nothing to write");
     }
 }

@@ -35,11 +35,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::catalog::{payload_digest, Catalog, Change};
+use crate::catalog::{payload_digest, Catalog, Change, Overridden};
 use crate::catalog_stream::{self, CatalogStreamError};
 use crate::connect::{Connection, Link, NatsError};
-use crate::metrics::DiscoveryMetrics;
-use crate::protocol::{EventKind, Leadership, Snapshot, Subjects, LEADER_HEARTBEAT};
+use crate::metrics::{invalid_reason, DiscoveryMetrics, UNKNOWN_INSTANCE};
+use crate::protocol::{
+    EventKind, Leadership, Override, OverrideReply, Snapshot, Subjects, LEADER_HEARTBEAT,
+};
 
 mod fence;
 pub mod leader;
@@ -109,6 +111,11 @@ pub struct Stats {
     /// Loop turns that came so late (a frozen or starved process) that
     /// every instance got a fresh TTL instead of expiring.
     pub stalls: AtomicU64,
+    /// Operator overrides applied (a repeated one included).
+    pub overrides: AtomicU64,
+    /// Operator overrides that changed nothing: a bad message, or an
+    /// instance that is not live.
+    pub invalid_overrides: AtomicU64,
 }
 
 impl Stats {
@@ -237,6 +244,9 @@ pub async fn spawn_with(
     let subject = subjects.events_wildcard();
     let events = subscribe(&client, subject.clone()).await?;
     let leaders = subscribe(&client, subjects.leader_heartbeat()).await?;
+    // Every replica folds the overrides, so a standby that takes over has
+    // them; only the leader answers.
+    let overrides = subscribe(&client, subjects.operator_wildcard()).await?;
     client
         .flush()
         .await
@@ -262,6 +272,7 @@ pub async fn spawn_with(
         Inputs {
             events,
             leaders,
+            overrides,
             link: connection.link(),
         },
         subjects,
@@ -272,10 +283,13 @@ pub async fn spawn_with(
     ))
 }
 
-/// What discovery hears: events, leader heartbeats, the link's state.
+/// What discovery hears: events, leader heartbeats, operator overrides,
+/// the link's state.
 struct Inputs<E, L> {
     events: E,
     leaders: L,
+    /// Plain subscriptions both, so of one type.
+    overrides: L,
     link: watch::Receiver<Link>,
 }
 
@@ -343,6 +357,7 @@ where
         dirty,
         unstored: BTreeSet::new(),
         dirty_since: None,
+        replies: Vec::new(),
         blind: false,
         generation,
         election: Election::new(replica, adopted.fence, now),
@@ -385,6 +400,8 @@ trait Wire: Send {
     ) -> impl Future<Output = Vec<(String, Written)>> + Send;
     /// Says, unstored, that this replica leads.
     fn heartbeat(&mut self, payload: Bytes) -> impl Future<Output = ()> + Send;
+    /// Answers a request (an override) on its reply subject.
+    fn reply(&mut self, subject: String, payload: Bytes) -> impl Future<Output = ()> + Send;
     /// Writes the fence if its last sequence is `expected`.
     fn take_over(&mut self, expected: u64, payload: Bytes) -> impl Future<Output = Fenced> + Send;
     /// The fence's epoch now, `None` when never written.
@@ -420,6 +437,8 @@ struct Worker<W> {
     unstored: BTreeSet<String>,
     /// When the oldest unpublished change happened, if any.
     dirty_since: Option<Instant>,
+    /// Answers to overrides, sent once their snapshots are written.
+    replies: Vec<(String, Bytes)>,
     /// NATS was found unreachable: nothing can be heard, nothing expires.
     blind: bool,
     /// The link generation at the last look.
@@ -458,6 +477,7 @@ impl<W: Wire> Worker<W> {
                 // First what the leaders say, so that a thawed leader learns
                 // it was superseded before anything else.
                 Some(message) = inputs.leaders.next() => self.on_leader(&message),
+                Some(message) = inputs.overrides.next() => self.on_override(&message),
                 _ = ticks.tick() => self.tick(&mut inputs.events).await?,
                 // Before the events, so that expiry runs under any load.
                 () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
@@ -478,6 +498,9 @@ impl<W: Wire> Worker<W> {
             if publish {
                 self.dirty_since = None;
                 self.publish_dirty().await;
+                for (subject, payload) in std::mem::take(&mut self.replies) {
+                    self.wire.reply(subject, payload).await;
+                }
             }
         }
         self.wire.flush().await;
@@ -506,6 +529,77 @@ impl<W: Wire> Worker<W> {
             self.metrics.epoch.set(gauge(heartbeat.epoch));
             tracing::info!(leader = %heartbeat.replica, epoch = heartbeat.epoch, since_ms = heartbeat.since_ms, "following the catalog leader");
         }
+    }
+
+    /// An operator's override: folded by every replica; the leader answers
+    /// a request with the instance as it now stands, or why nothing changed.
+    fn on_override(&mut self, message: &async_nats::Message) {
+        let reply = match self.apply_override(message) {
+            Ok(instance) => OverrideReply {
+                ok: true,
+                instance: Some(instance),
+                error: None,
+                reason: None,
+            },
+            Err((reason, error)) => {
+                Stats::bump(&self.stats.invalid_overrides);
+                self.metrics.invalid_override(reason);
+                tracing::warn!(subject = %message.subject, %error, "ignoring an invalid override");
+                OverrideReply {
+                    ok: false,
+                    instance: None,
+                    error: Some(error),
+                    reason: Some(reason.to_owned()),
+                }
+            }
+        };
+        let Some(subject) = &message.reply else {
+            return;
+        };
+        if self.election.epoch().is_none() {
+            return;
+        }
+        match serde_json::to_vec(&reply) {
+            Ok(payload) => self
+                .replies
+                .push((subject.to_string(), Bytes::from(payload))),
+            Err(error) => tracing::error!(%error, "cannot serialize an override reply"),
+        }
+    }
+
+    /// Parses and folds one override; the instance as it now stands, or
+    /// the reason label and the message of why nothing changed.
+    fn apply_override(
+        &mut self,
+        message: &async_nats::Message,
+    ) -> Result<crate::protocol::Instance, (&'static str, String)> {
+        let request: Override = self
+            .subjects
+            .parse_override(&message.subject, &message.payload)
+            .map_err(|error| (invalid_reason(&error), error.to_string()))?;
+        self.catalog.set_clock(self.wire.clock());
+        let Overridden { instance, change } = self
+            .catalog
+            .apply_override(&request, unix_ms())
+            .map_err(|error| (UNKNOWN_INSTANCE, error.to_string()))?;
+        Stats::bump(&self.stats.overrides);
+        self.metrics.override_applied(request.change.action());
+        let Some(change) = change else {
+            tracing::debug!(service = %request.service, id = %request.id, by = %request.by, change = %request.change, "override changed nothing");
+            return Ok(instance);
+        };
+        Stats::bump(&self.stats.changes);
+        tracing::info!(
+            service = %change.service,
+            id = %change.id,
+            by = %request.by,
+            change = %request.change,
+            weight = instance.weight,
+            revision = change.revision,
+            "overridden by an operator"
+        );
+        self.dirty.insert(change.service);
+        Ok(instance)
     }
 
     fn stepped_down(&mut self) {
@@ -859,6 +953,7 @@ mod tests {
     struct RecordingWire {
         published: mpsc::UnboundedSender<Snapshot>,
         echo: mpsc::UnboundedSender<async_nats::Message>,
+        replies: mpsc::UnboundedSender<(String, OverrideReply)>,
         /// Writes are refused as superseded while set.
         superseded: Arc<AtomicBool>,
         /// Writes fail (no stream leader) while set.
@@ -891,6 +986,11 @@ mod tests {
                 outcomes.push((service, Written::Stored));
             }
             outcomes
+        }
+
+        async fn reply(&mut self, subject: String, payload: Bytes) {
+            let reply: OverrideReply = serde_json::from_slice(&payload).expect("a reply");
+            let _ = self.replies.send((subject, reply));
         }
 
         async fn heartbeat(&mut self, payload: Bytes) {
@@ -953,6 +1053,8 @@ mod tests {
 
     struct Harness {
         events: mpsc::UnboundedSender<async_nats::Message>,
+        overrides: mpsc::UnboundedSender<async_nats::Message>,
+        replies: mpsc::UnboundedReceiver<(String, OverrideReply)>,
         published: mpsc::UnboundedReceiver<Snapshot>,
         link: watch::Sender<Link>,
         superseded: Arc<AtomicBool>,
@@ -974,6 +1076,8 @@ mod tests {
         async fn start_with(adopted: Adopted) -> Harness {
             let (events, receiver) = mpsc::unbounded_channel();
             let (echo, leaders) = mpsc::unbounded_channel();
+            let (overrides, overrides_rx) = mpsc::unbounded_channel();
+            let (replies_tx, replies) = mpsc::unbounded_channel();
             let (published_tx, published) = mpsc::unbounded_channel();
             let (link, link_rx) = watch::channel(UP);
             let (stop, stopped) = oneshot::channel::<()>();
@@ -982,6 +1086,7 @@ mod tests {
             let wire = RecordingWire {
                 published: published_tx,
                 echo,
+                replies: replies_tx,
                 superseded: Arc::clone(&superseded),
                 failing: Arc::clone(&failing),
                 stored: adopted.stored.clone(),
@@ -990,6 +1095,7 @@ mod tests {
             let inputs = Inputs {
                 events: channel_stream(receiver),
                 leaders: channel_stream(leaders),
+                overrides: channel_stream(overrides_rx),
                 link: link_rx,
             };
             let discovery = start(
@@ -1005,6 +1111,8 @@ mod tests {
             );
             Harness {
                 events,
+                overrides,
+                replies,
                 published,
                 link,
                 superseded,
@@ -1018,6 +1126,19 @@ mod tests {
             self.events
                 .send(message(subject, payload.to_owned().into()))
                 .expect("the worker is running");
+        }
+
+        /// An override as `rollcall drain` sends it: with a reply subject.
+        fn request(&self, subject: &str, payload: &str) {
+            let mut message = message(subject, payload.to_owned().into());
+            message.reply = Some("_INBOX.test".into());
+            self.overrides.send(message).expect("the worker is running");
+        }
+
+        async fn answer(&mut self) -> OverrideReply {
+            let (subject, reply) = self.replies.recv().await.expect("an answer");
+            assert_eq!(subject, "_INBOX.test");
+            reply
         }
 
         fn register(&self, instance: &Instance) {
@@ -1279,6 +1400,167 @@ mod tests {
         panic!(
             "the worker's counters never got there: {:?}",
             h.discovery.stats()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_leader_applies_an_override_publishes_it_then_answers() {
+        let mut h = Harness::start(Vec::new()).await;
+        h.register(&web("a", 3000));
+        h.next_snapshot().await;
+        h.request("rollcall.operator.drain.web.a", r#"{"by":"alice"}"#);
+        let drained = h.next_snapshot().await;
+        assert_eq!(drained.revision, 2);
+        assert_eq!(drained.instances[0].weight, 0);
+        let answer = h.answer().await;
+        assert!(answer.ok, "{answer:?}");
+        assert_eq!(answer.instance.as_ref(), Some(&drained.instances[0]));
+        // Heartbeats neither undo it nor publish.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        h.heartbeat(&web("a", 3000));
+        h.request(
+            "rollcall.operator.weight.web.a",
+            r#"{"by":"bob","weight":4}"#,
+        );
+        let weighted = h.next_snapshot().await;
+        assert_eq!(weighted.revision, 3, "the heartbeat published nothing");
+        let operator = weighted.instances[0].operator.clone().expect("overridden");
+        assert_eq!((operator.drain, operator.weight), (true, Some(4)));
+        assert_eq!(operator.by, "bob");
+        assert_eq!(h.answer().await.instance.map(|i| i.weight), Some(0));
+        assert_eq!(h.discovery.stats().overrides.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bad_override_changes_nothing_and_is_answered_and_counted() {
+        let mut h = Harness::start(Vec::new()).await;
+        h.register(&web("a", 3000));
+        h.next_snapshot().await;
+        for (subject, payload, reason, says) in [
+            (
+                "rollcall.operator.drain.web.zz",
+                r#"{"by":"a"}"#,
+                "unknown_instance",
+                "web/zz is not a live instance",
+            ),
+            (
+                "rollcall.operator.drain.api.a",
+                r#"{"by":"a"}"#,
+                "unknown_instance",
+                "api/a is not a live instance",
+            ),
+            (
+                "rollcall.operator.drain.web.a",
+                r#"{"by":""}"#,
+                "bad_by",
+                "field `by`",
+            ),
+            (
+                "rollcall.operator.drain.web.a",
+                "nope",
+                "bad_json",
+                "not valid JSON",
+            ),
+            (
+                "rollcall.operator.weight.web.a",
+                r#"{"by":"a"}"#,
+                "bad_weight",
+                "needs field `weight`",
+            ),
+            (
+                "rollcall.operator.weight.web.a",
+                r#"{"by":"a","weight":20000}"#,
+                "out_of_range",
+                "0..10000",
+            ),
+            (
+                "rollcall.operator.stop.web.a",
+                r#"{"by":"a"}"#,
+                "bad_subject",
+                "unknown operator action",
+            ),
+        ] {
+            h.request(subject, payload);
+            let answer = h.answer().await;
+            assert!(!answer.ok, "{subject} {payload}");
+            assert_eq!(
+                answer.reason.as_deref(),
+                Some(reason),
+                "{subject} {payload}"
+            );
+            let error = answer.error.unwrap_or_default();
+            assert!(error.contains(says), "{subject} {payload}: {error}");
+        }
+        assert_eq!(
+            h.discovery
+                .stats()
+                .invalid_overrides
+                .load(Ordering::Relaxed),
+            7
+        );
+        h.register(&web("b", 3000));
+        let next = h.next_snapshot().await;
+        assert_eq!(next.revision, 2, "no override changed the catalog");
+        assert!(next.instances.iter().all(|i| i.operator.is_none()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_folds_overrides_silently_and_a_raw_publish_gets_no_answer() {
+        let mut h = Harness::start_with(Adopted {
+            fence: Some(4),
+            ..Adopted::default()
+        })
+        .await;
+        h.register(&web("a", 3000));
+        // Events and overrides come on two subscriptions, in no order
+        // between them: the register is folded first.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.request(
+            "rollcall.operator.weight.web.a",
+            r#"{"by":"bob","weight":3}"#,
+        );
+        // Taking over, it writes the catalog it folded as a follower.
+        let first = h.next_snapshot().await;
+        assert_eq!(first.instances[0].weight, 3);
+        assert!(h.replies.try_recv().is_err(), "a follower answers nothing");
+        h.overrides
+            .send(message(
+                "rollcall.operator.clear.web.a",
+                r#"{"by":"bob"}"#.into(),
+            ))
+            .expect("running");
+        let cleared = h.next_snapshot().await;
+        assert_eq!(cleared.instances, [web("a", 3000)]);
+        assert!(h.replies.try_recv().is_err(), "no reply subject, no answer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adopted_override_survives_a_restart() {
+        let mut own = web("a", 2000);
+        own.weight = 5;
+        let mut drained = own.clone();
+        drained.weight = 0;
+        drained.operator = Some(crate::protocol::Operator {
+            drain: true,
+            weight: None,
+            own_weight: 5,
+            by: "alice".into(),
+            at_ms: 1,
+        });
+        let stored = Snapshot {
+            service: "web".into(),
+            revision: 7,
+            instances: vec![drained],
+        };
+        let mut h = Harness::start(vec![stored.clone()]).await;
+        assert_eq!(h.discovery.catalog(), [stored]);
+        h.heartbeat(&own);
+        h.request("rollcall.operator.undrain.web.a", r#"{"by":"bob"}"#);
+        let undrained = h.next_snapshot().await;
+        assert_eq!(
+            undrained.instances,
+            [own],
+            "undrained, it takes its own weight again"
         );
     }
 }

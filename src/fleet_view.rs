@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Value};
 
 use crate::catalog_stream::Stored;
-use crate::protocol::{Event, Instance, Leadership, Snapshot, Subjects};
+use crate::protocol::{Event, Instance, Leadership, Override, Snapshot, Subjects};
 
 /// One message seen on the fleet's subjects, as understood.
 // One value per message, printed and dropped at once: boxing would only add
@@ -26,6 +26,9 @@ pub enum Observed {
     Snapshot(Snapshot),
     /// The leading discovery replica's heartbeat.
     Leader(Leadership),
+    /// An operator's override, as sent (discovery may still refuse it: an
+    /// instance that is not live).
+    Override(Override),
     /// Anything under the prefix that breaks docs/protocol.md, and why.
     Invalid {
         subject: String,
@@ -49,6 +52,11 @@ impl Observed {
                 },
                 Observed::Leader,
             );
+        }
+        if subjects.is_operator(subject) {
+            return subjects
+                .parse_override(subject, payload)
+                .map_or_else(invalid, Observed::Override);
         }
         if subjects.is_catalog(subject) {
             return subjects
@@ -123,6 +131,10 @@ impl Observed {
                 leader.epoch,
                 since(leader)
             ),
+            Observed::Override(request) => format!(
+                "{time} {:<10} {}/{} {} by {}",
+                "override", request.service, request.id, request.change, request.by
+            ),
             Observed::Invalid { subject, reason } => {
                 format!("{time} {:<10} {subject}: {reason}", "invalid")
             }
@@ -154,6 +166,18 @@ impl Observed {
                 "epoch": leader.epoch,
                 "since": since(leader),
             }),
+            Observed::Override(request) => json!({
+                "time": time,
+                "kind": "override",
+                "service": request.service,
+                "id": request.id,
+                "action": request.change.action().as_str(),
+                "weight": match request.change {
+                    crate::protocol::OverrideChange::Weight(weight) => json!(weight),
+                    _ => Value::Null,
+                },
+                "by": request.by,
+            }),
             Observed::Invalid { subject, reason } => json!({
                 "time": time,
                 "kind": "invalid",
@@ -170,7 +194,10 @@ fn snapshot_line(kind: &str, snapshot: &Snapshot, at: SystemTime) -> String {
     let ids: Vec<String> = snapshot
         .instances
         .iter()
-        .map(|i| format!("{}@{}", i.id, i.authority()))
+        .map(|i| match &i.operator {
+            Some(_) => format!("{}@{}({})", i.id, i.authority(), state(i)),
+            None => format!("{}@{}", i.id, i.authority()),
+        })
         .collect();
     format!(
         "{} {kind:<10} {} rev={} instances={} [{}]",
@@ -199,18 +226,34 @@ pub fn current_json(stored: &Stored) -> Value {
     })
 }
 
+/// Whether an operator overrode `instance`, and who: `live`, `drained by
+/// alice`, `weight 5 by bob`, `drained by alice, weight 5`.
+pub fn state(instance: &Instance) -> String {
+    match &instance.operator {
+        None => "live".to_owned(),
+        Some(operator) => match (operator.drain, operator.weight) {
+            (true, None) => format!("drained by {}", operator.by),
+            (true, Some(weight)) => format!("drained by {}, weight {weight}", operator.by),
+            (false, Some(weight)) => format!("weight {weight} by {}", operator.by),
+            (false, None) => format!("set by {}", operator.by),
+        },
+    }
+}
+
 // The snapshot carries no time per instance (when it was last heard lives
 // only in discovery), so the one time column is the service's: CHANGED, how
 // long ago its last snapshot was published. TTL is the instance's own.
-const HEADER: [&str; 8] = [
-    "SERVICE", "INSTANCE", "ADDRESS", "PORT", "WEIGHT", "TTL", "TAGS", "CHANGED",
+// STATE comes last: it may hold spaces (`drained by alice`).
+const HEADER: [&str; 9] = [
+    "SERVICE", "INSTANCE", "ADDRESS", "PORT", "WEIGHT", "TTL", "TAGS", "CHANGED", "STATE",
 ];
 
 /// The catalog as a table: one row per instance, a `-` row for a service
 /// that has none. CHANGED is how long ago the service's snapshot was
-/// published, that is, since the service's last change.
+/// published, that is, since the service's last change; STATE whether an
+/// operator overrode the instance ([`state`]).
 pub fn catalog_table(stored: &[Stored], now: SystemTime) -> String {
-    let mut rows: Vec<[String; 8]> = vec![HEADER.map(str::to_owned)];
+    let mut rows: Vec<[String; 9]> = vec![HEADER.map(str::to_owned)];
     for Stored {
         snapshot,
         published,
@@ -218,7 +261,7 @@ pub fn catalog_table(stored: &[Stored], now: SystemTime) -> String {
     {
         let changed = age(*published, now);
         if snapshot.instances.is_empty() {
-            let mut row: [String; 8] = std::array::from_fn(|_| "-".to_owned());
+            let mut row: [String; 9] = std::array::from_fn(|_| "-".to_owned());
             row[0] = snapshot.service.clone();
             row[7] = changed.clone();
             rows.push(row);
@@ -237,6 +280,7 @@ pub fn catalog_table(stored: &[Stored], now: SystemTime) -> String {
                     instance.tags.join(",")
                 },
                 changed.clone(),
+                state(instance),
             ]);
         }
     }
@@ -414,9 +458,58 @@ mod tests {
         assert_eq!(value["instance"]["port"], 5001);
     }
 
+    fn operator(drain: bool, weight: Option<u32>, by: &str) -> crate::protocol::Operator {
+        crate::protocol::Operator {
+            drain,
+            weight,
+            own_weight: 1,
+            by: by.into(),
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn overrides_read_as_one_line_and_show_in_snapshots() {
+        let line = read(
+            "rollcall.operator.weight.web.web-1",
+            r#"{"by":"bob","weight":5}"#,
+        )
+        .line(at());
+        assert!(
+            line.ends_with("override   web/web-1 weight 5 by bob"),
+            "{line}"
+        );
+        let own = read(
+            "rollcall.operator.weight.web.web-1",
+            r#"{"by":"bob","weight":null}"#,
+        );
+        assert!(own.line(at()).ends_with("web/web-1 weight own by bob"));
+        assert_eq!(own.json(at())["weight"], Value::Null);
+        assert_eq!(own.json(at())["action"], "weight");
+        let bad = read("rollcall.operator.drain.web.web-1", r#"{"by":""}"#);
+        assert!(bad.is_invalid(), "{bad:?}");
+        let web = &stored()[1].snapshot;
+        let line = snapshot_line("snapshot", web, at());
+        assert!(
+            line.ends_with(
+                "[web-1@127.0.0.1:5001(drained by alice) web-2@10.0.0.2:80(weight 5 by bob)]"
+            ),
+            "{line}"
+        );
+        let mut both = web.instances[0].clone();
+        both.operator = Some(operator(true, Some(3), "carol"));
+        assert_eq!(state(&both), "drained by carol, weight 3");
+        assert_eq!(state(&Instance::new("web", "x", "h", 1)), "live");
+    }
+
     fn stored() -> Vec<Stored> {
+        let mut a = Instance::new("web", "web-1", "127.0.0.1", 5001);
+        a.weight = 0;
+        a.operator = Some(operator(true, None, "alice"));
         let mut b = Instance::new("web", "web-2", "10.0.0.2", 80);
         b.tags = vec!["v2".into(), "canary".into()];
+        b.weight = 5;
+        b.operator = Some(operator(false, Some(5), "bob"));
         vec![
             Stored {
                 snapshot: Snapshot {
@@ -430,7 +523,7 @@ mod tests {
                 snapshot: Snapshot {
                     service: "web".into(),
                     revision: 9,
-                    instances: vec![Instance::new("web", "web-1", "127.0.0.1", 5001), b],
+                    instances: vec![a, b],
                 },
                 published: at() - Duration::from_millis(4900),
             },
@@ -441,10 +534,10 @@ mod tests {
     fn the_catalog_reads_as_an_aligned_table() {
         let table = catalog_table(&stored(), at());
         let expected = "\
-SERVICE  INSTANCE  ADDRESS    PORT  WEIGHT  TTL  TAGS       CHANGED
-api      -         -          -     -       -    -          1h1m40s
-web      web-1     127.0.0.1  5001  1       3s   -          4s
-web      web-2     10.0.0.2   80    1       3s   v2,canary  4s
+SERVICE  INSTANCE  ADDRESS    PORT  WEIGHT  TTL  TAGS       CHANGED  STATE
+api      -         -          -     -       -    -          1h1m40s  -
+web      web-1     127.0.0.1  5001  0       3s   -          4s       drained by alice
+web      web-2     10.0.0.2   80    5       3s   v2,canary  4s       weight 5 by bob
 ";
         assert_eq!(table, expected);
     }
@@ -468,7 +561,7 @@ web      web-2     10.0.0.2   80    1       3s   v2,canary  4s
         let state = stored();
         assert_eq!(
             current_line(&state[1]),
-            "2026-11-27T11:59:55.350Z current    web rev=9 instances=2 [web-1@127.0.0.1:5001 web-2@10.0.0.2:80]"
+            "2026-11-27T11:59:55.350Z current    web rev=9 instances=2 [web-1@127.0.0.1:5001(drained by alice) web-2@10.0.0.2:80(weight 5 by bob)]"
         );
         let value = current_json(&state[0]);
         assert_eq!(value["kind"], "current");

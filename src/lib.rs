@@ -7,13 +7,14 @@
 //! request reaching it:
 //!
 //! - [`protocol`]: the wire (events version 1, catalog version 2): Instance,
-//!   Snapshot and Leadership records, the
+//!   Snapshot, Leadership and operator Override records, the
 //!   subjects, and the name and field rules (`docs/protocol.md`).
-//! - [`catalog`]: the pure fold: events and time in, the live catalog and its
-//!   changes out.
-//! - [`discovery`]: NATS events through the fold (every replica; one leads,
-//!   fenced by the catalog stream); a snapshot per change,
-//!   published and kept in the catalog stream.
+//! - [`catalog`]: the pure fold: events, operator overrides and time in, the
+//!   live catalog and its changes out.
+//! - [`discovery`]: NATS events and overrides through the fold (every
+//!   replica; one leads, fenced by the catalog stream, and answers
+//!   overrides); a snapshot per change, published and kept in the catalog
+//!   stream.
 //! - [`catalog_stream`]: the JetStream last-value stream of snapshots.
 //! - [`subscription`]: catalog messages from NATS into a stream of updates,
 //!   the only input of a balancer.
@@ -44,8 +45,9 @@
 //!   [`Update`](subscription::Update)s), the [`agent`], the views of
 //!   [`fleet_view`] — the binary itself is such a program, and uses only this
 //!   surface;
-//! - the wire contract in [`protocol`] (records, subjects, limits) for tools
-//!   that speak it, and the pure [`catalog`] fold and
+//! - the wire contract in [`protocol`] (records, subjects, limits, the
+//!   operator's [`Override`](protocol::Override) and its
+//!   [`OverrideReply`](protocol::OverrideReply)) for tools that speak it, and the pure [`catalog`] fold and
 //!   [`balancer::rotation`] sets, which benchmarks and tests drive directly.
 //!
 //! Everything else (the proxy's request path, upstream pools, the leader

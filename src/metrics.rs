@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::connect::Link;
-use crate::protocol::{EventKind, ProtocolError};
+use crate::protocol::{EventKind, OverrideAction, ProtocolError};
 
 /// The `Content-Type` of [`encode`]'s text.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -113,6 +113,11 @@ pub struct ResultLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub action: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -572,6 +577,10 @@ pub struct DiscoveryMetrics {
     pub live_instances: Family<ServiceLabels, Gauge>,
     pub is_leader: Gauge,
     pub epoch: Gauge,
+    /// Operator overrides applied, by action.
+    pub overrides: Family<ActionLabels, Counter>,
+    /// Operator overrides that changed nothing, by reason.
+    pub invalid_overrides: Family<ReasonLabels, Counter>,
     pub nats: NatsMetrics,
 }
 
@@ -596,6 +605,8 @@ impl DiscoveryMetrics {
             live_instances: Family::default(),
             is_leader: Gauge::default(),
             epoch: Gauge::default(),
+            overrides: Family::default(),
+            invalid_overrides: Family::default(),
             nats: NatsMetrics::new(registry),
         };
         for reason in INVALID_REASONS {
@@ -603,43 +614,66 @@ impl DiscoveryMetrics {
                 .invalid_events
                 .get_or_create_owned(&ReasonLabels { reason });
         }
-        let r = registry.sub_registry_with_prefix("discovery");
+        for action in OverrideAction::ALL {
+            metrics.overrides.get_or_create_owned(&ActionLabels {
+                action: action.as_str(),
+            });
+        }
+        for reason in INVALID_OVERRIDE_REASONS {
+            metrics
+                .invalid_overrides
+                .get_or_create_owned(&ReasonLabels { reason });
+        }
+        metrics.register(registry.sub_registry_with_prefix("discovery"));
+        metrics
+    }
+
+    fn register(&self, r: &mut Registry) {
         r.register(
             "events",
             "Event messages received, by kind (register, heartbeat, deregister, unknown)",
-            metrics.events.clone(),
+            self.events.clone(),
         );
         r.register(
             "invalid_events",
             "Event messages ignored because they broke the protocol, by reason",
-            metrics.invalid_events.clone(),
+            self.invalid_events.clone(),
         );
         r.register(
             "snapshots_published",
             "Snapshots published",
-            metrics.snapshots_published.clone(),
+            self.snapshots_published.clone(),
         );
         r.register(
             "publish_failures",
             "Snapshots that could not be handed to the NATS client",
-            metrics.publish_failures.clone(),
+            self.publish_failures.clone(),
         );
         r.register(
             "live_instances",
             "Live instances, per service, as last published",
-            metrics.live_instances.clone(),
+            self.live_instances.clone(),
         );
         r.register(
             "is_leader",
             "1 while this discovery publishes the catalog",
-            metrics.is_leader.clone(),
+            self.is_leader.clone(),
         );
         r.register(
             "epoch",
             "The leadership epoch this discovery knows",
-            metrics.epoch.clone(),
+            self.epoch.clone(),
         );
-        metrics
+        r.register(
+            "overrides",
+            "Operator overrides applied, by action (drain, undrain, weight, clear)",
+            self.overrides.clone(),
+        );
+        r.register(
+            "invalid_overrides",
+            "Operator overrides that changed nothing (bad message, instance not live), by reason",
+            self.invalid_overrides.clone(),
+        );
     }
 
     /// One event message of `kind` (`None`: its subject names no kind).
@@ -660,6 +694,22 @@ impl DiscoveryMetrics {
             .inc();
     }
 
+    /// An override of `action` was applied.
+    pub fn override_applied(&self, action: OverrideAction) {
+        self.overrides
+            .get_or_create(&ActionLabels {
+                action: action.as_str(),
+            })
+            .inc();
+    }
+
+    /// An override changed nothing, for `reason` (see [`invalid_reason`]).
+    pub fn invalid_override(&self, reason: &'static str) {
+        self.invalid_overrides
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
     /// A snapshot of `service` with `live` instances was published.
     pub fn published(&self, service: &str, live: usize) {
         self.snapshots_published.inc();
@@ -671,7 +721,7 @@ impl DiscoveryMetrics {
     }
 }
 
-const INVALID_REASONS: [&str; 8] = [
+const INVALID_REASONS: [&str; 11] = [
     "bad_name",
     "bad_subject",
     "bad_json",
@@ -680,10 +730,29 @@ const INVALID_REASONS: [&str; 8] = [
     "subject_mismatch",
     "unsorted_snapshot",
     "too_large",
+    "operator_in_event",
+    "bad_by",
+    "bad_weight",
 ];
 
-/// The rule an invalid event broke, as a label with few values.
-fn invalid_reason(error: &ProtocolError) -> &'static str {
+/// Why an override changed nothing: the protocol reasons, and an instance
+/// that is not live.
+const INVALID_OVERRIDE_REASONS: [&str; 8] = [
+    "bad_name",
+    "bad_subject",
+    "bad_json",
+    "out_of_range",
+    "too_large",
+    "bad_by",
+    "bad_weight",
+    UNKNOWN_INSTANCE,
+];
+
+/// The reason label of an override for an instance that is not live.
+pub const UNKNOWN_INSTANCE: &str = "unknown_instance";
+
+/// The rule an invalid event or override broke, as a label with few values.
+pub fn invalid_reason(error: &ProtocolError) -> &'static str {
     match error {
         ProtocolError::EmptyName { .. }
         | ProtocolError::NameTooLong { .. }
@@ -697,6 +766,12 @@ fn invalid_reason(error: &ProtocolError) -> &'static str {
         ProtocolError::SubjectMismatch { .. } => "subject_mismatch",
         ProtocolError::UnsortedSnapshot { .. } => "unsorted_snapshot",
         ProtocolError::TooLarge { .. } => "too_large",
+        ProtocolError::OperatorInEvent { .. } => "operator_in_event",
+        ProtocolError::UnknownAction { .. } => "bad_subject",
+        ProtocolError::BadBy { .. } => "bad_by",
+        ProtocolError::MissingWeight
+        | ProtocolError::BadWeight { .. }
+        | ProtocolError::UnexpectedWeight { .. } => "bad_weight",
     }
 }
 

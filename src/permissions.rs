@@ -102,13 +102,14 @@ impl fmt::Display for Access {
 }
 
 /// The subscriptions discovery cannot work without: every event, on one
-/// subscription, and the leader heartbeat (a leader that cannot hear its own
-/// steps down). (Its writes go to the catalog stream, where a probe would
+/// subscription, the leader heartbeat (a leader that cannot hear its own
+/// steps down), and the operators' overrides. (Its writes go to the catalog stream, where a probe would
 /// be stored, so they are reported when they happen.)
 pub fn discovery_needs(subjects: &Subjects) -> Vec<Access> {
     vec![
         Access::Subscribe(subjects.events_wildcard()),
         Access::Subscribe(subjects.leader_heartbeat()),
+        Access::Subscribe(subjects.operator_wildcard()),
     ]
 }
 
@@ -184,7 +185,8 @@ mod tests {
             discovery,
             [
                 "subscribing to rollcall.*.*.*",
-                "subscribing to rollcall.discovery.leader"
+                "subscribing to rollcall.discovery.leader",
+                "subscribing to rollcall.operator.>"
             ]
         );
         assert_eq!(

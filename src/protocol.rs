@@ -80,6 +80,18 @@ pub enum ProtocolError {
         size: usize,
         limit: usize,
     },
+    #[error("a {kind} must not carry `operator`: only an operator sets it, on <prefix>.operator.<action>.<service>.<instance>")]
+    OperatorInEvent { kind: EventKind },
+    #[error("subject {subject:?} has an unknown operator action {action:?}; expected drain, undrain, weight or clear")]
+    UnknownAction { subject: String, action: String },
+    #[error("field `by` is {len} characters long; it must be 1 to {MAX_NAME_LEN} characters naming who asks")]
+    BadBy { len: usize },
+    #[error("action `weight` needs field `weight`: an integer 0..10000, or null to go back to the instance's own weight")]
+    MissingWeight,
+    #[error("field `weight` is {value}; it must be an integer 0..10000, or null to go back to the instance's own weight")]
+    BadWeight { value: String },
+    #[error("field `weight` is only for action `weight`, not `{action}`")]
+    UnexpectedWeight { action: OverrideAction },
 }
 
 /// Checks a service, instance or prefix token: 1 to 64 characters from
@@ -146,6 +158,120 @@ pub struct Operator {
     pub by: String,
     /// When it was last changed, in milliseconds since the Unix epoch.
     pub at_ms: u64,
+}
+
+/// What an operator asks of one instance: the `<action>` token of
+/// `<prefix>.operator.<action>.<service>.<instance>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OverrideAction {
+    Drain,
+    Undrain,
+    Weight,
+    Clear,
+}
+
+impl OverrideAction {
+    pub const ALL: [OverrideAction; 4] = [
+        OverrideAction::Drain,
+        OverrideAction::Undrain,
+        OverrideAction::Weight,
+        OverrideAction::Clear,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverrideAction::Drain => "drain",
+            OverrideAction::Undrain => "undrain",
+            OverrideAction::Weight => "weight",
+            OverrideAction::Clear => "clear",
+        }
+    }
+
+    fn parse(token: &str) -> Option<OverrideAction> {
+        OverrideAction::ALL
+            .into_iter()
+            .find(|action| action.as_str() == token)
+    }
+}
+
+impl fmt::Display for OverrideAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What an override message changes, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverrideChange {
+    Drain,
+    Undrain,
+    /// The operator's weight; `None` (`"weight": null`) drops it, so the
+    /// instance's own weight applies again.
+    Weight(Option<u32>),
+    Clear,
+}
+
+impl OverrideChange {
+    pub fn action(self) -> OverrideAction {
+        match self {
+            OverrideChange::Drain => OverrideAction::Drain,
+            OverrideChange::Undrain => OverrideAction::Undrain,
+            OverrideChange::Weight(_) => OverrideAction::Weight,
+            OverrideChange::Clear => OverrideAction::Clear,
+        }
+    }
+}
+
+impl fmt::Display for OverrideChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OverrideChange::Weight(Some(weight)) => write!(f, "weight {weight}"),
+            OverrideChange::Weight(None) => f.write_str("weight own"),
+            other => f.write_str(other.action().as_str()),
+        }
+    }
+}
+
+/// One validated override message: which instance, what, and who asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Override {
+    pub service: String,
+    pub id: String,
+    pub change: OverrideChange,
+    /// Who asks, 1 to 64 characters.
+    pub by: String,
+}
+
+/// The Override payload as it arrives: `weight` kept as raw JSON, so that
+/// absent, `null` and a bad value are told apart.
+#[derive(Deserialize)]
+struct RawOverride {
+    by: String,
+    #[serde(default, deserialize_with = "present")]
+    weight: Option<serde_json::Value>,
+}
+
+/// A field that is present, `null` included.
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(deserializer).map(Some)
+}
+
+/// Discovery's answer to an override sent as a request: the instance as
+/// it now stands (its `weight` the effective one), or why nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverrideReply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<Instance>,
+    /// Why the override was refused, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Why the override was refused, as a metric label (`unknown_instance`,
+    /// `bad_json`...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl Instance {
@@ -498,6 +624,94 @@ impl Subjects {
         format!("{}.catalog-fence", self.prefix)
     }
 
+    /// `<prefix>.operator.<action>.<service>.<instance>`.
+    pub fn operator(&self, action: OverrideAction, service: &str, id: &str) -> String {
+        format!(
+            "{}.operator.{}.{service}.{id}",
+            self.prefix,
+            action.as_str()
+        )
+    }
+
+    /// `<prefix>.operator.>`: every override.
+    pub fn operator_wildcard(&self) -> String {
+        format!("{}.operator.>", self.prefix)
+    }
+
+    /// `<prefix>.operator.*.<service>.*`: every override of one service.
+    pub fn service_overrides(&self, service: &str) -> String {
+        format!("{}.operator.*.{service}.*", self.prefix)
+    }
+
+    /// Whether `subject` is under `<prefix>.operator.`, valid or not.
+    pub fn is_operator(&self, subject: &str) -> bool {
+        self.strip_prefix(subject)
+            .is_ok_and(|rest| rest.starts_with("operator."))
+    }
+
+    /// Splits an override subject into its action and its service and
+    /// instance tokens, checking the tokens against the name rules.
+    pub fn parse_operator_subject<'s>(
+        &self,
+        subject: &'s str,
+    ) -> Result<(OverrideAction, &'s str, &'s str), ProtocolError> {
+        let shape = || ProtocolError::SubjectShape {
+            subject: subject.to_owned(),
+            expected: "<prefix>.operator.<action>.<service>.<instance>",
+        };
+        let rest = self.strip_prefix(subject)?;
+        let rest = rest.strip_prefix("operator.").ok_or_else(shape)?;
+        let tokens: Vec<&str> = rest.split('.').collect();
+        let [action, service, id] = tokens[..] else {
+            return Err(shape());
+        };
+        let action = OverrideAction::parse(action).ok_or_else(|| ProtocolError::UnknownAction {
+            subject: subject.to_owned(),
+            action: action.to_owned(),
+        })?;
+        validate_name("service token", service)?;
+        validate_name("instance token", id)?;
+        Ok((action, service, id))
+    }
+
+    /// Parses and checks one override message: the subject's tokens, the
+    /// JSON, `by`, and `weight` (required, and only allowed, for `weight`).
+    pub fn parse_override(&self, subject: &str, payload: &[u8]) -> Result<Override, ProtocolError> {
+        let (action, service, id) = self.parse_operator_subject(subject)?;
+        if payload.len() > MAX_EVENT_BYTES {
+            return Err(ProtocolError::TooLarge {
+                what: "the override payload (bytes)",
+                size: payload.len(),
+                limit: MAX_EVENT_BYTES,
+            });
+        }
+        let raw: RawOverride =
+            serde_json::from_slice(payload).map_err(|e| ProtocolError::BadJson {
+                what: "an Override",
+                reason: e.to_string(),
+            })?;
+        let len = raw.by.chars().count();
+        if len == 0 || len > MAX_NAME_LEN {
+            return Err(ProtocolError::BadBy { len });
+        }
+        let change = match (action, raw.weight) {
+            (OverrideAction::Weight, None) => return Err(ProtocolError::MissingWeight),
+            (OverrideAction::Weight, Some(value)) => {
+                OverrideChange::Weight(override_weight(&value)?)
+            }
+            (action, Some(_)) => return Err(ProtocolError::UnexpectedWeight { action }),
+            (OverrideAction::Drain, None) => OverrideChange::Drain,
+            (OverrideAction::Undrain, None) => OverrideChange::Undrain,
+            (OverrideAction::Clear, None) => OverrideChange::Clear,
+        };
+        Ok(Override {
+            service: service.to_owned(),
+            id: id.to_owned(),
+            change,
+            by: raw.by,
+        })
+    }
+
     /// `<prefix>.discovery.leader`: the leader's heartbeat (plain NATS, not
     /// stored), a [`Leadership`] every [`LEADER_HEARTBEAT`].
     pub fn leader_heartbeat(&self) -> String {
@@ -599,6 +813,9 @@ impl Subjects {
                         reason: e.to_string(),
                     })?;
                 check_tokens(&instance.service, &instance.id, service, id)?;
+                if instance.operator.is_some() {
+                    return Err(ProtocolError::OperatorInEvent { kind });
+                }
                 Ok(if kind == EventKind::Register {
                     Event::Register(instance)
                 } else {
@@ -666,6 +883,21 @@ impl Subjects {
         self.strip_prefix(subject)
             .is_ok_and(|rest| rest.starts_with("catalog."))
     }
+}
+
+/// The `weight` of a `weight` override: `null` or an integer in
+/// [`WEIGHT_RANGE`].
+fn override_weight(value: &serde_json::Value) -> Result<Option<u32>, ProtocolError> {
+    if value.is_null() {
+        return Ok(None);
+    }
+    let Some(weight) = value.as_i64() else {
+        return Err(ProtocolError::BadWeight {
+            value: value.to_string(),
+        });
+    };
+    check_range("weight", weight.into(), &(0..=10_000), "0..10000")?;
+    Ok(Some(weight as u32))
 }
 
 fn check_tokens(
@@ -963,5 +1195,175 @@ mod tests {
             s.parse_snapshot("rollcall.catalog.web", &json),
             Err(ProtocolError::UnsortedSnapshot { .. })
         ));
+    }
+
+    fn override_error(subject: &str, payload: &str) -> ProtocolError {
+        subjects()
+            .parse_override(subject, payload.as_bytes())
+            .expect_err("must be rejected")
+    }
+
+    #[test]
+    fn overrides_parse_for_every_action() {
+        let s = subjects();
+        let parse = |subject: &str, payload: &str| {
+            s.parse_override(subject, payload.as_bytes())
+                .unwrap_or_else(|e| panic!("{subject} {payload}: {e}"))
+        };
+        let drain = parse("rollcall.operator.drain.web.web-1", r#"{"by":"alice"}"#);
+        assert_eq!(
+            drain,
+            Override {
+                service: "web".into(),
+                id: "web-1".into(),
+                change: OverrideChange::Drain,
+                by: "alice".into(),
+            }
+        );
+        for (subject, payload, change) in [
+            (
+                "rollcall.operator.undrain.web.a",
+                r#"{"by":"b"}"#,
+                OverrideChange::Undrain,
+            ),
+            (
+                "rollcall.operator.clear.web.a",
+                r#"{"by":"b","note":1}"#,
+                OverrideChange::Clear,
+            ),
+            (
+                "rollcall.operator.weight.web.a",
+                r#"{"by":"b","weight":0}"#,
+                OverrideChange::Weight(Some(0)),
+            ),
+            (
+                "rollcall.operator.weight.web.a",
+                r#"{"by":"b","weight":10000}"#,
+                OverrideChange::Weight(Some(10_000)),
+            ),
+            (
+                "rollcall.operator.weight.web.a",
+                r#"{"by":"b","weight":null}"#,
+                OverrideChange::Weight(None),
+            ),
+        ] {
+            assert_eq!(
+                parse(subject, payload).change,
+                change,
+                "{subject} {payload}"
+            );
+        }
+        let by = "é".repeat(64);
+        let payload = serde_json::json!({ "by": by }).to_string();
+        assert_eq!(
+            parse("rollcall.operator.drain.web.a", &payload).by,
+            by,
+            "64 characters, not bytes"
+        );
+    }
+
+    #[test]
+    fn every_bad_override_payload_is_named() {
+        let subject = "rollcall.operator.drain.web.a";
+        let weight = "rollcall.operator.weight.web.a";
+        let long = serde_json::json!({ "by": "a".repeat(65) }).to_string();
+        let big = serde_json::json!({ "by": "a", "pad": "x".repeat(MAX_EVENT_BYTES) }).to_string();
+        for (subject, payload, expected) in [
+            (subject, "{not json", "not valid JSON for an Override"),
+            (subject, "", "not valid JSON for an Override"),
+            (subject, "{}", "missing field `by`"),
+            (subject, r#"{"by":7}"#, "not valid JSON for an Override"),
+            (subject, r#"{"by":""}"#, "field `by` is 0 characters long"),
+            (subject, &long, "field `by` is 65 characters long"),
+            (
+                subject,
+                r#"{"by":"a","weight":3}"#,
+                "only for action `weight`, not `drain`",
+            ),
+            (subject, &big, "too large"),
+            (
+                weight,
+                r#"{"by":"a"}"#,
+                "action `weight` needs field `weight`",
+            ),
+            (
+                weight,
+                r#"{"by":"a","weight":10001}"#,
+                "field `weight` is 10001, outside the allowed range 0..10000",
+            ),
+            (
+                weight,
+                r#"{"by":"a","weight":-1}"#,
+                "field `weight` is -1, outside",
+            ),
+            (
+                weight,
+                r#"{"by":"a","weight":"5"}"#,
+                r#"field `weight` is "5"; it must be an integer"#,
+            ),
+            (
+                weight,
+                r#"{"by":"a","weight":1.5}"#,
+                "field `weight` is 1.5; it must be an integer",
+            ),
+        ] {
+            let error = override_error(subject, payload).to_string();
+            assert!(error.contains(expected), "{payload}: {error}");
+        }
+    }
+
+    #[test]
+    fn every_bad_override_subject_is_named() {
+        let payload = r#"{"by":"alice"}"#;
+        for (subject, expected) in [
+            (
+                "rollcall.operator.pause.web.a",
+                "unknown operator action \"pause\"",
+            ),
+            ("rollcall.operator.drain.web", "wrong number of tokens"),
+            ("rollcall.operator.drain.web.a.b", "wrong number of tokens"),
+            (
+                "rollcall.operator.drain.*.a",
+                "service token \"*\" contains",
+            ),
+            (
+                "rollcall.operator.drain.web.>",
+                "instance token \">\" contains",
+            ),
+            ("rollcall.register.web.a", "wrong number of tokens"),
+            ("other.operator.drain.web.a", "not a rollcall subject"),
+        ] {
+            let error = override_error(subject, payload).to_string();
+            assert!(error.contains(expected), "{subject}: {error}");
+        }
+        let s = Subjects::new("acme").unwrap();
+        assert_eq!(
+            s.operator(OverrideAction::Weight, "web", "w1"),
+            "acme.operator.weight.web.w1"
+        );
+        assert_eq!(s.operator_wildcard(), "acme.operator.>");
+        assert!(s.is_operator("acme.operator.anything"));
+        assert!(!s.is_operator("rollcall.operator.drain.web.a"));
+    }
+
+    #[test]
+    fn an_instance_announcing_an_operator_block_is_refused() {
+        let mut json: serde_json::Value = serde_json::from_str(WEB_1).unwrap();
+        json["operator"] =
+            serde_json::json!({"drain": false, "own_weight": 1, "by": "me", "at_ms": 1});
+        for kind in ["register", "heartbeat"] {
+            let error = subjects()
+                .parse_event(
+                    &format!("rollcall.{kind}.web.web-1"),
+                    json.to_string().as_bytes(),
+                )
+                .expect_err("only operators set `operator`");
+            assert!(
+                error
+                    .to_string()
+                    .starts_with(&format!("a {kind} must not carry `operator`")),
+                "{error}"
+            );
+        }
     }
 }

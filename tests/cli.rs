@@ -18,12 +18,15 @@ use support::NatsServer;
 
 const WAIT: Duration = Duration::from_secs(5);
 
-const SUBCOMMANDS: [&str; 7] = [
+const SUBCOMMANDS: [&str; 10] = [
     "discovery",
     "balancer",
     "agent",
     "watch",
     "catalog",
+    "drain",
+    "undrain",
+    "weight",
     "demo",
     "completions",
 ];

@@ -249,7 +249,15 @@ async fn every_component_serves_metrics_a_prometheus_parser_reads() {
         1.0
     );
     let reasons = &discovery.families["rollcall_discovery_invalid_events"].1;
-    assert_eq!(reasons.len(), 8, "every reason starts at zero");
+    assert_eq!(reasons.len(), 11, "every reason starts at zero");
+    let actions = &discovery.families["rollcall_discovery_overrides"].1;
+    assert_eq!(
+        actions.len(),
+        4,
+        "drain, undrain, weight, clear start at zero"
+    );
+    let refusals = &discovery.families["rollcall_discovery_invalid_overrides"].1;
+    assert_eq!(refusals.len(), 8, "every reason starts at zero");
     assert!(discovery.value("rollcall_discovery_snapshots_published_total", &[]) >= 1.0);
     // Only the leader publishes: the one discovery leads.
     assert_eq!(discovery.value("rollcall_discovery_is_leader", &[]), 1.0);
@@ -269,6 +277,8 @@ async fn every_component_serves_metrics_a_prometheus_parser_reads() {
         ("rollcall_discovery_live_instances", "gauge"),
         ("rollcall_discovery_is_leader", "gauge"),
         ("rollcall_discovery_epoch", "gauge"),
+        ("rollcall_discovery_overrides", "counter"),
+        ("rollcall_discovery_invalid_overrides", "counter"),
         ("rollcall_nats_connected", "gauge"),
         ("rollcall_nats_reconnects", "counter"),
     ]);

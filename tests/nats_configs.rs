@@ -114,7 +114,7 @@ async fn single_conf_runs_jetstream() {
 #[tokio::test]
 async fn secure_conf_knows_every_role_and_nobody_else() {
     let server = ConfiguredServer::from_file("nats/secure.conf");
-    for user in ["web", "api", "discovery", "balancer", "watch"] {
+    for user in ["web", "api", "discovery", "balancer", "operator", "watch"] {
         NatsOptions::new(server.secure_url(user))
             .connect("test")
             .await

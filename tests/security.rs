@@ -832,3 +832,79 @@ async fn the_stack_serves_http_with_every_component_under_its_own_user() {
     }
     discovery.stop().await;
 }
+
+#[tokio::test]
+async fn only_the_operator_role_may_override_and_discovery_answers_it() {
+    let server = ConfiguredServer::from_file("nats/secure.conf");
+    let subjects = Subjects::default();
+    let discovery_connection = connect_as(&server, "discovery").await;
+    discovery_connection
+        .check_access(&permissions::discovery_needs(&subjects))
+        .await
+        .expect("discovery may hear events and overrides");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let discovery = rollcall::discovery::spawn(&discovery_connection, subjects.clone(), async {
+        let _ = stopped.await;
+    })
+    .await
+    .expect("discovery starts under its own user");
+    let web = connect_as(&server, "web").await;
+    publish(
+        &web,
+        "rollcall.register.web.web-1",
+        register_json("web", "web-1", 5001),
+    )
+    .await;
+    eventually("web joins the catalog", || {
+        discovery.catalog().iter().any(|s| s.service == "web")
+    })
+    .await;
+
+    // No role but the operator's may publish an override: not the service
+    // itself, not the balancer, not a watcher.
+    let subject = "rollcall.operator.drain.web.web-1";
+    for user in ["web", "balancer", "watch"] {
+        let connection = connect_as(&server, user).await;
+        let mut denials = connection.denials();
+        publish(&connection, subject, r#"{"by":"mallory"}"#.into()).await;
+        let denied = next_denial(&mut denials).await;
+        assert_eq!(
+            (denied.operation, denied.subject.as_str()),
+            (Operation::Publish, subject),
+            "{user}"
+        );
+    }
+
+    // The operator's request is folded and answered (discovery may answer
+    // the requests it receives, and only those).
+    let operator = connect_as(&server, "operator").await;
+    let answer = tokio::time::timeout(
+        LIMIT,
+        operator.client.request(subject, r#"{"by":"alice"}"#.into()),
+    )
+    .await
+    .expect("answered in time")
+    .expect("discovery answers");
+    let reply: rollcall::protocol::OverrideReply =
+        serde_json::from_slice(&answer.payload).expect("an override reply");
+    assert!(reply.ok, "{reply:?}");
+    let drained = reply.instance.expect("the instance");
+    assert_eq!(
+        (drained.weight, drained.operator.map(|o| o.by)),
+        (0, Some("alice".to_owned()))
+    );
+    let stored = rollcall::catalog_stream::read_last(
+        &async_nats::jetstream::new(operator.client.clone()),
+        &subjects,
+    )
+    .await
+    .expect("the operator reads the catalog");
+    assert_eq!(stored.snapshots[0].snapshot.instances[0].weight, 0);
+    let stats = discovery.stats();
+    assert_eq!(stats.overrides.load(Ordering::Relaxed), 1, "only alice's");
+    assert_eq!(stats.invalid_overrides.load(Ordering::Relaxed), 0);
+    assert_eq!(operator.denied_count(), 0);
+    assert_eq!(discovery_connection.denied_count(), 0);
+    let _ = stop.send(());
+    discovery.wait().await.expect("discovery stops cleanly");
+}

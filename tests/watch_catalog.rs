@@ -164,7 +164,7 @@ async fn catalog_prints_the_stored_catalog() {
         .collect();
     assert_eq!(
         lines[0],
-        ["SERVICE", "INSTANCE", "ADDRESS", "PORT", "WEIGHT", "TTL", "TAGS", "CHANGED"]
+        ["SERVICE", "INSTANCE", "ADDRESS", "PORT", "WEIGHT", "TTL", "TAGS", "CHANGED", "STATE"]
     );
     assert_eq!(lines.len(), 4, "{table}");
     assert_eq!(

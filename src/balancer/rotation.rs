@@ -742,6 +742,19 @@ mod tests {
     }
 
     #[test]
+    fn a_drained_member_is_not_picked_even_failing_open() {
+        let rotation = Rotation::new("web");
+        rotation.apply(&snapshot(1, &[("a", 1), ("b", 0)]));
+        let t0 = Instant::now();
+        rotation.eject("a", t0);
+        assert_eq!(
+            picks(&rotation, 3, t0),
+            ids(&["a", "a", "a"]),
+            "every member with weight ejected: fail open, but only among them"
+        );
+    }
+
+    #[test]
     fn ejected_instances_are_skipped_until_the_ejection_ends() {
         let rotation = Rotation::new("web");
         rotation.apply(&snapshot(1, &[("a", 1), ("b", 1), ("c", 1)]));

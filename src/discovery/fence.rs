@@ -99,6 +99,12 @@ impl Wire for NatsWire {
         }
     }
 
+    async fn reply(&mut self, subject: String, payload: Bytes) {
+        if let Err(error) = self.client.publish(subject, payload).await {
+            tracing::warn!(%error, "cannot answer an override");
+        }
+    }
+
     async fn take_over(&mut self, expected: u64, payload: Bytes) -> Fenced {
         let publish = Publish::build()
             .payload(payload)

@@ -8,6 +8,7 @@ mod balancer;
 mod catalog;
 mod demo;
 mod discovery;
+mod operator;
 mod probe;
 mod watch;
 
@@ -60,6 +61,15 @@ enum Command {
     Watch(watch::Args),
     /// Print the current catalog once, from the catalog stream.
     Catalog(catalog::Args),
+    /// Take an instance out of rotation: it gets no new requests, those in
+    /// flight finish. Holds through its heartbeats until `undrain`, or until
+    /// it leaves.
+    Drain(operator::Target),
+    /// Put a drained instance back into rotation.
+    Undrain(operator::Target),
+    /// Give an instance a weight of the operator's (0..10000) instead of its
+    /// own, or `own` to go back to its own.
+    Weight(operator::WeightArgs),
     /// The whole stack on one machine, for a first look.
     Demo(demo::Args),
     /// GET a URL once and exit 0 on a 2xx: a container health check.
@@ -82,6 +92,9 @@ async fn main() -> std::process::ExitCode {
         Command::Agent(args) => agent::run(*args).await,
         Command::Watch(args) => watch::run(args).await,
         Command::Catalog(args) => catalog::run(args).await,
+        Command::Drain(target) => operator::drain(target).await,
+        Command::Undrain(target) => operator::undrain(target).await,
+        Command::Weight(args) => operator::weight(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Probe(args) => probe::run(args).await,
         Command::Completions { shell } => {

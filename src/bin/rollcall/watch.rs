@@ -94,11 +94,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// What to subscribe to: every subject under the prefix, or one service's
-/// events and catalog and the leader's heartbeat.
+/// events, overrides and catalog and the leader's heartbeat.
 fn filters(subjects: &Subjects, service: Option<&str>) -> Vec<String> {
     match service {
         Some(service) => vec![
             subjects.service_events(service),
+            subjects.service_overrides(service),
             subjects.catalog(service),
             subjects.leader_heartbeat(),
         ],
