@@ -16,7 +16,8 @@
 //! Its own stalls are not the fleet's failures: before expiring, the loop
 //! folds every event already waiting, and a loop turn that came far later
 //! than its timer asked (the process was frozen or starved) gives every
-//! instance a fresh TTL instead of expiring it. When most of a service
+//! instance a fresh TTL instead of expiring it, and the leader a full
+//! silence before a follower takes over from it. When most of a service
 //! expires at once after a normal turn, that is published: the process did
 //! hear the silence, and a balancer keeping dead instances would send them
 //! traffic (balancers retry, see the proxy's policy).
@@ -551,7 +552,8 @@ impl<W: Wire> Worker<W> {
 
     /// When the loop turned far later than it asked to (the process was
     /// frozen or starved), first folds every event already waiting, then
-    /// counts every instance as just heard: the silence was this process's.
+    /// counts every instance, and the leader, as just heard: the silence was
+    /// this process's.
     fn notice_stall(
         &mut self,
         events: &mut (impl Stream<Item = async_nats::Message> + Unpin + Send),
@@ -564,6 +566,7 @@ impl<W: Wire> Worker<W> {
         }
         self.drain(events)?;
         self.catalog.refresh_all(now.into_std());
+        self.election.stalled(now.into_std());
         Stats::bump(&self.stats.stalls);
         tracing::warn!(
             stalled_ms = gap.as_millis() as u64,

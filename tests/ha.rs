@@ -61,14 +61,25 @@ impl Fleet {
     /// A server, `replicas` discovery processes, three instances of `web`
     /// heartbeating, a balancer and a request loop through it.
     async fn start(replicas: usize) -> Fleet {
-        let server = NatsServer::start();
+        Fleet::start_on(NatsServer::start(), |url| {
+            (0..replicas)
+                .map(|i| Some(replica(url, &format!("d{i}"))))
+                .collect()
+        })
+        .await
+    }
+
+    /// [`Fleet::start`] on `server`, with the replicas `spawn` starts given
+    /// the server's URL (named `d<index>`).
+    async fn start_on(
+        server: NatsServer,
+        spawn: impl FnOnce(&str) -> Vec<Option<Process>>,
+    ) -> Fleet {
         let url = server.url();
         let nats = support::client(&url).await;
         let seen = Arc::new(Mutex::new(Seen::default()));
         record(&nats, Arc::clone(&seen)).await;
-        let replicas = (0..replicas)
-            .map(|i| Some(replica(&url, &format!("d{i}"))))
-            .collect();
+        let replicas = spawn(&url);
         let mut backends = Vec::new();
         let mut alive = Vec::new();
         for id in ["web-1", "web-2", "web-3"] {
@@ -146,6 +157,23 @@ impl Fleet {
     fn process(&mut self, leader: &Leadership) -> &mut Option<Process> {
         let index: usize = leader.replica[1..].parse().expect("replicas are d<N>");
         &mut self.replicas[index]
+    }
+
+    /// Starts one more replica, `d<N>`, and returns N.
+    fn add_replica(&mut self) -> usize {
+        let index = self.replicas.len();
+        let added = replica(&self.server.url(), &format!("d{index}"));
+        self.replicas.push(Some(added));
+        index
+    }
+
+    /// Every leader heartbeat's (replica, epoch), once each.
+    fn leaderships(&self) -> std::collections::BTreeSet<(String, u64)> {
+        let seen = self.seen.lock().unwrap();
+        seen.leaders
+            .iter()
+            .map(|l| (l.replica.clone(), l.epoch))
+            .collect()
     }
 
     fn signal(&mut self, leader: &Leadership, signal: &str) {
@@ -370,4 +398,86 @@ async fn sigterm_stops_discovery_promptly_while_nats_is_down() {
     lone.signal("TERM");
     lone.wait(Duration::from_secs(5));
     eprintln!("SIGTERM with NATS down -> exit: {:?}", asked.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freezing_the_leader_then_a_follower_keeps_every_invariant() {
+    let mut fleet = Fleet::start(3).await;
+    let first = fleet.leader_after(0).await;
+    fleet.signal(&first, "STOP");
+    let second = fleet.leader_after(first.epoch).await;
+    tokio::time::sleep(FREEZE).await;
+    fleet.signal(&first, "CONT");
+    let thawed = fleet.process(&first).as_ref().unwrap();
+    eventually("the thawed leader stops writing", LIMIT, || async {
+        let log = thawed.stderr_text();
+        (log.contains("stopping writes") || log.contains("following the catalog leader"))
+            .then_some(())
+    })
+    .await;
+    // Now a replica that never led.
+    let follower = (0..3)
+        .map(|i| format!("d{i}"))
+        .find(|name| *name != first.replica && *name != second.replica)
+        .unwrap();
+    let index: usize = follower[1..].parse().unwrap();
+    let frozen = fleet.replicas[index].as_ref().unwrap();
+    frozen.signal("STOP");
+    tokio::time::sleep(FREEZE).await;
+    frozen.signal("CONT");
+    eventually(
+        "the thawed follower notices its own stall",
+        LIMIT,
+        || async { frozen.stderr_text().contains("stood still").then_some(()) },
+    )
+    .await;
+    fleet.change_reaches_subscribers().await;
+    let epochs: Vec<(String, u64)> = fleet
+        .leaderships()
+        .into_iter()
+        .filter(|(_, epoch)| *epoch > second.epoch)
+        .collect();
+    assert!(
+        epochs.is_empty(),
+        "a thawed follower took over from a live leader: {epochs:?}"
+    );
+    assert!(!frozen.stderr_text().contains("leading the catalog"));
+    fleet.check();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_as_the_leader_dies_makes_no_second_leader() {
+    let mut fleet = Fleet::start(2).await;
+    let old = fleet.leader_after(0).await;
+    fleet.signal(&old, "KILL");
+    let killed = tokio::time::Instant::now();
+    let added = fleet.add_replica();
+    let new = fleet.leader_after(old.epoch).await;
+    let took = killed.elapsed();
+    assert!(took < Duration::from_millis(1500), "takeover took {took:?}");
+    fleet.change_reaches_subscribers().await;
+    let mut by_epoch: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for (replica, epoch) in fleet.leaderships() {
+        by_epoch.entry(epoch).or_default().push(replica);
+    }
+    assert!(
+        by_epoch.values().all(|replicas| replicas.len() == 1),
+        "two replicas led under one epoch: {by_epoch:?}"
+    );
+    assert_eq!(
+        by_epoch.range(old.epoch + 1..).count(),
+        1,
+        "one takeover, not a flap: {by_epoch:?}"
+    );
+    let joined = fleet.replicas[added].as_ref().unwrap().stderr_text();
+    let role = if new.replica == format!("d{added}") {
+        "leading the catalog"
+    } else {
+        "following the catalog leader"
+    };
+    assert!(
+        joined.contains(role),
+        "the new replica is not {role}:\n{joined}"
+    );
+    fleet.check();
 }
