@@ -481,3 +481,178 @@ async fn a_replica_started_as_the_leader_dies_makes_no_second_leader() {
     );
     fleet.check();
 }
+
+/// A network namespace joined to this one by a veth pair with private
+/// addresses: a process run inside reaches the host only over the pair, so
+/// taking the host's end down cuts it off. Deleted on drop (the pair goes
+/// with it), also when the test panics.
+struct Netns {
+    name: String,
+    host_end: String,
+    /// The host end's address, which the namespace reaches.
+    host: std::net::Ipv4Addr,
+}
+
+impl Netns {
+    /// A namespace named after this process; `Err` saying why when it cannot
+    /// be made (not root, no `ip`).
+    fn create() -> Result<Netns, String> {
+        let pid = std::process::id();
+        let (name, host_end, inner_end) = (
+            format!("rollcall-ha-{pid}"),
+            format!("rch{pid}"),
+            format!("rcn{pid}"),
+        );
+        ip(&["netns", "add", &name])?;
+        let netns = Netns {
+            name,
+            host_end,
+            host: std::net::Ipv4Addr::new(10, 213, (pid % 250) as u8, 1),
+        };
+        let host = format!("{}/30", netns.host);
+        let inner = format!("10.213.{}.2/30", pid % 250);
+        let ns = netns.name.as_str();
+        ip(&[
+            "link",
+            "add",
+            &netns.host_end,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &inner_end,
+            "netns",
+            ns,
+        ])?;
+        ip(&["addr", "add", &host, "dev", &netns.host_end])?;
+        ip(&["-n", ns, "addr", "add", &inner, "dev", &inner_end])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", ns, "link", "set", &inner_end, "up"])?;
+        netns.restore();
+        Ok(netns)
+    }
+
+    /// `command`, run inside the namespace.
+    fn exec(&self, command: std::process::Command) -> std::process::Command {
+        let mut inside = std::process::Command::new("ip");
+        inside.args(["netns", "exec", &self.name]);
+        inside.arg(command.get_program()).args(command.get_args());
+        for (key, value) in command.get_envs() {
+            if let Some(value) = value {
+                inside.env(key, value);
+            }
+        }
+        inside
+    }
+
+    fn cut(&self) {
+        ip(&["link", "set", &self.host_end, "down"]).expect("take the veth down");
+    }
+
+    fn restore(&self) {
+        ip(&["link", "set", &self.host_end, "up"]).expect("bring the veth up");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+        let _ = ip(&["link", "del", &self.host_end]);
+    }
+}
+
+/// `ip <args>`: `Err` with what it said when it fails or cannot run.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let output = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run `ip`: {e}"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "`ip {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    ))
+}
+
+/// Relays TCP from `host`:<a free port> to 127.0.0.1:`port`, where the
+/// server listens; returns the NATS URL on `host`. Stops with the runtime.
+async fn relay(host: std::net::Ipv4Addr, port: u16) -> String {
+    let listener = TcpListener::bind((host, 0)).await.expect("bind the relay");
+    let url = format!("nats://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut server).await;
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_nats_is_fenced_out_and_follows_once_back() {
+    let netns = match Netns::create() {
+        Ok(netns) => netns,
+        Err(why) => {
+            eprintln!("network cut-off test skipped: {why} (needs root and iproute2)");
+            return;
+        }
+    };
+    let server = NatsServer::start();
+    let inside = relay(netns.host, server.port()).await;
+    let fleet = Fleet::start_on(server, |url| {
+        let command = rollcall(&["discovery", "--nats", &inside, "--replica", "d0"]);
+        let cut_off = Process::spawn(netns.exec(command));
+        cut_off.wait_stderr("leading the catalog", LIMIT);
+        vec![
+            Some(cut_off),
+            Some(replica(url, "d1")),
+            Some(replica(url, "d2")),
+        ]
+    })
+    .await;
+    let old = fleet.leader_after(0).await;
+    assert_eq!(old.replica, "d0", "the replica in the namespace leads");
+    netns.cut();
+    let cut = tokio::time::Instant::now();
+    let cut_off = fleet.replicas[0].as_ref().unwrap();
+    eventually("the cut-off leader steps down", LIMIT, || async {
+        let log = cut_off.stderr_text();
+        log.contains("cannot hear this replica's own leader heartbeat")
+            .then_some(())
+    })
+    .await;
+    let noticed = cut.elapsed();
+    let new = fleet.leader_after(old.epoch).await;
+    let took = cut.elapsed();
+    assert!(took < Duration::from_millis(1500), "takeover took {took:?}");
+    assert!(
+        noticed < Duration::from_secs(2),
+        "stepped down after {noticed:?}"
+    );
+    // The cut outlasts the TTL: a leader trusting its own silence would
+    // expire every instance.
+    tokio::time::sleep(FREEZE.saturating_sub(cut.elapsed())).await;
+    netns.restore();
+    eventually("the cut-off replica follows once back", LIMIT, || async {
+        let log = cut_off.stderr_text();
+        log.contains("following the catalog leader").then_some(())
+    })
+    .await;
+    fleet.change_reaches_subscribers().await;
+    assert_ne!(new.replica, old.replica);
+    let led_again = fleet
+        .leaderships()
+        .into_iter()
+        .any(|(replica, epoch)| replica == old.replica && epoch > old.epoch);
+    assert!(!led_again, "the cut-off replica took over again");
+    eprintln!(
+        "veth down -> new leader heartbeat: {took:?}; old leader stepped down after {noticed:?}"
+    );
+    fleet.check();
+}
