@@ -599,7 +599,12 @@ async fn a_leader_cut_off_from_nats_is_fenced_out_and_follows_once_back() {
     let netns = match Netns::create() {
         Ok(netns) => netns,
         Err(why) => {
-            eprintln!("network cut-off test skipped: {why} (needs root and iproute2)");
+            // Past the harness's capture, so a skip shows in a plain run.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "network cut-off test skipped: {why} (needs root and iproute2)"
+            );
             return;
         }
     };
