@@ -40,7 +40,9 @@ use crate::catalog::{payload_digest, Catalog, Change};
 use crate::catalog_stream::{self, CatalogStreamError};
 use crate::connect::{Connection, Link, NatsError};
 use crate::metrics::DiscoveryMetrics;
-use crate::protocol::{EventKind, Leadership, Snapshot, Subjects, LEADER_HEARTBEAT};
+use crate::protocol::{
+    EventKind, Leadership, ProtocolError, Snapshot, Subjects, LEADER_HEARTBEAT, MAX_EVENT_BYTES,
+};
 
 mod fence;
 pub mod leader;
@@ -348,6 +350,7 @@ where
         generation,
         election: Election::new(replica, adopted.fence, now),
         last_turn: Instant::now(),
+        invalid_log: InvalidLog::default(),
     };
     let task = tokio::spawn(worker.run(inputs, shutdown));
     Discovery {
@@ -401,6 +404,32 @@ trait Wire: Send {
     fn clock(&self) -> u64;
 }
 
+/// Invalid events are logged at most this often, each line saying how many
+/// were ignored since the last: junk flooding the event subjects must not
+/// become a flood of log lines (the metrics count every one).
+const INVALID_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// The log of invalid events, thinned to one line per [`INVALID_LOG_EVERY`].
+#[derive(Debug, Default)]
+struct InvalidLog {
+    last: Option<Instant>,
+    /// Invalid events since the last line that it did not show.
+    unlogged: u64,
+}
+
+impl InvalidLog {
+    fn note(&mut self, subject: &str, error: &ProtocolError) {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now - last < INVALID_LOG_EVERY) {
+            self.unlogged += 1;
+            return;
+        }
+        self.last = Some(now);
+        let also_ignored = std::mem::take(&mut self.unlogged);
+        tracing::warn!(%subject, %error, also_ignored, "ignoring an invalid event");
+    }
+}
+
 /// A loop turn this much later than the last one means the process itself
 /// stood still: the loop wakes at least every [`LEADER_HEARTBEAT`].
 const STALL: Duration = Duration::from_secs(1);
@@ -428,6 +457,7 @@ struct Worker<W> {
     election: Election,
     /// When the loop last took a tick or looked at deadlines.
     last_turn: Instant,
+    invalid_log: InvalidLog,
 }
 
 impl<W: Wire> Worker<W> {
@@ -720,11 +750,21 @@ impl<W: Wire> Worker<W> {
     fn handle(&mut self, message: &async_nats::Message) {
         Stats::bump(&self.stats.events);
         let now = Instant::now().into_std();
-        // Most events are heartbeats repeating the last one byte for byte:
-        // those only move a deadline, without parsing the JSON again.
         let parsed = self.subjects.parse_event_subject(&message.subject);
         self.metrics
             .event(parsed.as_ref().ok().map(|(kind, _, _)| *kind));
+        // Before any hashing or parsing: a flood of big junk costs a length
+        // check per message, so the connection keeps up with it.
+        if message.payload.len() > MAX_EVENT_BYTES {
+            let error = ProtocolError::TooLarge {
+                what: "the event payload (bytes)",
+                size: message.payload.len(),
+                limit: MAX_EVENT_BYTES,
+            };
+            return self.reject(&message.subject, &error);
+        }
+        // Most events are heartbeats repeating the last one byte for byte:
+        // those only move a deadline, without parsing the JSON again.
         let repeatable = match parsed {
             Ok((EventKind::Deregister, _, _)) | Err(_) => None,
             Ok((_, service, id)) => {
@@ -740,12 +780,7 @@ impl<W: Wire> Worker<W> {
             .parse_event(&message.subject, &message.payload)
         {
             Ok(event) => event,
-            Err(error) => {
-                Stats::bump(&self.stats.invalid);
-                self.metrics.invalid(&error);
-                tracing::warn!(subject = %message.subject, %error, "ignoring an invalid event");
-                return;
-            }
+            Err(error) => return self.reject(&message.subject, &error),
         };
         if let Some(change) = self.catalog.apply(event, now) {
             self.note(change);
@@ -753,6 +788,14 @@ impl<W: Wire> Worker<W> {
         if let Some((service, id, digest)) = repeatable {
             self.catalog.set_digest(service, id, digest);
         }
+    }
+
+    /// An event that broke the protocol: counted by reason, logged at most
+    /// once per [`INVALID_LOG_EVERY`].
+    fn reject(&mut self, subject: &str, error: &ProtocolError) {
+        Stats::bump(&self.stats.invalid);
+        self.metrics.invalid(error);
+        self.invalid_log.note(subject, error);
     }
 
     fn expire(&mut self) {
@@ -1100,7 +1143,11 @@ mod tests {
         let mut h = Harness::start(Vec::new()).await;
         h.register(&web("a", 3000));
         h.next_snapshot().await;
+        // Valid but for its size: whitespace after the JSON.
+        let json = serde_json::to_string(&web("a", 3000)).unwrap();
+        let oversized = format!("{json:MAX_EVENT_BYTES$} ");
         let bad = [
+            ("rollcall.heartbeat.web.a", oversized.as_str()),
             ("rollcall.register.web.b", "{not json"),
             (
                 "rollcall.register.web.b",

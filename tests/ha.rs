@@ -8,6 +8,8 @@
 
 #[path = "support/cli.rs"]
 mod cli;
+#[path = "support/nats_extra.rs"]
+mod nats_extra;
 mod support;
 
 use std::collections::BTreeMap;
@@ -660,4 +662,174 @@ async fn a_leader_cut_off_from_nats_is_fenced_out_and_follows_once_back() {
         "veth down -> new leader heartbeat: {took:?}; old leader stepped down after {noticed:?}"
     );
     fleet.check();
+}
+
+/// Publishers flooding the event subjects with junk during the test.
+const FLOODERS: usize = 4;
+/// Junk messages each publisher sends.
+const FLOOD: usize = 100;
+/// As big as nats/single.conf's `max_payload` lets a message be.
+const JUNK_BYTES: usize = 1024 * 1024 - 512;
+/// Instances that deregister in the middle of the flood.
+const LEAVING: usize = 20;
+
+/// What one discovery replica's connection went through under a flood.
+struct FloodOutcome {
+    /// Deregistrations that never took effect.
+    lost: usize,
+    /// Junk messages counted as too large.
+    too_large: u64,
+    /// Log lines about invalid events.
+    logged: usize,
+    took: Duration,
+    /// The discovery process's peak resident memory, in MiB.
+    peak_mib: u64,
+    server_log: String,
+    discovery_log: String,
+}
+
+/// Starts nats/single.conf and one discovery, registers [`LEAVING`]
+/// instances that never expire, floods every event kind with junk from
+/// [`FLOODERS`] publishers while those instances deregister, then registers
+/// a marker from the deregistering client: once the marker is in a
+/// snapshot, every deregistration sent before it has been folded (or lost).
+async fn flood_while_deregistering() -> FloodOutcome {
+    let server = nats_extra::ConfiguredServer::from_file("nats/single.conf");
+    let admin = support::free_port();
+    let discovery = Process::spawn(rollcall(&[
+        "discovery",
+        "--nats",
+        &server.url(),
+        "--replica",
+        "d0",
+        "--admin",
+        &format!("127.0.0.1:{admin}"),
+    ]));
+    discovery.wait_stderr("leading the catalog", LIMIT);
+    let nats = support::client(&server.url()).await;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    record(&nats, Arc::clone(&seen)).await;
+    let ids: Vec<String> = (0..LEAVING).map(|i| format!("web-{i}")).collect();
+    for id in &ids {
+        let mut instance = Instance::new("web", id, "127.0.0.1", 9);
+        instance.ttl_ms = 600_000;
+        let payload = serde_json::to_vec(&instance).unwrap();
+        let subject = format!("rollcall.register.web.{id}");
+        nats.publish(subject, payload.into()).await.unwrap();
+    }
+    let latest = |seen: &Seen| seen.snapshots.last().cloned();
+    eventually("every instance registered", LIMIT, || async {
+        latest(&seen.lock().unwrap()).filter(|s| s.instances.len() == LEAVING)
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    let mut flooders = Vec::new();
+    for _ in 0..FLOODERS {
+        let flooder = support::client(&server.url()).await;
+        flooders.push(tokio::spawn(async move {
+            let junk = bytes::Bytes::from(vec![b'x'; JUNK_BYTES]);
+            for n in 0..FLOOD {
+                let kind = ["register", "heartbeat", "deregister"][n % 3];
+                let subject = format!("rollcall.{kind}.x.y");
+                flooder.publish(subject, junk.clone()).await.unwrap();
+            }
+            flooder.flush().await.unwrap();
+        }));
+    }
+    for id in &ids {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let subject = format!("rollcall.deregister.web.{id}");
+        nats.publish(subject, "{}".into()).await.unwrap();
+    }
+    for flooder in flooders {
+        flooder.await.unwrap();
+    }
+    let took = started.elapsed();
+    let mut marker = Instance::new("web", "marker", "127.0.0.1", 9);
+    marker.ttl_ms = 600_000;
+    let payload: bytes::Bytes = serde_json::to_vec(&marker).unwrap().into();
+    let after = eventually("the marker folded after the flood", LIMIT * 3, || async {
+        // Again every 200 ms: one sent while discovery reconnects is lost.
+        let _ = nats
+            .publish("rollcall.heartbeat.web.marker", payload.clone())
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let seen = seen.lock().unwrap();
+        let last = latest(&seen)?;
+        last.instances
+            .iter()
+            .any(|i| i.id == "marker")
+            .then_some(last)
+    })
+    .await;
+    let metrics = http_text(&format!("http://127.0.0.1:{admin}/metrics")).await;
+    let peak_mib = peak_memory_kib(discovery.id()) / 1024;
+    let discovery_log = discovery.stderr_text();
+    FloodOutcome {
+        lost: after.instances.len() - 1,
+        too_large: support::metric_sum(
+            &metrics,
+            "rollcall_discovery_invalid_events_total{reason=\"too_large\"}",
+        )
+        .unwrap_or(0),
+        logged: discovery_log.matches("ignoring an invalid event").count(),
+        took,
+        peak_mib,
+        server_log: server.log(),
+        discovery_log,
+    }
+}
+
+async fn http_text(url: &str) -> String {
+    let (status, body) = get(&client(), url).await.expect("reach the admin endpoint");
+    assert!(status.is_success(), "GET {url}: {status}");
+    body
+}
+
+/// `VmHWM` of process `pid`: its peak resident memory so far.
+fn peak_memory_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_oversized_events_loses_no_deregistration() {
+    let outcome = flood_while_deregistering().await;
+    eprintln!(
+        "flood of {} x {JUNK_BYTES} B from {FLOODERS} publishers in {:?}: {} of {LEAVING} deregistrations lost, {} counted too large, {} log lines, discovery peak RSS {} MiB",
+        FLOODERS * FLOOD,
+        outcome.took,
+        outcome.lost,
+        outcome.too_large,
+        outcome.logged,
+        outcome.peak_mib,
+    );
+    assert!(
+        !outcome.server_log.contains("Slow Consumer"),
+        "the server cut a client off:\n{}",
+        outcome.server_log
+    );
+    assert!(
+        !outcome.discovery_log.contains("lost the NATS connection")
+            && !outcome.discovery_log.contains("slow consumer"),
+        "discovery lost messages:\n{}",
+        outcome.discovery_log
+    );
+    assert_eq!(outcome.lost, 0, "deregistrations lost");
+    assert_eq!(
+        outcome.too_large,
+        (FLOODERS * FLOOD) as u64,
+        "every junk message counted"
+    );
+    let seconds = outcome.took.as_secs() as usize + 2;
+    assert!(
+        outcome.logged <= seconds,
+        "{} log lines about invalid events in {:?}",
+        outcome.logged,
+        outcome.took
+    );
 }

@@ -100,6 +100,11 @@ impl ConfiguredServer {
     pub fn stop(&mut self) {
         self.process.stop();
     }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
 }
 
 /// Replaces every line that starts (after indentation) with one of the
