@@ -1261,6 +1261,31 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn most_of_a_service_falling_silent_leaves_at_its_ttl_without_a_hold() {
+        let mut h = Harness::start(Vec::new()).await;
+        for id in ["a", "b", "c", "d"] {
+            h.register(&web(id, 1000));
+        }
+        assert_eq!(h.next_snapshot().await.instances.len(), 4);
+        let t0 = Instant::now();
+        // Only `a` goes on heartbeating; the loop turns on time throughout.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            h.heartbeat(&web("a", 1000));
+        }
+        let shrunk = h.next_snapshot().await;
+        assert_eq!(
+            shrunk.instances,
+            [web("a", 1000)],
+            "three of four left at once"
+        );
+        assert_eq!(t0.elapsed(), Duration::from_millis(1000), "at their TTL");
+        let stats = h.discovery.stats();
+        assert_eq!(stats.expired.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.stalls.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_superseded_leader_stops_writing_at_once() {
         let mut h = Harness::start(Vec::new()).await;
         h.register(&web("a", 3000));
