@@ -819,7 +819,11 @@ async fn a_flood_of_oversized_events_loses_no_deregistration() {
         "discovery lost messages:\n{}",
         outcome.discovery_log
     );
-    assert_eq!(outcome.lost, 0, "deregistrations lost");
+    assert_eq!(
+        outcome.lost, 0,
+        "deregistrations lost; discovery said:\n{}",
+        outcome.discovery_log
+    );
     assert_eq!(
         outcome.too_large,
         (FLOODERS * FLOOD) as u64,
