@@ -1,10 +1,12 @@
 //! Discovery without a single point of failure, with real processes: three
 //! `rollcall discovery` replicas on one real nats-server, instances
 //! heartbeating, a balancer and a client request loop through it. Each test
-//! breaks something (kill -9 the leader, freeze it, race for the fence,
-//! restart NATS) and then checks what every catalog subscriber saw:
-//! revisions strictly increasing per service, no snapshot missing an
-//! instance that was alive, no failed client request.
+//! breaks something (kill -9 the leader, freeze it or a follower, race for
+//! the fence, restart NATS, cut the leader off in a network namespace) and
+//! then checks what every catalog subscriber saw: revisions strictly
+//! increasing per service, no snapshot missing an instance that was alive,
+//! no failed client request. One more floods the event subjects with junk
+//! while instances deregister, and counts what was lost.
 
 #[path = "support/cli.rs"]
 mod cli;

@@ -1,8 +1,8 @@
 //! Real processes for integration tests: a `nats-server -js` on a port it
-//! picks itself, with its own store, killed on drop; discovery and a balancer running
-//! in-process against it; the one wait helper, [`eventually`]; and, in
-//! [`http`], the one HTTP backend and client; [`balancer`], a balancer in
-//! process fed through a channel.
+//! picks itself, with its own store, killed on drop; discovery and a
+//! balancer running in-process against it; the one wait helper,
+//! [`eventually`]; and, in [`http`], the one HTTP backend and client;
+//! [`balancer`], a balancer in process fed through a channel.
 #![allow(dead_code)] // each test binary uses its own part of the support code
 
 // Test binaries written before `support::http` existed load this file as
