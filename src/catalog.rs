@@ -246,9 +246,33 @@ impl Live {
 struct ServiceEntry {
     revision: u64,
     instances: BTreeMap<String, Live>,
+    /// Instances seen leaving (deregistered, expired), each until a TTL
+    /// after it left: a stored snapshot written before it left must not
+    /// bring it back ([`Catalog::adopt_unknown`]).
+    departed: HashMap<String, Instant>,
+    /// The size of `departed` at which the tombstones past their time are
+    /// swept out (doubling, so sweeping costs O(1) per departure).
+    sweep_at: usize,
 }
 
+/// The fewest tombstones of a service before any is swept out.
+const MIN_SWEEP: usize = 64;
+
 impl ServiceEntry {
+    /// Remembers that `live` left at `now`.
+    fn departed(&mut self, id: String, live: &Live, now: Instant) {
+        self.departed.insert(id, now + live.instance.ttl());
+        if self.departed.len() >= self.sweep_at {
+            self.departed.retain(|_, until| *until > now);
+            self.sweep_at = (self.departed.len() * 2).max(MIN_SWEEP);
+        }
+    }
+
+    /// Whether `id` was seen leaving less than a TTL before `now`.
+    fn left_recently(&self, id: &str, now: Instant) -> bool {
+        self.departed.get(id).is_some_and(|until| *until > now)
+    }
+
     fn snapshot(&self, service: &str) -> Snapshot {
         Snapshot {
             service: service.to_owned(),
@@ -289,14 +313,21 @@ impl Catalog {
 
     /// Takes in a snapshot stored by another writer (a new leader adopting
     /// its predecessor's catalog): instances it does not know join with a
-    /// fresh TTL, known ones keep their record and deadline, and revisions
-    /// continue above the stored one. Returns whether this catalog now
-    /// differs from the stored snapshot, so it must be written.
+    /// fresh TTL, unless this catalog saw them leave less than a TTL ago (the
+    /// snapshot was stored before they left); known ones keep their record
+    /// and deadline, and revisions continue above the stored one. Returns
+    /// whether this catalog now differs from the stored snapshot, so it must
+    /// be written.
     pub(crate) fn adopt_unknown(&mut self, stored: &Snapshot, now: Instant) -> bool {
+        let entry = self.services.get(&stored.service);
         let unknown: Vec<Instance> = stored
             .instances
             .iter()
-            .filter(|i| self.instance(&stored.service, &i.id).is_none())
+            .filter(|i| {
+                entry.is_none_or(|e| {
+                    !e.instances.contains_key(&i.id) && !e.left_recently(&i.id, now)
+                })
+            })
             .cloned()
             .collect();
         self.adopt(
@@ -347,7 +378,8 @@ impl Catalog {
             Event::Register(instance) | Event::Heartbeat(instance) => self.upsert(instance, now),
             Event::Deregister { service, id } => {
                 let entry = self.services.get_mut(&service)?;
-                entry.instances.remove(&id)?;
+                let live = entry.instances.remove(&id)?;
+                entry.departed(id.clone(), &live, now);
                 self.live -= 1;
                 entry.revision = next_revision(entry.revision, self.clock);
                 Some(Change {
@@ -431,6 +463,7 @@ impl Catalog {
             });
         }
         let (service, id) = (instance.service.clone(), instance.id.clone());
+        entry.departed.remove(&id);
         entry
             .instances
             .insert(id.clone(), Live::new(instance, deadline));
@@ -526,7 +559,9 @@ impl Catalog {
                 self.deadlines.push(Reverse((live.deadline, service, id)));
                 continue;
             }
-            entry.instances.remove(&id);
+            if let Some(live) = entry.instances.remove(&id) {
+                entry.departed(id.clone(), &live, now);
+            }
             self.live -= 1;
             entry.revision = next_revision(entry.revision, self.clock);
             changes.push(Change {
@@ -968,6 +1003,43 @@ mod tests {
         assert_eq!(moved.map(|c| c.revision), Some(1_000_001));
         catalog.bump("web");
         assert_eq!(catalog.snapshot("web").unwrap().revision, 1_000_002);
+    }
+
+    #[test]
+    fn a_stored_snapshot_does_not_bring_back_what_was_seen_leaving() {
+        let t0 = Instant::now();
+        let ttl = instance("web", "a", 1).ttl();
+        let mut catalog = Catalog::new();
+        for id in ["a", "b", "c"] {
+            catalog.apply(Event::Register(instance("web", id, 1)), t0);
+        }
+        // Stored while all three were live; then a follower hears b leave
+        // and c fall silent.
+        let stored = catalog.snapshot("web").unwrap();
+        let left = catalog.apply(
+            Event::Deregister {
+                service: "web".into(),
+                id: "b".into(),
+            },
+            t0 + ttl / 2,
+        );
+        assert!(left.is_some());
+        catalog.apply(Event::Heartbeat(instance("web", "a", 1)), t0 + ttl);
+        assert_eq!(catalog.expire(t0 + ttl).len(), 1, "c expired");
+        let taking_over = t0 + ttl + Duration::from_millis(10);
+        assert!(
+            catalog.adopt_unknown(&stored, taking_over),
+            "b and c stay gone"
+        );
+        assert_eq!(
+            catalog.snapshot("web").unwrap().instances,
+            [instance("web", "a", 1)]
+        );
+        // A TTL after they left, a stored snapshot is believed again: had
+        // they come back, their heartbeats would have said so meanwhile.
+        let much_later = t0 + ttl * 3;
+        catalog.adopt_unknown(&stored, much_later);
+        assert_eq!(catalog.snapshot("web").unwrap().instances.len(), 3);
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! Its own stalls are not the fleet's failures: before expiring, the loop
 //! folds every event already waiting, and a loop turn that came far later
 //! than its timer asked (the process was frozen or starved) gives every
-//! instance a fresh TTL instead of expiring it. When most of a service
+//! instance a fresh TTL instead of expiring it, and the leader a full
+//! silence before a follower takes over from it. When most of a service
 //! expires at once after a normal turn, that is published: the process did
 //! hear the silence, and a balancer keeping dead instances would send them
 //! traffic (balancers retry, see the proxy's policy).
@@ -40,7 +41,8 @@ use crate::catalog_stream::{self, CatalogStreamError};
 use crate::connect::{Connection, Link, NatsError};
 use crate::metrics::{invalid_reason, DiscoveryMetrics, UNKNOWN_INSTANCE};
 use crate::protocol::{
-    EventKind, Leadership, Override, OverrideReply, Snapshot, Subjects, LEADER_HEARTBEAT,
+    EventKind, Leadership, Override, OverrideReply, ProtocolError, Snapshot, Subjects,
+    LEADER_HEARTBEAT, MAX_EVENT_BYTES,
 };
 
 mod fence;
@@ -362,6 +364,7 @@ where
         generation,
         election: Election::new(replica, adopted.fence, now),
         last_turn: Instant::now(),
+        invalid_log: InvalidLog::default(),
     };
     let task = tokio::spawn(worker.run(inputs, shutdown));
     Discovery {
@@ -417,6 +420,32 @@ trait Wire: Send {
     fn clock(&self) -> u64;
 }
 
+/// Invalid events are logged at most this often, each line saying how many
+/// were ignored since the last: junk flooding the event subjects must not
+/// become a flood of log lines (the metrics count every one).
+const INVALID_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// The log of invalid events, thinned to one line per [`INVALID_LOG_EVERY`].
+#[derive(Debug, Default)]
+struct InvalidLog {
+    last: Option<Instant>,
+    /// Invalid events since the last line that it did not show.
+    unlogged: u64,
+}
+
+impl InvalidLog {
+    fn note(&mut self, subject: &str, error: &ProtocolError) {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now - last < INVALID_LOG_EVERY) {
+            self.unlogged += 1;
+            return;
+        }
+        self.last = Some(now);
+        let also_ignored = std::mem::take(&mut self.unlogged);
+        tracing::warn!(%subject, %error, also_ignored, "ignoring an invalid event");
+    }
+}
+
 /// A loop turn this much later than the last one means the process itself
 /// stood still: the loop wakes at least every [`LEADER_HEARTBEAT`].
 const STALL: Duration = Duration::from_secs(1);
@@ -446,6 +475,7 @@ struct Worker<W> {
     election: Election,
     /// When the loop last took a tick or looked at deadlines.
     last_turn: Instant,
+    invalid_log: InvalidLog,
 }
 
 impl<W: Wire> Worker<W> {
@@ -645,7 +675,8 @@ impl<W: Wire> Worker<W> {
 
     /// When the loop turned far later than it asked to (the process was
     /// frozen or starved), first folds every event already waiting, then
-    /// counts every instance as just heard: the silence was this process's.
+    /// counts every instance, and the leader, as just heard: the silence was
+    /// this process's.
     fn notice_stall(
         &mut self,
         events: &mut (impl Stream<Item = async_nats::Message> + Unpin + Send),
@@ -658,6 +689,7 @@ impl<W: Wire> Worker<W> {
         }
         self.drain(events)?;
         self.catalog.refresh_all(now.into_std());
+        self.election.stalled(now.into_std());
         Stats::bump(&self.stats.stalls);
         tracing::warn!(
             stalled_ms = gap.as_millis() as u64,
@@ -811,11 +843,21 @@ impl<W: Wire> Worker<W> {
     fn handle(&mut self, message: &async_nats::Message) {
         Stats::bump(&self.stats.events);
         let now = Instant::now().into_std();
-        // Most events are heartbeats repeating the last one byte for byte:
-        // those only move a deadline, without parsing the JSON again.
         let parsed = self.subjects.parse_event_subject(&message.subject);
         self.metrics
             .event(parsed.as_ref().ok().map(|(kind, _, _)| *kind));
+        // Before any hashing or parsing: a flood of big junk costs a length
+        // check per message, so the connection keeps up with it.
+        if message.payload.len() > MAX_EVENT_BYTES {
+            let error = ProtocolError::TooLarge {
+                what: "the event payload (bytes)",
+                size: message.payload.len(),
+                limit: MAX_EVENT_BYTES,
+            };
+            return self.reject(&message.subject, &error);
+        }
+        // Most events are heartbeats repeating the last one byte for byte:
+        // those only move a deadline, without parsing the JSON again.
         let repeatable = match parsed {
             Ok((EventKind::Deregister, _, _)) | Err(_) => None,
             Ok((_, service, id)) => {
@@ -831,12 +873,7 @@ impl<W: Wire> Worker<W> {
             .parse_event(&message.subject, &message.payload)
         {
             Ok(event) => event,
-            Err(error) => {
-                Stats::bump(&self.stats.invalid);
-                self.metrics.invalid(&error);
-                tracing::warn!(subject = %message.subject, %error, "ignoring an invalid event");
-                return;
-            }
+            Err(error) => return self.reject(&message.subject, &error),
         };
         if let Some(change) = self.catalog.apply(event, now) {
             self.note(change);
@@ -844,6 +881,14 @@ impl<W: Wire> Worker<W> {
         if let Some((service, id, digest)) = repeatable {
             self.catalog.set_digest(service, id, digest);
         }
+    }
+
+    /// An event that broke the protocol: counted by reason, logged at most
+    /// once per [`INVALID_LOG_EVERY`].
+    fn reject(&mut self, subject: &str, error: &ProtocolError) {
+        Stats::bump(&self.stats.invalid);
+        self.metrics.invalid(error);
+        self.invalid_log.note(subject, error);
     }
 
     fn expire(&mut self) {
@@ -1218,7 +1263,11 @@ mod tests {
         let mut h = Harness::start(Vec::new()).await;
         h.register(&web("a", 3000));
         h.next_snapshot().await;
+        // Valid but for its size: whitespace after the JSON.
+        let json = serde_json::to_string(&web("a", 3000)).unwrap();
+        let oversized = format!("{json:MAX_EVENT_BYTES$} ");
         let bad = [
+            ("rollcall.heartbeat.web.a", oversized.as_str()),
             ("rollcall.register.web.b", "{not json"),
             (
                 "rollcall.register.web.b",
@@ -1329,6 +1378,31 @@ mod tests {
             "a full TTL from the thaw, not an expiry at once"
         );
         assert_eq!(h.discovery.stats().stalls.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn most_of_a_service_falling_silent_leaves_at_its_ttl_without_a_hold() {
+        let mut h = Harness::start(Vec::new()).await;
+        for id in ["a", "b", "c", "d"] {
+            h.register(&web(id, 1000));
+        }
+        assert_eq!(h.next_snapshot().await.instances.len(), 4);
+        let t0 = Instant::now();
+        // Only `a` goes on heartbeating; the loop turns on time throughout.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            h.heartbeat(&web("a", 1000));
+        }
+        let shrunk = h.next_snapshot().await;
+        assert_eq!(
+            shrunk.instances,
+            [web("a", 1000)],
+            "three of four left at once"
+        );
+        assert_eq!(t0.elapsed(), Duration::from_millis(1000), "at their TTL");
+        let stats = h.discovery.stats();
+        assert_eq!(stats.expired.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.stalls.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -123,6 +123,15 @@ impl Election {
         }
     }
 
+    /// This process stood still until `now` (frozen, starved): the silence
+    /// it saw was its own, so it waits a full silence again before taking
+    /// over or stepping down. A live leader's next heartbeat then keeps a
+    /// follower following, and a superseded leader learns it from the
+    /// newer heartbeat or the fence.
+    pub fn stalled(&mut self, now: Instant) {
+        self.heard = now;
+    }
+
     /// The fence write succeeded: this replica leads under `epoch`.
     pub fn won(&mut self, epoch: u64, since_ms: u64, now: Instant) {
         self.role = Role::Leader { epoch, since_ms };
@@ -218,6 +227,25 @@ mod tests {
             election.tick(t0 + Duration::from_millis(99) + TAKEOVER_AFTER),
             Decision::Wait
         );
+    }
+
+    #[test]
+    fn a_stall_is_not_the_leaders_silence() {
+        let t0 = Instant::now();
+        let mut election = Election::new("b".into(), Some(4), t0);
+        election.heard(&beat("a", 4), t0);
+        let thawed = t0 + Duration::from_secs(5);
+        election.stalled(thawed);
+        assert_eq!(election.tick(thawed), Decision::Wait);
+        assert_eq!(
+            election.tick(thawed + TAKEOVER_AFTER + MAX_JITTER),
+            Decision::TakeOver { expected: 4 },
+            "a leader still silent a full wait after the thaw is gone"
+        );
+        let mut leader = Election::new("a".into(), Some(4), t0);
+        leader.won(5, 1, t0);
+        leader.stalled(thawed);
+        assert_eq!(leader.tick(thawed), Decision::Wait);
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct Fleet<S> {
     pub seen: Arc<Mutex<Seen>>,
     /// The instances that heartbeat (and must be in every snapshot).
     pub alive: Vec<Instance>,
+    /// The servers' client URLs.
+    pub urls: Vec<String>,
     /// How long any one awaited event may take.
     pub limit: Duration,
     failed: Arc<AtomicU64>,
@@ -100,12 +102,26 @@ impl<S> Fleet<S> {
     /// `k`), a balancer and a request loop through it, over `servers`
     /// reachable at `urls`; each awaited step may take `limit`.
     pub async fn start(servers: S, urls: &[String], replicas: usize, limit: Duration) -> Fleet<S> {
+        Fleet::start_with(servers, urls, limit, |urls| {
+            (0..replicas)
+                .map(|i| Some(replica(&rotated(urls, i), &format!("d{i}"))))
+                .collect()
+        })
+        .await
+    }
+
+    /// [`Fleet::start`] with the replicas `spawn` starts, given the URLs
+    /// (named `d<index>` so that [`Fleet::process`] finds them).
+    pub async fn start_with(
+        servers: S,
+        urls: &[String],
+        limit: Duration,
+        spawn: impl FnOnce(&[String]) -> Vec<Option<Process>>,
+    ) -> Fleet<S> {
         let nats = client_preferring(&rotated(urls, 0)).await;
         let seen = Arc::new(Mutex::new(Seen::default()));
         record(&nats, Arc::clone(&seen)).await;
-        let replicas = (0..replicas)
-            .map(|i| Some(replica(&rotated(urls, i), &format!("d{i}"))))
-            .collect();
+        let replicas = spawn(urls);
         let mut backends = Vec::new();
         let mut alive = Vec::new();
         let mut stop = Vec::new();
@@ -127,6 +143,7 @@ impl<S> Fleet<S> {
             nats,
             seen,
             alive,
+            urls: urls.to_vec(),
             limit,
             failed: Arc::clone(&failed),
             served: Arc::clone(&served),
@@ -194,6 +211,23 @@ impl<S> Fleet<S> {
     }
 
     /// Sends signal `signal` (KILL, STOP, CONT...) to `leader`'s process.
+    /// Starts one more replica, `d<N>`, and returns N.
+    pub fn add_replica(&mut self) -> usize {
+        let index = self.replicas.len();
+        let added = replica(&rotated(&self.urls, index), &format!("d{index}"));
+        self.replicas.push(Some(added));
+        index
+    }
+
+    /// Every leader heartbeat's (replica, epoch), once each.
+    pub fn leaderships(&self) -> std::collections::BTreeSet<(String, u64)> {
+        let seen = self.seen.lock().unwrap();
+        seen.leaders
+            .iter()
+            .map(|l| (l.replica.clone(), l.epoch))
+            .collect()
+    }
+
     pub fn signal(&mut self, leader: &Leadership, signal: &str) {
         self.process(leader)
             .as_ref()
@@ -265,7 +299,7 @@ impl<S> Fleet<S> {
 }
 
 /// Records every snapshot on `rollcall.catalog.>` and every leader heartbeat.
-async fn record(nats: &async_nats::Client, seen: Arc<Mutex<Seen>>) {
+pub async fn record(nats: &async_nats::Client, seen: Arc<Mutex<Seen>>) {
     let subjects = Subjects::default();
     let mut catalog = nats.subscribe("rollcall.catalog.>").await.unwrap();
     let mut leaders = nats.subscribe(subjects.leader_heartbeat()).await.unwrap();

@@ -1,8 +1,8 @@
-//! Real processes for integration tests: a `nats-server -js` on a free port
-//! with its own store, killed on drop; discovery and a balancer running
-//! in-process against it; the one wait helper, [`eventually`]; and, in
-//! [`http`], the one HTTP backend and client; [`balancer`], a balancer in
-//! process fed through a channel.
+//! Real processes for integration tests: a `nats-server -js` on a port it
+//! picks itself, with its own store, killed on drop; discovery and a
+//! balancer running in-process against it; the one wait helper,
+//! [`eventually`]; and, in [`http`], the one HTTP backend and client;
+//! [`balancer`], a balancer in process fed through a channel.
 #![allow(dead_code)] // each test binary uses its own part of the support code
 
 // Test binaries written before `support::http` existed load this file as
@@ -21,12 +21,11 @@ use std::time::{Duration, Instant};
 /// A running `nats-server` with JetStream, on 127.0.0.1.
 pub struct NatsServer {
     process: ServerProcess,
-    port: u16,
     _store: tempfile::TempDir,
 }
 
 impl NatsServer {
-    /// Starts a server with JetStream on a free port.
+    /// Starts a server with JetStream on a port it picks itself.
     pub fn start() -> NatsServer {
         Self::start_inner(None)
     }
@@ -39,28 +38,25 @@ impl NatsServer {
 
     fn start_inner(config: Option<PathBuf>) -> NatsServer {
         let store = tempfile::tempdir().expect("create a temp dir for the JetStream store");
-        let port = free_port();
         let mut args: Vec<OsString> = Vec::new();
         if let Some(config) = config {
             args.extend(["-c".into(), config.into()]);
         }
-        args.extend(["-js", "-a", "127.0.0.1", "-p"].map(OsString::from));
-        args.push(port.to_string().into());
-        args.extend(["-sd".into(), store.path().into()]);
+        args.extend(["-js", "-a", "127.0.0.1", "-sd"].map(OsString::from));
+        args.push(store.path().into());
         NatsServer {
-            process: ServerProcess::start(args, port),
-            port,
+            process: ServerProcess::start_on_any_port(args),
             _store: store,
         }
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.process.port
     }
 
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://127.0.0.1:{}", self.port())
     }
 
     /// Stops the server (SIGKILL: as abrupt as a crash).
@@ -72,28 +68,64 @@ impl NatsServer {
     pub fn restart(&mut self) {
         self.process.restart();
     }
+
+    /// Everything the server logged so far, over restarts.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
 }
+
+/// The line nats-server logs once its client port is bound.
+const LISTENING: &str = "Listening for client connections on ";
 
 /// One `nats-server` child process: started with its arguments, ready once
 /// its client port accepts connections, killed (SIGKILL, as abrupt as a
 /// crash) on [`ServerProcess::stop`] or drop. Every server the tests run,
-/// alone or in a cluster, goes through here.
+/// alone or in a cluster, goes through here. Its log goes to a file, read
+/// by [`ServerProcess::log`], shown when it fails to start, and copied to
+/// the terminal on drop with `NATS_SERVER_LOG` set.
 pub struct ServerProcess {
     child: Option<Child>,
     args: Vec<OsString>,
     port: u16,
+    log: tempfile::NamedTempFile,
 }
 
 impl ServerProcess {
-    /// `nats-server <args>`, waited for on `port`.
+    /// `nats-server <args>`, waited for on `port`; 0 when the arguments let
+    /// the server bind a port itself (`listen: 127.0.0.1:-1`), read from its
+    /// log.
     pub fn start(args: Vec<OsString>, port: u16) -> ServerProcess {
-        let mut process = ServerProcess {
+        let mut process = ServerProcess::new(args, port);
+        process.spawn();
+        if process.port == 0 {
+            process.port = process.listening_port();
+        }
+        process
+    }
+
+    /// `nats-server <args> -p -1`: the server binds a free port itself (no
+    /// other test can take it between a look and the bind), read from its
+    /// log; a restart asks for that same port.
+    pub fn start_on_any_port(mut args: Vec<OsString>) -> ServerProcess {
+        args.extend(["-p", "-1"].map(OsString::from));
+        let mut process = ServerProcess::start(args, 0);
+        let any = process.args.len() - 1;
+        process.args[any] = process.port.to_string().into();
+        process
+    }
+
+    fn new(args: Vec<OsString>, port: u16) -> ServerProcess {
+        ServerProcess {
             child: None,
             args,
             port,
-        };
-        process.spawn();
-        process
+            log: tempfile::NamedTempFile::new().expect("a temp file for the nats-server log"),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     pub fn stop(&mut self) {
@@ -114,25 +146,42 @@ impl ServerProcess {
         assert!(status.success(), "kill -{name} failed");
     }
 
-    /// Starts it again with the same arguments (so the same port and store).
+    /// Starts it again with the same arguments (so the same port and
+    /// store). Should another process have taken the port meanwhile, it
+    /// tries again until that one lets go.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        let limit = Duration::from_secs(20);
+        let start = Instant::now();
+        while let Err(exited) = self.try_spawn() {
+            assert!(start.elapsed() < limit, "{exited}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything the server logged so far, over restarts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
     fn spawn(&mut self) {
-        // The server's log goes to a file, shown when it fails to start (or
-        // to the terminal with NATS_SERVER_LOG set).
-        let log = tempfile::NamedTempFile::new().expect("a temp file for the nats-server log");
-        let stderr = if std::env::var_os("NATS_SERVER_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::from(log.reopen().expect("reopen the nats-server log"))
-        };
+        if let Err(exited) = self.try_spawn() {
+            panic!("{exited}");
+        }
+    }
+
+    /// Starts the server and waits until it listens; `Err` (with its log)
+    /// when it exits first (its port taken, a bad config).
+    fn try_spawn(&mut self) -> Result<(), String> {
+        let runs = self.log().matches(LISTENING).count();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.log.path())
+            .expect("open the nats-server log");
         let child = Command::new(nats_server_bin())
             .args(&self.args)
             .stdout(Stdio::null())
-            .stderr(stderr)
+            .stderr(Stdio::from(log))
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
@@ -140,33 +189,55 @@ impl ServerProcess {
                     nats_server_bin()
                 )
             });
-        let child = self.child.insert(child);
-        // A server that exits at once (its port taken meanwhile, a bad
-        // config) is named as such, not waited on for the whole limit.
+        self.child = Some(child);
+        // Listening once it says so in this run (a connect could reach
+        // another process that holds the port).
         let limit = Duration::from_secs(20);
         let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while self.log().matches(LISTENING).count() <= runs {
+            let child = self.child.as_mut().expect("just spawned");
             if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "nats-server {:?} exited with {status} before listening on {}:\n{}",
+                self.child = None;
+                return Err(format!(
+                    "nats-server {:?} exited with {status} before listening:\n{}",
                     self.args,
-                    self.port,
-                    std::fs::read_to_string(log.path()).unwrap_or_default()
-                );
+                    self.log()
+                ));
             }
             assert!(
                 start.elapsed() < limit,
-                "nats-server did not listen on 127.0.0.1:{} within {limit:?}",
-                self.port
+                "nats-server {:?} did not listen within {limit:?}:\n{}",
+                self.args,
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+        Ok(())
+    }
+
+    /// The port of the last "Listening for client connections on" line.
+    fn listening_port(&self) -> u16 {
+        let log = self.log();
+        let line = log
+            .lines()
+            .rfind(|line| line.contains(LISTENING))
+            .expect("the server logged its client port");
+        let address = &line[line.find(LISTENING).unwrap() + LISTENING.len()..];
+        let (_, port) = address
+            .trim()
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        port.parse()
+            .unwrap_or_else(|e| panic!("no port in {line:?}: {e}"))
     }
 }
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.stop();
+        if std::env::var_os("NATS_SERVER_LOG").is_some() {
+            eprintln!("nats-server {:?} log:\n{}", self.args, self.log());
+        }
     }
 }
 

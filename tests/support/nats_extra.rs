@@ -15,8 +15,8 @@ use base64::Engine;
 use crate::support::http::{self, HttpBackend};
 use crate::support::{crate_root, free_port, nats_server_bin, ServerProcess};
 
-/// `nats-server -c CONFIG` with the config's ports and store replaced by
-/// free ones; killed on drop.
+/// `nats-server -c CONFIG` with the config's ports and store replaced (the
+/// client port one the server binds itself); killed on drop.
 pub struct ConfiguredServer {
     process: ServerProcess,
     pub port: u16,
@@ -32,7 +32,7 @@ impl ConfiguredServer {
     pub fn from_file(path: &str) -> ConfiguredServer {
         let text = std::fs::read_to_string(crate_root().join(path))
             .unwrap_or_else(|e| panic!("read {path}: {e}"));
-        Self::from_text_with(free_port(), free_port(), |port, monitor, store| {
+        Self::from_text_with(None, free_port(), |port, monitor, store| {
             relocate(
                 &text,
                 &[
@@ -47,26 +47,30 @@ impl ConfiguredServer {
     /// Starts a config given as text; `{port}`, `{monitor}` and `{store}`
     /// are filled in.
     pub fn from_text(template: &str) -> ConfiguredServer {
-        Self::from_text_with(free_port(), free_port(), |port, monitor, store| {
+        Self::from_text_with(None, free_port(), |port, monitor, store| {
             template
-                .replace("{port}", &port.to_string())
+                .replace("{port}", port)
                 .replace("{monitor}", &monitor.to_string())
                 .replace("{store}", &format!("{store:?}"))
         })
     }
 
+    /// The client port is `port`, or (`None`) one the server binds itself
+    /// (`-1`, read from its log: no other test can take it in between).
     fn from_text_with(
-        port: u16,
+        port: Option<u16>,
         monitor_port: u16,
-        make: impl FnOnce(u16, u16, &Path) -> String,
+        make: impl FnOnce(&str, u16, &Path) -> String,
     ) -> ConfiguredServer {
         let dir = tempfile::tempdir().expect("temp dir for a nats-server");
         let store = dir.path().join("store");
         let config = dir.path().join("server.conf");
-        std::fs::write(&config, make(port, monitor_port, &store)).expect("write server config");
+        let listen = port.map_or("-1".to_owned(), |p| p.to_string());
+        std::fs::write(&config, make(&listen, monitor_port, &store)).expect("write server config");
+        let process = ServerProcess::start(vec!["-c".into(), config.into()], port.unwrap_or(0));
         ConfiguredServer {
-            process: ServerProcess::start(vec!["-c".into(), config.into()], port),
-            port,
+            port: process.port(),
+            process,
             monitor_port,
             name_number: 0,
             dir,
@@ -111,6 +115,11 @@ impl ConfiguredServer {
     /// Its `server_name` in a cluster: `rollcall-N`.
     pub fn name(&self) -> String {
         format!("rollcall-{}", self.name_number)
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        self.process.log()
     }
 }
 
@@ -177,7 +186,7 @@ impl Cluster {
                 let (client, monitor, _) = ports[n - 1];
                 let ports = ports.clone();
                 let mut node =
-                    ConfiguredServer::from_text_with(client, monitor, move |_, _, store| {
+                    ConfiguredServer::from_text_with(Some(client), monitor, move |_, _, store| {
                         let mut text =
                             relocate(&text, &[("store_dir:", format!("store_dir: {store:?}"))]);
                         // Every shipped port becomes a placeholder first, so
