@@ -158,6 +158,12 @@ impl<S> Fleet<S> {
         })
         .await;
         fleet.request_loop(balancer_url, failed, served);
+        // The loop under way before any fault, so every test's check sees
+        // requests served through whatever it broke.
+        eventually("a request served by the loop", limit, || async {
+            (fleet.served.load(Ordering::Relaxed) > 0).then_some(())
+        })
+        .await;
         fleet
     }
 
