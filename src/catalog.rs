@@ -98,6 +98,17 @@ struct Held {
     at_ms: u64,
 }
 
+impl From<Operator> for Held {
+    fn from(operator: Operator) -> Held {
+        Held {
+            drain: operator.drain,
+            weight: operator.weight,
+            by: operator.by,
+            at_ms: operator.at_ms,
+        }
+    }
+}
+
 impl Held {
     /// What `change` leaves: `None` once nothing is overridden.
     fn after(held: Option<&Held>, change: OverrideChange, by: &str, at_ms: u64) -> Option<Held> {
@@ -199,12 +210,7 @@ impl Live {
     fn stored(mut instance: Instance, deadline: Instant) -> Live {
         let held = instance.operator.take().map(|operator| {
             instance.weight = operator.own_weight;
-            Box::new(Held {
-                drain: operator.drain,
-                weight: operator.weight,
-                by: operator.by,
-                at_ms: operator.at_ms,
-            })
+            Box::new(Held::from(operator))
         });
         Live {
             held,
@@ -330,6 +336,7 @@ impl Catalog {
             })
             .cloned()
             .collect();
+        self.take_newer_overrides(stored);
         self.adopt(
             Snapshot {
                 service: stored.service.clone(),
@@ -340,6 +347,34 @@ impl Catalog {
         );
         self.snapshot(&stored.service)
             .is_some_and(|own| own.instances != stored.instances)
+    }
+
+    /// Takes, for instances this catalog knows, the overrides `stored`
+    /// carries that were set after this catalog's own: one this replica
+    /// missed while it followed (disconnected, say) is not lost on takeover.
+    /// One this catalog holds and `stored` lacks is kept, and one `stored`
+    /// holds is taken when this catalog holds none: without a record of
+    /// clears, a clear one side missed cannot be told from a write the other
+    /// never made, and an override kept is the safer error (an operator sees
+    /// it and clears it again).
+    fn take_newer_overrides(&mut self, stored: &Snapshot) {
+        let Some(entry) = self.services.get_mut(&stored.service) else {
+            return;
+        };
+        for instance in &stored.instances {
+            let (Some(operator), Some(live)) =
+                (&instance.operator, entry.instances.get_mut(&instance.id))
+            else {
+                continue;
+            };
+            if live
+                .held
+                .as_ref()
+                .is_none_or(|held| held.at_ms < operator.at_ms)
+            {
+                live.held = Some(Box::new(Held::from(operator.clone())));
+            }
+        }
     }
 
     /// Gives `service` a new revision without a change: for a snapshot that
@@ -1291,5 +1326,33 @@ mod tests {
         );
         assert_eq!(web_a(&restarted).weight, 6);
         assert!(!restarted.adopt_unknown(&stored, t0), "nothing to write");
+    }
+
+    #[test]
+    fn a_takeover_takes_an_override_this_replica_missed() {
+        let t0 = Instant::now();
+        let mut leader = Catalog::new();
+        let mut standby = Catalog::new();
+        for catalog in [&mut leader, &mut standby] {
+            catalog.apply(Event::Register(instance("web", "a", 1)), t0);
+        }
+        apply_override(&mut leader, &operator(OverrideChange::Drain, "alice"), 5).unwrap();
+        let stored = leader.snapshot("web").unwrap();
+        assert!(
+            !standby.adopt_unknown(&stored, t0),
+            "the standby now agrees with what is stored"
+        );
+        assert_eq!(web_a(&standby).weight, 0, "still drained after takeover");
+
+        // One the standby set later than the stored one stands.
+        apply_override(&mut standby, &operator(OverrideChange::Undrain, "bob"), 7).unwrap();
+        apply_override(
+            &mut standby,
+            &operator(OverrideChange::Weight(Some(3)), "bob"),
+            7,
+        )
+        .unwrap();
+        assert!(standby.adopt_unknown(&stored, t0), "differs: to be written");
+        assert_eq!(web_a(&standby).weight, 3);
     }
 }
