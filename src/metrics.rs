@@ -10,6 +10,7 @@
 //! is applied ([`InstanceMetrics`]), not looked up by label on each request.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -217,6 +218,8 @@ pub struct InstanceMetrics {
     responses: [Counter; 5],
     latency: Histogram,
     failures: [Counter; 5],
+    /// The same latencies in finer buckets, read by the dashboard.
+    latency_counts: LatencyCounts,
 }
 
 impl InstanceMetrics {
@@ -225,12 +228,69 @@ impl InstanceMetrics {
     pub fn answered(&self, status: http::StatusCode, took: Duration) {
         self.responses[class_index(status)].inc();
         self.latency.observe(took.as_secs_f64());
+        self.latency_counts.observe(took);
+    }
+
+    /// Answers received from the instance so far, every status class.
+    pub fn answers(&self) -> u64 {
+        self.responses.iter().map(Counter::get).sum()
+    }
+
+    /// Its latencies so far, bucket by bucket ([`LatencyCounts`]).
+    pub fn latency_counts(&self) -> [u64; LATENCY_BUCKETS] {
+        self.latency_counts.read()
     }
 
     /// An attempt at the instance failed.
     pub fn failed(&self, kind: UpstreamFailure) {
         self.failures[kind as usize].inc();
     }
+}
+
+/// Buckets of [`LatencyCounts`]: 4 per doubling from 1 µs, the last one
+/// open-ended (from about 67 s).
+pub const LATENCY_BUCKETS: usize = 4 * 26;
+
+/// Latencies counted in log-linear buckets, one atomic add each: 4 buckets
+/// per power of two of microseconds, so a bucket's upper bound is at most
+/// 25 % above any latency in it. Prometheus' histogram keeps coarser
+/// buckets (a factor of 2) and cannot be read back; this one can.
+#[derive(Debug)]
+pub struct LatencyCounts([AtomicU64; LATENCY_BUCKETS]);
+
+impl Default for LatencyCounts {
+    fn default() -> Self {
+        LatencyCounts(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl LatencyCounts {
+    pub fn observe(&self, took: Duration) {
+        self.0[latency_bucket(took)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn read(&self) -> [u64; LATENCY_BUCKETS] {
+        std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
+    }
+}
+
+/// The bucket of `took`: the power of two of its microseconds and the next
+/// two bits below the top one.
+pub fn latency_bucket(took: Duration) -> usize {
+    let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+    let exponent = 63 - micros.leading_zeros() as usize;
+    let quarter = if exponent >= 2 {
+        (micros >> (exponent - 2)) & 3
+    } else {
+        (micros << (2 - exponent)) & 3
+    };
+    (exponent * 4 + quarter as usize).min(LATENCY_BUCKETS - 1)
+}
+
+/// The upper bound of bucket `index` of [`latency_bucket`].
+pub fn latency_bucket_bound(index: usize) -> Duration {
+    let (exponent, quarter) = (index / 4, (index % 4) as u64);
+    Duration::from_nanos(((5 + quarter) << exponent) * 1000 / 4)
 }
 
 /// One unit of a gauge (a request in flight, an open connection), held
@@ -407,6 +467,14 @@ impl BalancerMetrics {
         self.instances.get(index)?.load().get(id).cloned()
     }
 
+    /// The handles of every instance of service number `index`, by id.
+    pub fn instances_of(&self, index: usize) -> Arc<HashMap<String, Arc<InstanceMetrics>>> {
+        self.instances
+            .get(index)
+            .map(ArcSwap::load_full)
+            .unwrap_or_default()
+    }
+
     /// The set of service number `index` now holds `ids`: resolves their
     /// handles and drops the series of instances that left.
     pub fn set_instances<'a>(&self, index: usize, ids: impl Iterator<Item = &'a str>) {
@@ -427,6 +495,7 @@ impl BalancerMetrics {
                         self.upstream_failures
                             .get_or_create_owned(&failure(service, id, kind))
                     }),
+                    latency_counts: LatencyCounts::default(),
                 })
             });
             new.insert(id.to_owned(), handles);

@@ -16,6 +16,8 @@
 //! - [`limits`]: timeouts and the connection cap of both listeners.
 //! - [`access_log`]: one line per request, when asked for.
 //! - `admin`: what the admin endpoint shows (`/metrics`, `/catalog`).
+//! - [`dashboard`]: the page at `/` of the admin port and its live
+//!   `/events`.
 //! - [`tls`]: HTTPS for clients, certificates reloadable.
 //!
 //! Updates: `Update::Service` replaces one service's set when its revision
@@ -29,6 +31,7 @@
 
 pub mod access_log;
 mod admin;
+pub mod dashboard;
 pub mod limits;
 pub mod outlier;
 mod proxy;
@@ -161,6 +164,8 @@ pub struct Shared {
     /// Set by the first Reset: the whole catalog has been read once.
     pub catalog_read: AtomicBool,
     pub source: SourceCheck,
+    /// What the dashboard shows and sends.
+    pub board: dashboard::Board,
 }
 
 impl Shared {
@@ -185,6 +190,7 @@ impl Shared {
             applied: watch::Sender::new(Applied::default()),
             catalog_read: AtomicBool::new(false),
             source: SourceCheck::always(),
+            board: dashboard::Board::default(),
         }
     }
 
@@ -241,6 +247,8 @@ impl Shared {
                 let set = rotation.load();
                 self.metrics
                     .set_instances(index, set.members().iter().map(|m| m.id()));
+                let now = tokio::time::Instant::now().into_std();
+                self.board.observe(&self.rotations, index, &set, now);
                 for id in skipped {
                     self.metrics.catalog_update("bad_instance");
                     tracing::warn!(
@@ -366,9 +374,9 @@ impl Balancer {
                 tracing::info!(address = %admin_address, "admin endpoint listening");
                 let endpoint: Arc<dyn crate::admin_http::Endpoint> = shared.clone();
                 let limits = config.limits.clone();
-                Some(tokio::spawn(crate::admin_http::serve(
-                    admin, endpoint, limits,
-                )))
+                let sampler = tokio::spawn(dashboard::sample(shared.clone()));
+                let admin = tokio::spawn(crate::admin_http::serve(admin, endpoint, limits));
+                Some((admin, sampler))
             }
             None => None,
         };
@@ -389,8 +397,9 @@ impl Balancer {
             }
         }
         follower.abort();
-        if let Some(task) = admin_task {
-            task.abort();
+        if let Some((admin, sampler)) = admin_task {
+            admin.abort();
+            sampler.abort();
         }
         Ok(())
     }
