@@ -178,15 +178,22 @@ fn drained(id: &str, port: u16) -> Instance {
 #[tokio::test(start_paused = true)]
 async fn a_page_gets_the_state_first_then_each_change_and_a_reconnect_starts_from_the_state() {
     let edge = TestBalancer::start(&["web"]).await;
-    edge.publish(snapshot(1, vec![instance("w1", 5001), instance("w2", 5002)]))
-        .await;
+    edge.publish(snapshot(
+        1,
+        vec![instance("w1", 5001), instance("w2", 5002)],
+    ))
+    .await;
     let mut page = Sse::open(edge.admin).await;
     let state = page.next_change().await;
     assert_eq!(state.event, "state");
     assert_eq!(instances(&state), pairs(&[("w1", "live"), ("w2", "live")]));
     assert_eq!(kinds(&state), pairs(&[("w1", "joined"), ("w2", "joined")]));
 
-    let three = vec![instance("w1", 5001), instance("w2", 5002), instance("w3", 5003)];
+    let three = vec![
+        instance("w1", 5001),
+        instance("w2", 5002),
+        instance("w3", 5003),
+    ];
     edge.publish(snapshot(2, three)).await;
     let change = page.next_change().await;
     assert_eq!(change.event, "change");
@@ -205,12 +212,12 @@ async fn a_page_gets_the_state_first_then_each_change_and_a_reconnect_starts_fro
     );
     assert_eq!(change.data["services"][0]["instances"][0]["weight"], 0);
 
-    edge.publish(snapshot(4, vec![instance("w2", 5002), instance("w3", 5003)]))
-        .await;
-    assert_eq!(
-        kinds(&page.next_change().await),
-        pairs(&[("w2", "back")])
-    );
+    edge.publish(snapshot(
+        4,
+        vec![instance("w2", 5002), instance("w3", 5003)],
+    ))
+    .await;
+    assert_eq!(kinds(&page.next_change().await), pairs(&[("w2", "back")]));
 
     // A page that reconnects: everything so far, in order, then the rest.
     let mut again = Sse::open(edge.admin).await;
@@ -236,10 +243,8 @@ async fn a_page_gets_the_state_first_then_each_change_and_a_reconnect_starts_fro
     assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
 
     edge.stop().await;
-    let ended = tokio::time::timeout(DEADLINE, async {
-        while page.next().await.is_some() {}
-    })
-    .await;
+    let ended =
+        tokio::time::timeout(DEADLINE, async { while page.next().await.is_some() {} }).await;
     assert!(ended.is_ok(), "the stream ends when the balancer stops");
 }
 
@@ -269,8 +274,11 @@ async fn the_stream_outlives_the_admin_idle_timeout_which_still_closes_idle_conn
     }
     assert_eq!(stats_at, [1, 2, 3, 4, 5], "one stats frame a second");
     assert_eq!(closed.await.expect("idle task"), Duration::from_secs(1));
-    edge.publish(snapshot(2, vec![instance("w1", 5001), instance("w2", 5002)]))
-        .await;
+    edge.publish(snapshot(
+        2,
+        vec![instance("w1", 5001), instance("w2", 5002)],
+    ))
+    .await;
     assert_eq!(kinds(&page.next_change().await), pairs(&[("w2", "joined")]));
     edge.stop().await;
 }
@@ -305,7 +313,10 @@ async fn requests_show_as_the_instances_rate_and_p99() {
         }
     })
     .await;
-    assert!(summed.is_ok(), "the rates add up to {total} after {DEADLINE:?}");
+    assert!(
+        summed.is_ok(),
+        "the rates add up to {total} after {DEADLINE:?}"
+    );
     assert_eq!(total, 7.0);
     assert!(!p99.is_null());
     let next = loop {
@@ -324,7 +335,11 @@ async fn the_page_and_its_files_are_served_and_bad_requests_are_refused() {
     let client = &edge.client;
     for (path, content_type, needle) in [
         ("/", "text/html", "dashboard.js"),
-        ("/dashboard.js", "text/javascript", "EventSource(\"events\")"),
+        (
+            "/dashboard.js",
+            "text/javascript",
+            "EventSource(\"events\")",
+        ),
         ("/dashboard.css", "text/css", "state-ejected"),
     ] {
         let url = format!("http://{}{path}", edge.admin);
@@ -339,8 +354,14 @@ async fn the_page_and_its_files_are_served_and_bad_requests_are_refused() {
         assert!(body.contains(needle), "{path}: {body}");
     }
     for (request, status) in [
-        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", "405"),
-        ("POST /events HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", "405"),
+        (
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+            "405",
+        ),
+        (
+            "POST /events HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+            "405",
+        ),
         ("DELETE /events HTTP/1.1\r\nHost: a\r\n\r\n", "405"),
         ("GET /dashboard.png HTTP/1.1\r\nHost: a\r\n\r\n", "404"),
     ] {
@@ -351,9 +372,15 @@ async fn the_page_and_its_files_are_served_and_bad_requests_are_refused() {
         let answer = String::from_utf8_lossy(&answer[..read]);
         assert_eq!(&answer[9..12], status, "{request:?} → {answer}");
         if status == "405" {
-            assert!(answer.to_ascii_lowercase().contains("allow: get"), "{answer}");
+            assert!(
+                answer.to_ascii_lowercase().contains("allow: get"),
+                "{answer}"
+            );
             let method = request.split(' ').next().expect("method");
-            assert!(answer.contains(&format!("{method} is not served here")), "{answer}");
+            assert!(
+                answer.contains(&format!("{method} is not served here")),
+                "{answer}"
+            );
         }
     }
     edge.stop().await;
@@ -374,7 +401,10 @@ async fn open_streams_count_against_the_admin_connection_cap() {
         .expect("write");
     let mut answer = [0u8; 256];
     let waited = tokio::time::timeout(Duration::from_secs(5), late.read(&mut answer)).await;
-    assert!(waited.is_err(), "no answer while every permit is held by a stream");
+    assert!(
+        waited.is_err(),
+        "no answer while every permit is held by a stream"
+    );
     drop(pages.pop());
     let read = tokio::time::timeout(DEADLINE, late.read(&mut answer))
         .await

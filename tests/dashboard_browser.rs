@@ -54,8 +54,23 @@ async fn start_web(nats: &str, id: &str) -> Web {
     let port = backend.port().to_string();
     let check = format!("http://127.0.0.1:{port}/");
     let agent = Process::spawn(rollcall(&[
-        "agent", "--nats", nats, "--service", "web", "--id", id, "--address", "127.0.0.1",
-        "--port", &port, "--check", &check,
+        "agent",
+        "--nats",
+        nats,
+        "--service",
+        "web",
+        "--id",
+        id,
+        "--address",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--check",
+        &check,
+        "--tag",
+        "v1",
+        "--tag",
+        "eu-west",
     ]));
     Web { backend, agent }
 }
@@ -86,6 +101,11 @@ async fn the_page_follows_a_real_stack_live() {
         (ids(&rows) == ["web-1", "web-2", "web-3"] && live).then_some(())
     })
     .await;
+
+    let tags = page
+        .evaluate("document.querySelector('tr[data-instance=\"web-1\"] .tags').textContent")
+        .await;
+    assert_eq!(tags, "v1eu-west", "each tag its own badge");
 
     // Requests through the balancer, until the end of the test.
     let load = Arc::new(AtomicBool::new(true));
@@ -124,14 +144,18 @@ async fn the_page_follows_a_real_stack_live() {
     let left = page
         .evaluate("[...document.querySelectorAll('#events li[data-kind=left]')].map(li => li.textContent).join('\\n')")
         .await;
-    assert!(left.as_str().is_some_and(|t| t.contains("web / web-3")), "{left}");
+    assert!(
+        left.as_str().is_some_and(|t| t.contains("web / web-3")),
+        "{left}"
+    );
     assert_eq!(
         page.evaluate("window.notReloaded === true").await,
         Value::Bool(true),
         "the page changed without a reload"
     );
     assert_eq!(
-        page.evaluate("document.getElementById('link').dataset.state").await,
+        page.evaluate("document.getElementById('link').dataset.state")
+            .await,
         "live"
     );
 

@@ -28,7 +28,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use super::rotation::{Member, Rotation, ServiceSet};
+use super::rotation::{ejection_for, Member, Rotation, ServiceSet};
 use super::Shared;
 use crate::metrics::{latency_bucket_bound, InstanceMetrics, LATENCY_BUCKETS};
 
@@ -216,7 +216,7 @@ impl Inner {
                     self.seen.insert(key, seen);
                 }
                 Some(seen) if seen.state != state => {
-                    let (kind, detail) = transition(member, seen.state, state, now);
+                    let (kind, detail) = transition(member, seen.state, state);
                     changes.push((member.id().to_owned(), kind, detail));
                     seen.state = state;
                 }
@@ -240,7 +240,13 @@ impl Inner {
             .collect()
     }
 
-    fn record(&mut self, service: &str, instance: String, kind: &'static str, detail: String) -> Event {
+    fn record(
+        &mut self,
+        service: &str,
+        instance: String,
+        kind: &'static str,
+        detail: String,
+    ) -> Event {
         self.last_seq += 1;
         let at_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -300,22 +306,20 @@ impl Inner {
 }
 
 /// The event (kind and detail) of a member that went from `old` to `new`.
-fn transition(member: &Member, old: State, new: State, now: Instant) -> (&'static str, String) {
+fn transition(member: &Member, old: State, new: State) -> (&'static str, String) {
     match (old, new) {
         (_, State::Draining) => {
-            let by = member.instance.operator.as_ref().map_or("", |o| o.by.as_str());
+            let by = member
+                .instance
+                .operator
+                .as_ref()
+                .map_or("", |o| o.by.as_str());
             ("drained", format!("by {by}"))
         }
         (_, State::Ejected) => {
-            let health = member.health;
-            let left = health
-                .ejected_until
-                .map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
-            let detail = format!(
-                "for {:.1} s, failure {} in a row",
-                left.as_secs_f64(),
-                health.failures
-            );
+            let failures = member.health.failures;
+            let length = ejection_for(failures);
+            let detail = format!("for {length:?}, failure {failures} in a row");
             ("ejected", detail)
         }
         (State::Draining, State::Live) => ("back", "drain lifted".to_owned()),
@@ -425,9 +429,7 @@ pub(crate) async fn sample(shared: Arc<Shared>) {
         for index in 0..shared.rotations.len() {
             for (id, handles) in shared.metrics.instances_of(index).iter() {
                 let key = (index, id.clone());
-                let window = windows
-                    .entry(key.clone())
-                    .or_insert_with(Window::new);
+                let window = windows.entry(key.clone()).or_insert_with(Window::new);
                 figures.insert(key, window.advance(handles, elapsed));
             }
         }
@@ -444,14 +446,23 @@ mod tests {
 
     #[test]
     fn a_latencys_bucket_bound_is_at_most_a_quarter_above_it() {
-        for micros in [1, 2, 3, 5, 7, 100, 999, 1000, 1234, 65_432, 999_999, 30_000_000] {
+        for micros in [
+            1, 2, 3, 5, 7, 100, 999, 1000, 1234, 65_432, 999_999, 30_000_000,
+        ] {
             let took = Duration::from_micros(micros);
             let bound = latency_bucket_bound(latency_bucket(took));
             assert!(bound > took, "{took:?} → {bound:?}");
-            assert!(bound.as_secs_f64() <= took.as_secs_f64() * 1.25, "{took:?} → {bound:?}");
+            assert!(
+                bound.as_secs_f64() <= took.as_secs_f64() * 1.25,
+                "{took:?} → {bound:?}"
+            );
         }
         let last = latency_bucket(Duration::from_secs(3600));
-        assert_eq!(last, LATENCY_BUCKETS - 1, "beyond the last bound: the last bucket");
+        assert_eq!(
+            last,
+            LATENCY_BUCKETS - 1,
+            "beyond the last bound: the last bucket"
+        );
     }
 
     #[test]
@@ -477,7 +488,11 @@ mod tests {
     }
 
     fn kinds(board: &Board) -> Vec<(String, &'static str)> {
-        board.recent().into_iter().map(|e| (e.instance, e.kind)).collect()
+        board
+            .recent()
+            .into_iter()
+            .map(|e| (e.instance, e.kind))
+            .collect()
     }
 
     #[test]
@@ -493,8 +508,18 @@ mod tests {
         apply(1, vec![web("a"), web("b"), web("c")], t0);
         rotations[0].eject("a", t0);
         board.observe(&rotations, 0, &rotations[0].load(), t0);
-        board.observe(&rotations, 0, &rotations[0].load(), t0 + Duration::from_millis(999));
-        board.observe(&rotations, 0, &rotations[0].load(), t0 + Duration::from_secs(1));
+        board.observe(
+            &rotations,
+            0,
+            &rotations[0].load(),
+            t0 + Duration::from_millis(999),
+        );
+        board.observe(
+            &rotations,
+            0,
+            &rotations[0].load(),
+            t0 + Duration::from_secs(1),
+        );
         let mut drained = web("b");
         drained.weight = 0;
         drained.operator = Some(Operator {
@@ -517,11 +542,13 @@ mod tests {
             ("c", "left"),
             ("b", "back"),
         ];
-        let expected: Vec<(String, &str)> =
-            expected.iter().map(|(id, kind)| ((*id).to_owned(), *kind)).collect();
+        let expected: Vec<(String, &str)> = expected
+            .iter()
+            .map(|(id, kind)| ((*id).to_owned(), *kind))
+            .collect();
         assert_eq!(kinds(&board), expected);
         let events = board.recent();
-        assert_eq!(events[3].detail, "for 1.0 s, failure 1 in a row");
+        assert_eq!(events[3].detail, "for 1s, failure 1 in a row");
         assert_eq!(events[5].detail, "by ops");
         assert_eq!(events[7].detail, "drain lifted");
         let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
@@ -541,7 +568,10 @@ mod tests {
         }
         let events = board.recent();
         assert_eq!(events.len(), RECENT_EVENTS);
-        assert_eq!(events.last().map(|e| e.seq), Some(2 * RECENT_EVENTS as u64 - 1));
+        assert_eq!(
+            events.last().map(|e| e.seq),
+            Some(2 * RECENT_EVENTS as u64 - 1)
+        );
         assert_eq!(events[0].seq, RECENT_EVENTS as u64);
     }
 }

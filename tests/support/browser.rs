@@ -99,7 +99,9 @@ impl Browser {
         let answer = tokio::time::timeout(CALL, async {
             while let Some(message) = socket.next().await {
                 let message = message.expect("DevTools socket");
-                let Ok(text) = message.to_text() else { continue };
+                let Ok(text) = message.to_text() else {
+                    continue;
+                };
                 let Ok(value) = serde_json::from_str::<Value>(text) else {
                     continue;
                 };

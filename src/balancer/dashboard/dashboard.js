@@ -52,9 +52,9 @@
       const counts = {};
       for (const i of service.instances) counts[i.state] = (counts[i.state] || 0) + 1;
       const summary = service.instances.length + " instance" + (service.instances.length === 1 ? "" : "s") +
-        Object.entries(counts).filter(([s]) => s !== "live").map(([s, n]) => ", " + n + " " + s).join("") +
-        " · revision " + service.revision;
-      const title = el("h2", { id: "service-" + service.service }, service.service + " ", el("small", {}, summary));
+        Object.entries(counts).filter(([s]) => s !== "live").map(([s, n]) => ", " + n + " " + s).join("");
+      const title = el("h2", { id: "service-" + service.service }, service.service + " ",
+        el("small", { title: "catalog revision " + service.revision }, summary));
       if (service.instances.length === 0) {
         return el("section", { "aria-labelledby": "service-" + service.service, "data-service": service.service },
           title, el("p", { class: "empty" }, "No live instance: requests get a 503."));
@@ -71,7 +71,7 @@
     for (const event of events) {
       const when = new Date(event.at_ms);
       const item = el("li", { "data-kind": event.kind },
-        el("time", { datetime: when.toISOString() }, when.toLocaleTimeString()),
+        el("time", { datetime: when.toISOString() }, when.toLocaleTimeString([], { hourCycle: "h23" })),
         el("span", { class: "kind kind-" + event.kind },
           el("span", { "aria-hidden": "true" }, (KIND_SYMBOL[event.kind] || "") + " "), event.kind),
         el("span", {}, event.service + " / " + event.instance),
