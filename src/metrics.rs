@@ -179,6 +179,8 @@ pub struct BalancerMetrics {
     pub upstream_failures: Family<FailureLabels, Counter>,
     pub retries: Counter,
     pub ejections: Counter,
+    /// Woken at each ejection, so the dashboard shows it at once.
+    pub ejected: tokio::sync::Notify,
     /// Clients that went away before their answer (nginx's 499).
     pub client_aborts: Family<ServiceLabels, Counter>,
     /// Requests hyper refused before the proxy saw them (400, 414, 431).
@@ -324,6 +326,7 @@ impl BalancerMetrics {
             upstream_failures: Family::default(),
             retries: Counter::default(),
             ejections: Counter::default(),
+            ejected: tokio::sync::Notify::new(),
             client_aborts: Family::default(),
             hyper_answers: Family::default(),
             loops_refused: Counter::default(),

@@ -92,14 +92,22 @@ impl Sse {
         }
     }
 
-    /// The next frame that is neither `stats`, a comment nor `retry`.
+    /// The next frame that is neither `stats`, a comment nor `retry`;
+    /// panics after [`DEADLINE`] without one.
     async fn next_change(&mut self) -> SseFrame {
-        loop {
-            let frame = self.next().await.expect("the stream goes on");
-            if !frame.event.is_empty() && frame.event != "stats" {
-                return frame;
+        let mut skipped = Vec::new();
+        let found = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let frame = self.next().await.expect("the stream goes on");
+                if !frame.event.is_empty() && frame.event != "stats" {
+                    return frame;
+                }
+                skipped.push(frame);
             }
-        }
+        })
+        .await;
+        let last = skipped.last();
+        found.unwrap_or_else(|_| panic!("no change within {DEADLINE:?}; last frame: {last:?}"))
     }
 }
 
@@ -411,5 +419,46 @@ async fn open_streams_count_against_the_admin_connection_cap() {
         .expect("answered once a stream closed")
         .expect("read");
     assert!(answer[..read].starts_with(b"HTTP/1.1 200"));
+    edge.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ejection_shows_when_it_begins_and_when_it_ends() {
+    let alive = HttpBackend::start("w1").await;
+    let dead = HttpBackend::start("w2").await;
+    let dead_port = dead.port();
+    dead.kill();
+    let edge = TestBalancer::start(&["web"]).await;
+    let set = vec![instance("w1", alive.port()), instance("w2", dead_port)];
+    edge.publish(snapshot(1, set)).await;
+    let mut page = Sse::open(edge.admin).await;
+    assert_eq!(page.next_change().await.event, "state");
+    let started = Instant::now();
+    // Two requests: one of them meets the refused connection, is retried
+    // on w1, and w2 is ejected for 1 s.
+    let url = format!("http://{}/", edge.addr);
+    for _ in 0..2 {
+        let (status, body) = http_support::must_get(&edge.client, &url).await;
+        assert_eq!((status.as_u16(), body.as_str()), (200, "w1"));
+    }
+    let ejected = page.next_change().await;
+    let ejected_at = started.elapsed();
+    assert_eq!(kinds(&ejected), pairs(&[("w2", "ejected")]));
+    assert_eq!(
+        instances(&ejected),
+        pairs(&[("w1", "live"), ("w2", "ejected")])
+    );
+    assert_eq!(
+        ejected.data["events"][0]["detail"],
+        "for 1s, failure 1 in a row"
+    );
+    let back = page.next_change().await;
+    assert_eq!(kinds(&back), pairs(&[("w2", "back")]));
+    assert_eq!(back.data["events"][0]["detail"], "ejection over");
+    assert_eq!(
+        started.elapsed() - ejected_at,
+        Duration::from_secs(1),
+        "back the instant its 1 s ejection ends"
+    );
     edge.stop().await;
 }

@@ -6,8 +6,9 @@
 //! - [`Board`] remembers when each instance was first seen, the state last
 //!   shown for it and its latest figures, and a log of recent events. It
 //!   compares a set against what it showed before ([`Board::observe`]):
-//!   after each applied snapshot, and once a second for ejections, which
-//!   start and end with the clock rather than with a snapshot.
+//!   after each applied snapshot, and for ejections, which begin and end
+//!   without a snapshot: when one begins (the proxy wakes [`sample`]) and
+//!   at the instant the first running one ends.
 //! - [`sample`] runs once a second: each instance's answers and latency
 //!   counts ([`crate::metrics::InstanceMetrics`]) are read, so a request
 //!   costs the dashboard nothing beyond the counters' atomic adds.
@@ -173,13 +174,20 @@ impl Board {
         (frame("state", &data), self.frames.subscribe())
     }
 
-    /// Takes a sample's figures, looks for ejections that began or ended,
-    /// and sends the `stats` frame.
-    fn tick(&self, rotations: &[Rotation], figures: HashMap<(usize, String), Figures>) {
+    /// Compares every set with what the board showed: for ejections,
+    /// which begin and end without a snapshot.
+    fn look_again(&self, rotations: &[Rotation]) {
         let now = tokio::time::Instant::now().into_std();
         for (index, rotation) in rotations.iter().enumerate() {
             self.observe(rotations, index, &rotation.load(), now);
         }
+    }
+
+    /// Takes a sample's figures, looks at the sets again, and sends the
+    /// `stats` frame.
+    fn tick(&self, rotations: &[Rotation], figures: HashMap<(usize, String), Figures>) {
+        self.look_again(rotations);
+        let now = tokio::time::Instant::now().into_std();
         let mut inner = self.lock();
         for (key, seen) in &mut inner.seen {
             seen.figures = figures.get(key).copied().unwrap_or_default();
@@ -416,14 +424,33 @@ fn percentile(counts: &[u64; LATENCY_BUCKETS], q: f64) -> Option<Duration> {
 }
 
 /// Samples every instance's figures once per [`STATS_EVERY`] for the
-/// dashboard, until the task is dropped.
+/// dashboard, and looks at the sets again as soon as an ejection begins
+/// ([`BalancerMetrics::ejected`](crate::metrics::BalancerMetrics)) or ends,
+/// until the task is dropped.
 pub(crate) async fn sample(shared: Arc<Shared>) {
     let mut windows: HashMap<(usize, String), Window> = HashMap::new();
     let mut ticks = tokio::time::interval(STATS_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = ticks.tick().await;
     loop {
-        let now = ticks.tick().await;
+        let ejection_ends = next_ejection_end(&shared.rotations);
+        let ejection_over = async {
+            match ejection_ends {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        };
+        let now = tokio::select! {
+            now = ticks.tick() => now,
+            () = shared.metrics.ejected.notified() => {
+                shared.board.look_again(&shared.rotations);
+                continue;
+            }
+            () = ejection_over => {
+                shared.board.look_again(&shared.rotations);
+                continue;
+            }
+        };
         let elapsed = now.duration_since(last);
         last = now;
         let mut figures = HashMap::new();
@@ -437,6 +464,24 @@ pub(crate) async fn sample(shared: Arc<Shared>) {
         windows.retain(|key, _| figures.contains_key(key));
         shared.board.tick(&shared.rotations, figures);
     }
+}
+
+/// When the first ejection still running ends.
+fn next_ejection_end(rotations: &[Rotation]) -> Option<Instant> {
+    let now = tokio::time::Instant::now().into_std();
+    rotations
+        .iter()
+        .flat_map(|rotation| {
+            let set = rotation.load_full();
+            let ends: Vec<Instant> = set
+                .members()
+                .iter()
+                .filter_map(|m| m.health.ejected_until)
+                .filter(|until| *until > now)
+                .collect();
+            ends
+        })
+        .min()
 }
 
 #[cfg(test)]
