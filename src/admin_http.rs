@@ -45,6 +45,8 @@ pub trait Endpoint: Send + Sync + 'static {
     fn events(&self, _path: &str) -> Option<BoxStream<'static, Bytes>> {
         None
     }
+    /// Counts a request refused with `status` (404, 405).
+    fn refused(&self, _status: StatusCode) {}
 }
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -142,6 +144,7 @@ fn event_stream(
 
 fn answer(endpoint: &dyn Endpoint, request: &Request<Incoming>) -> Response<Body> {
     if request.method() != Method::GET {
+        refused(endpoint, request, StatusCode::METHOD_NOT_ALLOWED);
         let mut response = text(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{} is not served here; only GET is\n", request.method()),
@@ -167,13 +170,27 @@ fn answer(endpoint: &dyn Endpoint, request: &Request<Incoming>) -> Response<Body
         ),
         other => match endpoint.page(other) {
             Some((content_type, body)) => text(StatusCode::OK, body, content_type),
-            None => text(
-                StatusCode::NOT_FOUND,
-                format!("no {other:?} here; try /healthz, /readyz or /metrics\n"),
-                "text/plain",
-            ),
+            None => {
+                refused(endpoint, request, StatusCode::NOT_FOUND);
+                text(
+                    StatusCode::NOT_FOUND,
+                    format!("no {other:?} here; try /healthz, /readyz or /metrics\n"),
+                    "text/plain",
+                )
+            }
         },
     }
+}
+
+/// Counts and logs a refused request.
+fn refused(endpoint: &dyn Endpoint, request: &Request<Incoming>, status: StatusCode) {
+    endpoint.refused(status);
+    tracing::debug!(
+        method = %request.method(),
+        path = request.uri().path(),
+        status = status.as_u16(),
+        "admin request refused"
+    );
 }
 
 fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Body> {

@@ -187,6 +187,9 @@ pub struct BalancerMetrics {
     pub hyper_answers: Family<StatusLabels, Counter>,
     /// Requests that came back to this balancer, refused with 508.
     pub loops_refused: Counter,
+    /// Admin requests refused: a method other than GET (405), no such
+    /// page (404).
+    pub admin_refused: Family<StatusLabels, Counter>,
     /// Client connections closed for a request head not sent in time.
     pub header_timeouts: Counter,
     /// Client connections closed after the idle timeout.
@@ -330,6 +333,7 @@ impl BalancerMetrics {
             client_aborts: Family::default(),
             hyper_answers: Family::default(),
             loops_refused: Counter::default(),
+            admin_refused: Family::default(),
             header_timeouts: Counter::default(),
             idle_closed: Counter::default(),
             body_timeouts: Counter::default(),
@@ -357,6 +361,11 @@ impl BalancerMetrics {
         for status in [400, 414, 431] {
             metrics
                 .hyper_answers
+                .get_or_create_owned(&StatusLabels { status });
+        }
+        for status in [404, 405] {
+            metrics
+                .admin_refused
                 .get_or_create_owned(&StatusLabels { status });
         }
         for service in services {
@@ -406,6 +415,11 @@ impl BalancerMetrics {
             "loops_refused",
             "Requests that came back to this balancer, refused with 508",
             self.loops_refused.clone(),
+        );
+        r.register(
+            "admin_refused",
+            "Admin requests refused, by status (404 no such page, 405 not a GET)",
+            self.admin_refused.clone(),
         );
         r.register(
             "header_timeouts",

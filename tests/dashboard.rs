@@ -391,6 +391,15 @@ async fn the_page_and_its_files_are_served_and_bad_requests_are_refused() {
             );
         }
     }
+    let refused = "rollcall_balancer_admin_refused_total";
+    assert_eq!(
+        edge.metric(&format!("{refused}{{status=\"405\"}}")).await,
+        3
+    );
+    assert_eq!(
+        edge.metric(&format!("{refused}{{status=\"404\"}}")).await,
+        1
+    );
     edge.stop().await;
 }
 

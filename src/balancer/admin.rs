@@ -34,6 +34,14 @@ impl Endpoint for Shared {
     fn events(&self, path: &str) -> Option<BoxStream<'static, Bytes>> {
         (path == "/events").then(|| dashboard::events(self))
     }
+
+    fn refused(&self, status: http::StatusCode) {
+        let status = status.as_u16();
+        self.metrics
+            .admin_refused
+            .get_or_create(&crate::metrics::StatusLabels { status })
+            .inc();
+    }
 }
 
 /// The Prometheus text of the balancer's registry, with the gauges that
