@@ -14,7 +14,8 @@
 //!   costs the dashboard nothing beyond the counters' atomic adds.
 //! - [`events`] is one client's stream: a `state` frame first (every
 //!   reconnect of an `EventSource` starts from the whole current state),
-//!   then `change` frames as events happen and `stats` frames every second.
+//!   then `change` frames as events happen, `stats` frames each second
+//!   some figure changed, and a keep-alive comment after a silence.
 //!
 //! A balancer only sees snapshots, so an instance that deregistered and
 //! one whose TTL expired both show as `left`.
@@ -35,14 +36,32 @@ use crate::metrics::{latency_bucket_bound, InstanceMetrics, LATENCY_BUCKETS};
 
 /// How often the figures are sampled and sent.
 pub const STATS_EVERY: Duration = Duration::from_secs(1);
-/// A stream that sent nothing for this long sends a comment, so proxies
+/// Default silence after which a stream sends a comment, so proxies
 /// between the page and the balancer do not close it as idle (nginx's
 /// `proxy_read_timeout` is 60 s).
-pub const KEEPALIVE: Duration = Duration::from_secs(15);
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(15);
 /// The p99 is over the latencies of the last this many samples.
 pub const P99_WINDOW: usize = 10;
-/// Events kept for a page that (re)connects.
-pub const RECENT_EVENTS: usize = 100;
+/// Default number of events kept for a page that (re)connects.
+pub const DEFAULT_RECENT_EVENTS: usize = 100;
+
+/// What an operator may tune on the dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DashboardSettings {
+    /// Silence after which a stream sends a keep-alive comment; above zero.
+    pub keepalive: Duration,
+    /// Events kept for a page that (re)connects; at least one.
+    pub recent_events: usize,
+}
+
+impl Default for DashboardSettings {
+    fn default() -> Self {
+        DashboardSettings {
+            keepalive: DEFAULT_KEEPALIVE,
+            recent_events: DEFAULT_RECENT_EVENTS,
+        }
+    }
+}
 /// Frames a slow client may fall behind before its stream ends (its
 /// `EventSource` then reconnects and starts from the current state).
 const BACKLOG: usize = 64;
@@ -134,18 +153,27 @@ struct Inner {
 pub struct Board {
     inner: Mutex<Inner>,
     frames: broadcast::Sender<Bytes>,
+    settings: DashboardSettings,
 }
 
 impl Default for Board {
     fn default() -> Self {
-        Board {
-            inner: Mutex::default(),
-            frames: broadcast::Sender::new(BACKLOG),
-        }
+        Board::new(DashboardSettings::default())
     }
 }
 
 impl Board {
+    pub fn new(settings: DashboardSettings) -> Self {
+        Board {
+            inner: Mutex::default(),
+            frames: broadcast::Sender::new(BACKLOG),
+            settings: DashboardSettings {
+                keepalive: settings.keepalive.max(Duration::from_millis(1)),
+                recent_events: settings.recent_events.max(1),
+            },
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -154,7 +182,7 @@ impl Board {
     /// records an event per difference, and sends them to every page.
     pub fn observe(&self, rotations: &[Rotation], index: usize, set: &ServiceSet, now: Instant) {
         let mut inner = self.lock();
-        let events = inner.compare(index, set, now);
+        let events = inner.compare(index, set, now, self.settings.recent_events);
         if events.is_empty() {
             return;
         }
@@ -183,16 +211,20 @@ impl Board {
         }
     }
 
-    /// Takes a sample's figures, looks at the sets again, and sends the
-    /// `stats` frame.
+    /// Takes a sample's figures, looks at the sets again, and sends a
+    /// `stats` frame when a figure changed: a fleet without traffic sends
+    /// nothing but keep-alives (pages count ages on their own).
     fn tick(&self, rotations: &[Rotation], figures: HashMap<(usize, String), Figures>) {
         self.look_again(rotations);
         let now = tokio::time::Instant::now().into_std();
         let mut inner = self.lock();
+        let mut changed = false;
         for (key, seen) in &mut inner.seen {
-            seen.figures = figures.get(key).copied().unwrap_or_default();
+            let new = figures.get(key).copied().unwrap_or_default();
+            changed |= seen.figures != new;
+            seen.figures = new;
         }
-        if self.frames.receiver_count() > 0 {
+        if changed && self.frames.receiver_count() > 0 {
             let data = json!({ "services": inner.view(rotations, now) });
             let _ = self.frames.send(frame("stats", &data));
         }
@@ -205,7 +237,7 @@ impl Board {
 }
 
 impl Inner {
-    fn compare(&mut self, index: usize, set: &ServiceSet, now: Instant) -> Vec<Event> {
+    fn compare(&mut self, index: usize, set: &ServiceSet, now: Instant, keep: usize) -> Vec<Event> {
         let mut changes = Vec::new();
         for member in set.members() {
             let state = State::of(member, now);
@@ -245,7 +277,9 @@ impl Inner {
         }
         changes
             .into_iter()
-            .map(|(instance, kind, detail)| self.record(set.service(), instance, kind, detail))
+            .map(|(instance, kind, detail)| {
+                self.record(set.service(), instance, kind, detail, keep)
+            })
             .collect()
     }
 
@@ -255,6 +289,7 @@ impl Inner {
         instance: String,
         kind: &'static str,
         detail: String,
+        keep: usize,
     ) -> Event {
         self.last_seq += 1;
         let at_ms = SystemTime::now()
@@ -268,7 +303,7 @@ impl Inner {
             kind,
             detail,
         };
-        if self.events.len() == RECENT_EVENTS {
+        while self.events.len() >= keep {
             self.events.pop_front();
         }
         self.events.push_back(event.clone());
@@ -342,13 +377,14 @@ fn frame(name: &str, data: &Value) -> Bytes {
 }
 
 /// One page's stream of frames: the whole state, then what follows, with a
-/// comment after [`KEEPALIVE`] of silence. It ends when the client falls
+/// comment after the keep-alive interval of silence. It ends when the client falls
 /// more than a backlog behind; the client's reconnect starts afresh.
 pub(crate) fn events(shared: &Shared) -> BoxStream<'static, Bytes> {
     let (first, receiver) = shared.board.subscribe(&shared.rotations);
+    let keepalive = shared.board.settings.keepalive;
     let retry = Bytes::from(format!("retry: {RETRY_MS}\n\n"));
-    let rest = stream::unfold(receiver, |mut receiver| async move {
-        match tokio::time::timeout(KEEPALIVE, receiver.recv()).await {
+    let rest = stream::unfold(receiver, move |mut receiver| async move {
+        match tokio::time::timeout(keepalive, receiver.recv()).await {
             Err(_) => Some((Bytes::from_static(b": keep-alive\n\n"), receiver)),
             Ok(Ok(frame)) => Some((frame, receiver)),
             Ok(Err(broadcast::error::RecvError::Lagged(missed))) => {
@@ -606,18 +642,18 @@ mod tests {
         let rotations = [Rotation::new("web")];
         let board = Board::default();
         let now = Instant::now();
-        for revision in 1..=(RECENT_EVENTS as u64) {
+        for revision in 1..=(DEFAULT_RECENT_EVENTS as u64) {
             let id = format!("i{revision}");
             let instances = vec![Instance::new("web", id, "127.0.0.1", 5000)];
             rotations[0].apply_at(&snapshot(revision, instances), now);
             board.observe(&rotations, 0, &rotations[0].load(), now);
         }
         let events = board.recent();
-        assert_eq!(events.len(), RECENT_EVENTS);
+        assert_eq!(events.len(), DEFAULT_RECENT_EVENTS);
         assert_eq!(
             events.last().map(|e| e.seq),
-            Some(2 * RECENT_EVENTS as u64 - 1)
+            Some(2 * DEFAULT_RECENT_EVENTS as u64 - 1)
         );
-        assert_eq!(events[0].seq, RECENT_EVENTS as u64);
+        assert_eq!(events[0].seq, DEFAULT_RECENT_EVENTS as u64);
     }
 }

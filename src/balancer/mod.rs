@@ -89,6 +89,8 @@ pub struct BalancerConfig {
     pub limits: Limits,
     /// One line per request, when given.
     pub access_log: Option<AccessLog>,
+    /// The dashboard's keep-alive and memory of events.
+    pub dashboard: dashboard::DashboardSettings,
     /// The counters of the catalog feed given to `serve`
     /// ([`follow_with_stats`](crate::subscription::follow_with_stats)), for
     /// `/metrics`.
@@ -133,6 +135,7 @@ impl BalancerConfig {
             outlier: outlier::OutlierPolicy::default(),
             limits: Limits::default(),
             access_log: None,
+            dashboard: dashboard::DashboardSettings::default(),
             feed: Arc::default(),
         }
     }
@@ -319,6 +322,7 @@ impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
         let mut shared = Shared {
             source: config.source.clone(),
+            board: dashboard::Board::new(config.dashboard),
             ..Shared::with_policy(config.routes.clone(), config.outlier)
         };
         shared.metrics.feed = Arc::clone(&config.feed);

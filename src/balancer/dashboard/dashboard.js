@@ -1,7 +1,8 @@
 "use strict";
 // Follows the balancer's /events: a "state" frame on every (re)connection,
 // "change" frames as instances join, leave, drain or are ejected, and a
-// "stats" frame every second.
+// "stats" frame each second some figure changed. Ages count on here between
+// frames.
 (function () {
   const servicesEl = document.getElementById("services");
   const eventsEl = document.getElementById("events");
@@ -41,7 +42,7 @@
       el("td", {}, instance.address),
       el("td", { class: "num" }, String(instance.weight)),
       tags,
-      el("td", { class: "num age" }, age(instance.age_s)),
+      el("td", { class: "num age", "data-age": String(instance.age_s) }, age(instance.age_s)),
       state,
       el("td", { class: "num rate" }, instance.rate.toFixed(1)),
       el("td", { class: "num p99" }, latency(instance.p99_ms)));
@@ -65,7 +66,16 @@
       return el("section", { "aria-labelledby": "service-" + service.service, "data-service": service.service }, title, table);
     });
     servicesEl.replaceChildren(...sections);
+    renderedAt = Date.now();
   }
+
+  let renderedAt = Date.now();
+  setInterval(() => {
+    const since = Math.floor((Date.now() - renderedAt) / 1000);
+    for (const cell of servicesEl.querySelectorAll("td.age")) {
+      cell.textContent = age(Number(cell.dataset.age) + since);
+    }
+  }, 1000);
 
   function addEvents(events) {
     for (const event of events) {
