@@ -189,8 +189,10 @@ impl Board {
         for event in &events {
             tracing::debug!(service = %event.service, instance = %event.instance, kind = event.kind, "dashboard event");
         }
-        let data = json!({ "events": events, "services": inner.view(rotations, now) });
-        let _ = self.frames.send(frame("change", &data));
+        if self.frames.receiver_count() > 0 {
+            let data = json!({ "events": events, "services": inner.view(rotations, now) });
+            let _ = self.frames.send(frame("change", &data));
+        }
     }
 
     /// A new page's first frame (the whole state) and its subscription to
