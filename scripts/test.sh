@@ -3,6 +3,6 @@
 #   scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/provision.sh
+PROVISION_CHROMIUM=1 source scripts/provision.sh
 cargo test --locked --all-targets "$@"
 cargo test --locked --doc

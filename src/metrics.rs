@@ -10,6 +10,7 @@
 //! is applied ([`InstanceMetrics`]), not looked up by label on each request.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -183,12 +184,17 @@ pub struct BalancerMetrics {
     pub upstream_failures: Family<FailureLabels, Counter>,
     pub retries: Counter,
     pub ejections: Counter,
+    /// Woken at each ejection, so the dashboard shows it at once.
+    pub ejected: tokio::sync::Notify,
     /// Clients that went away before their answer (nginx's 499).
     pub client_aborts: Family<ServiceLabels, Counter>,
     /// Requests hyper refused before the proxy saw them (400, 414, 431).
     pub hyper_answers: Family<StatusLabels, Counter>,
     /// Requests that came back to this balancer, refused with 508.
     pub loops_refused: Counter,
+    /// Admin requests refused: a method other than GET (405), no such
+    /// page (404).
+    pub admin_refused: Family<StatusLabels, Counter>,
     /// Client connections closed for a request head not sent in time.
     pub header_timeouts: Counter,
     /// Client connections closed after the idle timeout.
@@ -222,6 +228,8 @@ pub struct InstanceMetrics {
     responses: [Counter; 5],
     latency: Histogram,
     failures: [Counter; 5],
+    /// The same latencies in finer buckets, read by the dashboard.
+    latency_counts: LatencyCounts,
 }
 
 impl InstanceMetrics {
@@ -230,12 +238,69 @@ impl InstanceMetrics {
     pub fn answered(&self, status: http::StatusCode, took: Duration) {
         self.responses[class_index(status)].inc();
         self.latency.observe(took.as_secs_f64());
+        self.latency_counts.observe(took);
+    }
+
+    /// Answers received from the instance so far, every status class.
+    pub fn answers(&self) -> u64 {
+        self.responses.iter().map(Counter::get).sum()
+    }
+
+    /// Its latencies so far, bucket by bucket ([`LatencyCounts`]).
+    pub fn latency_counts(&self) -> [u64; LATENCY_BUCKETS] {
+        self.latency_counts.read()
     }
 
     /// An attempt at the instance failed.
     pub fn failed(&self, kind: UpstreamFailure) {
         self.failures[kind as usize].inc();
     }
+}
+
+/// Buckets of [`LatencyCounts`]: 4 per doubling from 1 µs, the last one
+/// open-ended (from about 67 s).
+pub const LATENCY_BUCKETS: usize = 4 * 26;
+
+/// Latencies counted in log-linear buckets, one atomic add each: 4 buckets
+/// per power of two of microseconds, so a bucket's upper bound is at most
+/// 25 % above any latency in it. Prometheus' histogram keeps coarser
+/// buckets (a factor of 2) and cannot be read back; this one can.
+#[derive(Debug)]
+pub struct LatencyCounts([AtomicU64; LATENCY_BUCKETS]);
+
+impl Default for LatencyCounts {
+    fn default() -> Self {
+        LatencyCounts(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl LatencyCounts {
+    pub fn observe(&self, took: Duration) {
+        self.0[latency_bucket(took)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn read(&self) -> [u64; LATENCY_BUCKETS] {
+        std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
+    }
+}
+
+/// The bucket of `took`: the power of two of its microseconds and the next
+/// two bits below the top one.
+pub fn latency_bucket(took: Duration) -> usize {
+    let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+    let exponent = 63 - micros.leading_zeros() as usize;
+    let quarter = if exponent >= 2 {
+        (micros >> (exponent - 2)) & 3
+    } else {
+        (micros << (2 - exponent)) & 3
+    };
+    (exponent * 4 + quarter as usize).min(LATENCY_BUCKETS - 1)
+}
+
+/// The upper bound of bucket `index` of [`latency_bucket`].
+pub fn latency_bucket_bound(index: usize) -> Duration {
+    let (exponent, quarter) = (index / 4, (index % 4) as u64);
+    Duration::from_nanos(((5 + quarter) << exponent) * 1000 / 4)
 }
 
 /// One unit of a gauge (a request in flight, an open connection), held
@@ -269,9 +334,11 @@ impl BalancerMetrics {
             upstream_failures: Family::default(),
             retries: Counter::default(),
             ejections: Counter::default(),
+            ejected: tokio::sync::Notify::new(),
             client_aborts: Family::default(),
             hyper_answers: Family::default(),
             loops_refused: Counter::default(),
+            admin_refused: Family::default(),
             header_timeouts: Counter::default(),
             idle_closed: Counter::default(),
             body_timeouts: Counter::default(),
@@ -299,6 +366,11 @@ impl BalancerMetrics {
         for status in [400, 414, 431] {
             metrics
                 .hyper_answers
+                .get_or_create_owned(&StatusLabels { status });
+        }
+        for status in [404, 405] {
+            metrics
+                .admin_refused
                 .get_or_create_owned(&StatusLabels { status });
         }
         for service in services {
@@ -348,6 +420,11 @@ impl BalancerMetrics {
             "loops_refused",
             "Requests that came back to this balancer, refused with 508",
             self.loops_refused.clone(),
+        );
+        r.register(
+            "admin_refused",
+            "Admin requests refused, by status (404 no such page, 405 not a GET)",
+            self.admin_refused.clone(),
         );
         r.register(
             "header_timeouts",
@@ -412,6 +489,14 @@ impl BalancerMetrics {
         self.instances.get(index)?.load().get(id).cloned()
     }
 
+    /// The handles of every instance of service number `index`, by id.
+    pub fn instances_of(&self, index: usize) -> Arc<HashMap<String, Arc<InstanceMetrics>>> {
+        self.instances
+            .get(index)
+            .map(ArcSwap::load_full)
+            .unwrap_or_default()
+    }
+
     /// The set of service number `index` now holds `ids`: resolves their
     /// handles and drops the series of instances that left.
     pub fn set_instances<'a>(&self, index: usize, ids: impl Iterator<Item = &'a str>) {
@@ -432,6 +517,7 @@ impl BalancerMetrics {
                         self.upstream_failures
                             .get_or_create_owned(&failure(service, id, kind))
                     }),
+                    latency_counts: LatencyCounts::default(),
                 })
             });
             new.insert(id.to_owned(), handles);

@@ -15,7 +15,8 @@ const WAIT: Duration = Duration::from_secs(20);
 #[test]
 fn the_demo_answers_in_rotation_over_its_three_instances() {
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut command = rollcall(&["demo", "--listen", &listen]);
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut command = rollcall(&["demo", "--listen", &listen, "--admin", &admin]);
     command.env("NATS_SERVER_BIN", nats_server_bin());
     let mut demo = Process::spawn(command);
     let nats_line = demo.line_containing("nats-server", WAIT);
@@ -26,6 +27,10 @@ fn the_demo_answers_in_rotation_over_its_three_instances() {
         .and_then(|port| port.parse().ok())
         .unwrap_or_else(|| panic!("no NATS URL in {nats_line:?}"));
     demo.line_containing(&format!("curl http://{listen}/"), WAIT);
+    demo.line_containing(&format!("dashboard: http://{admin}/"), WAIT);
+    let (status, page) = http_get(&admin, "/");
+    assert_eq!(status, 200);
+    assert!(page.contains("dashboard.js"), "{page}");
     // The command it suggests runs as printed, from where the demo runs.
     let watch = demo.line_containing("watch: ", WAIT);
     let binary = watch

@@ -217,6 +217,7 @@ async fn every_component_serves_metrics_a_prometheus_parser_reads() {
         ("rollcall_balancer_client_aborts", "counter"),
         ("rollcall_balancer_hyper_answers", "counter"),
         ("rollcall_balancer_loops_refused", "counter"),
+        ("rollcall_balancer_admin_refused", "counter"),
         ("rollcall_balancer_header_timeouts", "counter"),
         ("rollcall_balancer_idle_closed", "counter"),
         ("rollcall_balancer_body_timeouts", "counter"),

@@ -1,11 +1,15 @@
 //! The balancer's admin endpoint (served by [`crate::admin_http`]): what it
 //! routes on and how it fares, for people and for Prometheus. `/readyz` is
 //! 200 once the catalog is read and while NATS is connected; `/catalog` is
-//! the sets as JSON.
+//! the sets as JSON; `/` is the dashboard, live through `/events`
+//! ([`super::dashboard`]).
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
 
 use crate::admin_http::Endpoint;
 
-use super::Shared;
+use super::{dashboard, Shared};
 
 impl Endpoint for Shared {
     fn ready(&self) -> bool {
@@ -21,7 +25,22 @@ impl Endpoint for Shared {
     }
 
     fn page(&self, path: &str) -> Option<(&'static str, String)> {
-        (path == "/catalog").then(|| ("application/json", catalog(self)))
+        match path {
+            "/catalog" => Some(("application/json", catalog(self))),
+            other => dashboard::asset(other),
+        }
+    }
+
+    fn events(&self, path: &str) -> Option<BoxStream<'static, Bytes>> {
+        (path == "/events").then(|| dashboard::events(self))
+    }
+
+    fn refused(&self, status: http::StatusCode) {
+        let status = status.as_u16();
+        self.metrics
+            .admin_refused
+            .get_or_create(&crate::metrics::StatusLabels { status })
+            .inc();
     }
 }
 

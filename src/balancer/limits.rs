@@ -214,7 +214,7 @@ impl Activity {
     }
 
     /// Marks a request in flight until the returned guard is dropped.
-    pub(super) fn begin(self: &Arc<Self>) -> Flight {
+    pub(crate) fn begin(self: &Arc<Self>) -> Flight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         Flight(self.clone())
     }
@@ -239,7 +239,7 @@ impl Activity {
 
 /// A request in flight on its connection, until dropped.
 #[derive(Debug)]
-pub(super) struct Flight(Arc<Activity>);
+pub(crate) struct Flight(Arc<Activity>);
 
 impl Drop for Flight {
     fn drop(&mut self) {

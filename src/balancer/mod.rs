@@ -16,6 +16,8 @@
 //! - [`limits`]: timeouts and the connection cap of both listeners.
 //! - [`access_log`]: one line per request, when asked for.
 //! - `admin`: what the admin endpoint shows (`/metrics`, `/catalog`).
+//! - [`dashboard`]: the page at `/` of the admin port and its live
+//!   `/events`.
 //! - [`tls`]: HTTPS for clients, certificates reloadable.
 //!
 //! Updates: `Update::Service` replaces one service's set when its revision
@@ -29,6 +31,7 @@
 
 pub mod access_log;
 mod admin;
+pub mod dashboard;
 pub mod limits;
 pub mod outlier;
 mod proxy;
@@ -86,6 +89,8 @@ pub struct BalancerConfig {
     pub limits: Limits,
     /// One line per request, when given.
     pub access_log: Option<AccessLog>,
+    /// The dashboard's keep-alive and memory of events.
+    pub dashboard: dashboard::DashboardSettings,
     /// The counters of the catalog feed given to `serve`
     /// ([`follow_with_stats`](crate::subscription::follow_with_stats)), for
     /// `/metrics`.
@@ -130,6 +135,7 @@ impl BalancerConfig {
             outlier: outlier::OutlierPolicy::default(),
             limits: Limits::default(),
             access_log: None,
+            dashboard: dashboard::DashboardSettings::default(),
             feed: Arc::default(),
         }
     }
@@ -161,6 +167,8 @@ pub struct Shared {
     /// Set by the first Reset: the whole catalog has been read once.
     pub catalog_read: AtomicBool,
     pub source: SourceCheck,
+    /// What the dashboard shows and sends.
+    pub board: dashboard::Board,
 }
 
 impl Shared {
@@ -185,6 +193,7 @@ impl Shared {
             applied: watch::Sender::new(Applied::default()),
             catalog_read: AtomicBool::new(false),
             source: SourceCheck::always(),
+            board: dashboard::Board::default(),
         }
     }
 
@@ -241,6 +250,8 @@ impl Shared {
                 let set = rotation.load();
                 self.metrics
                     .set_instances(index, set.members().iter().map(|m| m.id()));
+                let now = tokio::time::Instant::now().into_std();
+                self.board.observe(&self.rotations, index, &set, now);
                 for id in skipped {
                     self.metrics.catalog_update("bad_instance");
                     tracing::warn!(
@@ -311,6 +322,7 @@ impl Balancer {
     pub fn new(config: BalancerConfig) -> Self {
         let mut shared = Shared {
             source: config.source.clone(),
+            board: dashboard::Board::new(config.dashboard),
             ..Shared::with_policy(config.routes.clone(), config.outlier)
         };
         shared.metrics.feed = Arc::clone(&config.feed);
@@ -366,9 +378,9 @@ impl Balancer {
                 tracing::info!(address = %admin_address, "admin endpoint listening");
                 let endpoint: Arc<dyn crate::admin_http::Endpoint> = shared.clone();
                 let limits = config.limits.clone();
-                Some(tokio::spawn(crate::admin_http::serve(
-                    admin, endpoint, limits,
-                )))
+                let sampler = tokio::spawn(dashboard::sample(shared.clone()));
+                let admin = tokio::spawn(crate::admin_http::serve(admin, endpoint, limits));
+                Some((admin, sampler))
             }
             None => None,
         };
@@ -389,8 +401,9 @@ impl Balancer {
             }
         }
         follower.abort();
-        if let Some(task) = admin_task {
-            task.abort();
+        if let Some((admin, sampler)) = admin_task {
+            admin.abort();
+            sampler.abort();
         }
         Ok(())
     }

@@ -525,6 +525,7 @@ impl Rotation {
         let report = self.report(member, outcome, tokio::time::Instant::now().into_std());
         if matches!(report, Report::Ejected { .. }) {
             metrics.ejections.inc();
+            metrics.ejected.notify_one();
         }
         report.log(service, member, cause);
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rollcall::balancer::access_log::{AccessLog, LogFormat};
+use rollcall::balancer::dashboard::DashboardSettings;
 use rollcall::balancer::limits::{default_max_connections, Limits};
 use rollcall::balancer::outlier::OutlierPolicy;
 use rollcall::balancer::routes::Routes;
@@ -76,10 +77,25 @@ pub struct Args {
     /// Format of the access log.
     #[arg(long, value_enum, default_value = "text", value_name = "FORMAT")]
     pub access_log_format: AccessLogFormat,
+    /// A dashboard stream (/events) silent this long sends a keep-alive
+    /// comment, within the 60 s after which nginx would close it.
+    #[arg(long, value_parser = parse_keepalive, default_value = "15s", value_name = "DUR")]
+    pub dashboard_keepalive: Duration,
+    /// Membership events the dashboard keeps for a page that connects.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..), default_value_t = 100, value_name = "N")]
+    pub dashboard_events: u16,
     /// SERVICE, /PATH=SERVICE, HOST=SERVICE or HOST/PATH=SERVICE; the longest
     /// match wins and a bare SERVICE catches everything else.
     #[arg(required = true, value_name = "ROUTE")]
     pub routes: Vec<String>,
+}
+
+/// A keep-alive interval: a duration above zero.
+fn parse_keepalive(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err("the keep-alive interval must be above zero".into()),
+        interval => Ok(interval),
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -146,6 +162,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let config = BalancerConfig {
         limits: args.limits(),
         access_log: args.access_log(),
+        dashboard: DashboardSettings {
+            keepalive: args.dashboard_keepalive,
+            recent_events: usize::from(args.dashboard_events),
+        },
         routes,
         upstream_timeout: args.upstream_timeout,
         connect_timeout: args.connect_timeout,

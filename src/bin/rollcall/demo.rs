@@ -1,6 +1,7 @@
 //! `rollcall demo`: the whole stack on one machine, for a first look. A
 //! nats-server (unless `--nats` names one), discovery, a balancer routing
-//! `web`, and three announced web instances, all stopped on ctrl-c.
+//! `web` with its dashboard on the admin port, and three announced web
+//! instances, all stopped on ctrl-c.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,6 +32,10 @@ pub struct Args {
     /// Where the balancer listens.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Where the balancer's admin endpoint serves its dashboard (`/`),
+    /// `/metrics` and `/catalog`.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    admin: SocketAddr,
     /// Use this NATS instead of starting a nats-server.
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
@@ -43,6 +48,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             args.listen
         )
     })?;
+    let admin = TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("cannot listen on {}; pick another with --admin", args.admin))?;
     let (url, nats_server) = match args.nats {
         Some(url) => (url, None),
         None => {
@@ -65,14 +73,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let updates = rollcall::subscription::follow(&connection, subjects.clone());
     let balancer = tokio::spawn(rollcall::balancer::serve(
         listener,
-        None,
+        Some(admin),
         BalancerConfig::new(routes),
         updates,
         stop.clone().cancelled_owned(),
     ));
     let (announcements, lines) = start_instances(&connection, &subjects, &stop).await?;
     wait_for_catalog(&discovery).await;
-    print_banner(&url, nats_server.is_some(), &subjects, args.listen, &lines);
+    let addresses = (args.listen, args.admin);
+    print_banner(&url, nats_server.is_some(), &subjects, addresses, &lines);
 
     shutdown_signal().await;
     // Out of the rotation first, then stop everything else.
@@ -124,7 +133,7 @@ fn print_banner(
     url: &str,
     own_server: bool,
     subjects: &Subjects,
-    listen: SocketAddr,
+    (listen, admin): (SocketAddr, SocketAddr),
     instances: &[String],
 ) {
     let started = if own_server {
@@ -147,6 +156,7 @@ fn print_banner(
         println!("{line}");
     }
     println!("try:   curl http://{listen}/   (again: each answer comes from the next instance)");
+    println!("dashboard: http://{admin}/   (instances, request rates and events, live)");
     let me = this_binary();
     println!("watch: {me} watch --nats {url} --no-heartbeats");
     println!("list:  {me} catalog --nats {url}");
