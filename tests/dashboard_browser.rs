@@ -133,6 +133,22 @@ async fn the_page_follows_a_real_stack_live() {
         .await;
     assert!(p99.as_str().is_some_and(|t| t.ends_with("ms")), "{p99}");
 
+    // An operator drains web-2: the page says so, and who did it.
+    let mut command = rollcall(&["drain", "web/web-2", "--nats", &url, "--by", "alice"]);
+    let drain = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .expect("run rollcall drain");
+    assert!(drain.status.success(), "{drain:?}");
+    eventually("web-2 to show as drained by alice", START, || async {
+        let state = page
+            .evaluate("document.querySelector('tr[data-instance=\"web-2\"] .state').textContent")
+            .await;
+        let text = state.as_str().unwrap_or_default().to_owned();
+        (text.contains("draining") && text.contains("drained by alice")).then_some(())
+    })
+    .await;
+
     // web-3 dies: its agent is killed without a word, its server closes.
     let web3 = webs.pop().expect("web-3");
     web3.agent.signal("KILL");

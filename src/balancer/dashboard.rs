@@ -33,6 +33,7 @@ use tokio::sync::broadcast;
 use super::rotation::{ejection_for, Member, Rotation, ServiceSet};
 use super::Shared;
 use crate::metrics::{latency_bucket_bound, InstanceMetrics, LATENCY_BUCKETS};
+use crate::protocol::Operator;
 
 /// How often the figures are sampled and sent.
 pub const STATS_EVERY: Duration = Duration::from_secs(1);
@@ -345,10 +346,25 @@ impl Inner {
             "tags": member.instance.tags,
             "age_s": age.as_secs(),
             "state": State::of(member, now),
+            "override": override_text(member.instance.operator.as_ref()),
             "rate": (figures.rate * 10.0).round() / 10.0,
             "p99_ms": figures.p99.map(|p| p.as_secs_f64() * 1000.0),
         })
     }
+}
+
+/// What an operator set on an instance and who, as the page shows it
+/// under its state ("drained by alice", "weight 5 by bob"); null when
+/// nothing is set.
+fn override_text(operator: Option<&Operator>) -> Option<String> {
+    let operator = operator?;
+    let what = match (operator.drain, operator.weight) {
+        (true, Some(weight)) => format!("drained, weight {weight}"),
+        (true, None) => "drained".to_owned(),
+        (false, Some(weight)) => format!("weight {weight}"),
+        (false, None) => return None,
+    };
+    Some(format!("{what} by {}", operator.by))
 }
 
 /// The event (kind and detail) of a member that went from `old` to `new`.
@@ -657,5 +673,25 @@ mod tests {
             Some(2 * DEFAULT_RECENT_EVENTS as u64 - 1)
         );
         assert_eq!(events[0].seq, DEFAULT_RECENT_EVENTS as u64);
+    }
+
+    #[test]
+    fn an_override_reads_as_what_was_set_and_by_whom() {
+        let set = |drain, weight| Operator {
+            drain,
+            weight,
+            own_weight: 1,
+            by: "alice".into(),
+            at_ms: 0,
+        };
+        assert_eq!(override_text(None), None);
+        assert_eq!(override_text(Some(&set(false, None))), None);
+        for (operator, text) in [
+            (set(true, None), "drained by alice"),
+            (set(false, Some(5)), "weight 5 by alice"),
+            (set(true, Some(5)), "drained, weight 5 by alice"),
+        ] {
+            assert_eq!(override_text(Some(&operator)).as_deref(), Some(text));
+        }
     }
 }

@@ -34,6 +34,7 @@
   function row(instance) {
     const state = el("td", { class: "state state-" + instance.state },
       el("span", { "aria-hidden": "true" }, SYMBOL[instance.state] + " "), instance.state);
+    if (instance.override) state.append(el("div", { class: "muted override" }, instance.override));
     const tags = el("td", { class: "tags" });
     if (instance.tags.length === 0) tags.append(el("span", { class: "muted" }, "—"));
     for (const tag of instance.tags) tags.append(el("span", { class: "tag" }, tag));
