@@ -16,7 +16,7 @@ RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/rollcall-bench.XXXXXX")"
 KEEP_RUN_DIR="${KEEP_RUN_DIR:-0}"
 # Ports away from the anchors' (9001-9003, 8081-8083, 4333) and from the
 # 4222/8222 defaults, so a bench can run beside either.
-BACKEND_PORTS=(19001 19002 19003)
+BACKEND_PORTS=(${BACKEND_PORTS_LIST:-19001 19002 19003})
 NGINX_PORT="${NGINX_PORT:-18081}"
 HAPROXY_PORT="${HAPROXY_PORT:-18082}"
 ROLLCALL_PORT="${ROLLCALL_PORT:-18083}"
