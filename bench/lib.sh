@@ -10,13 +10,13 @@ ROOT="$(cd "$BENCH_DIR/.." && pwd)"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 ROLLCALL_BIN="$TARGET_DIR/release/rollcall"
 EXAMPLES_DIR="$TARGET_DIR/release/examples"
-BACKEND_BIN="$BENCH_DIR/backend/target/release/backend"
+BACKEND_BIN="${BACKEND_BIN:-$BENCH_DIR/backend/target/release/backend}"
 WRK_LUA="$BENCH_DIR/wrk_report.lua"
 RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/rollcall-bench.XXXXXX")"
 KEEP_RUN_DIR="${KEEP_RUN_DIR:-0}"
 # Ports away from the anchors' (9001-9003, 8081-8083, 4333) and from the
 # 4222/8222 defaults, so a bench can run beside either.
-BACKEND_PORTS=(19001 19002 19003)
+BACKEND_PORTS=(${BACKEND_PORTS_LIST:-19001 19002 19003})
 NGINX_PORT="${NGINX_PORT:-18081}"
 HAPROXY_PORT="${HAPROXY_PORT:-18082}"
 ROLLCALL_PORT="${ROLLCALL_PORT:-18083}"
@@ -65,14 +65,19 @@ assert_port_free() {
   if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then echo "port $1 already in use" >&2; exit 3; fi
 }
 
-# CPU layouts (the anchors' names): where wrk, the proxies and the backends run.
+# CPU layouts (the anchors' names): where wrk, the proxies and the backends run,
+# and how many threads each proxy serves with (PROXY_THREADS: rollcall
+# --workers, nginx worker_processes, HAProxy nbthread). two_core: every proxy
+# on both cores with two threads, wrk and the backends sharing the cores.
 set_layout() {
+  PROXY_THREADS=1
   case "${LAYOUT:-w0_p1_b01}" in
     none)      WRK_CPU="";  PROXY_CPU="";  BACKEND_CPU="" ;;
     w0_p1_b1)  WRK_CPU="0"; PROXY_CPU="1"; BACKEND_CPU="1" ;;
     w0_p1_b0)  WRK_CPU="0"; PROXY_CPU="1"; BACKEND_CPU="0" ;;
     w0_p1_b01) WRK_CPU="0"; PROXY_CPU="1"; BACKEND_CPU="0-1" ;;
     w0_only)   WRK_CPU="0"; PROXY_CPU="";  BACKEND_CPU="" ;;
+    two_core)  WRK_CPU="0-1"; PROXY_CPU="0-1"; BACKEND_CPU="0-1"; PROXY_THREADS=2 ;;
     *) echo "unknown LAYOUT=$LAYOUT" >&2; exit 2 ;;
   esac
 }
@@ -159,7 +164,7 @@ start_balancer() {  # start_balancer CPULIST ROUTE...  (sets BALANCER_PID)
   local cpu="$1"; shift
   assert_port_free "$ROLLCALL_PORT"; assert_port_free "$ROLLCALL_ADMIN_PORT"
   ROLLCALL_LOG="${ROLLCALL_LOG:-warn}" pin_exec "$cpu" "$ROLLCALL_BIN" balancer --nats "$NATS_URL_BENCH" \
-    --listen "127.0.0.1:$ROLLCALL_PORT" --admin "127.0.0.1:$ROLLCALL_ADMIN_PORT" "$@" >"$RUN_DIR/balancer.log" 2>&1 &
+    --listen "127.0.0.1:$ROLLCALL_PORT" --workers "${PROXY_THREADS:-1}" --admin "127.0.0.1:$ROLLCALL_ADMIN_PORT" "$@" >"$RUN_DIR/balancer.log" 2>&1 &
   BALANCER_PID=$!; track "$BALANCER_PID"
   wait_port "$ROLLCALL_PORT" 30
 }
@@ -198,7 +203,7 @@ write_nginx_conf() {
   cat > "$RUN_DIR/nginx/nginx.conf" <<EOF
 # nginx reverse proxy, round-robin over the backends, keep-alive to upstreams.
 user root;
-worker_processes 1;
+worker_processes ${PROXY_THREADS:-1};
 daemon off;
 master_process on;
 pid $RUN_DIR/nginx/nginx.pid;
@@ -250,7 +255,7 @@ write_haproxy_cfg() {  # write_haproxy_cfg FILE PORT... (atomic replace)
     cat <<EOF
 # HAProxy round-robin over the backends, HTTP mode, keep-alive both sides.
 global
-    nbthread 1
+    nbthread ${PROXY_THREADS:-1}
     maxconn 4096
     stats socket $RUN_DIR/haproxy/admin.sock mode 600 level admin expose-fd listeners
 defaults

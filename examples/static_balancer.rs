@@ -2,30 +2,28 @@
 //! throughput benchmarks against nginx and HAProxy.
 //!
 //! Run with:
-//! `cargo run --release --example static_balancer -- 127.0.0.1:8083 127.0.0.1:9001 127.0.0.1:9002 127.0.0.1:9003`
-//! (listen address, then the instances of the one service `web`, routed
-//! for every request). `ROLLCALL_LOG=debug` for the request log.
+//! `cargo run --release --example static_balancer -- [--workers N] 127.0.0.1:8083 127.0.0.1:9001 127.0.0.1:9002 127.0.0.1:9003`
+//! (worker runtimes, one per CPU the process may use by default; the listen
+//! address, then the instances of the one service `web`, routed for every
+//! request). The first worker runs on the main thread, as `rollcall
+//! balancer` does. `ROLLCALL_LOG=debug` for the request log.
 
 use std::net::SocketAddr;
 
 use anyhow::Context;
 use futures::StreamExt;
 use rollcall::balancer::routes::Routes;
-use rollcall::balancer::{serve, BalancerConfig};
+use rollcall::balancer::{workers, Balancer, BalancerConfig};
 use rollcall::protocol::{Instance, Snapshot};
 use rollcall::subscription::Update;
 
+const USAGE: &str = "usage: static_balancer [--workers N] LISTEN INSTANCE...";
+
 fn main() -> anyhow::Result<()> {
-    // ROLLCALL_RUNTIME=current_thread measures the single-threaded scheduler.
-    let runtime = match std::env::var("ROLLCALL_RUNTIME").as_deref() {
-        Ok("current_thread") => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        _ => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?,
-    };
-    runtime.block_on(run())
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -35,10 +33,22 @@ async fn run() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let mut args = std::env::args().skip(1);
-    let listen = args
+    let mut args = std::env::args().skip(1).peekable();
+    let mut workers = workers::available_cpus();
+    if args.peek().map(String::as_str) == Some("--workers") {
+        args.next();
+        let count = args.next().context(USAGE)?;
+        workers = count
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .with_context(|| format!("--workers {count:?} is not a number above 0"))?;
+    }
+    let listen: SocketAddr = args
         .next()
-        .context("usage: static_balancer LISTEN INSTANCE...")?;
+        .context(USAGE)?
+        .parse()
+        .context("the listen address is not IP:PORT")?;
     let mut instances = Vec::new();
     for (n, address) in args.enumerate() {
         let address: SocketAddr = address
@@ -56,8 +66,8 @@ async fn run() -> anyhow::Result<()> {
         revision: 1,
         instances,
     };
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
+    let (listener, others) = workers::bind(listen, workers)?;
+    let listener = tokio::net::TcpListener::from_std(listener)
         .with_context(|| format!("cannot listen on {listen}"))?;
     let config = BalancerConfig::new(Routes::parse(&["web"])?);
     // One Reset, then the stream stays open: the set never changes.
@@ -66,6 +76,8 @@ async fn run() -> anyhow::Result<()> {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    serve(listener, None, config, updates, shutdown).await?;
+    Balancer::with_workers(config, others)
+        .serve(listener, None, updates, shutdown)
+        .await?;
     Ok(())
 }

@@ -595,6 +595,55 @@ async fn shutdown_finishes_an_in_flight_request_then_stops_accepting() {
     );
 }
 
+#[tokio::test]
+async fn each_worker_serves_the_address_with_connections_of_its_own() {
+    let web = backends(&["web-1"]).await;
+    let lb = TestBalancer::start_workers(&["web"], 2).await;
+    lb.publish(snapshot("web", 1, &[&web[0]])).await;
+    // A client connection per request: the kernel spreads them over the
+    // two workers' sockets (both get some, but for odds of 2 in 2^40).
+    for _ in 0..40 {
+        let answer = get(&client(), &lb.url("/")).await.expect("answer");
+        assert_eq!(answer, (StatusCode::OK, "web-1".to_owned()));
+    }
+    assert_eq!(web[0].served(), 40);
+    assert_eq!(
+        web[0].connections(),
+        2,
+        "each worker reuses one connection of its own"
+    );
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_the_in_flight_requests_of_every_worker() {
+    let web = backends(&["web-1"]).await;
+    let lb = TestBalancer::start_workers(&["web"], 2).await;
+    lb.publish(snapshot("web", 1, &[&web[0]])).await;
+    // On connections of their own, so on both workers (but for odds of 2
+    // in 2^16); the worker runtimes keep real time, so the wait is real.
+    let in_flight: Vec<_> = (0..16)
+        .map(|_| {
+            let url = lb.url("/slow?ms=300");
+            tokio::spawn(async move { get(&client(), &url).await })
+        })
+        .collect();
+    eventually("every request to reach the backend", DEADLINE, || async {
+        (web[0].received() == 16).then_some(())
+    })
+    .await;
+    let addr = lb.addr;
+    lb.stop().await;
+    for request in in_flight {
+        let answer = request.await.expect("task").expect("completes");
+        assert_eq!(answer, (StatusCode::OK, "web-1".to_owned()));
+    }
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "every worker's listener is closed after shutdown"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn shutdown_waits_no_longer_than_the_drain_timeout() {
     let web = backends(&["web-1"]).await;

@@ -13,6 +13,7 @@
 //! - `proxy`: the hyper reverse proxy (retries, ejections, own answers).
 //! - `upgrade`: WebSocket and other upgrades tunnelled, CONNECT refused.
 //! - `upstream`: each instance's pool of kept-alive connections.
+//! - [`workers`]: a runtime per core, sharing the listening address.
 //! - [`limits`]: timeouts and the connection cap of both listeners.
 //! - [`access_log`]: one line per request, when asked for.
 //! - `admin`: what the admin endpoint shows (`/metrics`, `/catalog`).
@@ -40,6 +41,7 @@ pub mod routes;
 pub mod tls;
 mod upgrade;
 mod upstream;
+pub mod workers;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -51,6 +53,7 @@ use std::time::Duration;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use access_log::AccessLog;
 use limits::Limits;
@@ -149,6 +152,8 @@ pub enum BalancerError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Worker(#[from] workers::WorkerError),
 }
 
 /// State shared by the proxy, the catalog task and the admin endpoint.
@@ -173,14 +178,19 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(routes: Routes) -> Self {
-        Shared::with_policy(routes, outlier::OutlierPolicy::default())
+        Shared::with_policy(routes, outlier::OutlierPolicy::default(), 1)
     }
 
-    pub(crate) fn with_policy(routes: Routes, policy: outlier::OutlierPolicy) -> Self {
+    /// Sets whose instances keep one connection pool for each of `workers`.
+    pub(crate) fn with_policy(
+        routes: Routes,
+        policy: outlier::OutlierPolicy,
+        workers: usize,
+    ) -> Self {
         let rotations = routes
             .services()
             .iter()
-            .map(|s| Rotation::with_policy(s, policy))
+            .map(|s| Rotation::with_policy(s, policy, workers))
             .collect();
         let mut registry = crate::metrics::registry();
         let metrics = BalancerMetrics::new(&mut registry, routes.services());
@@ -316,20 +326,35 @@ pub struct Balancer {
     config: BalancerConfig,
     shared: Arc<Shared>,
     https: Option<(TcpListener, Arc<tls::Tls>)>,
+    /// The listeners of the workers beyond the one `serve` runs on.
+    workers: Vec<std::net::TcpListener>,
 }
 
 impl Balancer {
+    /// A balancer serving on the runtime that runs [`Balancer::serve`].
     pub fn new(config: BalancerConfig) -> Self {
+        Balancer::with_workers(config, Vec::new())
+    }
+
+    /// A balancer that also serves each of `workers` (sockets sharing the
+    /// address of the listener given to [`Balancer::serve`], from
+    /// [`workers::bind`]) with a single-threaded runtime on a thread of its
+    /// own. Each worker keeps its own connections to instances; the sets,
+    /// passive health and metrics are shared. HTTPS is served by the first
+    /// runtime only.
+    pub fn with_workers(config: BalancerConfig, workers: Vec<std::net::TcpListener>) -> Self {
+        let count = 1 + workers.len();
         let mut shared = Shared {
             source: config.source.clone(),
             board: dashboard::Board::new(config.dashboard),
-            ..Shared::with_policy(config.routes.clone(), config.outlier)
+            ..Shared::with_policy(config.routes.clone(), config.outlier, count)
         };
         shared.metrics.feed = Arc::clone(&config.feed);
         Balancer {
             config,
             shared: Arc::new(shared),
             https: None,
+            workers,
         }
     }
 
@@ -352,9 +377,10 @@ impl Balancer {
         self.shared.metrics.nats.clone()
     }
 
-    /// Runs the balancer on `listener` (and, when given, the admin endpoint
-    /// on `admin`) until `shutdown` resolves; then stops accepting, lets
-    /// in-flight requests finish (up to `drain_timeout`) and returns.
+    /// Runs the balancer on `listener` and the workers' listeners (and, when
+    /// given, the admin endpoint on `admin`) until `shutdown` resolves; then
+    /// every worker stops accepting, lets its in-flight requests finish (up
+    /// to `drain_timeout`), and it returns once all have.
     ///
     /// While `updates` is open its items replace the sets; when it ends,
     /// the balancer keeps routing on the last sets it has.
@@ -369,8 +395,27 @@ impl Balancer {
             config,
             shared,
             https,
+            workers,
         } = self;
         let address = local_addr(&listener, "proxy")?;
+        let https_address = match &https {
+            Some((listener, _)) => Some(local_addr(listener, "HTTPS")?),
+            None => None,
+        };
+        // Stops the workers when shutdown begins, or when `serve` is dropped.
+        let stop = CancellationToken::new();
+        let _stop_on_drop = stop.clone().drop_guard();
+        let mut threads = Vec::with_capacity(workers.len());
+        for (index, listener) in (1..).zip(workers) {
+            let (shared, config) = (shared.clone(), config.clone());
+            threads.push(workers::start(
+                index,
+                listener,
+                shared,
+                config,
+                stop.clone(),
+            )?);
+        }
         let follower = tokio::spawn(follow(shared.clone(), updates));
         let admin_task = match admin {
             Some(admin) => {
@@ -386,20 +431,28 @@ impl Balancer {
         };
         tracing::info!(
             %address,
+            workers = 1 + threads.len(),
             routes = ?config.routes.routes().map(|r| r.text.as_str()).collect::<Vec<_>>(),
             "balancer listening"
         );
-        let shutdown = shutdown.shared();
+        let shutdown = {
+            let stop = stop.clone();
+            async move {
+                shutdown.await;
+                stop.cancel();
+            }
+        }
+        .shared();
         let plain = proxy::serve(listener, None, shared.clone(), &config, shutdown.clone());
-        match https {
-            None => plain.await,
-            Some((listener, tls)) => {
-                let address = local_addr(&listener, "HTTPS")?;
+        match (https, https_address) {
+            (Some((listener, tls)), Some(address)) => {
                 tracing::info!(%address, certificate = %tls.certificate().display(), "HTTPS listening");
                 let secure = proxy::serve(listener, Some(tls), shared, &config, shutdown);
                 tokio::join!(plain, secure);
             }
+            _ => plain.await,
         }
+        workers::join(threads).await;
         follower.abort();
         if let Some((admin, sampler)) = admin_task {
             admin.abort();

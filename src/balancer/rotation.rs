@@ -122,15 +122,17 @@ pub struct ServiceSet {
     live: usize,
     /// The slow-start window of the rotation this set belongs to.
     policy: OutlierPolicy,
+    /// Runtimes serving requests: each instance keeps one pool per worker.
+    workers: usize,
 }
 
 impl ServiceSet {
     /// The set of a service not seen yet: no instances, revision 0.
     pub fn empty(service: &str) -> Self {
-        ServiceSet::empty_with(service, OutlierPolicy::default())
+        ServiceSet::empty_with(service, OutlierPolicy::default(), 1)
     }
 
-    fn empty_with(service: &str, policy: OutlierPolicy) -> Self {
+    fn empty_with(service: &str, policy: OutlierPolicy, workers: usize) -> Self {
         ServiceSet {
             service: Arc::from(service),
             revision: 0,
@@ -140,6 +142,7 @@ impl ServiceSet {
             any_held: false,
             live: 0,
             policy,
+            workers: workers.max(1),
         }
     }
 
@@ -254,7 +257,11 @@ impl ServiceSet {
             let health = kept.map(|m| m.health).unwrap_or_default();
             let upstream = match kept {
                 Some(m) => m.upstream.clone(),
-                None => Arc::new(Upstream::new(&instance.address, instance.port)),
+                None => Arc::new(Upstream::new(
+                    &instance.address,
+                    instance.port,
+                    previous.workers,
+                )),
             };
             let ramp_from = match kept {
                 Some(m) => m.ramp_from,
@@ -325,6 +332,7 @@ impl ServiceSet {
             cursor: AtomicUsize::new(cursor),
             any_held,
             policy: previous.policy,
+            workers: previous.workers,
         }
     }
 }
@@ -426,12 +434,13 @@ pub struct Rotation {
 
 impl Rotation {
     pub fn new(service: &str) -> Self {
-        Rotation::with_policy(service, OutlierPolicy::default())
+        Rotation::with_policy(service, OutlierPolicy::default(), 1)
     }
 
-    pub(crate) fn with_policy(service: &str, policy: OutlierPolicy) -> Self {
+    /// A rotation whose instances keep one connection pool per worker.
+    pub(crate) fn with_policy(service: &str, policy: OutlierPolicy, workers: usize) -> Self {
         Rotation {
-            current: ArcSwap::from_pointee(ServiceSet::empty_with(service, policy)),
+            current: ArcSwap::from_pointee(ServiceSet::empty_with(service, policy, workers)),
             write: Mutex::new(()),
             policy,
         }
@@ -923,6 +932,7 @@ mod tests {
                 slow_start: Duration::from_secs(window),
                 ..OutlierPolicy::default()
             },
+            1,
         )
     }
 

@@ -11,7 +11,12 @@
 //! scheme+authority (a hash and a lock per checkout and per return), races a
 //! lazy connect against each checkout and moves large futures around. Here a
 //! checkout is a short lock on the instance's own idle list and a `pop`.
+//!
+//! Each worker runtime ([`set_worker`]) has its own idle list per instance:
+//! a connection's task runs on the runtime that opened it, so the requests
+//! using it stay on that runtime's thread.
 
+use std::cell::Cell;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -31,9 +36,20 @@ use super::limits::IdleBody;
 /// pauses too long), or bytes kept so the request can be sent again.
 pub(crate) type RequestBody = Either<IdleBody<Incoming>, Full<Bytes>>;
 
-/// At most this many idle connections are kept per instance; a connection
-/// coming back to a full pool is closed.
+/// At most this many idle connections are kept per instance and worker; a
+/// connection coming back to a full pool is closed.
 pub const MAX_IDLE: usize = 512;
+
+thread_local! {
+    /// The worker this thread serves requests for; 0 outside any worker.
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as worker `index`: the connections it opens and
+/// takes come from that worker's idle lists.
+pub(crate) fn set_worker(index: usize) {
+    WORKER.with(|worker| worker.set(index));
+}
 
 /// Why no connection to an instance could be had. The message names the
 /// address; the cause, when there is one, is the `source`.
@@ -59,8 +75,15 @@ pub enum UpstreamConnectError {
 pub struct Upstream {
     host: String,
     port: u16,
-    idle: Mutex<Vec<SendRequest<RequestBody>>>,
+    /// One idle list per worker.
+    pools: Box<[Pool]>,
 }
+
+/// One worker's idle connections to an instance, on a cache line of its own
+/// so that workers on different cores do not contend for it.
+#[repr(align(64))]
+#[derive(Default)]
+struct Pool(Mutex<Vec<SendRequest<RequestBody>>>);
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -72,12 +95,19 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    pub fn new(host: &str, port: u16) -> Self {
+    /// An instance at `host:port`, with an idle list for each of `workers`.
+    pub fn new(host: &str, port: u16, workers: usize) -> Self {
         Upstream {
             host: host.to_owned(),
             port,
-            idle: Mutex::new(Vec::new()),
+            pools: (0..workers.max(1)).map(|_| Pool::default()).collect(),
         }
+    }
+
+    /// The calling worker's idle list.
+    fn pool(&self) -> &Mutex<Vec<SendRequest<RequestBody>>> {
+        let worker = WORKER.with(Cell::get);
+        &self.pools[worker % self.pools.len()].0
     }
 
     /// An idle connection that is ready for a request, or a new one.
@@ -87,7 +117,7 @@ impl Upstream {
     ) -> Result<Checkout, UpstreamConnectError> {
         loop {
             let popped = self
-                .idle
+                .pool()
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .pop();
@@ -159,7 +189,7 @@ impl Upstream {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.pool().lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
             idle.push(sender);
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use rollcall::balancer::routes::Routes;
-use rollcall::balancer::{Applied, Balancer, BalancerConfig, BalancerError};
+use rollcall::balancer::{workers, Applied, Balancer, BalancerConfig, BalancerError};
 use rollcall::protocol::Snapshot;
 use rollcall::subscription::Update;
 use tokio::net::TcpListener;
@@ -39,15 +39,31 @@ impl TestBalancer {
         routes: &[&str],
         tweak: impl FnOnce(&mut BalancerConfig),
     ) -> TestBalancer {
+        Self::start_on(routes, 1, tweak).await
+    }
+
+    /// Starts one with `routes` served by `workers` runtimes sharing its
+    /// address.
+    pub async fn start_workers(routes: &[&str], workers: usize) -> TestBalancer {
+        Self::start_on(routes, workers, |_| {}).await
+    }
+
+    async fn start_on(
+        routes: &[&str],
+        workers: usize,
+        tweak: impl FnOnce(&mut BalancerConfig),
+    ) -> TestBalancer {
         let mut config = BalancerConfig::new(Routes::parse(routes).expect("valid routes"));
         tweak(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (listener, others) = workers::bind(any_port, workers).expect("bind proxy");
+        let listener = TcpListener::from_std(listener).expect("proxy listener");
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let addr = listener.local_addr().expect("proxy address");
         let admin_addr = admin.local_addr().expect("admin address");
         let (updates, receiver) = mpsc::unbounded_channel();
         let (shutdown, stop) = oneshot::channel::<()>();
-        let balancer = Balancer::new(config);
+        let balancer = Balancer::with_workers(config, others);
         let applied = balancer.applied();
         let task = tokio::spawn(balancer.serve(
             listener,

@@ -2,6 +2,7 @@
 //! catalog subscription.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use rollcall::balancer::limits::{default_max_connections, Limits};
 use rollcall::balancer::outlier::OutlierPolicy;
 use rollcall::balancer::routes::Routes;
 use rollcall::balancer::tls::Tls;
+use rollcall::balancer::workers;
 use rollcall::balancer::{Balancer, BalancerConfig, SourceCheck};
 use rollcall::permissions::balancer_needs;
 use tokio::net::TcpListener;
@@ -26,6 +28,11 @@ pub struct Args {
     /// Address clients connect to.
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
     pub listen: SocketAddr,
+    /// Threads serving requests, each with its own event loop, its own
+    /// listening socket on --listen (SO_REUSEPORT) and its own connections to
+    /// instances; the default is one per CPU this process may run on.
+    #[arg(long, default_value_t = default_workers(), value_name = "N")]
+    pub workers: NonZeroUsize,
     /// Address of the admin endpoint (/healthz, /readyz, /metrics, /catalog); off
     /// when not given.
     #[arg(long, value_name = "ADDR")]
@@ -130,8 +137,8 @@ impl Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     // Bad routes and busy ports are reported before anything connects.
     let routes = Routes::parse(&args.routes)?;
-    let listener = TcpListener::bind(args.listen)
-        .await
+    let (listener, others) = workers::bind(args.listen, args.workers.get())?;
+    let listener = TcpListener::from_std(listener)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let admin = match args.admin {
         Some(address) => Some(
@@ -179,7 +186,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.nats.prefix.clone(),
         Arc::clone(&config.feed),
     );
-    let mut balancer = Balancer::new(config);
+    let mut balancer = Balancer::with_workers(config, others);
     tokio::spawn(balancer.nats_metrics().follow(connection.link()));
     if let Some((listener, tls)) = https {
         balancer = balancer.https(listener, tls);
@@ -189,6 +196,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("balancer stopped")?;
     Ok(())
+}
+
+/// One worker per CPU the process may run on (nginx's `worker_processes
+/// auto`).
+fn default_workers() -> NonZeroUsize {
+    NonZeroUsize::new(workers::available_cpus()).unwrap_or(NonZeroUsize::MIN)
 }
 
 /// Re-reads the HTTPS certificate and key on every SIGHUP.

@@ -82,11 +82,41 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let result = match cli.command {
+    let result = runtime(&cli.command).and_then(|runtime| runtime.block_on(run(cli.command)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            match cli.log_format {
+                LogFormat::Text => eprintln!("rollcall: {error:#}"),
+                // A log collector reading JSON lines gets the reason as one.
+                LogFormat::Json => {
+                    tracing::error!(error = format!("{error:#}"), "rollcall stopped")
+                }
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The balancer serves its first worker on a single-threaded runtime (its
+/// other workers get runtimes of their own); every other role runs on the
+/// multi-threaded one.
+fn runtime(command: &Command) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = match command {
+        Command::Balancer(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder
+        .enable_all()
+        .build()
+        .map_err(|error| anyhow::Error::new(error).context("cannot start the tokio runtime"))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Discovery(args) => discovery::run(args).await,
         Command::Balancer(args) => balancer::run(*args).await,
         Command::Agent(args) => agent::run(*args).await,
@@ -105,19 +135,6 @@ async fn main() -> std::process::ExitCode {
                 &mut std::io::stdout(),
             );
             Ok(())
-        }
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            match cli.log_format {
-                LogFormat::Text => eprintln!("rollcall: {error:#}"),
-                // A log collector reading JSON lines gets the reason as one.
-                LogFormat::Json => {
-                    tracing::error!(error = format!("{error:#}"), "rollcall stopped")
-                }
-            }
-            std::process::ExitCode::FAILURE
         }
     }
 }
