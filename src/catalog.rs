@@ -110,26 +110,37 @@ impl From<Operator> for Held {
 }
 
 impl Held {
-    /// What `change` leaves: `None` once nothing is overridden.
-    fn after(held: Option<&Held>, change: OverrideChange, by: &str, at_ms: u64) -> Option<Held> {
-        let (drain, weight) = held.map_or((false, None), |h| (h.drain, h.weight));
+    /// What `change` leaves. Once nothing is overridden it stays as a
+    /// marker of when that was (see [`Held::is_set`]), so a takeover can
+    /// tell a lifted override from one it missed.
+    fn after(held: Option<&Held>, change: OverrideChange, by: &str, at_ms: u64) -> Held {
+        let (drain, weight) = Held::key(held);
         let (drain, weight) = match change {
             OverrideChange::Drain => (true, weight),
             OverrideChange::Undrain => (false, weight),
             OverrideChange::Weight(set) => (drain, set),
             OverrideChange::Clear => (false, None),
         };
-        (drain || weight.is_some()).then(|| Held {
+        Held {
             drain,
             weight,
             by: by.to_owned(),
             at_ms,
-        })
+        }
+    }
+
+    /// Whether it overrides anything (a lifted override does not).
+    fn is_set(&self) -> bool {
+        self.drain || self.weight.is_some()
+    }
+
+    fn key(held: Option<&Held>) -> (bool, Option<u32>) {
+        held.map_or((false, None), |h| (h.drain, h.weight))
     }
 
     /// Whether `other` overrides the same way (who and when aside).
-    fn same_as(held: Option<&Held>, other: Option<&Held>) -> bool {
-        held.map(|h| (h.drain, h.weight)) == other.map(|h| (h.drain, h.weight))
+    fn same_as(held: Option<&Held>, other: &Held) -> bool {
+        Held::key(held) == Held::key(Some(other))
     }
 }
 
@@ -222,7 +233,7 @@ impl Live {
     /// instance's own, `weight` the effective one.
     fn effective(&self) -> Instance {
         let mut instance = self.instance.clone();
-        if let Some(held) = &self.held {
+        if let Some(held) = self.held.as_ref().filter(|h| h.is_set()) {
             let own_weight = instance.weight;
             instance.weight = match (held.drain, held.weight) {
                 (true, _) => 0,
@@ -352,11 +363,11 @@ impl Catalog {
     /// Takes, for instances this catalog knows, the overrides `stored`
     /// carries that were set after this catalog's own: one this replica
     /// missed while it followed (disconnected, say) is not lost on takeover.
-    /// One this catalog holds and `stored` lacks is kept, and one `stored`
-    /// holds is taken when this catalog holds none: without a record of
-    /// clears, a clear one side missed cannot be told from a write the other
-    /// never made, and an override kept is the safer error (an operator sees
-    /// it and clears it again).
+    /// An override lifted here (undrained, cleared) counts as set when it
+    /// was lifted, so a lift newer than the stored override stands. One this
+    /// catalog holds and `stored` lacks is kept: a clear the old leader
+    /// stored cannot be told from a write it never made, and an override
+    /// kept is the safer error (an operator sees it and clears it again).
     fn take_newer_overrides(&mut self, stored: &Snapshot) {
         let Some(entry) = self.services.get_mut(&stored.service) else {
             return;
@@ -446,13 +457,13 @@ impl Catalog {
             .ok_or_else(not_live)?;
         let live = entry.instances.get_mut(&request.id).ok_or_else(not_live)?;
         let held = Held::after(live.held.as_deref(), request.change, &request.by, at_ms);
-        if Held::same_as(live.held.as_deref(), held.as_ref()) {
+        if Held::same_as(live.held.as_deref(), &held) {
             return Ok(Overridden {
                 instance: live.effective(),
                 change: None,
             });
         }
-        live.held = held.map(Box::new);
+        live.held = Some(Box::new(held));
         entry.revision = next_revision(entry.revision, self.clock);
         Ok(Overridden {
             instance: live.effective(),
@@ -1344,15 +1355,9 @@ mod tests {
         );
         assert_eq!(web_a(&standby).weight, 0, "still drained after takeover");
 
-        // One the standby set later than the stored one stands.
+        // One lifted here later than the stored one was set stays lifted.
         apply_override(&mut standby, &operator(OverrideChange::Undrain, "bob"), 7).unwrap();
-        apply_override(
-            &mut standby,
-            &operator(OverrideChange::Weight(Some(3)), "bob"),
-            7,
-        )
-        .unwrap();
         assert!(standby.adopt_unknown(&stored, t0), "differs: to be written");
-        assert_eq!(web_a(&standby).weight, 3);
+        assert_eq!(web_a(&standby), instance("web", "a", 1), "undrained");
     }
 }
