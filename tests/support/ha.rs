@@ -217,6 +217,27 @@ impl<S> Fleet<S> {
     }
 
     /// Sends signal `signal` (KILL, STOP, CONT...) to `leader`'s process.
+    /// Freezes the leader (SIGSTOP) for `freeze`, longer than the TTL,
+    /// and thaws it once another replica leads; returns once the thawed one
+    /// has stopped writing: (the frozen leader, the one that took over).
+    pub async fn freeze_the_leader(&mut self, freeze: Duration) -> (Leadership, Leadership) {
+        let old = self.leader_after(0).await;
+        self.signal(&old, "STOP");
+        let new = self.leader_after(old.epoch).await;
+        tokio::time::sleep(freeze).await;
+        self.signal(&old, "CONT");
+        let limit = self.limit;
+        let thawed = self.process(&old).as_ref().unwrap();
+        eventually("the thawed leader stops writing", limit, || async {
+            let log = thawed.stderr_text();
+            (log.contains("stopping writes") || log.contains("following the catalog leader"))
+                .then_some(())
+        })
+        .await;
+        assert_ne!(new.replica, old.replica);
+        (old, new)
+    }
+
     /// Starts one more replica, `d<N>`, and returns N.
     pub fn add_replica(&mut self) -> usize {
         let index = self.replicas.len();
