@@ -97,14 +97,7 @@ async fn discovery_on_a_cluster_replicates_the_catalog_stream_three_times() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_on_a_cluster_hands_over_in_under_a_second() {
     let mut fleet = fleet().await;
-    let old = fleet.leader_after(0).await;
-    fleet.signal(&old, "KILL");
-    let killed = tokio::time::Instant::now();
-    let new = fleet.leader_after(old.epoch).await;
-    let took = killed.elapsed();
-    assert_ne!(new.replica, old.replica);
-    assert!(took < Duration::from_millis(1500), "takeover took {took:?}");
-    eprintln!("kill -9 -> new leader heartbeat: {took:?}");
+    fleet.kill_the_leader().await;
     fleet.change_reaches_subscribers().await;
     fleet.check();
 }

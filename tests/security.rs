@@ -43,6 +43,48 @@ async fn connect_as(server: &ConfiguredServer, user: &str) -> Connection {
     connect(NatsOptions::new(server.secure_url(user))).await
 }
 
+/// Discovery under its own user (its access checked first), and web-1
+/// registered by the `web` user and in its catalog.
+struct SecureDiscovery {
+    connection: Connection,
+    discovery: rollcall::discovery::Discovery,
+    stop: tokio::sync::oneshot::Sender<()>,
+    web: Connection,
+}
+
+impl SecureDiscovery {
+    async fn with_web_1(server: &ConfiguredServer, subjects: &Subjects) -> SecureDiscovery {
+        let connection = connect_as(server, "discovery").await;
+        connection
+            .check_access(&permissions::discovery_needs(subjects))
+            .await
+            .expect("discovery may hear events and overrides");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let discovery = rollcall::discovery::spawn(&connection, subjects.clone(), async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("discovery starts under its own user");
+        let web = connect_as(server, "web").await;
+        publish(
+            &web,
+            "rollcall.register.web.web-1",
+            register_json("web", "web-1", 5001),
+        )
+        .await;
+        eventually("web joins the catalog", || {
+            discovery.catalog().iter().any(|s| s.service == "web")
+        })
+        .await;
+        SecureDiscovery {
+            connection,
+            discovery,
+            stop,
+            web,
+        }
+    }
+}
+
 /// Publishes and receives one message: the connection really works.
 async fn round_trip(connection: &Connection, subject: &str) {
     let client = &connection.client;
@@ -656,29 +698,12 @@ async fn a_balancer_cannot_publish_a_snapshot_nor_change_the_stream() {
 async fn discovery_and_balancer_work_end_to_end_under_secure_conf() {
     let server = ConfiguredServer::from_file("nats/secure.conf");
     let subjects = Subjects::default();
-    let discovery_connection = connect_as(&server, "discovery").await;
-    discovery_connection
-        .check_access(&permissions::discovery_needs(&subjects))
-        .await
-        .expect("discovery may subscribe to every event");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let discovery = rollcall::discovery::spawn(&discovery_connection, subjects.clone(), async {
-        let _ = stopped.await;
-    })
-    .await
-    .expect("discovery starts under its own user");
-
-    let web = connect_as(&server, "web").await;
-    publish(
-        &web,
-        "rollcall.register.web.web-1",
-        register_json("web", "web-1", 5001),
-    )
-    .await;
-    eventually("web joins the catalog", || {
-        discovery.catalog().iter().any(|s| s.service == "web")
-    })
-    .await;
+    let SecureDiscovery {
+        connection: discovery_connection,
+        discovery,
+        stop,
+        web,
+    } = SecureDiscovery::with_web_1(&server, &subjects).await;
 
     // A balancer starting now reads the stream, then follows live.
     let balancer = connect_as(&server, "balancer").await;
@@ -837,28 +862,12 @@ async fn the_stack_serves_http_with_every_component_under_its_own_user() {
 async fn only_the_operator_role_may_override_and_discovery_answers_it() {
     let server = ConfiguredServer::from_file("nats/secure.conf");
     let subjects = Subjects::default();
-    let discovery_connection = connect_as(&server, "discovery").await;
-    discovery_connection
-        .check_access(&permissions::discovery_needs(&subjects))
-        .await
-        .expect("discovery may hear events and overrides");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let discovery = rollcall::discovery::spawn(&discovery_connection, subjects.clone(), async {
-        let _ = stopped.await;
-    })
-    .await
-    .expect("discovery starts under its own user");
-    let web = connect_as(&server, "web").await;
-    publish(
-        &web,
-        "rollcall.register.web.web-1",
-        register_json("web", "web-1", 5001),
-    )
-    .await;
-    eventually("web joins the catalog", || {
-        discovery.catalog().iter().any(|s| s.service == "web")
-    })
-    .await;
+    let SecureDiscovery {
+        connection: discovery_connection,
+        discovery,
+        stop,
+        web: _web,
+    } = SecureDiscovery::with_web_1(&server, &subjects).await;
 
     // No role but the operator's may publish an override: not the service
     // itself, not the balancer, not a watcher.

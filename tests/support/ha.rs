@@ -217,6 +217,19 @@ impl<S> Fleet<S> {
     }
 
     /// Sends signal `signal` (KILL, STOP, CONT...) to `leader`'s process.
+    /// Kills the leader (SIGKILL) and returns once another replica leads,
+    /// asserting it took under 1.5 s.
+    pub async fn kill_the_leader(&mut self) {
+        let old = self.leader_after(0).await;
+        self.signal(&old, "KILL");
+        let killed = tokio::time::Instant::now();
+        let new = self.leader_after(old.epoch).await;
+        let took = killed.elapsed();
+        assert_ne!(new.replica, old.replica);
+        assert!(took < Duration::from_millis(1500), "takeover took {took:?}");
+        eprintln!("kill -9 -> new leader heartbeat: {took:?}");
+    }
+
     /// Freezes the leader (SIGSTOP) for `freeze`, longer than the TTL,
     /// and thaws it once another replica leads; returns once the thawed one
     /// has stopped writing: (the frozen leader, the one that took over).
