@@ -39,9 +39,10 @@ wait_port "$ROLLCALL_PORT"
 log "kills=$KILLS rollcall=$ROLLCALL_BIN nats=$("$NATS_BIN" --version)"
 
 KILLS="$KILLS" ROLLCALL_BIN="$ROLLCALL_BIN" NATS_URL="$NATS_URL_BENCH" RUN_DIR="$RUN_DIR" \
-  BALANCER="127.0.0.1:$ROLLCALL_PORT" PORTS="${BACKEND_PORTS[*]}" "$PYTHON" - <<'EOF'
-import asyncio, json, os, signal, statistics, subprocess, threading, time, urllib.request
+  BALANCER="127.0.0.1:$ROLLCALL_PORT" PORTS="${BACKEND_PORTS[*]}" PYTHONPATH="$BENCH_DIR" "$PYTHON" - <<'EOF'
+import asyncio, json, os, signal, subprocess, time, urllib.request
 import nats
+from failover_common import Requests, churn, heartbeats, invariants, percentiles, record
 
 KILLS = int(os.environ["KILLS"]); BIN = os.environ["ROLLCALL_BIN"]; URL = os.environ["NATS_URL"]
 PORTS = [int(p) for p in os.environ["PORTS"].split()]; RUN_DIR = os.environ["RUN_DIR"]
@@ -52,22 +53,12 @@ def spawn(name):
     replicas[name] = subprocess.Popen([BIN, "discovery", "--nats", URL, "--replica", name],
                                       stdout=log, stderr=log)
 
-def record(i, port):
-    return {"service": "web", "id": f"web-{i}", "address": "127.0.0.1", "port": port,
-            "ttl_ms": 1500, "weight": 1}
-
-failed = served = 0
-stop = threading.Event()
-def requests():
-    global failed, served
-    while not stop.is_set():
-        try:
-            with urllib.request.urlopen(f"http://{os.environ['BALANCER']}/", timeout=5) as r:
-                served += r.status < 400
-                failed += r.status >= 400
-        except Exception:
-            failed += 1
-        time.sleep(0.005)
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status
+    except Exception:
+        return None
 
 async def main():
     nc = await nats.connect(URL)
@@ -82,23 +73,11 @@ async def main():
     for name in ("d0", "d1", "d2"):
         spawn(name)
     stable = [record(i, p) for i, p in enumerate(PORTS)]
-    async def heartbeats():
-        while True:
-            for r in stable:
-                await nc.publish(f"rollcall.heartbeat.web.{r['id']}", json.dumps(r).encode())
-            await asyncio.sleep(0.2)
-    async def churn():
-        extra = record(9, PORTS[0]) | {"id": "web-x", "weight": 0}
-        while True:
-            await nc.publish("rollcall.register.web.web-x", json.dumps(extra).encode())
-            await asyncio.sleep(0.05)
-            await nc.publish("rollcall.deregister.web.web-x", b"{}")
-            await asyncio.sleep(0.05)
-    tasks = [asyncio.create_task(heartbeats()), asyncio.create_task(churn())]
+    tasks = [asyncio.create_task(heartbeats(nc, stable)), asyncio.create_task(churn(nc, PORTS[0]))]
     while not any(len(s[3]["instances"]) >= 3 for s in snapshots):  # all three joined
         await asyncio.sleep(0.05)
     await asyncio.sleep(1)
-    worker = threading.Thread(target=requests); worker.start()
+    load = Requests(get, f"http://{os.environ['BALANCER']}/")
     gaps = []
     for k in range(KILLS):
         old = leaders[-1]
@@ -121,22 +100,13 @@ async def main():
               f"first_snapshot_ms={gap*1000 if gap is not None else -1:.0f}", flush=True)
         spawn(old["replica"])
         await asyncio.sleep(1.5)
-    stop.set(); worker.join()
+    load.stop()
     for t in tasks: t.cancel()
-    ids = {r["id"] for r in stable}
-    # From the first snapshot listing all three: before it they were joining.
-    full = next(n for n, s in enumerate(snapshots) if ids <= {i["id"] for i in s[3]["instances"]})
-    shrunken = sum(1 for _, _, _, s in snapshots[full:] if not ids <= {i["id"] for i in s["instances"]})
-    regressions, last = 0, {}
-    for _, _, subject, s in snapshots:
-        if subject in last and s["revision"] <= last[subject]:
-            regressions += 1
-        last[subject] = s["revision"]
-    ms = sorted(g * 1000 for g in gaps)
-    p99 = ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))]
-    print(f"FAILOVER_SUMMARY kills={KILLS} p50_ms={statistics.median(ms):.0f} p99_ms={p99:.0f} "
-          f"max_ms={ms[-1]:.0f} snapshots={len(snapshots)} shrunken={shrunken} "
-          f"revision_regressions={regressions} requests={served} failed_requests={failed}", flush=True)
+    shrunken, regressions = invariants([(subject, s) for _, _, subject, s in snapshots],
+                                       {r["id"] for r in stable})
+    print(f"FAILOVER_SUMMARY kills={KILLS} {percentiles(gaps)} "
+          f"snapshots={len(snapshots)} shrunken={shrunken} "
+          f"revision_regressions={regressions} requests={load.served} failed_requests={load.failed}", flush=True)
     for p in replicas.values():
         p.send_signal(signal.SIGTERM)
     for p in replicas.values():

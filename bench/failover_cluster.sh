@@ -52,9 +52,10 @@ log "kills=$KILLS rollcall=$ROLLCALL_BIN nats=$("$NATS_BIN" --version)"
 
 KILLS="$KILLS" ROLLCALL_BIN="$ROLLCALL_BIN" NATS_BIN="$NATS_BIN" URLS="${URLS[*]}" \
   RUN_DIR="$RUN_DIR" BALANCER="127.0.0.1:$ROLLCALL_PORT" ADMIN="127.0.0.1:$ROLLCALL_ADMIN_PORT" \
-  PORTS="${BACKEND_PORTS[*]}" "$PYTHON" - <<'EOF'
-import asyncio, json, os, signal, statistics, subprocess, threading, time, urllib.request
+  PORTS="${BACKEND_PORTS[*]}" PYTHONPATH="$BENCH_DIR" "$PYTHON" - <<'EOF'
+import asyncio, json, os, signal, subprocess, time, urllib.request
 import nats
+from failover_common import Requests, churn, heartbeats, invariants, percentiles, record
 
 KILLS = int(os.environ["KILLS"]); BIN = os.environ["ROLLCALL_BIN"]; RUN_DIR = os.environ["RUN_DIR"]
 URLS = os.environ["URLS"].split(); PORTS = [int(p) for p in os.environ["PORTS"].split()]
@@ -104,19 +105,8 @@ def balancer_node():
             return n
     return None
 
-def record(i, port):
-    return {"service": "web", "id": f"web-{i}", "address": "127.0.0.1", "port": port,
-            "ttl_ms": 1500, "weight": 1}
+load = None
 
-failed = served = 0
-stop = threading.Event()
-def requests():
-    global failed, served
-    while not stop.is_set():
-        status, _ = get(f"http://{BALANCER}/")
-        served += status is not None and status < 400
-        failed += status is None or status >= 400
-        time.sleep(0.005)
 
 async def stream_info(nc):
     try:
@@ -152,26 +142,15 @@ async def main():
     spawn(["balancer", "--nats", rotated(1), "--listen", BALANCER, "--admin", ADMIN, "web"], "balancer")
     stable = [record(i, p) for i, p in enumerate(PORTS)]
     churning = asyncio.Event(); churning.set()
-    async def heartbeats():
-        while True:
-            for r in stable:
-                await nc.publish(f"rollcall.heartbeat.web.{r['id']}", json.dumps(r).encode())
-            await asyncio.sleep(0.2)
-    async def churn():
-        extra = record(9, PORTS[0]) | {"id": "web-x", "weight": 0}
-        while True:
-            await churning.wait()
-            await nc.publish("rollcall.register.web.web-x", json.dumps(extra).encode())
-            await asyncio.sleep(0.05)
-            await nc.publish("rollcall.deregister.web.web-x", b"{}")
-            await asyncio.sleep(0.05)
-    tasks = [asyncio.create_task(heartbeats()), asyncio.create_task(churn())]
+    tasks = [asyncio.create_task(heartbeats(nc, stable)),
+             asyncio.create_task(churn(nc, PORTS[0], churning))]
     while not any(len(s[2]["instances"]) >= 3 for s in snapshots):  # all three joined
         await asyncio.sleep(0.05)
     while balancer_revision() is None:
         await asyncio.sleep(0.05)
     await whole(nc)
-    worker = threading.Thread(target=requests); worker.start()
+    global load
+    load = Requests(lambda url: get(url)[0], f"http://{BALANCER}/")
     # The balancer's gap: when its own node died, and when another did.
     stored_gaps, routed_gaps, own_gaps = [], [], []
     for k in range(KILLS):
@@ -204,33 +183,21 @@ async def main():
               f"balancer_on_killed_node={'yes' if own else 'no'}", flush=True)
         start_node(victim)
     await whole(nc)
-    stop.set(); worker.join()
+    load.stop()
     for t in tasks: t.cancel()
-    ids = {r["id"] for r in stable}
-    # From the first snapshot listing all three: before it they were joining.
-    full = next(n for n, s in enumerate(snapshots) if ids <= {i["id"] for i in s[2]["instances"]})
-    shrunken = sum(1 for _, _, s in snapshots[full:] if not ids <= {i["id"] for i in s["instances"]})
-    regressions, last = 0, {}
-    for _, subject, s in snapshots:
-        if subject in last and s["revision"] <= last[subject]:
-            regressions += 1
-        last[subject] = s["revision"]
-    def pct(gaps):
-        if not gaps:
-            return "none"
-        ms = sorted(g * 1000 for g in gaps)
-        p99 = ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))]
-        return f"p50_ms={statistics.median(ms):.0f} p99_ms={p99:.0f} max_ms={ms[-1]:.0f}"
-    print(f"STREAM_FAILOVER_SUMMARY kills={KILLS} stored: {pct(stored_gaps)} "
-          f"balancer_elsewhere({len(routed_gaps)}): {pct(routed_gaps)} "
-          f"balancer_on_killed_node({len(own_gaps)}): {pct(own_gaps)} snapshots={len(snapshots)} shrunken={shrunken} "
-          f"revision_regressions={regressions} requests={served} failed_requests={failed}", flush=True)
+    shrunken, regressions = invariants([(subject, s) for _, subject, s in snapshots],
+                                       {r["id"] for r in stable})
+    print(f"STREAM_FAILOVER_SUMMARY kills={KILLS} stored: {percentiles(stored_gaps)} "
+          f"balancer_elsewhere({len(routed_gaps)}): {percentiles(routed_gaps)} "
+          f"balancer_on_killed_node({len(own_gaps)}): {percentiles(own_gaps)} snapshots={len(snapshots)} shrunken={shrunken} "
+          f"revision_regressions={regressions} requests={load.served} failed_requests={load.failed}", flush=True)
     await nc.close()
 
 try:
     asyncio.run(main())
 finally:  # every process started here is stopped here, by its handle
-    stop.set()
+    if load is not None:
+        load.stop()
     for p in children + list(nodes.values()):
         p.send_signal(signal.SIGTERM)
     for p in children + list(nodes.values()):
