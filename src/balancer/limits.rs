@@ -18,12 +18,13 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -237,6 +238,57 @@ impl Activity {
     }
 }
 
+/// Runs `connection` until it ends (`Some` of its output) or `idle`
+/// resolves (`None`). `idle` is polled only when its own timer woke the
+/// task, not on each of the connection's many wake-ups.
+pub(crate) async fn until_idle<C: Future>(
+    connection: C,
+    idle: impl Future<Output = ()>,
+) -> Option<C::Output> {
+    let mut connection = std::pin::pin!(connection);
+    let mut idle = std::pin::pin!(idle);
+    let woken = Arc::new(IdleWake {
+        // Polled once at first, so that it sets its timer.
+        woken: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let idle_waker = Waker::from(woken.clone());
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = connection.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        woken.task.register(cx.waker());
+        if woken.woken.swap(false, Ordering::AcqRel)
+            && idle
+                .as_mut()
+                .poll(&mut Context::from_waker(&idle_waker))
+                .is_ready()
+        {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// The waker [`until_idle`] polls its idle future with: it notes that the
+/// idle future has something to say, then wakes the task.
+struct IdleWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for IdleWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
 /// A request in flight on its connection, until dropped.
 #[derive(Debug)]
 pub(crate) struct Flight(Arc<Activity>);
@@ -385,6 +437,32 @@ mod tests {
             every
         ));
         assert!(should_log(Some(start), start + every, every));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_busy_with_wake_ups_still_ends_at_the_idle_timeout() {
+        let activity = Activity::new();
+        let started = Instant::now();
+        // Wakes its task every second and never ends, nor reads anything.
+        let ticking = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
+        let ended = until_idle(ticking, activity.idle(Duration::from_secs(10))).await;
+        assert!(ended.is_none(), "closed as idle");
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_ends_first_gives_its_output() {
+        let activity = Activity::new();
+        let quick = async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            7
+        };
+        let ended = until_idle(quick, activity.idle(Duration::from_secs(10))).await;
+        assert_eq!(ended, Some(7));
     }
 
     #[tokio::test(start_paused = true)]

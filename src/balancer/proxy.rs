@@ -150,11 +150,10 @@ pub(super) async fn serve(
                     // The permit goes when the connection does.
                     let _permit = permit;
                     let _open = Held::new(&proxy.shared.metrics.open_connections);
-                    tokio::select! {
-                        ended = connection => if let Err(error) = ended {
-                            connection_failed(&proxy.shared.metrics, peer, &*error);
-                        },
-                        () = activity.idle(idle_timeout) => {
+                    match limits::until_idle(connection, activity.idle(idle_timeout)).await {
+                        Some(Err(error)) => connection_failed(&proxy.shared.metrics, peer, &*error),
+                        Some(Ok(())) => {}
+                        None => {
                             proxy.shared.metrics.idle_closed.inc();
                             tracing::debug!(%peer, "client connection idle; closed");
                         }
@@ -500,8 +499,12 @@ impl Proxy {
         let rotation = &self.shared.rotations[index];
         let mut tried: Vec<Arc<Member>> = Vec::new();
         loop {
-            let set = rotation.load_full();
-            let Some(member) = pick(&set, &tried) else {
+            // The set is read, not kept: the member picked is.
+            let (picked, live) = {
+                let set = rotation.load();
+                (pick(&set, &tried), set.live_count())
+            };
+            let Some(member) = picked else {
                 if tried.is_empty() {
                     return own_answer(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -518,7 +521,7 @@ impl Proxy {
             let error = match self.attempt(&member, &mut prepared).await {
                 Ok(response) => {
                     let (metrics, status) = (&self.shared.metrics, response.status());
-                    if let Some(instance) = metrics.instance(index, member.id()) {
+                    if let Some(instance) = member.handles(metrics, index) {
                         instance.answered(status, began.elapsed());
                     }
                     rotation.observe(
@@ -533,7 +536,7 @@ impl Proxy {
                 Err(error) => error,
             };
             let failure = error.failure();
-            let instance = self.shared.metrics.instance(index, member.id());
+            let instance = member.handles(&self.shared.metrics, index);
             if let (Some(instance), Some(kind)) = (instance, error.kind(failure)) {
                 instance.failed(kind);
             }
@@ -541,7 +544,7 @@ impl Proxy {
                 let metrics = &self.shared.metrics;
                 rotation.observe(metrics, service, &member, outcome, &Chain(&error));
             }
-            let next = next_step(failure, prepared.facts(), tried.len() + 1, set.live_count());
+            let next = next_step(failure, prepared.facts(), tried.len() + 1, live);
             log_failure(service, &member, &error, failure, next);
             tried.push(member);
             match next {

@@ -26,7 +26,7 @@
 //! cursor position, [`outlier::admits`]), otherwise the pick moves on.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -34,7 +34,7 @@ use http::uri::Authority;
 
 use super::outlier::{self, Outcome as Attempt, OutlierPolicy, Reason, Streak, FULL_SHARE};
 use super::upstream::Upstream;
-use crate::metrics::BalancerMetrics;
+use crate::metrics::{BalancerMetrics, InstanceMetrics};
 use crate::protocol::{Instance, Snapshot};
 
 /// How long an instance that refused a connection stays out of rotation the
@@ -68,6 +68,9 @@ pub struct Member {
     streak: AtomicU64,
     /// When its slow start began (joined, or back from an ejection).
     ramp_from: Option<Instant>,
+    /// Its request handles, looked up by id on first use and kept: the
+    /// handles of an id stay the same while it is in the set.
+    handles: OnceLock<Arc<InstanceMetrics>>,
 }
 
 impl Member {
@@ -85,11 +88,26 @@ impl Member {
             health,
             streak: AtomicU64::new(self.streak.load(Ordering::Relaxed)),
             ramp_from,
+            handles: self.handles.clone(),
         }
     }
 
     pub fn id(&self) -> &str {
         &self.instance.id
+    }
+
+    /// Its request handles in `metrics`, where its service is number
+    /// `index`; `None` until the metrics know the instance.
+    pub(crate) fn handles(
+        &self,
+        metrics: &BalancerMetrics,
+        index: usize,
+    ) -> Option<&Arc<InstanceMetrics>> {
+        if let Some(handles) = self.handles.get() {
+            return Some(handles);
+        }
+        let handles = metrics.instance(index, self.id())?;
+        Some(self.handles.get_or_init(|| handles))
     }
 }
 
@@ -278,6 +296,7 @@ impl ServiceSet {
                 // A finished ramp is dropped so picks stop reading the clock.
                 ramp_from: ramp_from
                     .filter(|&since| previous.policy.share(since, now) < FULL_SHARE),
+                handles: kept.map(|m| m.handles.clone()).unwrap_or_default(),
             }));
         }
         let set = ServiceSet::assemble(
