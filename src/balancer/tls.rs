@@ -191,13 +191,19 @@ impl Stream {
 trait Io: AsyncRead + AsyncWrite + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Unpin> Io for T {}
 
+// Plain TCP, the common case, is called directly rather than through
+// `dyn Io`, so that its calls can be inlined.
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        ready!(self.get_mut().poll_ready(cx))?.poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Stream::Plain(stream) = this {
+            return Pin::new(stream).poll_read(cx, buf);
+        }
+        ready!(this.poll_ready(cx))?.poll_read(cx, buf)
     }
 }
 
@@ -207,11 +213,19 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        ready!(self.get_mut().poll_ready(cx))?.poll_write(cx, buf)
+        let this = self.get_mut();
+        if let Stream::Plain(stream) = this {
+            return Pin::new(stream).poll_write(cx, buf);
+        }
+        ready!(this.poll_ready(cx))?.poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.get_mut().poll_ready(cx))?.poll_flush(cx)
+        let this = self.get_mut();
+        if let Stream::Plain(stream) = this {
+            return Pin::new(stream).poll_flush(cx);
+        }
+        ready!(this.poll_ready(cx))?.poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
