@@ -152,6 +152,9 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
 pub struct Routes {
     ordered: Vec<(Route, usize)>,
     services: Vec<String>,
+    /// Whether any route names a host; when none does, a request's host
+    /// is not looked at.
+    any_host: bool,
 }
 
 impl Routes {
@@ -193,7 +196,12 @@ impl Routes {
             let path_len = route.path.as_ref().map_or(0, |p| p.len());
             std::cmp::Reverse((route.host.is_some(), route.path.is_some(), path_len))
         });
-        Ok(Routes { ordered, services })
+        let any_host = ordered.iter().any(|(route, _)| route.host.is_some());
+        Ok(Routes {
+            ordered,
+            services,
+            any_host,
+        })
     }
 
     /// Every routed service, each once; [`Routes::find`] returns indices into it.
@@ -208,7 +216,7 @@ impl Routes {
     /// The service index for a request to `host` (a Host header or URI
     /// authority, port allowed) and `path`.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
-        let host = host.map(strip_port);
+        let host = host.filter(|_| self.any_host).map(strip_port);
         self.ordered
             .iter()
             .find(|(route, _)| route.matches(host, path))
@@ -224,8 +232,10 @@ fn strip_port(host: &str) -> &str {
             None => host,
         };
     }
-    match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+    match host.bytes().rposition(|b| b == b':') {
+        Some(colon) if host.as_bytes()[colon + 1..].iter().all(u8::is_ascii_digit) => {
+            &host[..colon]
+        }
         _ => host,
     }
 }
