@@ -309,6 +309,8 @@ mod tests {
         assert_eq!(service(&table, Some("other.org"), "/"), Some("web"));
         assert_eq!(service(&table, None, "/"), Some("web"));
         assert_eq!(service(&table, Some("[::1]:80"), "/"), Some("web"));
+        // Only digits after the last colon are a port.
+        assert_eq!(service(&table, Some("example.com:http"), "/"), Some("web"));
     }
 
     #[test]
