@@ -7,7 +7,8 @@
 //! stream republishes each one it stored on `<prefix>.catalog.<service>`:
 //! live subscribers only ever see stored snapshots, so a write the stream
 //! refuses (a superseded leader's) reaches no one. The stream also keeps the
-//! fence, `<prefix>.catalog-fence`, whose sequence is the leader's epoch.
+//! fence, `<prefix>.catalog-fence`, whose sequence is the leader's epoch,
+//! and each partition's, `<prefix>.catalog-fence.<p>`.
 
 use std::time::{Duration, SystemTime};
 
@@ -126,7 +127,10 @@ pub fn stream_config(subjects: &Subjects, replicas: usize) -> stream::Config {
         num_replicas: replicas,
         name: subjects.catalog_stream(),
         description: Some("rollcall: the last catalog snapshot of every service".to_owned()),
-        subjects: vec![subjects.catalog_store_wildcard(), subjects.catalog_fence()],
+        subjects: [subjects.catalog_store_wildcard()]
+            .into_iter()
+            .chain(subjects.catalog_fences())
+            .collect(),
         republish: Some(stream::Republish {
             source: subjects.catalog_store_wildcard(),
             destination: subjects.catalog_wildcard(),

@@ -35,11 +35,13 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::catalog::{payload_digest, Catalog, Change, Overridden};
 use crate::catalog_stream::{self, CatalogStreamError};
 use crate::connect::{Connection, Link, NatsError};
 use crate::metrics::{invalid_reason, DiscoveryMetrics, UNKNOWN_INSTANCE};
+use crate::partition::Partitions;
 use crate::protocol::{
     EventKind, Leadership, Override, OverrideReply, ProtocolError, Snapshot, Subjects,
     LEADER_HEARTBEAT, MAX_EVENT_BYTES,
@@ -285,6 +287,32 @@ pub async fn spawn_with(
     ))
 }
 
+/// Starts one fenced writer per partition of `partitions` (`rollcall
+/// discovery --partitions`): each [`spawn_with`] on the partition's
+/// subjects, with its own election, and `is_leader` and `epoch` labelled by
+/// partition; all stop when `shutdown` resolves.
+pub async fn spawn_partitions(
+    connection: &Connection,
+    subjects: &Subjects,
+    partitions: &Partitions,
+    config: DiscoveryConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Vec<Discovery>, DiscoveryError> {
+    let shutdown = shutdown.boxed().shared();
+    let replica = config.replica.clone().unwrap_or_else(default_replica_name);
+    let mut writers = Vec::new();
+    for partition in partitions.iter() {
+        let config = DiscoveryConfig {
+            metrics: config.metrics.for_partition(partition.index()),
+            replica: Some(replica.clone()),
+            ..config.clone()
+        };
+        let subjects = subjects.in_partition(partition);
+        writers.push(spawn_with(connection, subjects, config, shutdown.clone()).await?);
+    }
+    Ok(writers)
+}
+
 /// What discovery hears: events, leader heartbeats, operator overrides,
 /// the link's state.
 struct Inputs<E, L> {
@@ -325,10 +353,12 @@ where
     let now = Instant::now().into_std();
     let mut latest = BTreeMap::new();
     let mut dirty = BTreeSet::new();
+    // A partition's writer keeps only its partition's services.
     for snapshot in adopted
         .stored
         .into_iter()
         .chain(adopted.migrated.iter().cloned())
+        .filter(|s| subjects.owns(&s.service))
     {
         if let Ok(payload) = serde_json::to_vec(&snapshot) {
             latest.insert(snapshot.service.clone(), Bytes::from(payload));
@@ -336,7 +366,13 @@ where
         catalog.adopt(snapshot, now);
         Stats::bump(&stats.adopted_services);
     }
-    dirty.extend(adopted.migrated.into_iter().map(|s| s.service));
+    dirty.extend(
+        adopted
+            .migrated
+            .into_iter()
+            .map(|s| s.service)
+            .filter(|service| subjects.owns(service)),
+    );
     stats
         .live_instances
         .store(catalog.live_instances() as u64, Ordering::Relaxed);
@@ -347,6 +383,10 @@ where
         %replica,
         "discovery started; adopted the stored catalog"
     );
+    let span = match subjects.partition() {
+        Some(partition) => tracing::info_span!("partition", %partition),
+        None => tracing::Span::none(),
+    };
     let latest = Arc::new(Mutex::new(latest));
     let generation = inputs.link.borrow().generation;
     let worker = Worker {
@@ -366,7 +406,7 @@ where
         last_turn: Instant::now(),
         invalid_log: InvalidLog::default(),
     };
-    let task = tokio::spawn(worker.run(inputs, shutdown));
+    let task = tokio::spawn(worker.run(inputs, shutdown).instrument(span));
     Discovery {
         latest,
         stats,
@@ -721,7 +761,11 @@ impl<W: Wire> Worker<W> {
             }
         };
         let stored = match self.wire.read_stored().await {
-            Ok(stored) => stored,
+            // The stream is the fleet's: a partition's writer takes its own.
+            Ok(stored) => stored
+                .into_iter()
+                .filter(|s| self.subjects.owns(&s.service))
+                .collect(),
             Err(error) => {
                 tracing::warn!(%error, "took the fence but cannot read the stored catalog; not writing until it can");
                 self.election.follow(Some(epoch), now);
