@@ -1163,6 +1163,11 @@ mod tests {
         }
 
         async fn start_with(adopted: Adopted) -> Harness {
+            Harness::start_in(Subjects::default(), adopted).await
+        }
+
+        /// A worker on `subjects`: a partition's, say.
+        async fn start_in(subjects: Subjects, adopted: Adopted) -> Harness {
             let (events, receiver) = mpsc::unbounded_channel();
             let (echo, leaders) = mpsc::unbounded_channel();
             let (overrides, overrides_rx) = mpsc::unbounded_channel();
@@ -1190,7 +1195,7 @@ mod tests {
             let discovery = start(
                 wire,
                 inputs,
-                Subjects::default(),
+                subjects,
                 "test-replica".into(),
                 adopted,
                 DiscoveryMetrics::default(),
@@ -1650,6 +1655,56 @@ mod tests {
         let cleared = h.next_snapshot().await;
         assert_eq!(cleared.instances, [web("a", 3000)]);
         assert!(h.replies.try_recv().is_err(), "no reply subject, no answer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partitions_writer_adopts_and_folds_only_its_own_services() {
+        use crate::partition::{partition_of, Partition};
+        let partition = Partition::new(partition_of("web", 16), 16).unwrap();
+        let mut other = web("a", 3000);
+        other.service = "api".into();
+        assert!(!partition.owns("api"));
+        let stored_web = Snapshot {
+            service: "web".into(),
+            revision: 5,
+            instances: vec![web("a", 3000)],
+        };
+        let stored_api = Snapshot {
+            service: "api".into(),
+            revision: 3,
+            instances: vec![other.clone()],
+        };
+        let mut h = Harness::start_in(
+            Subjects::default().in_partition(partition),
+            Adopted {
+                stored: vec![stored_api, stored_web.clone()],
+                ..Adopted::default()
+            },
+        )
+        .await;
+        assert_eq!(
+            h.discovery.catalog(),
+            [stored_web],
+            "api is another partition's"
+        );
+        let json = |i: &Instance| serde_json::to_string(i).unwrap();
+        other.id = "b".into();
+        h.send("rollcall.partition.1.register.api.b", &json(&other));
+        h.send(
+            "rollcall.partition.1.heartbeat.web.a",
+            &json(&web("a", 3000)),
+        );
+        h.send(
+            "rollcall.partition.1.register.web.b",
+            &json(&web("b", 3000)),
+        );
+        let next = h.next_snapshot().await;
+        assert_eq!(next.service, "web");
+        assert_eq!(next.instances, [web("a", 3000), web("b", 3000)]);
+        assert!(next.revision > 5, "the stored revisions continue");
+        let stats = h.discovery.stats();
+        assert_eq!(stats.invalid.load(Ordering::Relaxed), 1, "the api event");
+        assert_eq!(stats.adopted_services.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]

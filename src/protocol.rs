@@ -976,6 +976,16 @@ impl Subjects {
         Ok(snapshot)
     }
 
+    /// Every event and override of one service as a server mapping
+    /// partitioned them: `<prefix>.partition.*.*.<service>.*` and
+    /// `<prefix>.partition.*.operator.*.<service>.*`.
+    pub fn partitioned_service(&self, service: &str) -> [String; 2] {
+        [
+            format!("{}.partition.*.*.{service}.*", self.prefix),
+            format!("{}.partition.*.operator.*.{service}.*", self.prefix),
+        ]
+    }
+
     /// `<prefix>.*.<service>.*`: every event of one service.
     pub fn service_events(&self, service: &str) -> String {
         format!("{}.*.{service}.*", self.prefix)
@@ -1047,6 +1057,81 @@ mod tests {
     }
 
     const WEB_1: &str = r#"{"service":"web","id":"web-1","address":"127.0.0.1","port":5001,"ttl_ms":3000,"weight":1,"tags":["v2"],"meta":{"zone":"a"}}"#;
+
+    #[test]
+    fn a_partitions_writer_reads_its_partition_and_refuses_another_hash() {
+        use crate::partition::{partition_of, Partition};
+        assert_eq!((partition_of("web", 16), partition_of("api", 16)), (1, 7));
+        let subjects = subjects().in_partition(Partition::new(1, 16).unwrap());
+        assert_eq!(subjects.events_wildcard(), "rollcall.partition.1.*.*.*");
+        assert_eq!(
+            subjects.operator_wildcard(),
+            "rollcall.partition.1.operator.>"
+        );
+        assert_eq!(subjects.catalog_fence(), "rollcall.catalog-fence.1");
+        assert_eq!(subjects.leader_heartbeat(), "rollcall.discovery.leader.1");
+        assert_eq!(
+            subjects.parse_event_subject("rollcall.partition.1.heartbeat.web.a"),
+            Ok((EventKind::Heartbeat, "web", "a"))
+        );
+        assert_eq!(
+            subjects
+                .parse_operator_subject("rollcall.partition.1.operator.drain.web.a")
+                .map(|(action, ..)| action),
+            Ok(OverrideAction::Drain)
+        );
+        // `api` hashes to 7 of 16: the server's mapping has another N.
+        for subject in [
+            "rollcall.partition.1.register.api.a",
+            "rollcall.partition.1.operator.drain.api.a",
+        ] {
+            let refused = if subject.contains(".operator.") {
+                subjects.parse_operator_subject(subject).map(|_| ())
+            } else {
+                subjects.parse_event_subject(subject).map(|_| ())
+            }
+            .unwrap_err();
+            assert_eq!(
+                refused,
+                ProtocolError::WrongPartition {
+                    subject: subject.into(),
+                    service: "api".into(),
+                    token: "1".into(),
+                    hashed: 7,
+                    count: 16,
+                }
+            );
+            let message = refused.to_string();
+            assert!(
+                message.contains("through partition 1") && message.contains("partition 7 of 16"),
+                "{message}"
+            );
+        }
+        for foreign in [
+            "rollcall.partition.2.register.web.a",
+            "rollcall.register.web.a",
+        ] {
+            assert!(
+                matches!(
+                    subjects.parse_event_subject(foreign),
+                    Err(ProtocolError::SubjectShape { .. })
+                ),
+                "{foreign}"
+            );
+        }
+        assert!(subjects.owns("web") && !subjects.owns("api"));
+        assert!(Subjects::default().owns("api"));
+        assert_eq!(
+            Subjects::default().unmap("rollcall.partition.1.register.web.a"),
+            Some(("1", "rollcall.register.web.a".to_owned()))
+        );
+        assert_eq!(Subjects::default().unmap("rollcall.register.web.a"), None);
+        assert!(Subjects::default().is_catalog_write("rollcall.catalog-fence.3"));
+        assert_eq!(
+            Subjects::default().catalog_fences(),
+            ["rollcall.catalog-fence", "rollcall.catalog-fence.*"]
+        );
+    }
 
     #[test]
     fn the_protocol_example_parses_and_round_trips() {

@@ -88,8 +88,19 @@ async fn record(nats: &async_nats::Client, seen: Arc<Mutex<Seen>>) {
 /// `rollcall discovery --partitions PARTITIONS` named `name`, preferring
 /// the node at `first` of `urls`.
 fn shard(urls: &[String], first: usize, name: &str, partitions: &str) -> Process {
+    shard_with(urls, first, name, partitions, &[])
+}
+
+/// [`shard`] with more arguments.
+fn shard_with(
+    urls: &[String],
+    first: usize,
+    name: &str,
+    partitions: &str,
+    more: &[&str],
+) -> Process {
     let urls = rotated(urls, first);
-    Process::spawn(rollcall(&[
+    let mut args = vec![
         "discovery",
         "--nats",
         &urls,
@@ -97,7 +108,9 @@ fn shard(urls: &[String], first: usize, name: &str, partitions: &str) -> Process
         name,
         "--partitions",
         partitions,
-    ]))
+    ];
+    args.extend(more);
+    Process::spawn(rollcall(&args))
 }
 
 /// A client of the cluster preferring the node at `first` of `urls`.
@@ -207,7 +220,8 @@ async fn two_shards_and_a_standby_share_the_catalog_and_the_standby_takes_over_o
     record(&nats, Arc::clone(&seen)).await;
 
     let mut shard_a = Some(shard(&urls, 0, "a", "0-7/16"));
-    let _shard_b = shard(&urls, 1, "b", "8-15/16");
+    let admin_b = format!("127.0.0.1:{}", support::free_port());
+    let _shard_b = shard_with(&urls, 1, "b", "8-15/16", &["--admin", &admin_b]);
     // Every partition led, A's by A and B's by B, before the standby starts.
     let expected_leader = |p: u32| if p < 8 { "a" } else { "b" };
     eventually("a leader for each of the 16 partitions", LIMIT, || async {
@@ -215,6 +229,19 @@ async fn two_shards_and_a_standby_share_the_catalog_and_the_standby_takes_over_o
         (leaderships.len() == 16).then_some(())
     })
     .await;
+    let metrics = cli::http_get(&admin_b, "/metrics").1;
+    for (partition, leaders) in seen.lock().unwrap().leaderships().range(8..) {
+        let epoch = leaders.first().expect("a leader").1;
+        for line in [
+            format!("rollcall_discovery_partition_is_leader{{partition=\"{partition}\"}} 1"),
+            format!("rollcall_discovery_partition_epoch{{partition=\"{partition}\"}} {epoch}"),
+        ] {
+            assert!(
+                metrics.lines().any(|l| l == line),
+                "no {line} in\n{metrics}"
+            );
+        }
+    }
     let standby = shard(&urls, 2, "a2", "0-7/16");
     standby.wait_stderr_times("following the catalog leader", 8, LIMIT);
 
@@ -340,6 +367,13 @@ async fn two_shards_and_a_standby_share_the_catalog_and_the_standby_takes_over_o
         );
     }
     check_snapshots(&seen, &alive);
+    let (code, _, said) = cli::run(rollcall(&["catalog", "--nats", &rotated(&urls, 0)]), LIMIT);
+    assert_eq!(code, Some(0), "{said}");
+    for (partition, leaders) in &after {
+        let (replica, epoch) = leaders.last().expect("a leader");
+        let line = format!("partition {partition}: leader {replica} epoch {epoch} ");
+        assert!(said.contains(&line), "no {line:?} in\n{said}");
+    }
     assert!(served.load(Ordering::Relaxed) > 0);
     assert_eq!(failed.load(Ordering::Relaxed), 0, "failed requests");
     assert!(
@@ -411,4 +445,46 @@ async fn the_server_puts_each_service_where_partition_of_says_and_keeps_reply_su
             partition_of("billing", N)
         )
     );
+}
+
+#[tokio::test]
+async fn a_catalog_stream_from_before_partitions_gains_their_fences_in_place() {
+    let server = support::NatsServer::start();
+    let nats = support::client(&server.url()).await;
+    let js = async_nats::jetstream::new(nats.clone());
+    let subjects = Subjects::default();
+    let mut before = rollcall::catalog_stream::stream_config(&subjects, 1);
+    before.subjects.retain(|s| !s.ends_with(".*"));
+    assert_eq!(
+        before.subjects,
+        ["rollcall.catalog-store.>", "rollcall.catalog-fence"]
+    );
+    js.create_stream(before).await.expect("the old stream");
+    let stored = Snapshot {
+        service: "web".into(),
+        revision: 9,
+        instances: vec![Instance::new("web", "web-1", "127.0.0.1", 5001)],
+    };
+    js.publish(
+        "rollcall.catalog-store.web",
+        serde_json::to_vec(&stored).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .expect("stored");
+
+    let discovery = support::RunningDiscovery::start(&server.url()).await;
+    let mut stream = js.get_stream(subjects.catalog_stream()).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(
+        info.config.subjects,
+        [
+            "rollcall.catalog-store.>",
+            "rollcall.catalog-fence",
+            "rollcall.catalog-fence.*"
+        ]
+    );
+    assert_eq!(discovery.get().catalog(), [stored], "what it kept stays");
+    discovery.stop().await;
 }
