@@ -488,3 +488,20 @@ async fn a_catalog_stream_from_before_partitions_gains_their_fences_in_place() {
     assert_eq!(discovery.get().catalog(), [stored], "what it kept stays");
     discovery.stop().await;
 }
+
+#[tokio::test]
+async fn unpartitioned_discovery_refuses_to_start_beside_shards() {
+    let server = support::NatsServer::start();
+    let urls = [server.url()];
+    let shard = shard(&urls, 0, "a", "0-15/16");
+    shard.wait_stderr_times("leading the catalog", 16, LIMIT);
+    let (code, _, said) = cli::run(rollcall(&["discovery", "--nats", &urls[0]]), LIMIT);
+    assert_ne!(code, Some(0));
+    for needle in [
+        "holds the fences of 16 partitions",
+        "Start it with --partitions LIST/N",
+        "nats stream purge ROLLCALL_CATALOG --subject 'rollcall.catalog-fence.*'",
+    ] {
+        assert!(said.contains(needle), "no {needle:?} in\n{said}");
+    }
+}

@@ -3,10 +3,12 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use rollcall::catalog_stream;
 use rollcall::discovery::DiscoveryConfig;
 use rollcall::metrics::DiscoveryMetrics;
 use rollcall::partition::{Partitions, PartitionsError};
 use rollcall::permissions::discovery_needs;
+use rollcall::protocol::Subjects;
 
 use crate::admin;
 use crate::args::{shutdown_signal, NatsArgs};
@@ -58,6 +60,39 @@ impl StreamReplicas {
     }
 }
 
+/// An unpartitioned discovery beside shards would hear no event (the
+/// servers map them into partitions) and, leading the catalog, expire every
+/// instance it adopted: refused while the catalog stream holds partition
+/// fences.
+async fn refuse_beside_shards(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(client.clone());
+    let fences = match catalog_stream::read_partition_fences(&js, subjects).await {
+        Ok(fences) => fences,
+        Err(error) => {
+            // No stream yet (a first start), or no right to list it.
+            tracing::debug!(%error, "cannot list partition fences");
+            return Ok(());
+        }
+    };
+    let Some((last, _)) = fences.last() else {
+        return Ok(());
+    };
+    anyhow::bail!(
+        "the catalog stream {} holds the fences of {} partitions (the highest {last}): \
+         discovery runs as shards here, and without --partitions this one would hear \
+         no event and expire the catalog. Start it with --partitions LIST/N; to go back \
+         to unpartitioned discovery, remove the mapping from every NATS node, stop every \
+         shard and purge the fences (nats stream purge {} --subject '{}.catalog-fence.*')",
+        subjects.catalog_stream(),
+        fences.len(),
+        subjects.catalog_stream(),
+        subjects.prefix()
+    )
+}
+
 fn parse_partitions(text: &str) -> Result<Partitions, String> {
     text.parse().map_err(|e: PartitionsError| e.to_string())
 }
@@ -92,6 +127,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     for subjects in &partitioned {
         connection.check_access(&discovery_needs(subjects)).await?;
+    }
+    if args.partitions.is_none() {
+        refuse_beside_shards(&connection.client, prefix).await?;
     }
     let cluster = connection.client.server_info().cluster;
     let stream_replicas = args.replicas.resolve(cluster.is_some());
