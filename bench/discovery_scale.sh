@@ -12,8 +12,15 @@
 # Goals: ≥ 250,000 heartbeats/s with 10,000 live instances, propagation p99
 # ≤ 50 ms, ≤ 1 KiB per live instance, no expiries, no slow consumer.
 # Prints one DISCOVERY_SCALE line per size and rate, one NATS_RAW line.
-# Env: SIZES ("1000 10000 50000"), RATES ("250000"), DUR (10), SERVICES (100)
+# Env: SIZES ("1000 10000 50000"), RATES ("250000"), DUR (10), SERVICES (100),
+# PARTITIONS (unset; e.g. "0-15/16": the server gets nats/cluster/partitions.conf
+# and discovery runs as one shard owning those partitions, a writer each;
+# the lines then say partitions=...).
 source "$(dirname "$0")/lib.sh"
+
+if [[ -n "${PARTITIONS:-}" ]]; then
+  NATS_CONFIG="$ROOT/nats/cluster/partitions.conf"; DISCOVERY_ARGS="--partitions $PARTITIONS"
+fi
 
 SIZES="${SIZES:-1000 10000 50000}"; RATES="${RATES:-250000}"; DUR="${DUR:-10}"; SERVICES="${SERVICES:-100}"
 ensure_packages curl
@@ -39,7 +46,7 @@ for n in $SIZES; do
     slow_server="$(varz)"
     conn="$(discovery_conn)"
     slow_log="$(grep -c 'slow consumer: NATS dropped' "$DISCOVERY_LOG" || true)"
-    echo "$line server_slow_consumers=$slow_server discovery_slow_consumer_logs=$slow_log $conn"
+    echo "$line partitions=${PARTITIONS:-none} server_slow_consumers=$slow_server discovery_slow_consumer_logs=$slow_log $conn"
     stop_pid "$DISCOVERY_PID"; stop_pid "$NATS_PID"
   done
 done

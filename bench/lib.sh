@@ -141,7 +141,8 @@ start_backends() {  # start_backends CPULIST [PORT...]
 start_nats() {  # start_nats [CPULIST]: JetStream on, fresh store in the run dir, monitoring port
   assert_port_free "$NATS_PORT"; assert_port_free "$NATS_MON_PORT"
   local store="$RUN_DIR/nats-store-$(date +%s%N)"
-  pin_exec "${1:-}" "$NATS_SERVER_BIN" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON_PORT" -js -sd "$store" \
+  local config=(); [[ -n "${NATS_CONFIG:-}" ]] && config=(-c "$NATS_CONFIG")  # e.g. the partition mapping
+  pin_exec "${1:-}" "$NATS_SERVER_BIN" "${config[@]}" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON_PORT" -js -sd "$store" \
     -l "$RUN_DIR/nats-server.log" &
   NATS_PID=$!; track "$NATS_PID"
   wait_port "$NATS_PORT"
@@ -155,7 +156,8 @@ wait_log() {  # wait_log FILE PATTERN [timeout_s]
 
 start_discovery() {  # start_discovery [CPULIST]  (sets DISCOVERY_PID)
   local logf="$RUN_DIR/discovery-$(date +%s%N).log"
-  ROLLCALL_LOG="${ROLLCALL_LOG:-info}" pin_exec "${1:-}" "$ROLLCALL_BIN" discovery --nats "$NATS_URL_BENCH" >"$logf" 2>&1 &
+  # shellcheck disable=SC2086  # DISCOVERY_ARGS: extra flags, word-split on purpose
+  ROLLCALL_LOG="${ROLLCALL_LOG:-info}" pin_exec "${1:-}" "$ROLLCALL_BIN" discovery --nats "$NATS_URL_BENCH" ${DISCOVERY_ARGS:-} >"$logf" 2>&1 &
   DISCOVERY_PID=$!; DISCOVERY_LOG="$logf"; track "$DISCOVERY_PID"
   wait_log "$logf" "discovery started"
 }

@@ -7,12 +7,13 @@
 //! stream republishes each one it stored on `<prefix>.catalog.<service>`:
 //! live subscribers only ever see stored snapshots, so a write the stream
 //! refuses (a superseded leader's) reaches no one. The stream also keeps the
-//! fence, `<prefix>.catalog-fence`, whose sequence is the leader's epoch.
+//! fence, `<prefix>.catalog-fence`, whose sequence is the leader's epoch,
+//! and each partition's, `<prefix>.catalog-fence.<p>`.
 
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, consumer, stream};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
 
@@ -76,10 +77,6 @@ pub async fn read_fence(
     subjects: &Subjects,
 ) -> Result<Option<Leadership>, CatalogStreamError> {
     let subject = subjects.catalog_fence();
-    let fence_error = |source| CatalogStreamError::Fence {
-        subject: subject.clone(),
-        source: NatsError(source),
-    };
     let stream = js
         .get_stream_no_info(subjects.catalog_stream())
         .await
@@ -87,6 +84,55 @@ pub async fn read_fence(
             stream: subjects.catalog_stream(),
             source: Box::new(NatsError(e)),
         })?;
+    read_fence_on(&stream, subject).await
+}
+
+/// Every partition's fence, `<prefix>.catalog-fence.<p>` (`rollcall
+/// discovery --partitions`), by partition, ascending.
+pub async fn read_partition_fences(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+) -> Result<Vec<(u32, Leadership)>, CatalogStreamError> {
+    let name = subjects.catalog_stream();
+    let read_error = |source: Box<dyn std::error::Error + Send + Sync>| CatalogStreamError::Read {
+        stream: name.clone(),
+        source,
+    };
+    let stream = js
+        .get_stream_no_info(&name)
+        .await
+        .map_err(|e| read_error(Box::new(NatsError(e))))?;
+    let [_, wildcard] = subjects.catalog_fences();
+    let mut listed = stream
+        .info_with_subjects(wildcard)
+        .await
+        .map_err(|e| read_error(Box::new(e)))?;
+    let mut fences = Vec::new();
+    while let Some((subject, _)) = listed
+        .try_next()
+        .await
+        .map_err(|e| read_error(Box::new(e)))?
+    {
+        let Some(partition) = subject.rsplit('.').next().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        if let Some(leader) = read_fence_on(&stream, subject).await? {
+            fences.push((partition, leader));
+        }
+    }
+    fences.sort_by_key(|(partition, _)| *partition);
+    Ok(fences)
+}
+
+/// The fence stored on `subject`, its epoch the message's sequence.
+async fn read_fence_on(
+    stream: &jetstream::stream::Stream<()>,
+    subject: String,
+) -> Result<Option<Leadership>, CatalogStreamError> {
+    let fence_error = |source| CatalogStreamError::Fence {
+        subject: subject.clone(),
+        source: NatsError(source),
+    };
     match stream.direct_get_last_for_subject(subject.clone()).await {
         Ok(message) => {
             let mut leadership: Leadership =
@@ -126,7 +172,10 @@ pub fn stream_config(subjects: &Subjects, replicas: usize) -> stream::Config {
         num_replicas: replicas,
         name: subjects.catalog_stream(),
         description: Some("rollcall: the last catalog snapshot of every service".to_owned()),
-        subjects: vec![subjects.catalog_store_wildcard(), subjects.catalog_fence()],
+        subjects: [subjects.catalog_store_wildcard()]
+            .into_iter()
+            .chain(subjects.catalog_fences())
+            .collect(),
         republish: Some(stream::Republish {
             source: subjects.catalog_store_wildcard(),
             destination: subjects.catalog_wildcard(),
@@ -170,6 +219,9 @@ pub async fn ensure(
             if info.config.subjects == wanted.subjects && info.config.republish.is_some() {
                 return Ok(Ensured::default());
             }
+            if info.config.republish.is_some() {
+                return add_partition_fences(js, &name, wanted).await;
+            }
             migrate(js, subjects, wanted).await
         }
         Err(error) if is_stream_not_found(&error.kind()) => {
@@ -191,6 +243,23 @@ pub async fn ensure(
             source: NatsError(source),
         }),
     }
+}
+
+/// A version 2 stream from before partitions gains
+/// `<prefix>.catalog-fence.*`, in place: what it keeps stays.
+async fn add_partition_fences(
+    js: &jetstream::Context,
+    name: &str,
+    wanted: stream::Config,
+) -> Result<Ensured, CatalogStreamError> {
+    js.update_stream(wanted)
+        .await
+        .map_err(|source| CatalogStreamError::Update {
+            stream: name.to_owned(),
+            source: NatsError(source),
+        })?;
+    tracing::info!(stream = %name, "the catalog stream now keeps the partitions' fences too");
+    Ok(Ensured::default())
 }
 
 /// Reads the snapshots a version 1 stream kept, then changes its subjects.

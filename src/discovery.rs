@@ -35,11 +35,13 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::catalog::{payload_digest, Catalog, Change, Overridden};
 use crate::catalog_stream::{self, CatalogStreamError};
 use crate::connect::{Connection, Link, NatsError};
 use crate::metrics::{invalid_reason, DiscoveryMetrics, UNKNOWN_INSTANCE};
+use crate::partition::Partitions;
 use crate::protocol::{
     EventKind, Leadership, Override, OverrideReply, ProtocolError, Snapshot, Subjects,
     LEADER_HEARTBEAT, MAX_EVENT_BYTES,
@@ -285,6 +287,32 @@ pub async fn spawn_with(
     ))
 }
 
+/// Starts one fenced writer per partition of `partitions` (`rollcall
+/// discovery --partitions`): each [`spawn_with`] on the partition's
+/// subjects, with its own election, and `is_leader` and `epoch` labelled by
+/// partition; all stop when `shutdown` resolves.
+pub async fn spawn_partitions(
+    connection: &Connection,
+    subjects: &Subjects,
+    partitions: &Partitions,
+    config: DiscoveryConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Vec<Discovery>, DiscoveryError> {
+    let shutdown = shutdown.boxed().shared();
+    let replica = config.replica.clone().unwrap_or_else(default_replica_name);
+    let mut writers = Vec::new();
+    for partition in partitions.iter() {
+        let config = DiscoveryConfig {
+            metrics: config.metrics.for_partition(partition.index()),
+            replica: Some(replica.clone()),
+            ..config.clone()
+        };
+        let subjects = subjects.in_partition(partition);
+        writers.push(spawn_with(connection, subjects, config, shutdown.clone()).await?);
+    }
+    Ok(writers)
+}
+
 /// What discovery hears: events, leader heartbeats, operator overrides,
 /// the link's state.
 struct Inputs<E, L> {
@@ -325,10 +353,12 @@ where
     let now = Instant::now().into_std();
     let mut latest = BTreeMap::new();
     let mut dirty = BTreeSet::new();
+    // A partition's writer keeps only its partition's services.
     for snapshot in adopted
         .stored
         .into_iter()
         .chain(adopted.migrated.iter().cloned())
+        .filter(|s| subjects.owns(&s.service))
     {
         if let Ok(payload) = serde_json::to_vec(&snapshot) {
             latest.insert(snapshot.service.clone(), Bytes::from(payload));
@@ -336,7 +366,13 @@ where
         catalog.adopt(snapshot, now);
         Stats::bump(&stats.adopted_services);
     }
-    dirty.extend(adopted.migrated.into_iter().map(|s| s.service));
+    dirty.extend(
+        adopted
+            .migrated
+            .into_iter()
+            .map(|s| s.service)
+            .filter(|service| subjects.owns(service)),
+    );
     stats
         .live_instances
         .store(catalog.live_instances() as u64, Ordering::Relaxed);
@@ -347,6 +383,10 @@ where
         %replica,
         "discovery started; adopted the stored catalog"
     );
+    let span = match subjects.partition() {
+        Some(partition) => tracing::info_span!("partition", %partition),
+        None => tracing::Span::none(),
+    };
     let latest = Arc::new(Mutex::new(latest));
     let generation = inputs.link.borrow().generation;
     let worker = Worker {
@@ -366,7 +406,7 @@ where
         last_turn: Instant::now(),
         invalid_log: InvalidLog::default(),
     };
-    let task = tokio::spawn(worker.run(inputs, shutdown));
+    let task = tokio::spawn(worker.run(inputs, shutdown).instrument(span));
     Discovery {
         latest,
         stats,
@@ -721,7 +761,11 @@ impl<W: Wire> Worker<W> {
             }
         };
         let stored = match self.wire.read_stored().await {
-            Ok(stored) => stored,
+            // The stream is the fleet's: a partition's writer takes its own.
+            Ok(stored) => stored
+                .into_iter()
+                .filter(|s| self.subjects.owns(&s.service))
+                .collect(),
             Err(error) => {
                 tracing::warn!(%error, "took the fence but cannot read the stored catalog; not writing until it can");
                 self.election.follow(Some(epoch), now);
@@ -1119,6 +1163,11 @@ mod tests {
         }
 
         async fn start_with(adopted: Adopted) -> Harness {
+            Harness::start_in(Subjects::default(), adopted).await
+        }
+
+        /// A worker on `subjects`: a partition's, say.
+        async fn start_in(subjects: Subjects, adopted: Adopted) -> Harness {
             let (events, receiver) = mpsc::unbounded_channel();
             let (echo, leaders) = mpsc::unbounded_channel();
             let (overrides, overrides_rx) = mpsc::unbounded_channel();
@@ -1146,7 +1195,7 @@ mod tests {
             let discovery = start(
                 wire,
                 inputs,
-                Subjects::default(),
+                subjects,
                 "test-replica".into(),
                 adopted,
                 DiscoveryMetrics::default(),
@@ -1606,6 +1655,56 @@ mod tests {
         let cleared = h.next_snapshot().await;
         assert_eq!(cleared.instances, [web("a", 3000)]);
         assert!(h.replies.try_recv().is_err(), "no reply subject, no answer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partitions_writer_adopts_and_folds_only_its_own_services() {
+        use crate::partition::{partition_of, Partition};
+        let partition = Partition::new(partition_of("web", 16), 16).unwrap();
+        let mut other = web("a", 3000);
+        other.service = "api".into();
+        assert!(!partition.owns("api"));
+        let stored_web = Snapshot {
+            service: "web".into(),
+            revision: 5,
+            instances: vec![web("a", 3000)],
+        };
+        let stored_api = Snapshot {
+            service: "api".into(),
+            revision: 3,
+            instances: vec![other.clone()],
+        };
+        let mut h = Harness::start_in(
+            Subjects::default().in_partition(partition),
+            Adopted {
+                stored: vec![stored_api, stored_web.clone()],
+                ..Adopted::default()
+            },
+        )
+        .await;
+        assert_eq!(
+            h.discovery.catalog(),
+            [stored_web],
+            "api is another partition's"
+        );
+        let json = |i: &Instance| serde_json::to_string(i).unwrap();
+        other.id = "b".into();
+        h.send("rollcall.partition.1.register.api.b", &json(&other));
+        h.send(
+            "rollcall.partition.1.heartbeat.web.a",
+            &json(&web("a", 3000)),
+        );
+        h.send(
+            "rollcall.partition.1.register.web.b",
+            &json(&web("b", 3000)),
+        );
+        let next = h.next_snapshot().await;
+        assert_eq!(next.service, "web");
+        assert_eq!(next.instances, [web("a", 3000), web("b", 3000)]);
+        assert!(next.revision > 5, "the stored revisions continue");
+        let stats = h.discovery.stats();
+        assert_eq!(stats.invalid.load(Ordering::Relaxed), 1, "the api event");
+        assert_eq!(stats.adopted_services.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]

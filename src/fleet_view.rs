@@ -34,6 +34,12 @@ pub enum Observed {
         subject: String,
         reason: String,
     },
+    /// An event or override the server's mapping put into a partition, or
+    /// a partition's leader heartbeat: what it is, and the partition token.
+    Partitioned {
+        partition: String,
+        observed: Box<Observed>,
+    },
 }
 
 impl Observed {
@@ -44,7 +50,16 @@ impl Observed {
             subject: subject.to_owned(),
             reason: error.to_string(),
         };
-        if subject == subjects.leader_heartbeat() {
+        if let Some((partition, unmapped)) = subjects.unmap(subject) {
+            return Observed::partitioned(partition, subjects, &unmapped, payload);
+        }
+        let leader = subjects.leader_heartbeat();
+        if let Some(partition) =
+            (subject.strip_prefix(leader.as_str())).and_then(|rest| rest.strip_prefix('.'))
+        {
+            return Observed::partitioned(partition, subjects, &leader, payload);
+        }
+        if subject == leader {
             return serde_json::from_slice(payload).map_or_else(
                 |e| Observed::Invalid {
                     subject: subject.to_owned(),
@@ -79,18 +94,52 @@ impl Observed {
         }
     }
 
+    fn partitioned(
+        partition: &str,
+        subjects: &Subjects,
+        subject: &str,
+        payload: &[u8],
+    ) -> Observed {
+        Observed::Partitioned {
+            partition: partition.to_owned(),
+            observed: Box::new(Observed::read(subjects, subject, payload)),
+        }
+    }
+
     pub fn is_invalid(&self) -> bool {
-        matches!(self, Observed::Invalid { .. })
+        match self {
+            Observed::Partitioned { observed, .. } => observed.is_invalid(),
+            other => matches!(other, Observed::Invalid { .. }),
+        }
     }
 
     pub fn is_heartbeat(&self) -> bool {
-        matches!(
-            self,
-            Observed::Event {
-                event: Event::Heartbeat(_),
-                ..
-            }
-        )
+        match self {
+            Observed::Partitioned { observed, .. } => observed.is_heartbeat(),
+            other => matches!(
+                other,
+                Observed::Event {
+                    event: Event::Heartbeat(_),
+                    ..
+                }
+            ),
+        }
+    }
+
+    /// A leader heartbeat: its partition (`None`: the unpartitioned
+    /// leader's) and what it says.
+    pub fn leader(&self) -> Option<(Option<&str>, &Leadership)> {
+        match self {
+            Observed::Leader(leader) => Some((None, leader)),
+            Observed::Partitioned {
+                partition,
+                observed,
+            } => match observed.as_ref() {
+                Observed::Leader(leader) => Some((Some(partition.as_str()), leader)),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// One line for people: time, kind, service, instance, address:port;
@@ -138,6 +187,10 @@ impl Observed {
             Observed::Invalid { subject, reason } => {
                 format!("{time} {:<10} {subject}: {reason}", "invalid")
             }
+            Observed::Partitioned {
+                partition,
+                observed,
+            } => format!("{} partition={partition}", observed.line(at)),
         }
     }
 
@@ -184,6 +237,14 @@ impl Observed {
                 "subject": subject,
                 "reason": reason,
             }),
+            Observed::Partitioned {
+                partition,
+                observed,
+            } => {
+                let mut object = observed.json(at);
+                object["partition"] = json!(partition);
+                object
+            }
         }
     }
 }
@@ -409,6 +470,31 @@ mod tests {
         );
         let with_record = read("rollcall.deregister.web.web-1", WEB_1);
         assert!(with_record.line(at()).ends_with("web/web-1 127.0.0.1:5001"));
+    }
+
+    #[test]
+    fn partitioned_events_and_leaders_name_their_partition() {
+        let heartbeat = read("rollcall.partition.1.heartbeat.web.web-1", WEB_1);
+        assert!(heartbeat.is_heartbeat());
+        assert_eq!(
+            heartbeat.line(at()),
+            "2026-11-27T12:00:00.250Z heartbeat  web/web-1 127.0.0.1:5001 ttl=3000ms weight=2 tags=v2 partition=1"
+        );
+        assert_eq!(heartbeat.json(at())["partition"], "1");
+        assert_eq!(heartbeat.json(at())["kind"], "heartbeat");
+        let beat = r#"{"replica":"shard-a","epoch":41,"since_ms":0}"#;
+        let leader = read("rollcall.discovery.leader.3", beat);
+        let (partition, said) = leader.leader().expect("a leader heartbeat");
+        assert_eq!(
+            (partition, said.replica.as_str(), said.epoch),
+            (Some("3"), "shard-a", 41)
+        );
+        assert!(leader.line(at()).ends_with(" partition=3"));
+        let unpartitioned = read("rollcall.discovery.leader", beat);
+        assert_eq!(unpartitioned.leader().map(|(p, _)| p), Some(None));
+        let junk = read("rollcall.partition.1.heartbeat.web.web-1", "{");
+        assert!(junk.is_invalid());
+        assert!(junk.line(at()).contains("rollcall.heartbeat.web.web-1"));
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //!   replica; one leads, fenced by the catalog stream, and answers
 //!   overrides); a snapshot per change, published and kept in the catalog
 //!   stream.
+//! - [`partition`]: the partitions a server mapping puts events in, and
+//!   the ones a discovery process owns (`--partitions`).
 //! - [`catalog_stream`]: the JetStream last-value stream of snapshots.
 //! - [`subscription`]: catalog messages from NATS into a stream of updates,
 //!   the only input of a balancer.
@@ -65,6 +67,7 @@ pub mod connect;
 pub mod discovery;
 pub mod fleet_view;
 pub mod metrics;
+pub mod partition;
 pub mod permissions;
 pub mod protocol;
 pub mod subscription;

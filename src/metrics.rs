@@ -49,6 +49,11 @@ pub struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub partition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InstanceLabels {
     pub service: String,
     pub instance: String,
@@ -663,6 +668,10 @@ pub struct DiscoveryMetrics {
     pub live_instances: Family<ServiceLabels, Gauge>,
     pub is_leader: Gauge,
     pub epoch: Gauge,
+    /// `is_leader` of each partition a partitioned process owns.
+    pub partition_is_leader: Family<PartitionLabels, Gauge>,
+    /// `epoch` of each partition a partitioned process owns.
+    pub partition_epoch: Family<PartitionLabels, Gauge>,
     /// Operator overrides applied, by action.
     pub overrides: Family<ActionLabels, Counter>,
     /// Operator overrides that changed nothing, by reason.
@@ -691,6 +700,8 @@ impl DiscoveryMetrics {
             live_instances: Family::default(),
             is_leader: Gauge::default(),
             epoch: Gauge::default(),
+            partition_is_leader: Family::default(),
+            partition_epoch: Family::default(),
             overrides: Family::default(),
             invalid_overrides: Family::default(),
             nats: NatsMetrics::new(registry),
@@ -712,6 +723,19 @@ impl DiscoveryMetrics {
         }
         metrics.register(registry.sub_registry_with_prefix("discovery"));
         metrics
+    }
+
+    /// The families of partition `partition`'s writer: its `is_leader` and
+    /// `epoch` are the partition's; every other family is shared.
+    pub fn for_partition(&self, partition: u32) -> DiscoveryMetrics {
+        let labels = PartitionLabels {
+            partition: partition.to_string(),
+        };
+        DiscoveryMetrics {
+            is_leader: self.partition_is_leader.get_or_create_owned(&labels),
+            epoch: self.partition_epoch.get_or_create_owned(&labels),
+            ..self.clone()
+        }
     }
 
     fn register(&self, r: &mut Registry) {
@@ -749,6 +773,16 @@ impl DiscoveryMetrics {
             "epoch",
             "The leadership epoch this discovery knows",
             self.epoch.clone(),
+        );
+        r.register(
+            "partition_is_leader",
+            "1 while this discovery publishes the catalog of the partition (--partitions)",
+            self.partition_is_leader.clone(),
+        );
+        r.register(
+            "partition_epoch",
+            "The leadership epoch of the partition this discovery knows (--partitions)",
+            self.partition_epoch.clone(),
         );
         r.register(
             "overrides",
@@ -807,7 +841,7 @@ impl DiscoveryMetrics {
     }
 }
 
-const INVALID_REASONS: [&str; 11] = [
+const INVALID_REASONS: [&str; 12] = [
     "bad_name",
     "bad_subject",
     "bad_json",
@@ -819,11 +853,12 @@ const INVALID_REASONS: [&str; 11] = [
     "operator_in_event",
     "bad_by",
     "bad_weight",
+    "wrong_partition",
 ];
 
 /// Why an override changed nothing: the protocol reasons, and an instance
 /// that is not live.
-const INVALID_OVERRIDE_REASONS: [&str; 8] = [
+const INVALID_OVERRIDE_REASONS: [&str; 9] = [
     "bad_name",
     "bad_subject",
     "bad_json",
@@ -831,6 +866,7 @@ const INVALID_OVERRIDE_REASONS: [&str; 8] = [
     "too_large",
     "bad_by",
     "bad_weight",
+    "wrong_partition",
     UNKNOWN_INSTANCE,
 ];
 
@@ -858,6 +894,7 @@ pub fn invalid_reason(error: &ProtocolError) -> &'static str {
         ProtocolError::MissingWeight
         | ProtocolError::BadWeight { .. }
         | ProtocolError::UnexpectedWeight { .. } => "bad_weight",
+        ProtocolError::WrongPartition { .. } => "wrong_partition",
     }
 }
 

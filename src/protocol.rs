@@ -9,6 +9,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::partition::{partition_of, Partition};
+
 /// The subject prefix used when none is configured.
 pub const DEFAULT_PREFIX: &str = "rollcall";
 /// Longest service, instance or prefix token.
@@ -92,6 +94,14 @@ pub enum ProtocolError {
     BadWeight { value: String },
     #[error("field `weight` is only for action `weight`, not `{action}`")]
     UnexpectedWeight { action: OverrideAction },
+    #[error("subject {subject:?} came through partition {token} but service {service:?} hashes to partition {hashed} of {count}: the server's mapping and `--partitions .../{count}` must have the same number of partitions")]
+    WrongPartition {
+        subject: String,
+        service: String,
+        token: String,
+        hashed: u32,
+        count: u32,
+    },
 }
 
 /// Checks a service, instance or prefix token: 1 to 64 characters from
@@ -557,16 +567,19 @@ struct DeregisterBody {
     id: Option<String>,
 }
 
-/// The subjects of one fleet, all under one prefix.
+/// The subjects of one fleet, all under one prefix; a discovery writer of
+/// one partition uses [`Subjects::in_partition`]'s.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subjects {
     prefix: String,
+    partition: Option<Partition>,
 }
 
 impl Default for Subjects {
     fn default() -> Self {
         Subjects {
             prefix: DEFAULT_PREFIX.to_owned(),
+            partition: None,
         }
     }
 }
@@ -577,7 +590,37 @@ impl Subjects {
         validate_name("prefix", prefix)?;
         Ok(Subjects {
             prefix: prefix.to_owned(),
+            partition: None,
         })
+    }
+
+    /// The subjects of one partition's writer: its events, overrides,
+    /// fence and leader heartbeat are the partition's (docs/protocol.md,
+    /// "Partitions"); the catalog is the fleet's.
+    pub fn in_partition(&self, partition: Partition) -> Subjects {
+        Subjects {
+            prefix: self.prefix.clone(),
+            partition: Some(partition),
+        }
+    }
+
+    pub fn partition(&self) -> Option<Partition> {
+        self.partition
+    }
+
+    /// Whether `service` is this writer's: always when unpartitioned.
+    pub fn owns(&self, service: &str) -> bool {
+        self.partition.is_none_or(|p| p.owns(service))
+    }
+
+    /// The partition token and the event or override subject as its sender
+    /// published it, of a subject the server's mapping partitioned
+    /// (`<prefix>.partition.<p>.<rest>` gives `<p>` and `<prefix>.<rest>`);
+    /// `None` for any other subject.
+    pub fn unmap<'s>(&self, subject: &'s str) -> Option<(&'s str, String)> {
+        let rest = self.strip_prefix(subject).ok()?;
+        let (token, rest) = rest.strip_prefix("partition.")?.split_once('.')?;
+        Some((token, format!("{}.{rest}", self.prefix)))
     }
 
     pub fn prefix(&self) -> &str {
@@ -590,9 +633,13 @@ impl Subjects {
     }
 
     /// `<prefix>.*.*.*`: every event of every kind, on one subscription so
-    /// that one sender's events arrive in the order they were sent.
+    /// that one sender's events arrive in the order they were sent; a
+    /// partition's, `<prefix>.partition.<p>.*.*.*`.
     pub fn events_wildcard(&self) -> String {
-        format!("{}.*.*.*", self.prefix)
+        match self.partition {
+            None => format!("{}.*.*.*", self.prefix),
+            Some(p) => format!("{}.partition.{}.*.*.*", self.prefix, p.index()),
+        }
     }
 
     /// `<prefix>.catalog.<service>`.
@@ -619,9 +666,22 @@ impl Subjects {
     }
 
     /// `<prefix>.catalog-fence`: the one stored message naming the leading
-    /// discovery replica; its stream sequence is the leader's epoch.
+    /// discovery replica; its stream sequence is the leader's epoch. A
+    /// partition's: `<prefix>.catalog-fence.<p>`.
     pub(crate) fn catalog_fence(&self) -> String {
-        format!("{}.catalog-fence", self.prefix)
+        match self.partition {
+            None => format!("{}.catalog-fence", self.prefix),
+            Some(p) => format!("{}.catalog-fence.{}", self.prefix, p.index()),
+        }
+    }
+
+    /// The catalog stream's fence subjects: the fleet's and every
+    /// partition's (`<prefix>.catalog-fence.*`).
+    pub(crate) fn catalog_fences(&self) -> [String; 2] {
+        [
+            format!("{}.catalog-fence", self.prefix),
+            format!("{}.catalog-fence.*", self.prefix),
+        ]
     }
 
     /// `<prefix>.operator.<action>.<service>.<instance>`.
@@ -633,9 +693,13 @@ impl Subjects {
         )
     }
 
-    /// `<prefix>.operator.>`: every override.
+    /// `<prefix>.operator.>`: every override; a partition's,
+    /// `<prefix>.partition.<p>.operator.>`.
     pub fn operator_wildcard(&self) -> String {
-        format!("{}.operator.>", self.prefix)
+        match self.partition {
+            None => format!("{}.operator.>", self.prefix),
+            Some(p) => format!("{}.partition.{}.operator.>", self.prefix, p.index()),
+        }
     }
 
     /// `<prefix>.operator.*.<service>.*`: every override of one service.
@@ -659,7 +723,7 @@ impl Subjects {
             subject: subject.to_owned(),
             expected: "<prefix>.operator.<action>.<service>.<instance>",
         };
-        let rest = self.strip_prefix(subject)?;
+        let rest = self.strip_events_prefix(subject)?;
         let rest = rest.strip_prefix("operator.").ok_or_else(shape)?;
         let tokens: Vec<&str> = rest.split('.').collect();
         let [action, service, id] = tokens[..] else {
@@ -671,6 +735,7 @@ impl Subjects {
         })?;
         validate_name("service token", service)?;
         validate_name("instance token", id)?;
+        self.check_partition(subject, service)?;
         Ok((action, service, id))
     }
 
@@ -713,9 +778,18 @@ impl Subjects {
     }
 
     /// `<prefix>.discovery.leader`: the leader's heartbeat (plain NATS, not
-    /// stored), a [`Leadership`] every [`LEADER_HEARTBEAT`].
+    /// stored), a [`Leadership`] every [`LEADER_HEARTBEAT`]; a partition's
+    /// leader: `<prefix>.discovery.leader.<p>`.
     pub fn leader_heartbeat(&self) -> String {
-        format!("{}.discovery.leader", self.prefix)
+        match self.partition {
+            None => format!("{}.discovery.leader", self.prefix),
+            Some(p) => format!("{}.discovery.leader.{}", self.prefix, p.index()),
+        }
+    }
+
+    /// `<prefix>.discovery.leader.*`: every partition's leader heartbeat.
+    pub fn partition_leaders(&self) -> String {
+        format!("{}.discovery.leader.*", self.prefix)
     }
 
     /// `<prefix>.>`: everything of this fleet.
@@ -735,7 +809,7 @@ impl Subjects {
         &self,
         subject: &'s str,
     ) -> Result<(EventKind, &'s str, &'s str), ProtocolError> {
-        let rest = self.strip_prefix(subject)?;
+        let rest = self.strip_events_prefix(subject)?;
         let mut tokens = rest.split('.');
         let kind = match tokens.next().unwrap_or_default() {
             "register" => EventKind::Register,
@@ -752,6 +826,7 @@ impl Subjects {
             (Some(service), Some(id), None) => {
                 validate_name("service token", service)?;
                 validate_name("instance token", id)?;
+                self.check_partition(subject, service)?;
                 Ok((kind, service, id))
             }
             _ => Err(ProtocolError::SubjectShape {
@@ -782,6 +857,43 @@ impl Subjects {
                 kind: rest.split('.').next().unwrap_or_default().to_owned(),
             }),
         }
+    }
+
+    /// What follows `<prefix>.` of an event or override subject, or
+    /// `<prefix>.partition.<p>.` of a partition's.
+    fn strip_events_prefix<'s>(&self, subject: &'s str) -> Result<&'s str, ProtocolError> {
+        let rest = self.strip_prefix(subject)?;
+        let Some(partition) = self.partition else {
+            return Ok(rest);
+        };
+        rest.strip_prefix("partition.")
+            .and_then(|rest| rest.split_once('.'))
+            .filter(|(token, _)| token.parse::<u32>().ok() == Some(partition.index()))
+            .map(|(_, rest)| rest)
+            .ok_or_else(|| ProtocolError::SubjectShape {
+                subject: subject.to_owned(),
+                expected:
+                    "<prefix>.partition.<p>.<kind>.<service>.<instance> with this writer's <p>",
+            })
+    }
+
+    /// A partition's writer refuses a service that does not hash into its
+    /// partition: the server's mapping has another number of partitions.
+    fn check_partition(&self, subject: &str, service: &str) -> Result<(), ProtocolError> {
+        let Some(partition) = self.partition else {
+            return Ok(());
+        };
+        let hashed = partition_of(service, partition.count());
+        if hashed == partition.index() {
+            return Ok(());
+        }
+        Err(ProtocolError::WrongPartition {
+            subject: subject.to_owned(),
+            service: service.to_owned(),
+            token: partition.index().to_string(),
+            hashed,
+            count: partition.count(),
+        })
     }
 
     fn strip_prefix<'s>(&self, subject: &'s str) -> Result<&'s str, ProtocolError> {
@@ -864,6 +976,16 @@ impl Subjects {
         Ok(snapshot)
     }
 
+    /// Every event and override of one service as a server mapping
+    /// partitioned them: `<prefix>.partition.*.*.<service>.*` and
+    /// `<prefix>.partition.*.operator.*.<service>.*`.
+    pub fn partitioned_service(&self, service: &str) -> [String; 2] {
+        [
+            format!("{}.partition.*.*.{service}.*", self.prefix),
+            format!("{}.partition.*.operator.*.{service}.*", self.prefix),
+        ]
+    }
+
     /// `<prefix>.*.<service>.*`: every event of one service.
     pub fn service_events(&self, service: &str) -> String {
         format!("{}.*.{service}.*", self.prefix)
@@ -874,8 +996,11 @@ impl Subjects {
     /// follow the republished snapshots instead, which are only the stored
     /// ones.
     pub fn is_catalog_write(&self, subject: &str) -> bool {
-        self.strip_prefix(subject)
-            .is_ok_and(|rest| rest.starts_with("catalog-store.") || rest == "catalog-fence")
+        self.strip_prefix(subject).is_ok_and(|rest| {
+            rest.starts_with("catalog-store.")
+                || rest == "catalog-fence"
+                || rest.starts_with("catalog-fence.")
+        })
     }
 
     /// Whether `subject` is under `<prefix>.catalog.`, valid or not.
@@ -932,6 +1057,81 @@ mod tests {
     }
 
     const WEB_1: &str = r#"{"service":"web","id":"web-1","address":"127.0.0.1","port":5001,"ttl_ms":3000,"weight":1,"tags":["v2"],"meta":{"zone":"a"}}"#;
+
+    #[test]
+    fn a_partitions_writer_reads_its_partition_and_refuses_another_hash() {
+        use crate::partition::{partition_of, Partition};
+        assert_eq!((partition_of("web", 16), partition_of("api", 16)), (1, 7));
+        let subjects = subjects().in_partition(Partition::new(1, 16).unwrap());
+        assert_eq!(subjects.events_wildcard(), "rollcall.partition.1.*.*.*");
+        assert_eq!(
+            subjects.operator_wildcard(),
+            "rollcall.partition.1.operator.>"
+        );
+        assert_eq!(subjects.catalog_fence(), "rollcall.catalog-fence.1");
+        assert_eq!(subjects.leader_heartbeat(), "rollcall.discovery.leader.1");
+        assert_eq!(
+            subjects.parse_event_subject("rollcall.partition.1.heartbeat.web.a"),
+            Ok((EventKind::Heartbeat, "web", "a"))
+        );
+        assert_eq!(
+            subjects
+                .parse_operator_subject("rollcall.partition.1.operator.drain.web.a")
+                .map(|(action, ..)| action),
+            Ok(OverrideAction::Drain)
+        );
+        // `api` hashes to 7 of 16: the server's mapping has another N.
+        for subject in [
+            "rollcall.partition.1.register.api.a",
+            "rollcall.partition.1.operator.drain.api.a",
+        ] {
+            let refused = if subject.contains(".operator.") {
+                subjects.parse_operator_subject(subject).map(|_| ())
+            } else {
+                subjects.parse_event_subject(subject).map(|_| ())
+            }
+            .unwrap_err();
+            assert_eq!(
+                refused,
+                ProtocolError::WrongPartition {
+                    subject: subject.into(),
+                    service: "api".into(),
+                    token: "1".into(),
+                    hashed: 7,
+                    count: 16,
+                }
+            );
+            let message = refused.to_string();
+            assert!(
+                message.contains("through partition 1") && message.contains("partition 7 of 16"),
+                "{message}"
+            );
+        }
+        for foreign in [
+            "rollcall.partition.2.register.web.a",
+            "rollcall.register.web.a",
+        ] {
+            assert!(
+                matches!(
+                    subjects.parse_event_subject(foreign),
+                    Err(ProtocolError::SubjectShape { .. })
+                ),
+                "{foreign}"
+            );
+        }
+        assert!(subjects.owns("web") && !subjects.owns("api"));
+        assert!(Subjects::default().owns("api"));
+        assert_eq!(
+            Subjects::default().unmap("rollcall.partition.1.register.web.a"),
+            Some(("1", "rollcall.register.web.a".to_owned()))
+        );
+        assert_eq!(Subjects::default().unmap("rollcall.register.web.a"), None);
+        assert!(Subjects::default().is_catalog_write("rollcall.catalog-fence.3"));
+        assert_eq!(
+            Subjects::default().catalog_fences(),
+            ["rollcall.catalog-fence", "rollcall.catalog-fence.*"]
+        );
+    }
 
     #[test]
     fn the_protocol_example_parses_and_round_trips() {

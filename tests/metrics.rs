@@ -250,7 +250,7 @@ async fn every_component_serves_metrics_a_prometheus_parser_reads() {
         1.0
     );
     let reasons = &discovery.families["rollcall_discovery_invalid_events"].1;
-    assert_eq!(reasons.len(), 11, "every reason starts at zero");
+    assert_eq!(reasons.len(), 12, "every reason starts at zero");
     let actions = &discovery.families["rollcall_discovery_overrides"].1;
     assert_eq!(
         actions.len(),
@@ -258,7 +258,7 @@ async fn every_component_serves_metrics_a_prometheus_parser_reads() {
         "drain, undrain, weight, clear start at zero"
     );
     let refusals = &discovery.families["rollcall_discovery_invalid_overrides"].1;
-    assert_eq!(refusals.len(), 8, "every reason starts at zero");
+    assert_eq!(refusals.len(), 9, "every reason starts at zero");
     assert!(discovery.value("rollcall_discovery_snapshots_published_total", &[]) >= 1.0);
     // Only the leader publishes: the one discovery leads.
     assert_eq!(discovery.value("rollcall_discovery_is_leader", &[]), 1.0);

@@ -48,6 +48,10 @@ fn every_shipped_config_is_valid() {
             "nats/cluster/node-1.conf",
             "nats/cluster/node-2.conf",
             "nats/cluster/node-3.conf",
+            "nats/cluster/partitions.conf",
+            "nats/cluster/sharded/node-1.conf",
+            "nats/cluster/sharded/node-2.conf",
+            "nats/cluster/sharded/node-3.conf",
             "nats/secure.conf",
             "nats/single.conf"
         ]

@@ -62,11 +62,26 @@ impl ConfiguredServer {
         monitor_port: u16,
         make: impl FnOnce(&str, u16, &Path) -> String,
     ) -> ConfiguredServer {
+        let listen = port.map_or("-1".to_owned(), |p| p.to_string());
+        Self::from_tree(port, monitor_port, |dir, store| {
+            let config = dir.join("server.conf");
+            std::fs::write(&config, make(&listen, monitor_port, store))
+                .expect("write server config");
+            config
+        })
+    }
+
+    /// `nats-server -c` the file `write` puts into the server's own
+    /// directory (given with the store path inside it), with whatever files
+    /// that one includes.
+    fn from_tree(
+        port: Option<u16>,
+        monitor_port: u16,
+        write: impl FnOnce(&Path, &Path) -> PathBuf,
+    ) -> ConfiguredServer {
         let dir = tempfile::tempdir().expect("temp dir for a nats-server");
         let store = dir.path().join("store");
-        let config = dir.path().join("server.conf");
-        let listen = port.map_or("-1".to_owned(), |p| p.to_string());
-        std::fs::write(&config, make(&listen, monitor_port, &store)).expect("write server config");
+        let config = write(dir.path(), &store);
         let process = ServerProcess::start(vec!["-c".into(), config.into()], port.unwrap_or(0));
         ConfiguredServer {
             port: process.port(),
@@ -175,41 +190,29 @@ impl Cluster {
     /// route port and the store dirs replaced, and waits until JetStream is
     /// ready on every node (a meta leader was elected).
     pub fn start() -> Cluster {
+        Cluster::start_set("nats/cluster")
+    }
+
+    /// Starts the config set `set`'s node-{1,2,3}.conf (`nats/cluster`,
+    /// `nats/cluster/sharded`) as shipped, each from a copy of nats/cluster/
+    /// whose node configs have their ports and store dir replaced (the
+    /// server itself reads what a config includes), and waits until
+    /// JetStream is ready on every node.
+    pub fn start_set(set: &str) -> Cluster {
+        let within = set
+            .strip_prefix("nats/cluster")
+            .map(|rest| rest.trim_start_matches('/'))
+            .unwrap_or_else(|| panic!("{set} is not under nats/cluster"));
         let ports: Vec<(u16, u16, u16)> = (0..3)
             .map(|_| (free_port(), free_port(), free_port()))
             .collect();
         let nodes: Vec<ConfiguredServer> = (1..=3)
             .map(|n| {
-                let path = format!("nats/cluster/node-{n}.conf");
-                let text = std::fs::read_to_string(crate_root().join(&path))
-                    .unwrap_or_else(|e| panic!("read {path}: {e}"));
                 let (client, monitor, _) = ports[n - 1];
-                let ports = ports.clone();
-                let mut node =
-                    ConfiguredServer::from_text_with(Some(client), monitor, move |_, _, store| {
-                        let mut text =
-                            relocate(&text, &[("store_dir:", format!("store_dir: {store:?}"))]);
-                        // Every shipped port becomes a placeholder first, so
-                        // that a new port (42231, say) is never mistaken for
-                        // a shipped one (4223) still to replace.
-                        let mut swaps = Vec::new();
-                        for (i, (client, monitor, route)) in ports.iter().enumerate() {
-                            let node = i + 1;
-                            swaps.push((format!("422{node}"), *client));
-                            swaps.push((format!("822{node}"), *monitor));
-                            swaps.push((format!("622{node}"), *route));
-                        }
-                        for (k, (shipped, _)) in swaps.iter().enumerate() {
-                            text = text.replace(
-                                &format!("127.0.0.1:{shipped}"),
-                                &format!("127.0.0.1:@port{k}@"),
-                            );
-                        }
-                        for (k, (_, port)) in swaps.iter().enumerate() {
-                            text = text.replace(&format!("@port{k}@"), &port.to_string());
-                        }
-                        text
-                    });
+                let mut node = ConfiguredServer::from_tree(Some(client), monitor, |dir, store| {
+                    copy_cluster_configs(dir, store, &ports);
+                    dir.join(within).join(format!("node-{n}.conf"))
+                });
                 node.name_number = n;
                 node
             })
@@ -234,6 +237,60 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join(",")
     }
+}
+
+/// Copies every file of nats/cluster/ (and its directories) into `dir`,
+/// the node configs with their ports replaced by `ports` and their store
+/// dir by `store`.
+fn copy_cluster_configs(dir: &Path, store: &Path, ports: &[(u16, u16, u16)]) {
+    let root = crate_root().join("nats/cluster");
+    let mut pending = vec![root.clone()];
+    while let Some(from) = pending.pop() {
+        let to = dir.join(from.strip_prefix(&root).expect("under nats/cluster"));
+        std::fs::create_dir_all(&to).expect("create a config directory");
+        for entry in std::fs::read_dir(&from).expect("read a config directory") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            let is_node = from == root && text.contains("store_dir:");
+            let text = if is_node {
+                with_test_ports(&text, store, ports)
+            } else {
+                text
+            };
+            let name = path.file_name().expect("a file name");
+            std::fs::write(to.join(name), text).expect("write a config copy");
+        }
+    }
+}
+
+/// A node config with its store dir and every shipped port replaced.
+fn with_test_ports(text: &str, store: &Path, ports: &[(u16, u16, u16)]) -> String {
+    let mut text = relocate(text, &[("store_dir:", format!("store_dir: {store:?}"))]);
+    // Every shipped port becomes a placeholder first, so that a new port
+    // (42231, say) is never mistaken for a shipped one (4223) still to
+    // replace.
+    let mut swaps = Vec::new();
+    for (i, (client, monitor, route)) in ports.iter().enumerate() {
+        let node = i + 1;
+        swaps.push((format!("422{node}"), *client));
+        swaps.push((format!("822{node}"), *monitor));
+        swaps.push((format!("622{node}"), *route));
+    }
+    for (k, (shipped, _)) in swaps.iter().enumerate() {
+        text = text.replace(
+            &format!("127.0.0.1:{shipped}"),
+            &format!("127.0.0.1:@port{k}@"),
+        );
+    }
+    for (k, (_, port)) in swaps.iter().enumerate() {
+        text = text.replace(&format!("@port{k}@"), &port.to_string());
+    }
+    text
 }
 
 /// Polls the monitor's `/healthz` (200 once JetStream is up and, in a

@@ -31,9 +31,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let now = SystemTime::now();
     // On stderr: the table and the JSON on stdout keep their shape.
+    let partitions = catalog_stream::read_partition_fences(&js, &args.nats.prefix)
+        .await
+        .unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot tell which discovery replica leads each partition");
+            Vec::new()
+        });
     match catalog_stream::read_fence(&js, &args.nats.prefix).await {
+        // A partitioned fleet has no unpartitioned leader to speak of.
+        Ok(None) if !partitions.is_empty() => {}
         Ok(leader) => eprintln!("{}", leader_line(leader.as_ref(), now)),
         Err(error) => tracing::warn!(%error, "cannot tell which discovery replica leads"),
+    }
+    for (partition, leader) in &partitions {
+        eprintln!("partition {partition}: {}", leader_line(Some(leader), now));
     }
     if args.json {
         println!(

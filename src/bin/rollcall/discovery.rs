@@ -3,9 +3,12 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use rollcall::catalog_stream;
 use rollcall::discovery::DiscoveryConfig;
 use rollcall::metrics::DiscoveryMetrics;
+use rollcall::partition::{Partitions, PartitionsError};
 use rollcall::permissions::discovery_needs;
+use rollcall::protocol::Subjects;
 
 use crate::admin;
 use crate::args::{shutdown_signal, NatsArgs};
@@ -25,6 +28,13 @@ pub struct Args {
     /// leads). Default: `<host>-<pid>-<start>`.
     #[arg(long, env = "ROLLCALL_REPLICA", value_name = "NAME")]
     pub replica: Option<String>,
+    /// Own these partitions of the event subjects, out of the N of the
+    /// server's mapping (nats/cluster/partitions.conf): `0-7/16`,
+    /// `0-3,8,9/16`. One fenced writer per partition, each with its own
+    /// leader; a standby is another process with the same partitions.
+    /// Without it: every event, unpartitioned, on unmapped servers.
+    #[arg(long, value_name = "LIST/N", value_parser = parse_partitions)]
+    pub partitions: Option<Partitions>,
     /// Address of the admin endpoint (/healthz, /readyz, /metrics); off when
     /// not given.
     #[arg(long, value_name = "ADDR")]
@@ -50,6 +60,43 @@ impl StreamReplicas {
     }
 }
 
+/// An unpartitioned discovery beside shards would hear no event (the
+/// servers map them into partitions) and, leading the catalog, expire every
+/// instance it adopted: refused while the catalog stream holds partition
+/// fences.
+async fn refuse_beside_shards(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(client.clone());
+    let fences = match catalog_stream::read_partition_fences(&js, subjects).await {
+        Ok(fences) => fences,
+        Err(error) => {
+            // No stream yet (a first start), or no right to list it.
+            tracing::debug!(%error, "cannot list partition fences");
+            return Ok(());
+        }
+    };
+    let Some((last, _)) = fences.last() else {
+        return Ok(());
+    };
+    anyhow::bail!(
+        "the catalog stream {} holds the fences of {} partitions (the highest {last}): \
+         discovery runs as shards here, and without --partitions this one would hear \
+         no event and expire the catalog. Start it with --partitions LIST/N; to go back \
+         to unpartitioned discovery, remove the mapping from every NATS node, stop every \
+         shard and purge the fences (nats stream purge {} --subject '{}.catalog-fence.*')",
+        subjects.catalog_stream(),
+        fences.len(),
+        subjects.catalog_stream(),
+        subjects.prefix()
+    )
+}
+
+fn parse_partitions(text: &str) -> Result<Partitions, String> {
+    text.parse().map_err(|e: PartitionsError| e.to_string())
+}
+
 fn parse_replicas(text: &str) -> Result<StreamReplicas, String> {
     if text == "auto" {
         return Ok(StreamReplicas::Auto);
@@ -73,9 +120,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let connection = options.connect("rollcall-discovery").await?;
     let _admin = admin::start(listener, registry, &connection, metrics.nats.clone());
     // A refused subscription would otherwise leave discovery deaf, not dead.
-    connection
-        .check_access(&discovery_needs(&args.nats.prefix))
-        .await?;
+    let prefix = &args.nats.prefix;
+    let partitioned: Vec<_> = match &args.partitions {
+        Some(partitions) => partitions.iter().map(|p| prefix.in_partition(p)).collect(),
+        None => vec![prefix.clone()],
+    };
+    for subjects in &partitioned {
+        connection.check_access(&discovery_needs(subjects)).await?;
+    }
+    if args.partitions.is_none() {
+        refuse_beside_shards(&connection.client, prefix).await?;
+    }
     let cluster = connection.client.server_info().cluster;
     let stream_replicas = args.replicas.resolve(cluster.is_some());
     tracing::info!(
@@ -83,19 +138,33 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         stream_replicas,
         "copies of the catalog stream, if it is created"
     );
-    let discovery = rollcall::discovery::spawn_with(
-        &connection,
-        args.nats.prefix.clone(),
-        DiscoveryConfig {
-            stream_replicas,
-            metrics,
-            replica: args.replica,
-        },
-        shutdown_signal(),
-    )
-    .await
+    let config = DiscoveryConfig {
+        stream_replicas,
+        metrics,
+        replica: args.replica,
+    };
+    let writers = match &args.partitions {
+        Some(partitions) => {
+            tracing::info!(%partitions, "one writer per owned partition");
+            rollcall::discovery::spawn_partitions(
+                &connection,
+                prefix,
+                partitions,
+                config,
+                shutdown_signal(),
+            )
+            .await
+        }
+        None => {
+            rollcall::discovery::spawn_with(&connection, prefix.clone(), config, shutdown_signal())
+                .await
+                .map(|d| vec![d])
+        }
+    }
     .context("discovery could not start")?;
-    discovery.wait().await.context("discovery stopped")?;
+    futures::future::try_join_all(writers.into_iter().map(|d| d.wait()))
+        .await
+        .context("discovery stopped")?;
     Ok(())
 }
 
@@ -110,6 +179,23 @@ mod tests {
         assert_eq!(auto.resolve(false), 1);
         assert_eq!(parse_replicas("2").unwrap().resolve(true), 2);
         assert_eq!(parse_replicas("1").unwrap().resolve(true), 1);
+    }
+
+    #[test]
+    fn a_bad_partitions_flag_says_what_is_wrong() {
+        assert_eq!(
+            parse_partitions("8-15/16").map(|p| p.to_string()),
+            Ok("8-15/16".to_owned())
+        );
+        for (bad, says) in [
+            ("0-7", "no `/N`"),
+            ("0/0", "0 partitions"),
+            ("16/16", "does not exist in 16"),
+            ("/16", "no partition listed"),
+        ] {
+            let error = parse_partitions(bad).unwrap_err();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `rollcall watch`: the fleet's (or one service's) current catalog, then
 //! every event and snapshot, live, one line or one JSON object each.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::time::SystemTime;
 
@@ -49,8 +50,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let (mut seen, mut invalid) = (0u64, 0u64);
-    // The leader heartbeats ten times a second: shown when it changes.
-    let mut leader: Option<(String, u64)> = None;
+    // A leader heartbeats ten times a second: shown when it changes, per
+    // partition.
+    let mut leaders: HashMap<Option<String>, (String, u64)> = HashMap::new();
     loop {
         let message = tokio::select! {
             () = &mut shutdown => break,
@@ -65,12 +67,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         let now = SystemTime::now();
         let observed = Observed::read(subjects, &message.subject, &message.payload);
-        if let Observed::Leader(beat) = &observed {
-            let current = Some((beat.replica.clone(), beat.epoch));
-            if current == leader {
+        if let Some((partition, beat)) = observed.leader() {
+            let current = (beat.replica.clone(), beat.epoch);
+            if leaders.get(&partition.map(str::to_owned)) == Some(&current) {
                 continue;
             }
-            leader = current;
+            leaders.insert(partition.map(str::to_owned), current);
         }
         seen += 1;
         if observed.is_invalid() {
@@ -94,15 +96,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// What to subscribe to: every subject under the prefix, or one service's
-/// events, overrides and catalog and the leader's heartbeat.
+/// events, overrides and catalog (also as a server mapping partitioned
+/// them) and the leaders' heartbeats.
 fn filters(subjects: &Subjects, service: Option<&str>) -> Vec<String> {
     match service {
-        Some(service) => vec![
+        Some(service) => [
             subjects.service_events(service),
             subjects.service_overrides(service),
             subjects.catalog(service),
             subjects.leader_heartbeat(),
-        ],
+            subjects.partition_leaders(),
+        ]
+        .into_iter()
+        .chain(subjects.partitioned_service(service))
+        .collect(),
         None => vec![subjects.all()],
     }
 }
