@@ -697,6 +697,16 @@ impl Catalog {
             .map(|live| live.record.instance(service, id))
     }
 
+    /// `address:port` of one live instance, for a log line: cheaper than
+    /// [`Catalog::instance`], which unpacks the whole record.
+    pub fn authority(&self, service: &str, id: &str) -> Option<String> {
+        self.services
+            .get(service)?
+            .instances
+            .get(id)
+            .map(|live| live.record.authority())
+    }
+
     /// Every service's snapshot, sorted by service name.
     pub fn snapshots(&self) -> Vec<Snapshot> {
         let mut all: Vec<Snapshot> = self.services.values().map(ServiceEntry::snapshot).collect();

@@ -904,10 +904,7 @@ impl<W: Wire> Worker<W> {
         if let Some(conflict) = self.catalog.take_conflict(&change) {
             tracing::warn!("{conflict}");
         }
-        let address = self
-            .catalog
-            .instance(&change.service, &change.id)
-            .map(|i| i.authority());
+        let address = self.catalog.authority(&change.service, &change.id);
         tracing::info!(
             service = %change.service,
             id = %change.id,

@@ -138,6 +138,21 @@ impl Record {
         instance
     }
 
+    /// `address:port`, as [`Instance::authority`] gives it, without
+    /// unpacking the rest.
+    pub(super) fn authority(&self) -> String {
+        let mut fields = Fields { rest: &self.text };
+        // Past the counts of tags and pairs.
+        fields.len();
+        fields.len();
+        let address = String::from_utf8_lossy(fields.bytes());
+        if address.contains(':') {
+            format!("[{address}]:{}", self.port)
+        } else {
+            format!("{address}:{}", self.port)
+        }
+    }
+
     pub(super) fn ttl(&self) -> Duration {
         Duration::from_millis(self.ttl_ms)
     }
@@ -165,6 +180,7 @@ mod tests {
             assert_eq!(record.instance(&instance.service, &instance.id), instance);
             assert!(record.matches(&instance));
             assert_eq!(record.ttl(), instance.ttl());
+            assert_eq!(record.authority(), instance.authority());
         }
     }
 
