@@ -10,14 +10,23 @@
 //! Records are shaped like `bench_discovery_load`'s (one tag, two meta
 //! pairs) by default, like the fold bench's with `--rich` (two tags, three
 //! meta pairs). Prints one `CATALOG_MEMORY` line.
+//!
+//! With `--heartbeats R`, then folds R rounds of a repeated heartbeat from
+//! every instance the way discovery does (digest the payload, move the
+//! deadline) in `repeated_heartbeats`, and R rounds of parsed heartbeats
+//! that change nothing (the fold bench's `heartbeat_noop`) in
+//! `noop_heartbeats`, for instruction and cache-miss counts per heartbeat
+//! under callgrind:
+//! `valgrind --tool=callgrind --cache-sim=yes --collect-atstart=no
+//! --toggle-collect='*_heartbeats*' target/release/examples/catalog_memory --heartbeats 5`
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use clap::Parser;
-use rollcall::catalog::Catalog;
-use rollcall::protocol::{Event, Instance};
+use rollcall::catalog::{payload_digest, Catalog};
+use rollcall::protocol::{Event, EventKind, Instance, Subjects};
 
 /// The system allocator, counting what is live and the most that was.
 struct Counting;
@@ -77,6 +86,42 @@ struct Args {
     /// Two tags and three meta pairs per record instead of one and two.
     #[arg(long)]
     rich: bool,
+    /// Rounds of repeated heartbeats from every instance after the join.
+    #[arg(long, default_value_t = 0)]
+    heartbeats: usize,
+}
+
+/// Folds heartbeats that change nothing; dropping each event is part of it,
+/// as in discovery.
+#[inline(never)]
+fn noop_heartbeats(catalog: &mut Catalog, events: Vec<Event>, now: Instant) -> usize {
+    events
+        .into_iter()
+        .map(|event| usize::from(catalog.apply(event, now).is_some()))
+        .sum()
+}
+
+/// `rounds` repeated heartbeats of every `(subject, payload)`, the way
+/// discovery folds one: split the subject, digest the payload, move the
+/// deadline. Kept out of line so callgrind can count it alone.
+#[inline(never)]
+fn repeated_heartbeats(
+    catalog: &mut Catalog,
+    subjects: &Subjects,
+    messages: &[(String, Vec<u8>)],
+    rounds: usize,
+) -> usize {
+    let mut refreshed = 0;
+    for round in 0..rounds {
+        let now = Instant::now() + std::time::Duration::from_millis(round as u64);
+        for (subject, payload) in messages {
+            let Ok((_, service, id)) = subjects.parse_event_subject(subject) else {
+                continue;
+            };
+            refreshed += usize::from(catalog.refresh(service, id, payload_digest(payload), now));
+        }
+    }
+    refreshed
 }
 
 fn instance(n: usize, services: usize, rich: bool) -> Instance {
@@ -110,6 +155,7 @@ fn main() {
     let n = args.instances.max(1);
     let now = Instant::now();
     let mut catalog = Catalog::new();
+    let subjects = Subjects::default();
     let (req0, chunks0, allocs0) = live();
     for k in 0..n {
         let event = Event::Register(instance(k, args.services, args.rich));
@@ -138,4 +184,30 @@ fn main() {
         per(json),
     );
     assert_eq!(catalog.live_instances(), n);
+    if args.heartbeats > 0 {
+        // Shuffled by a stride, as a fleet's heartbeats arrive interleaved.
+        let stride = 7919;
+        let messages: Vec<(String, Vec<u8>)> = (0..n)
+            .map(|k| instance(k * stride % n, args.services, args.rich))
+            .map(|i| {
+                let subject = subjects.event(EventKind::Heartbeat, &i.service, &i.id);
+                let payload = serde_json::to_vec(&i).unwrap_or_default();
+                catalog.set_digest(&i.service, &i.id, payload_digest(&payload));
+                (subject, payload)
+            })
+            .collect();
+        let refreshed = repeated_heartbeats(&mut catalog, &subjects, &messages, args.heartbeats);
+        let mut changed = 0;
+        for round in 0..args.heartbeats {
+            let events = (0..n)
+                .map(|k| Event::Heartbeat(instance(k * stride % n, args.services, args.rich)))
+                .collect();
+            let at = now + std::time::Duration::from_millis(round as u64);
+            changed += noop_heartbeats(&mut catalog, events, at);
+        }
+        println!(
+            "HEARTBEATS rounds={} refreshed={refreshed} changed={changed}",
+            args.heartbeats
+        );
+    }
 }
