@@ -913,6 +913,9 @@ impl<W: Wire> Worker<W> {
             "{}",
             change.kind.as_str()
         );
+        // The coalescing bound counts from the change, not from the end of
+        // the batch it came in.
+        self.dirty_since.get_or_insert_with(Instant::now);
         self.dirty.insert(change.service);
     }
 
