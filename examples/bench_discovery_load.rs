@@ -129,12 +129,16 @@ async fn main() -> anyhow::Result<()> {
     }
     let subjects = Subjects::default();
     let nats = connect(&args.nats).await?;
+    // The probe and the catalog watch on a connection of their own: on the
+    // load's, a probe would wait behind the heartbeats queued to be sent,
+    // and the figure would be the load generator's backlog.
+    let watch = connect(&args.nats).await?;
 
     // Everything discovery publishes, as the last snapshot per service.
     let seen: Seen = Arc::default();
     let snapshots_seen = Arc::new(AtomicU64::new(0));
-    let mut catalog = nats.subscribe(subjects.catalog_wildcard()).await?;
-    nats.flush().await?;
+    let mut catalog = watch.subscribe(subjects.catalog_wildcard()).await?;
+    watch.flush().await?;
     let (seen_w, count_w, subjects_w) = (
         Arc::clone(&seen),
         Arc::clone(&snapshots_seen),
@@ -247,7 +251,7 @@ async fn main() -> anyhow::Result<()> {
         Some(pid) => proc_usage(pid)?,
         None => (0, 0),
     };
-    let probe_nats = nats.clone();
+    let probe_nats = watch.clone();
     let probe_subjects = subjects.clone();
     let probe_duration = args.duration;
     let prober = tokio::spawn(async move {

@@ -13,9 +13,14 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::protocol::{Event, Instance, Operator, Override, OverrideChange, Snapshot};
+
+mod record;
+
+use record::Record;
 
 /// What one event or one expiry did to the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,9 +189,11 @@ pub fn payload_digest(payload: &[u8]) -> u64 {
     hasher.finish()
 }
 
+/// One live instance. Its service and id are the keys it is found by.
 #[derive(Debug)]
 struct Live {
-    instance: Instance,
+    /// Its own record, as it announced it.
+    record: Record,
     /// A digest of the payload that last carried this record, so a repeated
     /// heartbeat can be recognised without parsing it.
     digest: Option<u64>,
@@ -196,7 +203,7 @@ struct Live {
     scheduled: Instant,
     /// The record the last update replaced; boxed, as most instances never
     /// change and pay only a null pointer for it.
-    previous: Option<Box<Instance>>,
+    previous: Option<Box<Record>>,
     conflict: ConflictState,
     /// The operators' override, if any; boxed, as most instances never
     /// have one.
@@ -204,9 +211,9 @@ struct Live {
 }
 
 impl Live {
-    fn new(instance: Instance, deadline: Instant) -> Live {
+    fn new(record: Record, deadline: Instant) -> Live {
         Live {
-            instance,
+            record,
             digest: None,
             deadline,
             scheduled: deadline,
@@ -225,14 +232,14 @@ impl Live {
         });
         Live {
             held,
-            ..Live::new(instance, deadline)
+            ..Live::new(Record::new(&instance), deadline)
         }
     }
 
     /// The record as snapshots show it: the override merged over the
     /// instance's own, `weight` the effective one.
-    fn effective(&self) -> Instance {
-        let mut instance = self.instance.clone();
+    fn effective(&self, service: &str, id: &str) -> Instance {
+        let mut instance = self.record.instance(service, id);
         if let Some(held) = self.held.as_ref().filter(|h| h.is_set()) {
             let own_weight = instance.weight;
             instance.weight = match (held.drain, held.weight) {
@@ -251,22 +258,24 @@ impl Live {
     }
 
     /// Takes a different record in, keeping the one it replaces.
-    fn update(&mut self, instance: Instance) {
-        let flipped_back = self.previous.as_deref() == Some(&instance);
-        let replaced = std::mem::replace(&mut self.instance, instance);
+    fn update(&mut self, record: Record) {
+        let flipped_back = self.previous.as_deref() == Some(&record);
+        let replaced = std::mem::replace(&mut self.record, record);
         self.previous = Some(Box::new(replaced));
         self.conflict = self.conflict.after_update(flipped_back);
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ServiceEntry {
+    /// The service's name, shared by its expiry heap entries.
+    name: Arc<str>,
     revision: u64,
-    instances: BTreeMap<String, Live>,
+    instances: BTreeMap<Arc<str>, Live>,
     /// Instances seen leaving (deregistered, expired), each until a TTL
     /// after it left: a stored snapshot written before it left must not
     /// bring it back ([`Catalog::adopt_unknown`]).
-    departed: HashMap<String, Instant>,
+    departed: HashMap<Arc<str>, Instant>,
     /// The size of `departed` at which the tombstones past their time are
     /// swept out (doubling, so sweeping costs O(1) per departure).
     sweep_at: usize,
@@ -276,9 +285,19 @@ struct ServiceEntry {
 const MIN_SWEEP: usize = 64;
 
 impl ServiceEntry {
+    fn new(name: Arc<str>) -> ServiceEntry {
+        ServiceEntry {
+            name,
+            revision: 0,
+            instances: BTreeMap::new(),
+            departed: HashMap::new(),
+            sweep_at: 0,
+        }
+    }
+
     /// Remembers that `live` left at `now`.
-    fn departed(&mut self, id: String, live: &Live, now: Instant) {
-        self.departed.insert(id, now + live.instance.ttl());
+    fn departed(&mut self, id: Arc<str>, live: &Live, now: Instant) {
+        self.departed.insert(id, now + live.record.ttl());
         if self.departed.len() >= self.sweep_at {
             self.departed.retain(|_, until| *until > now);
             self.sweep_at = (self.departed.len() * 2).max(MIN_SWEEP);
@@ -290,27 +309,46 @@ impl ServiceEntry {
         self.departed.get(id).is_some_and(|until| *until > now)
     }
 
-    fn snapshot(&self, service: &str) -> Snapshot {
+    fn snapshot(&self) -> Snapshot {
         Snapshot {
-            service: service.to_owned(),
+            service: self.name.to_string(),
             revision: self.revision,
-            instances: self.instances.values().map(Live::effective).collect(),
+            instances: self
+                .instances
+                .iter()
+                .map(|(id, live)| live.effective(&self.name, id))
+                .collect(),
         }
     }
 }
 
+/// An expiry heap entry: when, which service, which instance.
+type Due = (Instant, Arc<str>, Arc<str>);
+
 /// The live catalog of every service.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    services: HashMap<String, ServiceEntry>,
+    services: HashMap<Arc<str>, ServiceEntry>,
     /// Earliest-first expiry candidates. A heartbeat only moves an instance's
     /// `deadline`; its heap entry is checked, and pushed again if it moved,
-    /// when it comes due. So a heartbeat costs no heap work.
-    deadlines: BinaryHeap<Reverse<(Instant, String, String)>>,
+    /// when it comes due. So a heartbeat costs no heap work. The names are
+    /// the ones the maps hold, shared.
+    deadlines: BinaryHeap<Reverse<Due>>,
     live: usize,
     /// The floor of the next revision (wall-clock microseconds); 0 keeps
     /// revisions counting 1, 2, 3.
     clock: u64,
+}
+
+/// The entry of `service`, made if it is new.
+fn service_entry<'a>(
+    services: &'a mut HashMap<Arc<str>, ServiceEntry>,
+    service: &str,
+) -> &'a mut ServiceEntry {
+    let name: Arc<str> = Arc::from(service);
+    services
+        .entry(Arc::clone(&name))
+        .or_insert_with(|| ServiceEntry::new(name))
 }
 
 /// The revision after `previous` when the clock reads `clock`.
@@ -336,13 +374,13 @@ impl Catalog {
     /// whether this catalog now differs from the stored snapshot, so it must
     /// be written.
     pub(crate) fn adopt_unknown(&mut self, stored: &Snapshot, now: Instant) -> bool {
-        let entry = self.services.get(&stored.service);
+        let entry = self.services.get(stored.service.as_str());
         let unknown: Vec<Instance> = stored
             .instances
             .iter()
             .filter(|i| {
                 entry.is_none_or(|e| {
-                    !e.instances.contains_key(&i.id) && !e.left_recently(&i.id, now)
+                    !e.instances.contains_key(i.id.as_str()) && !e.left_recently(&i.id, now)
                 })
             })
             .cloned()
@@ -369,13 +407,14 @@ impl Catalog {
     /// stored cannot be told from a write it never made, and an override
     /// kept is the safer error (an operator sees it and clears it again).
     fn take_newer_overrides(&mut self, stored: &Snapshot) {
-        let Some(entry) = self.services.get_mut(&stored.service) else {
+        let Some(entry) = self.services.get_mut(stored.service.as_str()) else {
             return;
         };
         for instance in &stored.instances {
-            let (Some(operator), Some(live)) =
-                (&instance.operator, entry.instances.get_mut(&instance.id))
-            else {
+            let (Some(operator), Some(live)) = (
+                &instance.operator,
+                entry.instances.get_mut(instance.id.as_str()),
+            ) else {
                 continue;
             };
             if live
@@ -402,18 +441,17 @@ impl Catalog {
     /// service's revisions continue from it. Returns no change: nothing
     /// changed for anyone who saw that snapshot.
     pub fn adopt(&mut self, snapshot: Snapshot, now: Instant) {
-        let service = snapshot.service;
-        let entry = self.services.entry(service.clone()).or_default();
+        let entry = service_entry(&mut self.services, &snapshot.service);
         entry.revision = entry.revision.max(snapshot.revision);
         for instance in snapshot.instances {
             let deadline = now + instance.ttl();
-            let id = instance.id.clone();
+            let id: Arc<str> = Arc::from(instance.id.as_str());
             let live = Live::stored(instance, deadline);
-            if entry.instances.insert(id.clone(), live).is_none() {
+            if entry.instances.insert(Arc::clone(&id), live).is_none() {
                 self.live += 1;
             }
             self.deadlines
-                .push(Reverse((deadline, service.clone(), id)));
+                .push(Reverse((deadline, Arc::clone(&entry.name), id)));
         }
     }
 
@@ -423,9 +461,9 @@ impl Catalog {
         match event {
             Event::Register(instance) | Event::Heartbeat(instance) => self.upsert(instance, now),
             Event::Deregister { service, id } => {
-                let entry = self.services.get_mut(&service)?;
-                let live = entry.instances.remove(&id)?;
-                entry.departed(id.clone(), &live, now);
+                let entry = self.services.get_mut(service.as_str())?;
+                let (key, live) = entry.instances.remove_entry(id.as_str())?;
+                entry.departed(key, &live, now);
                 self.live -= 1;
                 entry.revision = next_revision(entry.revision, self.clock);
                 Some(Change {
@@ -453,20 +491,23 @@ impl Catalog {
         };
         let entry = self
             .services
-            .get_mut(&request.service)
+            .get_mut(request.service.as_str())
             .ok_or_else(not_live)?;
-        let live = entry.instances.get_mut(&request.id).ok_or_else(not_live)?;
+        let live = entry
+            .instances
+            .get_mut(request.id.as_str())
+            .ok_or_else(not_live)?;
         let held = Held::after(live.held.as_deref(), request.change, &request.by, at_ms);
         if Held::same_as(live.held.as_deref(), &held) {
             return Ok(Overridden {
-                instance: live.effective(),
+                instance: live.effective(&request.service, &request.id),
                 change: None,
             });
         }
         live.held = Some(Box::new(held));
         entry.revision = next_revision(entry.revision, self.clock);
         Ok(Overridden {
-            instance: live.effective(),
+            instance: live.effective(&request.service, &request.id),
             change: Some(Change {
                 service: request.service.clone(),
                 id: request.id.clone(),
@@ -478,11 +519,11 @@ impl Catalog {
 
     fn upsert(&mut self, instance: Instance, now: Instant) -> Option<Change> {
         let deadline = now + instance.ttl();
-        // The lookup by &str first: the common case, a heartbeat of a known
+        // The lookup by &str first: the common case, an event of a known
         // service, allocates nothing.
         let entry = match self.services.get_mut(instance.service.as_str()) {
             Some(entry) => entry,
-            None => self.services.entry(instance.service.clone()).or_default(),
+            None => service_entry(&mut self.services, &instance.service),
         };
         if let Some(live) = entry.instances.get_mut(instance.id.as_str()) {
             live.deadline = deadline;
@@ -491,35 +532,34 @@ impl Catalog {
                 live.scheduled = deadline;
                 self.deadlines.push(Reverse((
                     deadline,
-                    instance.service.clone(),
-                    instance.id.clone(),
+                    Arc::clone(&entry.name),
+                    Arc::from(instance.id.as_str()),
                 )));
             }
-            if live.instance == instance {
+            if live.record.matches(&instance) {
                 return None;
             }
-            let (service, id) = (instance.service.clone(), instance.id.clone());
-            live.update(instance);
+            live.update(Record::new(&instance));
             entry.revision = next_revision(entry.revision, self.clock);
             return Some(Change {
-                service,
-                id,
+                service: instance.service,
+                id: instance.id,
                 kind: ChangeKind::Updated,
                 revision: entry.revision,
             });
         }
-        let (service, id) = (instance.service.clone(), instance.id.clone());
+        let id: Arc<str> = Arc::from(instance.id.as_str());
         entry.departed.remove(&id);
         entry
             .instances
-            .insert(id.clone(), Live::new(instance, deadline));
+            .insert(Arc::clone(&id), Live::new(Record::new(&instance), deadline));
         entry.revision = next_revision(entry.revision, self.clock);
         self.live += 1;
         self.deadlines
-            .push(Reverse((deadline, service.clone(), id.clone())));
+            .push(Reverse((deadline, Arc::clone(&entry.name), id)));
         Some(Change {
-            service,
-            id,
+            service: instance.service,
+            id: instance.id,
             kind: ChangeKind::Joined,
             revision: entry.revision,
         })
@@ -540,7 +580,7 @@ impl Catalog {
         if live.digest != Some(digest) {
             return false;
         }
-        live.deadline = now + live.instance.ttl();
+        live.deadline = now + live.record.ttl();
         true
     }
 
@@ -564,20 +604,17 @@ impl Catalog {
         if change.kind != ChangeKind::Updated {
             return None;
         }
-        let live = self
-            .services
-            .get_mut(&change.service)?
-            .instances
-            .get_mut(&change.id)?;
+        let (service, id) = (change.service.as_str(), change.id.as_str());
+        let live = self.services.get_mut(service)?.instances.get_mut(id)?;
         if live.conflict != ConflictState::New {
             return None;
         }
         live.conflict = ConflictState::Reported;
-        let before = live.previous.as_deref()?.clone();
+        let before = live.previous.as_deref()?.instance(service, id);
         Some(Conflict {
             service: change.service.clone(),
             id: change.id.clone(),
-            records: [live.instance.clone(), before],
+            records: [live.record.instance(service, id), before],
         })
     }
 
@@ -606,14 +643,14 @@ impl Catalog {
                 continue;
             }
             if let Some(live) = entry.instances.remove(&id) {
-                entry.departed(id.clone(), &live, now);
+                entry.departed(Arc::clone(&id), &live, now);
             }
             self.live -= 1;
             entry.revision = next_revision(entry.revision, self.clock);
             changes.push(Change {
                 revision: entry.revision,
-                service,
-                id,
+                service: service.to_string(),
+                id: id.to_string(),
                 kind: ChangeKind::Expired,
             });
         }
@@ -626,7 +663,7 @@ impl Catalog {
     pub(crate) fn refresh_all(&mut self, now: Instant) {
         for entry in self.services.values_mut() {
             for live in entry.instances.values_mut() {
-                live.deadline = live.deadline.max(now + live.instance.ttl());
+                live.deadline = live.deadline.max(now + live.record.ttl());
             }
         }
     }
@@ -639,9 +676,7 @@ impl Catalog {
 
     /// The current snapshot of one service, if it was ever seen.
     pub fn snapshot(&self, service: &str) -> Option<Snapshot> {
-        self.services
-            .get(service)
-            .map(|entry| entry.snapshot(service))
+        self.services.get(service).map(ServiceEntry::snapshot)
     }
 
     /// One live instance as snapshots show it: its override merged in.
@@ -650,25 +685,31 @@ impl Catalog {
             .get(service)?
             .instances
             .get(id)
-            .map(Live::effective)
+            .map(|live| live.effective(service, id))
     }
 
     /// One live instance's own record, as it announced it.
-    pub fn instance(&self, service: &str, id: &str) -> Option<&Instance> {
+    pub fn instance(&self, service: &str, id: &str) -> Option<Instance> {
         self.services
             .get(service)?
             .instances
             .get(id)
-            .map(|live| &live.instance)
+            .map(|live| live.record.instance(service, id))
+    }
+
+    /// `address:port` of one live instance, for a log line: cheaper than
+    /// [`Catalog::instance`], which unpacks the whole record.
+    pub fn authority(&self, service: &str, id: &str) -> Option<String> {
+        self.services
+            .get(service)?
+            .instances
+            .get(id)
+            .map(|live| live.record.authority())
     }
 
     /// Every service's snapshot, sorted by service name.
     pub fn snapshots(&self) -> Vec<Snapshot> {
-        let mut all: Vec<Snapshot> = self
-            .services
-            .iter()
-            .map(|(service, entry)| entry.snapshot(service))
-            .collect();
+        let mut all: Vec<Snapshot> = self.services.values().map(ServiceEntry::snapshot).collect();
         all.sort_by(|a, b| a.service.cmp(&b.service));
         all
     }
@@ -1329,7 +1370,7 @@ mod tests {
         let mut restarted = Catalog::new();
         restarted.adopt(stored.clone(), t0);
         assert_eq!(restarted.snapshot("web").unwrap(), stored);
-        assert_eq!(restarted.instance("web", "a"), Some(&own));
+        assert_eq!(restarted.instance("web", "a"), Some(own.clone()));
         assert_eq!(
             restarted.apply(Event::Heartbeat(own), t0),
             None,

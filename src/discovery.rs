@@ -948,10 +948,7 @@ impl<W: Wire> Worker<W> {
         if let Some(conflict) = self.catalog.take_conflict(&change) {
             tracing::warn!("{conflict}");
         }
-        let address = self
-            .catalog
-            .instance(&change.service, &change.id)
-            .map(|i| i.authority());
+        let address = self.catalog.authority(&change.service, &change.id);
         tracing::info!(
             service = %change.service,
             id = %change.id,
@@ -960,6 +957,9 @@ impl<W: Wire> Worker<W> {
             "{}",
             change.kind.as_str()
         );
+        // The coalescing bound counts from the change, not from the end of
+        // the batch it came in.
+        self.dirty_since.get_or_insert_with(Instant::now);
         self.dirty.insert(change.service);
     }
 
