@@ -851,6 +851,7 @@ pub fn invalid_reason(error: &ProtocolError) -> &'static str {
         ProtocolError::BadAddress { .. } => "bad_address",
         ProtocolError::SubjectMismatch { .. } => "subject_mismatch",
         ProtocolError::UnsortedSnapshot { .. } => "unsorted_snapshot",
+        ProtocolError::BadRecord { .. } => "bad_record",
         ProtocolError::TooLarge { .. } => "too_large",
         ProtocolError::OperatorInEvent { .. } => "operator_in_event",
         ProtocolError::UnknownAction { .. } => "bad_subject",

@@ -8,7 +8,7 @@ use rollcall::metrics::DiscoveryMetrics;
 use rollcall::permissions::discovery_needs;
 
 use crate::admin;
-use crate::args::{shutdown_signal, NatsArgs};
+use crate::args::{parse_duration, shutdown_signal, NatsArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -25,6 +25,12 @@ pub struct Args {
     /// leads). Default: `<host>-<pid>-<start>`.
     #[arg(long, env = "ROLLCALL_REPLICA", value_name = "NAME")]
     pub replica: Option<String>,
+    /// How long the catalog stream keeps the record of an instance that
+    /// left (a tombstone): live balancers learn it left from it, and a new
+    /// leader that it need not come back. At least 1s; the default is
+    /// Consul's KV tombstone TTL.
+    #[arg(long, value_name = "DUR", value_parser = parse_tombstone_ttl, default_value = "15m")]
+    pub tombstone_ttl: Duration,
     /// Address of the admin endpoint (/healthz, /readyz, /metrics); off when
     /// not given.
     #[arg(long, value_name = "ADDR")]
@@ -48,6 +54,16 @@ impl StreamReplicas {
             StreamReplicas::Auto => 1,
         }
     }
+}
+
+fn parse_tombstone_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(text)?;
+    if ttl < Duration::from_secs(1) {
+        return Err(format!(
+            "{text:?} is under 1s: JetStream keeps a message for whole seconds"
+        ));
+    }
+    Ok(ttl)
 }
 
 fn parse_replicas(text: &str) -> Result<StreamReplicas, String> {
@@ -90,6 +106,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             stream_replicas,
             metrics,
             replica: args.replica,
+            tombstone_ttl: args.tombstone_ttl,
         },
         shutdown_signal(),
     )
