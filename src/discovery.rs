@@ -56,6 +56,12 @@ use leader::{Decision, Election, Role};
 /// record covers many changes of its instance; when idle every event is
 /// written at once.
 const BATCH: usize = 4096;
+/// The most records written in one turn of the loop: every record comes
+/// back twice on the event subscription (stored and republished), and the
+/// events that arrive while a window is written must be folded before the
+/// subscription's buffer fills (a write of 100,000 records at once would
+/// overflow it).
+const WRITE_WINDOW: usize = 4096;
 /// The longest a change waits to be published while events keep arriving
 /// faster than they are folded (a fleet joining at once): records go out
 /// every few milliseconds, not once per event.
@@ -540,12 +546,18 @@ impl<W: Wire> Worker<W> {
                     };
                     publish = self.fold_batch(&message, &mut inputs.events).await?;
                 }
+                // Records left over from the last write: the next window,
+                // once the events that came meanwhile are folded.
+                () = std::future::ready(()), if self.election.epoch().is_some() && !self.dirty.is_empty() => {}
             }
             if publish {
                 self.dirty_since = None;
                 self.publish_dirty().await;
-                for (subject, payload) in std::mem::take(&mut self.replies) {
-                    self.wire.reply(subject, payload).await;
+                // Answered once every record is written, the override's too.
+                if self.dirty.is_empty() {
+                    for (subject, payload) in std::mem::take(&mut self.replies) {
+                        self.wire.reply(subject, payload).await;
+                    }
                 }
             }
         }
@@ -859,6 +871,11 @@ impl<W: Wire> Worker<W> {
     }
 
     fn handle(&mut self, message: &async_nats::Message) {
+        // The catalog's own records (the leader's writes and the stream's
+        // republished copies) match the event wildcard too: not events.
+        if self.subjects.is_catalog_record(&message.subject) {
+            return;
+        }
         Stats::bump(&self.stats.events);
         let now = Instant::now().into_std();
         let parsed = self.subjects.parse_event_subject(&message.subject);
@@ -963,18 +980,21 @@ impl<W: Wire> Worker<W> {
             self.dirty.clear();
             return;
         };
-        let batch = self.dirty_records();
+        let batch = self.dirty_records(WRITE_WINDOW);
         let outcomes = self.wire.write(epoch, batch.clone()).await;
         for (write, written) in batch.into_iter().zip(outcomes) {
             self.settle(epoch, write, written);
         }
     }
 
-    /// The record of every changed instance, serialized; the changed set is
-    /// emptied.
-    fn dirty_records(&mut self) -> Vec<Write> {
-        let mut batch = Vec::with_capacity(self.dirty.len());
-        for ((service, id), pending) in std::mem::take(&mut self.dirty) {
+    /// The records of up to `most` changed instances, serialized, taken out
+    /// of the changed set.
+    fn dirty_records(&mut self, most: usize) -> Vec<Write> {
+        let mut batch = Vec::with_capacity(self.dirty.len().min(most));
+        while batch.len() < most {
+            let Some(((service, id), pending)) = self.dirty.pop_first() else {
+                break;
+            };
             let presence = match self.catalog.effective(&service, &id) {
                 Some(instance) => Presence::Live(instance),
                 None => Presence::Left(pending.left),

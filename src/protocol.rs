@@ -1035,8 +1035,8 @@ impl Subjects {
     }
 
     /// Whether `subject` is one of discovery's own writes to the catalog
-    /// stream (a snapshot store subject or the fence): people and balancers
-    /// follow the republished snapshots instead, which are only the stored
+    /// stream (a record's store subject or the fence): people and balancers
+    /// follow the republished records instead, which are only the stored
     /// ones.
     pub fn is_catalog_write(&self, subject: &str) -> bool {
         self.strip_prefix(subject)
@@ -1047,6 +1047,14 @@ impl Subjects {
     pub(crate) fn is_catalog(&self, subject: &str) -> bool {
         self.strip_prefix(subject)
             .is_ok_and(|rest| rest.starts_with("catalog."))
+    }
+
+    /// Whether `subject` is a catalog record's, stored or republished: it
+    /// has as many tokens as an event, so the event wildcard
+    /// ([`Subjects::events_wildcard`]) hears it too, and it is no event.
+    pub fn is_catalog_record(&self, subject: &str) -> bool {
+        self.strip_prefix(subject)
+            .is_ok_and(|rest| rest.starts_with("catalog.") || rest.starts_with("catalog-store."))
     }
 }
 

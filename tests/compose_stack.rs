@@ -338,7 +338,7 @@ impl Snapshots {
     async fn follow() -> Snapshots {
         let client = nats(WATCH_URL).await;
         let mut subscription = client
-            .subscribe("rollcall.catalog.web")
+            .subscribe("rollcall.catalog.web.*")
             .await
             .expect("subscribe to the web catalog");
         client.flush().await.expect("subscription registered");
@@ -347,10 +347,16 @@ impl Snapshots {
             let seen = seen.clone();
             async move {
                 let _client = client;
+                // Records assembled into snapshots, as a balancer does.
+                let mut held = rollcall::subscription::Held::default();
                 while let Some(message) = subscription.next().await {
-                    let snapshot: Snapshot =
-                        serde_json::from_slice(&message.payload).expect("a valid snapshot");
-                    seen.lock().expect("snapshots").push(snapshot);
+                    let record = rollcall::protocol::Subjects::default()
+                        .parse_record(&message.subject, &message.payload)
+                        .expect("a valid record");
+                    if held.offer(record).is_ok() {
+                        let snapshot: Snapshot = held.snapshot("web").expect("web is held");
+                        seen.lock().expect("snapshots").push(snapshot);
+                    }
                 }
             }
         });
