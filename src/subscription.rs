@@ -35,6 +35,12 @@ use crate::protocol::{Instance, Presence, Record, Snapshot, Subjects};
 /// burst still reaches the balancer.
 const COALESCE: usize = 65_536;
 
+/// Updates waiting for the balancer: one. While it applies one, records go
+/// on being taken in, and each service changed meanwhile is handed on once
+/// it is ready for the next, so a slow rebuild of a big set is never
+/// repeated for every record that arrived during it.
+const UPDATES_BUFFER: usize = 1;
+
 /// An item of the catalog feed, as a balancer consumes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Update {
@@ -213,7 +219,7 @@ pub fn follow_with_stats(
     subjects: Subjects,
     stats: Arc<Stats>,
 ) -> impl Stream<Item = Update> + Send + 'static {
-    let (sender, receiver) = mpsc::channel(256);
+    let (sender, receiver) = mpsc::channel(UPDATES_BUFFER);
     let client = connection.client.clone();
     let link = connection.link();
     tokio::spawn(async move {
@@ -321,6 +327,9 @@ impl Follower {
             at: Instant::now(),
         };
         let mut reading: Option<Reading> = None;
+        // Services changed by live records and not yet handed on.
+        let mut changed = BTreeSet::new();
+        let sender = self.sender.clone();
         loop {
             let due = match read {
                 StreamRead::Due { at, .. } if reading.is_none() => Some(at),
@@ -344,8 +353,13 @@ impl Follower {
                         tracing::error!(subject = %self.subjects.catalog_wildcard(), "the catalog subscription ended: the NATS client was closed");
                         return;
                     };
-                    if !self.live(message, &mut source).await {
-                        return;
+                    self.live(message, &mut source, &mut changed);
+                }
+                permit = sender.reserve(), if !changed.is_empty() => {
+                    let Ok(permit) = permit else { return };
+                    let snapshot = changed.pop_first().and_then(|service| self.held.snapshot(&service));
+                    if let Some(snapshot) = snapshot {
+                        permit.send(Update::Service(snapshot));
                     }
                 }
                 // Without a sender the link never changes and this branch
@@ -401,28 +415,22 @@ impl Follower {
     }
 
     /// Takes in `first` and every live record already waiting (up to
-    /// [`COALESCE`]), then hands on each changed service once. False when
-    /// nobody listens.
-    async fn live(&mut self, first: async_nats::Message, source: &mut impl Source) -> bool {
-        let mut changed = BTreeSet::new();
-        self.take(&first, &mut changed);
+    /// [`COALESCE`]), noting the services they changed.
+    fn live(
+        &mut self,
+        first: async_nats::Message,
+        source: &mut impl Source,
+        changed: &mut BTreeSet<String>,
+    ) {
+        self.take(&first, changed);
         for _ in 1..COALESCE {
             // Unconstrained: tokio's cooperative budget would end the
             // burst early and make every few records an update.
             match tokio::task::unconstrained(source.next_live()).now_or_never() {
-                Some(Some(message)) => self.take(&message, &mut changed),
+                Some(Some(message)) => self.take(&message, changed),
                 _ => break,
             }
         }
-        for service in changed {
-            let Some(snapshot) = self.held.snapshot(&service) else {
-                continue;
-            };
-            if self.sender.send(Update::Service(snapshot)).await.is_err() {
-                return false;
-            }
-        }
-        true
     }
 
     /// Takes in one live record if it is newer, noting its service.
@@ -646,7 +654,7 @@ mod tests {
             let (reads_tx, reads) = mpsc::unbounded_channel();
             let (live, live_rx) = mpsc::unbounded_channel();
             let (link, link_rx) = watch::channel(UP);
-            let (sender, updates) = mpsc::channel(256);
+            let (sender, updates) = mpsc::channel(UPDATES_BUFFER);
             let source = Scripted {
                 failing: Arc::clone(&failing),
                 hanging: Arc::clone(&hanging),
@@ -780,7 +788,7 @@ mod tests {
         h.publish(&gone("a", 5));
         let (first, last) = (h.update().await, h.update().await);
         let listed = |update: &Update| match update {
-            Update::Reset(all) => all.iter().flat_map(|s| ids(s)).collect::<Vec<_>>(),
+            Update::Reset(all) => all.iter().flat_map(ids).collect::<Vec<_>>(),
             Update::Service(snapshot) => ids(snapshot),
         };
         // In whichever order the read and the tombstone came, a stays gone.
