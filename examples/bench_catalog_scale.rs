@@ -160,7 +160,9 @@ impl WireCount {
                     .map(|(name, values)| {
                         let name = name.to_string().len();
                         // `Name: value\r\n`
-                        (values.iter()).map(|v| name + v.as_str().len() + 4).sum::<usize>()
+                        (values.iter())
+                            .map(|v| name + v.as_str().len() + 4)
+                            .sum::<usize>()
                     })
                     .sum();
                 let size = message.subject.len() + headers + message.payload.len();
@@ -199,7 +201,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let port = |n: usize, after: bool| {
         let half = BACKENDS / 2;
-        backends[n % half + if after { half } else { 0 }].addr.port()
+        backends[n % half + if after { half } else { 0 }]
+            .addr
+            .port()
     };
     let n = args.instances;
 
@@ -245,7 +249,12 @@ async fn rolling(
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = tokio::spawn({
-        let (ok, failed, stop, addr) = (ok.clone(), failed.clone(), stop.clone(), args.balancer.clone());
+        let (ok, failed, stop, addr) = (
+            ok.clone(),
+            failed.clone(),
+            stop.clone(),
+            args.balancer.clone(),
+        );
         async move {
             while !stop.load(Ordering::Relaxed) {
                 match get(&addr, "/").await {
@@ -260,7 +269,9 @@ async fn rolling(
     let wave = n.div_ceil(10);
     for first in (0..n).step_by(wave) {
         let ids = first..(first + wave).min(n);
-        let leaving = ids.clone().map(|i| (EventKind::Deregister, instance(i, port(i, false))));
+        let leaving = ids
+            .clone()
+            .map(|i| (EventKind::Deregister, instance(i, port(i, false))));
         paced(nats, args.rate, leaving).await?;
         let back = ids.map(|i| (EventKind::Register, instance(i, port(i, true))));
         paced(nats, args.rate, back).await?;
@@ -268,7 +279,10 @@ async fn rolling(
     let after: std::collections::HashSet<String> = (0..n)
         .map(|i| format!("127.0.0.1:{}", port(i, true)))
         .collect();
-    until_listed(args, |l| l.len() == n && l.iter().all(|(_, a)| after.contains(a))).await?;
+    until_listed(args, |l| {
+        l.len() == n && l.iter().all(|(_, a)| after.contains(a))
+    })
+    .await?;
     let wall = start.elapsed();
     stop.store(true, Ordering::Relaxed);
     load.await?;
