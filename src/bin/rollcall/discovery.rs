@@ -31,6 +31,12 @@ pub struct Args {
     /// Consul's KV tombstone TTL.
     #[arg(long, value_name = "DUR", value_parser = parse_tombstone_ttl, default_value = "15m")]
     pub tombstone_ttl: Duration,
+    /// Event messages held while discovery is busy before NATS drops the
+    /// next (a slow consumer): a fleet registering at once, and the catalog
+    /// records that come back on the event subscription, wait here. The
+    /// default is nats.go's pending limit per subscription (512 Ki messages).
+    #[arg(long, value_name = "N", default_value_t = 524_288, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub event_buffer: u32,
     /// Address of the admin endpoint (/healthz, /readyz, /metrics); off when
     /// not given.
     #[arg(long, value_name = "ADDR")]
@@ -86,6 +92,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Two missed pings and the link counts as lost: a replica cut off from
     // NATS notices within about a second, like the leader's heartbeats.
     options.ping_interval = options.ping_interval.min(Duration::from_millis(500));
+    options.subscription_capacity = args.event_buffer as usize;
     let connection = options.connect("rollcall-discovery").await?;
     let _admin = admin::start(listener, registry, &connection, metrics.nats.clone());
     // A refused subscription would otherwise leave discovery deaf, not dead.
