@@ -42,7 +42,7 @@ KILLS="$KILLS" ROLLCALL_BIN="$ROLLCALL_BIN" NATS_URL="$NATS_URL_BENCH" RUN_DIR="
   BALANCER="127.0.0.1:$ROLLCALL_PORT" PORTS="${BACKEND_PORTS[*]}" PYTHONPATH="$BENCH_DIR" "$PYTHON" - <<'EOF'
 import asyncio, json, os, signal, subprocess, time, urllib.request
 import nats
-from failover_common import Requests, churn, heartbeats, invariants, percentiles, record
+from failover_common import Assembler, Requests, churn, heartbeats, invariants, percentiles, record
 
 KILLS = int(os.environ["KILLS"]); BIN = os.environ["ROLLCALL_BIN"]; URL = os.environ["NATS_URL"]
 PORTS = [int(p) for p in os.environ["PORTS"].split()]; RUN_DIR = os.environ["RUN_DIR"]
@@ -63,9 +63,10 @@ def get(url):
 async def main():
     nc = await nats.connect(URL)
     snapshots, leaders = [], []
+    records = Assembler()
     async def on_snapshot(m):
-        s = json.loads(m.data)
-        snapshots.append((time.monotonic(), int(m.headers.get("Nats-Sequence", 0)), m.subject, s))
+        subject, s = records.take(json.loads(m.data))
+        snapshots.append((time.monotonic(), int(m.headers.get("Nats-Sequence", 0)), subject, s))
     async def on_leader(m):
         leaders.append(json.loads(m.data))
     await nc.subscribe("rollcall.catalog.>", cb=on_snapshot)

@@ -55,7 +55,7 @@ KILLS="$KILLS" ROLLCALL_BIN="$ROLLCALL_BIN" NATS_BIN="$NATS_BIN" URLS="${URLS[*]
   PORTS="${BACKEND_PORTS[*]}" PYTHONPATH="$BENCH_DIR" "$PYTHON" - <<'EOF'
 import asyncio, json, os, signal, subprocess, time, urllib.request
 import nats
-from failover_common import Requests, churn, heartbeats, invariants, percentiles, record
+from failover_common import Assembler, Requests, churn, heartbeats, invariants, percentiles, record
 
 KILLS = int(os.environ["KILLS"]); BIN = os.environ["ROLLCALL_BIN"]; RUN_DIR = os.environ["RUN_DIR"]
 URLS = os.environ["URLS"].split(); PORTS = [int(p) for p in os.environ["PORTS"].split()]
@@ -134,8 +134,10 @@ async def main():
         pass
     nc = await nats.connect(servers=URLS, error_cb=reconnecting)
     snapshots = []
+    records = Assembler()
     async def on_snapshot(m):
-        snapshots.append((time.monotonic(), m.subject, json.loads(m.data)))
+        subject, s = records.take(json.loads(m.data))
+        snapshots.append((time.monotonic(), subject, s))
     await nc.subscribe("rollcall.catalog.>", cb=on_snapshot)
     for k in range(3):
         spawn(["discovery", "--nats", rotated(k), "--replica", f"d{k}"], f"d{k}")

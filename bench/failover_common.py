@@ -53,6 +53,28 @@ class Requests:
         self._thread.join()
 
 
+class Assembler:
+    """Catalog records (version 3) assembled into per-service snapshots, as
+    a balancer does: per instance the record with the highest revision.
+    `take` returns the service's snapshot after a record, keyed by the
+    service's subject; a stale record's snapshot carries that record's
+    revision, so `invariants` counts it as a regression."""
+
+    def __init__(self):
+        self.services = {}
+
+    def take(self, record):
+        held = self.services.setdefault(record["service"], {})
+        old = held.get(record["id"])
+        stale = old is not None and record["revision"] <= old["revision"]
+        if not stale:
+            held[record["id"]] = record
+        live = sorted((r["instance"] for r in held.values() if "instance" in r), key=lambda i: i["id"])
+        revision = record["revision"] if stale else max(r["revision"] for r in held.values())
+        subject = "rollcall.catalog." + record["service"]
+        return subject, {"service": record["service"], "revision": revision, "instances": live}
+
+
 def invariants(seen, ids):
     """(shrunken, regressions) over `seen`, (subject, snapshot) pairs in
     arrival order: snapshots lacking one of `ids` after the first that

@@ -3,7 +3,7 @@
 # registered. ROUNDS times, alternately drain and undrain it with a NATS
 # request (what `rollcall drain` sends) and time, from the request:
 #   reply   - discovery's answer (sent once the snapshot is stored);
-#   catalog - the snapshot carrying the change on rollcall.catalog.web
+#   catalog - the record carrying the change on rollcall.catalog.web.web-1
 #             (what every balancer follows).
 #
 # Prints OVERRIDE lines (p50/p99/max in ms) and refusals seen (must be 0).
@@ -34,7 +34,7 @@ import nats
 
 async def main():
     nc = await nats.connect(os.environ["NATS_URL_BENCH"])
-    catalog = await nc.subscribe("rollcall.catalog.web")
+    catalog = await nc.subscribe("rollcall.catalog.web.*")
     record = {"service": "web", "id": "web-1", "address": "127.0.0.1", "port": 5001, "ttl_ms": 600000}
     await nc.publish("rollcall.register.web.web-1", json.dumps(record).encode())
     await catalog.next_msg(timeout=5)
@@ -48,8 +48,8 @@ async def main():
         if not json.loads(answer.data).get("ok"):
             refused += 1
         while True:
-            snapshot = json.loads((await catalog.next_msg(timeout=5)).data)
-            if snapshot["instances"][0]["weight"] == want:
+            record = json.loads((await catalog.next_msg(timeout=5)).data)
+            if record.get("instance", {}).get("weight") == want:
                 break
         snapshots.append(time.perf_counter() - start)
     def line(name, xs):

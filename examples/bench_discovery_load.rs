@@ -134,7 +134,8 @@ async fn main() -> anyhow::Result<()> {
     // and the figure would be the load generator's backlog.
     let watch = connect(&args.nats).await?;
 
-    // Everything discovery publishes, as the last snapshot per service.
+    // Everything discovery publishes, assembled into the last snapshot per
+    // service.
     let seen: Seen = Arc::default();
     let snapshots_seen = Arc::new(AtomicU64::new(0));
     let mut catalog = watch.subscribe(subjects.catalog_wildcard()).await?;
@@ -146,8 +147,17 @@ async fn main() -> anyhow::Result<()> {
     );
     let (probe_tx, mut probe_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Vec<String>)>();
     tokio::spawn(async move {
+        // Records assembled into snapshots, as a balancer does.
+        let mut held = rollcall::subscription::Held::default();
         while let Some(message) = catalog.next().await {
-            let Ok(snapshot) = subjects_w.parse_snapshot(&message.subject, &message.payload) else {
+            let Ok(record) = subjects_w.parse_record(&message.subject, &message.payload) else {
+                continue;
+            };
+            let service = record.service.clone();
+            if held.offer(record).is_err() {
+                continue;
+            }
+            let Some(snapshot) = held.snapshot(&service) else {
                 continue;
             };
             count_w.fetch_add(1, Ordering::Relaxed);

@@ -1,8 +1,8 @@
 //! Run with `cargo run --release --example register_latency -- [NATS_URL] [N]`
 //! against a running `nats-server -js` and `rollcall discovery`.
 //!
-//! Measures register → snapshot: the time from publishing a register for a
-//! new instance to receiving the catalog snapshot that lists it, N times
+//! Measures register → record: the time from publishing a register for a
+//! new instance to receiving the catalog record that lists it, N times
 //! (default 200), and prints p50/p99/max. Each instance deregisters after, so
 //! the service stays small.
 
@@ -26,7 +26,9 @@ async fn main() -> anyhow::Result<()> {
     let client = async_nats::connect(&url)
         .await
         .with_context(|| format!("connect to {url}"))?;
-    let mut catalog = client.subscribe(subjects.catalog("latency")).await?;
+    let mut catalog = client
+        .subscribe(subjects.service_catalog("latency"))
+        .await?;
     client.flush().await?;
 
     let mut samples = Vec::with_capacity(n);
@@ -43,10 +45,10 @@ async fn main() -> anyhow::Result<()> {
         loop {
             let message = tokio::time::timeout(Duration::from_secs(5), catalog.next())
                 .await
-                .context("no snapshot within 5 s: is `rollcall discovery` running?")?
+                .context("no record within 5 s: is `rollcall discovery` running?")?
                 .context("subscription closed")?;
-            let snapshot = subjects.parse_snapshot(&message.subject, &message.payload)?;
-            if snapshot.instances.iter().any(|i| i.id == instance.id) {
+            let record = subjects.parse_record(&message.subject, &message.payload)?;
+            if record.instance().is_some_and(|i| i.id == instance.id) {
                 samples.push(sent.elapsed());
                 break;
             }

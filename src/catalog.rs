@@ -714,6 +714,18 @@ impl Catalog {
         all
     }
 
+    /// The revision of `service`, if it was ever seen.
+    pub fn revision(&self, service: &str) -> Option<u64> {
+        self.services.get(service).map(|entry| entry.revision)
+    }
+
+    /// Live instances of one service.
+    pub fn live_in(&self, service: &str) -> usize {
+        self.services
+            .get(service)
+            .map_or(0, |entry| entry.instances.len())
+    }
+
     /// Live instances across all services.
     pub fn live_instances(&self) -> usize {
         self.live

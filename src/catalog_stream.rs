@@ -1,15 +1,19 @@
 //! The memory of the catalog: the `<PREFIX>_CATALOG` JetStream
-//! stream keeps the last snapshot of every service. Discovery creates it and
-//! adopts it on restart; balancers and `rollcall catalog` read it to start
-//! from the whole catalog instead of waiting for the next change.
+//! stream keeps one record per instance (catalog version 3, the model of a
+//! JetStream KV bucket). Discovery creates it and adopts it on restart;
+//! balancers and `rollcall catalog` read it to start from the whole catalog
+//! instead of waiting for the next change.
 //!
-//! Snapshots are written on `<prefix>.catalog-store.<service>` and the
-//! stream republishes each one it stored on `<prefix>.catalog.<service>`:
-//! live subscribers only ever see stored snapshots, so a write the stream
-//! refuses (a superseded leader's) reaches no one. The stream also keeps the
-//! fence, `<prefix>.catalog-fence`, whose sequence is the leader's epoch,
-//! and each partition's, `<prefix>.catalog-fence.<p>`.
+//! Records are written on `<prefix>.catalog-store.<service>.<instance>` and
+//! the stream republishes each one it stored on
+//! `<prefix>.catalog.<service>.<instance>`: live subscribers only ever see
+//! stored records, so a write the stream refuses (a superseded leader's)
+//! reaches no one. A tombstone (an instance that left) carries a TTL, after
+//! which the stream forgets it. The stream also keeps the fence,
+//! `<prefix>.catalog-fence`, whose sequence is the leader's epoch, and each
+//! partition's, `<prefix>.catalog-fence.<p>`.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -18,7 +22,7 @@ use futures::{StreamExt, TryStreamExt};
 use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
 
 use crate::connect::NatsError;
-use crate::protocol::{Leadership, Snapshot, Subjects};
+use crate::protocol::{Instance, Leadership, Presence, ProtocolError, Record, Snapshot, Subjects};
 
 /// What went wrong with the catalog stream, naming it.
 #[derive(Debug, thiserror::Error)]
@@ -38,19 +42,26 @@ pub enum CatalogStreamError {
         #[source]
         source: NatsError<CreateStreamErrorKind>,
     },
-    #[error("cannot read the last snapshots from {stream}")]
+    #[error("cannot read the last records from {stream}")]
     Read {
         stream: String,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("the server announced {pending} more snapshots in {stream} but delivered none")]
+    #[error("the server announced {pending} more records in {stream} but delivered none")]
     Starved { stream: String, pending: u64 },
-    #[error("cannot give the JetStream stream {stream} the version 2 shape (store and fence subjects, republished); may this user update it?")]
+    #[error("cannot give the JetStream stream {stream} the catalog version 3 shape (store and fence subjects, republished, message TTLs: nats-server 2.11 or later); may this user update it?")]
     Update {
         stream: String,
         #[source]
         source: NatsError<CreateStreamErrorKind>,
+    },
+    #[error("cannot purge the old snapshots ({filter}) from {stream}; may this user purge it ($JS.API.STREAM.PURGE.{stream})?")]
+    Purge {
+        stream: String,
+        filter: String,
+        #[source]
+        source: NatsError<stream::PurgeErrorKind>,
     },
     #[error("cannot read the catalog fence {subject}")]
     Fence {
@@ -65,8 +76,10 @@ pub enum CatalogStreamError {
 pub struct Ensured {
     /// The stream did not exist: the server forgot the catalog.
     pub created: bool,
-    /// Snapshots kept by a stream of the version 1 shape (stored on
-    /// `<prefix>.catalog.<service>`), now to be written again by the leader.
+    /// Snapshots kept by a stream of the catalog version 1 shape (stored on
+    /// `<prefix>.catalog.<service>`) or version 2 shape
+    /// (`<prefix>.catalog-store.<service>`), now purged from it and to be
+    /// written again by the leader, as records.
     pub migrated: Vec<Snapshot>,
 }
 
@@ -149,7 +162,8 @@ async fn read_fence_on(
     }
 }
 
-/// A snapshot as the stream keeps it, with the time it was stored.
+/// A service's snapshot assembled from its stored records, with the time
+/// its newest record was stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
     pub snapshot: Snapshot,
@@ -157,12 +171,71 @@ pub struct Stored {
 }
 
 /// The last snapshots of every service, and how many stored messages were
-/// not valid snapshots (each was logged).
+/// not valid records (each was logged).
 #[derive(Debug, Clone, Default)]
 pub struct LastSnapshots {
     pub snapshots: Vec<Stored>,
     pub invalid: usize,
 }
+
+/// One record as the stream keeps it, with the time it was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    pub record: Record,
+    pub published: SystemTime,
+}
+
+/// Every record the stream keeps (the last per instance), and how many
+/// stored messages were not valid records (each was logged).
+#[derive(Debug, Clone, Default)]
+pub struct LastRecords {
+    pub records: Vec<StoredRecord>,
+    pub invalid: usize,
+}
+
+impl LastRecords {
+    /// The records assembled into one snapshot per service: its live
+    /// instances by id, its revision the highest of its records (those of
+    /// gone instances count). A service whose every instance left is listed
+    /// empty while its tombstones are kept.
+    pub fn snapshots(self) -> LastSnapshots {
+        let mut services: BTreeMap<String, (Stored, BTreeMap<String, Instance>)> = BTreeMap::new();
+        for StoredRecord { record, published } in self.records {
+            let (stored, live) = services.entry(record.service.clone()).or_insert_with(|| {
+                let snapshot = Snapshot {
+                    service: record.service.clone(),
+                    revision: 0,
+                    instances: Vec::new(),
+                };
+                let stored = Stored {
+                    snapshot,
+                    published: SystemTime::UNIX_EPOCH,
+                };
+                (stored, BTreeMap::new())
+            });
+            stored.snapshot.revision = stored.snapshot.revision.max(record.revision);
+            stored.published = stored.published.max(published);
+            if let Presence::Live(instance) = record.presence {
+                live.insert(record.id, instance);
+            }
+        }
+        let snapshots = services
+            .into_values()
+            .map(|(mut stored, live)| {
+                stored.snapshot.instances = live.into_values().collect();
+                stored
+            })
+            .collect();
+        LastSnapshots {
+            snapshots,
+            invalid: self.invalid,
+        }
+    }
+}
+
+/// How long the stream keeps a tombstone when discovery is not told
+/// otherwise (`--tombstone-ttl`): Consul's KV tombstone TTL.
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(15 * 60);
 
 /// The stream's configuration: the catalog subjects, one message per
 /// subject, kept on disk in `replicas` copies (1 on a single server; 3 in a
@@ -171,7 +244,7 @@ pub fn stream_config(subjects: &Subjects, replicas: usize) -> stream::Config {
     stream::Config {
         num_replicas: replicas,
         name: subjects.catalog_stream(),
-        description: Some("rollcall: the last catalog snapshot of every service".to_owned()),
+        description: Some("rollcall: the catalog, one record per instance".to_owned()),
         subjects: [subjects.catalog_store_wildcard()]
             .into_iter()
             .chain(subjects.catalog_fences())
@@ -185,13 +258,14 @@ pub fn stream_config(subjects: &Subjects, replicas: usize) -> stream::Config {
         discard: stream::DiscardPolicy::Old,
         storage: stream::StorageType::File,
         allow_direct: true,
+        allow_message_ttl: true,
         ..stream::Config::default()
     }
 }
 
 /// Opens the catalog stream, creating it with `replicas` copies if missing,
-/// and gives a stream of the version 1 shape the version 2 one in place,
-/// handing back the snapshots it kept so that none is lost.
+/// and gives a stream of the catalog version 1 or 2 shape the version 3 one
+/// in place, handing back the snapshots it kept so that none is lost.
 pub async fn ensure(
     js: &jetstream::Context,
     subjects: &Subjects,
@@ -216,13 +290,18 @@ pub async fn ensure(
                 );
             }
             let wanted = stream_config(subjects, info.config.num_replicas);
-            if info.config.subjects == wanted.subjects && info.config.republish.is_some() {
+            let same_subjects = info.config.subjects == wanted.subjects;
+            if same_subjects && info.config.republish.is_some() && info.config.allow_message_ttl {
                 return Ok(Ensured::default());
             }
-            if info.config.republish.is_some() {
-                return add_partition_fences(js, &name, wanted).await;
-            }
-            migrate(js, subjects, wanted).await
+            // Version 2 stored snapshots on the store subjects (and had no
+            // partition fences), version 1 on the live ones.
+            let old = if info.config.republish.is_some() {
+                subjects.catalog_store_v2()
+            } else {
+                format!("{}.catalog.*", subjects.prefix())
+            };
+            migrate(js, subjects, wanted, old).await
         }
         Err(error) if is_stream_not_found(&error.kind()) => {
             js.create_stream(stream_config(subjects, replicas))
@@ -245,63 +324,90 @@ pub async fn ensure(
     }
 }
 
-/// A version 2 stream from before partitions gains
-/// `<prefix>.catalog-fence.*`, in place: what it keeps stays.
-async fn add_partition_fences(
-    js: &jetstream::Context,
-    name: &str,
-    wanted: stream::Config,
-) -> Result<Ensured, CatalogStreamError> {
-    js.update_stream(wanted)
-        .await
-        .map_err(|source| CatalogStreamError::Update {
-            stream: name.to_owned(),
-            source: NatsError(source),
-        })?;
-    tracing::info!(stream = %name, "the catalog stream now keeps the partitions' fences too");
-    Ok(Ensured::default())
-}
-
-/// Reads the snapshots a version 1 stream kept, then changes its subjects.
+/// Reads the snapshots an older stream kept on `old`, gives it the
+/// version 3 shape, then purges them: what they held goes to the leader.
 async fn migrate(
     js: &jetstream::Context,
     subjects: &Subjects,
     wanted: stream::Config,
+    old: String,
 ) -> Result<Ensured, CatalogStreamError> {
     let name = subjects.catalog_stream();
-    let old = read_last_on(js, subjects, subjects.catalog_wildcard()).await?;
+    let (snapshots, invalid) = read_last_on(js, subjects, old.clone(), |subject, payload| {
+        subjects.parse_snapshot(subject, payload)
+    })
+    .await?;
     js.update_stream(wanted)
         .await
         .map_err(|source| CatalogStreamError::Update {
             stream: name.clone(),
             source: NatsError(source),
         })?;
+    js.get_stream_no_info(&name)
+        .await
+        .map_err(|e| CatalogStreamError::Read {
+            stream: name.clone(),
+            source: Box::new(NatsError(e)),
+        })?
+        .purge()
+        .filter(old.clone())
+        .await
+        .map_err(|source| CatalogStreamError::Purge {
+            stream: name.clone(),
+            filter: old,
+            source: NatsError(source),
+        })?;
     tracing::warn!(
         stream = %name,
-        services = old.snapshots.len(),
-        "gave the catalog stream the version 2 shape; the leader writes its snapshots again"
+        services = snapshots.len(),
+        invalid,
+        "gave the catalog stream the version 3 shape (one record per instance); the leader writes its snapshots again as records"
     );
     Ok(Ensured {
         created: false,
-        migrated: old.snapshots.into_iter().map(|s| s.snapshot).collect(),
+        migrated: snapshots
+            .into_iter()
+            .map(|(snapshot, _)| snapshot)
+            .collect(),
     })
 }
 
-/// Reads the last snapshot of every service from the stream, with an
-/// ephemeral consumer that delivers the last message per subject.
+/// Every record the stream keeps, with an ephemeral consumer that delivers
+/// the last message per subject; complete once it returns.
+pub async fn read_records(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+) -> Result<LastRecords, CatalogStreamError> {
+    let (records, invalid) = read_last_on(
+        js,
+        subjects,
+        subjects.catalog_store_wildcard(),
+        |subject, payload| subjects.parse_record(subject, payload),
+    )
+    .await?;
+    let records = records
+        .into_iter()
+        .map(|(record, published)| StoredRecord { record, published })
+        .collect();
+    Ok(LastRecords { records, invalid })
+}
+
+/// The last snapshot of every service, assembled from [`read_records`].
 pub async fn read_last(
     js: &jetstream::Context,
     subjects: &Subjects,
 ) -> Result<LastSnapshots, CatalogStreamError> {
-    read_last_on(js, subjects, subjects.catalog_store_wildcard()).await
+    Ok(read_records(js, subjects).await?.snapshots())
 }
 
-/// [`read_last`] of the snapshots stored under `filter`.
-async fn read_last_on(
+/// The last message of every subject under `filter`, each parsed by
+/// `parse`, with the time it was stored; and how many did not parse.
+async fn read_last_on<T>(
     js: &jetstream::Context,
     subjects: &Subjects,
     filter: String,
-) -> Result<LastSnapshots, CatalogStreamError> {
+    parse: impl Fn(&str, &[u8]) -> Result<T, ProtocolError>,
+) -> Result<(Vec<(T, SystemTime)>, usize), CatalogStreamError> {
     let name = subjects.catalog_stream();
     let read_error = |source: Box<dyn std::error::Error + Send + Sync>| CatalogStreamError::Read {
         stream: name.clone(),
@@ -332,9 +438,9 @@ async fn read_last_on(
             _ => read_error(Box::new(NatsError(e))),
         })?;
     let mut pending = consumer.cached_info().num_pending;
-    let mut last = LastSnapshots::default();
+    let (mut last, mut invalid) = (Vec::new(), 0);
     while pending > 0 {
-        let batch_size = usize::try_from(pending).unwrap_or(usize::MAX).min(1024);
+        let batch_size = usize::try_from(pending).unwrap_or(usize::MAX).min(4096);
         let mut batch = consumer
             .fetch()
             .max_messages(batch_size)
@@ -349,14 +455,11 @@ async fn read_last_on(
             let info = message.info().map_err(read_error)?;
             pending = info.pending;
             let published = SystemTime::from(info.published);
-            match subjects.parse_snapshot(&message.subject, &message.payload) {
-                Ok(snapshot) => last.snapshots.push(Stored {
-                    snapshot,
-                    published,
-                }),
+            match parse(&message.subject, &message.payload) {
+                Ok(parsed) => last.push((parsed, published)),
                 Err(error) => {
-                    last.invalid += 1;
-                    tracing::warn!(subject = %message.subject, %error, "ignoring an invalid snapshot in the catalog stream");
+                    invalid += 1;
+                    tracing::warn!(subject = %message.subject, %error, "ignoring an invalid message in the catalog stream");
                 }
             }
         }
@@ -367,9 +470,7 @@ async fn read_last_on(
             });
         }
     }
-    last.snapshots
-        .sort_by(|a, b| a.snapshot.service.cmp(&b.snapshot.service));
-    Ok(last)
+    Ok((last, invalid))
 }
 
 fn is_stream_not_found(kind: &jetstream::context::GetStreamErrorKind) -> bool {

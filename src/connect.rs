@@ -129,7 +129,13 @@ pub struct NatsOptions {
     /// commands (`catalog`, `watch`) whose output is the point. Reconnects
     /// and losses are logged as always.
     pub quiet: bool,
+    /// Messages a subscription holds before NATS drops the next (a slow
+    /// consumer); async-nats's default unless a role needs more.
+    pub subscription_capacity: usize,
 }
+
+/// async-nats's own default [`NatsOptions::subscription_capacity`].
+pub const SUBSCRIPTION_CAPACITY: usize = 65_536;
 
 impl Default for NatsOptions {
     fn default() -> Self {
@@ -143,6 +149,7 @@ impl Default for NatsOptions {
             tls_key: None,
             ping_interval: Duration::from_secs(2),
             quiet: false,
+            subscription_capacity: SUBSCRIPTION_CAPACITY,
         }
     }
 }
@@ -332,6 +339,7 @@ impl NatsOptions {
             .await?
             .name(name)
             .ping_interval(self.ping_interval)
+            .subscription_capacity(self.subscription_capacity)
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)
             .reconnect_delay_callback(reconnect_delay)

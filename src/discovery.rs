@@ -1,7 +1,8 @@
 //! Discovery: register/heartbeat/deregister messages from NATS go through
-//! the [`catalog`](crate::catalog) fold; every change is published as a
-//! snapshot on `<prefix>.catalog.<service>` (kept by the catalog stream),
-//! where [`subscription`](crate::subscription) picks it up for balancers.
+//! the [`catalog`](crate::catalog) fold; every change is written as the
+//! record of the instance it changed, kept by the catalog stream and
+//! republished on `<prefix>.catalog.<service>.<instance>`, where
+//! [`subscription`](crate::subscription) picks it up for balancers.
 //!
 //! Expiry sleeps until the catalog's next deadline; nothing scans. While the
 //! NATS connection is down nothing can be heard, so nothing expires, and on
@@ -11,7 +12,7 @@
 //! standbys), one leads and writes ([`leader`] decides when to try, the
 //! catalog stream's fence decides who wins, `fence` talks to it). A write
 //! carries the leader's epoch and the stream refuses it once another replica
-//! took over, so a superseded leader never gets a snapshot to a balancer.
+//! took over, so a superseded leader never gets a record to a balancer.
 //!
 //! Its own stalls are not the fleet's failures: before expiring, the loop
 //! folds every event already waiting, and a loop turn that came far later
@@ -22,42 +23,50 @@
 //! hear the silence, and a balancer keeping dead instances would send them
 //! traffic (balancers retry, see the proxy's policy).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_nats::client::{FlushErrorKind, SubscribeErrorKind};
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::catalog::{payload_digest, Catalog, Change, Overridden};
+use crate::catalog::{payload_digest, Catalog, Change, ChangeKind, Overridden};
 use crate::catalog_stream::{self, CatalogStreamError};
 use crate::connect::{Connection, Link, NatsError};
 use crate::metrics::{invalid_reason, DiscoveryMetrics, UNKNOWN_INSTANCE};
 use crate::partition::Partitions;
 use crate::protocol::{
-    EventKind, Leadership, Override, OverrideReply, ProtocolError, Snapshot, Subjects,
-    LEADER_HEARTBEAT, MAX_EVENT_BYTES,
+    EventKind, Leadership, Left, Override, OverrideReply, Presence, ProtocolError, Record,
+    Snapshot, Subjects, LEADER_HEARTBEAT, MAX_EVENT_BYTES,
 };
 
 mod fence;
 pub mod leader;
+mod records;
 
 use leader::{Decision, Election, Role};
 
-/// Events folded before the changed services are published: under load one
-/// snapshot covers many changes; when idle every event publishes at once.
+/// Events folded before the changed instances are written: under load one
+/// record covers many changes of its instance; when idle every event is
+/// written at once.
 const BATCH: usize = 4096;
+/// The most records written in one turn of the loop: every record comes
+/// back twice on the event subscription (stored and republished), and the
+/// events that arrive while a window is written must be folded before the
+/// subscription's buffer fills (a write of 100,000 records at once would
+/// overflow it).
+const WRITE_WINDOW: usize = 4096;
 /// The longest a change waits to be published while events keep arriving
-/// faster than they are folded (a fleet joining at once): snapshots of a
-/// busy service go out every few milliseconds, not once per event.
+/// faster than they are folded (a fleet joining at once): records go out
+/// every few milliseconds, not once per event.
 const MAX_COALESCE: Duration = Duration::from_millis(5);
 
 /// Why discovery could not start or stopped.
@@ -96,9 +105,9 @@ pub struct Stats {
     pub changes: AtomicU64,
     /// Instances that left by expiry.
     pub expired: AtomicU64,
-    /// Snapshots published.
+    /// Records stored (one per instance change written).
     pub published: AtomicU64,
-    /// Snapshots that could not be handed to the NATS client.
+    /// Records that were not stored (written again).
     pub publish_failures: AtomicU64,
     /// Services adopted from the catalog stream at start.
     pub adopted_services: AtomicU64,
@@ -130,16 +139,22 @@ impl Stats {
 
 /// A running discovery component.
 pub struct Discovery {
-    latest: Latest,
+    queries: mpsc::Sender<oneshot::Sender<Vec<Snapshot>>>,
     stats: Arc<Stats>,
     task: JoinHandle<Result<(), DiscoveryError>>,
 }
 
 impl Discovery {
-    /// The last published snapshot of every service: what an embedding
-    /// program (the demo) or a test can look at without a NATS round trip.
-    pub fn catalog(&self) -> Vec<Snapshot> {
-        latest_snapshots(&self.latest)
+    /// The catalog as this replica folded it, one snapshot per service:
+    /// what an embedding program (the demo) or a test can look at without
+    /// reading the stream. Built on demand by the running worker (nothing
+    /// keeps a second copy); empty once discovery stopped.
+    pub async fn catalog(&self) -> Vec<Snapshot> {
+        let (answer, answered) = oneshot::channel();
+        if self.queries.send(answer).await.is_err() {
+            return Vec::new();
+        }
+        answered.await.unwrap_or_default()
     }
 
     pub fn stats(&self) -> &Stats {
@@ -152,21 +167,8 @@ impl Discovery {
     }
 }
 
-/// The last published snapshot of every service, kept as the bytes that were
-/// published (shared with the NATS client, not a second copy of the catalog).
-type Latest = Arc<Mutex<BTreeMap<String, Bytes>>>;
-
-fn latest_snapshots(latest: &Mutex<BTreeMap<String, Bytes>>) -> Vec<Snapshot> {
-    latest
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .values()
-        .filter_map(|payload| serde_json::from_slice(payload).ok())
-        .collect()
-}
-
 /// Starts discovery on `connection`: subscribes to the event subjects, makes
-/// sure the catalog stream exists, adopts the snapshots it keeps, then folds
+/// sure the catalog stream exists, adopts the records it keeps, then folds
 /// events until `shutdown` resolves. Errors here are start-up errors; the
 /// running task survives bad events and NATS outages.
 pub async fn spawn(
@@ -186,6 +188,9 @@ pub struct DiscoveryConfig {
     /// This replica's name in the fence, the heartbeat and the logs;
     /// `<host>-<pid>-<start ms>` when `None`.
     pub replica: Option<String>,
+    /// How long the catalog stream keeps the tombstone of an instance that
+    /// left (at least a second).
+    pub tombstone_ttl: Duration,
 }
 
 impl Default for DiscoveryConfig {
@@ -194,6 +199,7 @@ impl Default for DiscoveryConfig {
             stream_replicas: 1,
             metrics: DiscoveryMetrics::default(),
             replica: None,
+            tombstone_ttl: catalog_stream::TOMBSTONE_TTL,
         }
     }
 }
@@ -263,7 +269,12 @@ pub async fn spawn_with(
     let stored = catalog_stream::read_last(&js, &subjects)
         .await
         .map_err(DiscoveryError::Adopt)?;
-    let mut wire = fence::NatsWire::new(client, subjects.clone(), config.stream_replicas);
+    let mut wire = fence::NatsWire::new(
+        client,
+        subjects.clone(),
+        config.stream_replicas,
+        config.tombstone_ttl,
+    );
     let fence = wire.fence().await;
     let adopted = Adopted {
         stored: stored.snapshots.into_iter().map(|s| s.snapshot).collect(),
@@ -327,7 +338,8 @@ struct Inputs<E, L> {
 #[derive(Debug, Default)]
 struct Adopted {
     stored: Vec<Snapshot>,
-    /// Kept by a version 1 stream: written again once leading.
+    /// Kept by a stream of an older shape: adopted, and written as records
+    /// by the first takeover (they are no longer stored).
     migrated: Vec<Snapshot>,
     /// The fence's epoch, `None` when no replica ever led.
     fence: Option<u64>,
@@ -351,28 +363,16 @@ where
     let stats = Arc::new(Stats::default());
     let mut catalog = Catalog::new();
     let now = Instant::now().into_std();
-    let mut latest = BTreeMap::new();
-    let mut dirty = BTreeSet::new();
     // A partition's writer keeps only its partition's services.
     for snapshot in adopted
         .stored
         .into_iter()
-        .chain(adopted.migrated.iter().cloned())
+        .chain(adopted.migrated)
         .filter(|s| subjects.owns(&s.service))
     {
-        if let Ok(payload) = serde_json::to_vec(&snapshot) {
-            latest.insert(snapshot.service.clone(), Bytes::from(payload));
-        }
         catalog.adopt(snapshot, now);
         Stats::bump(&stats.adopted_services);
     }
-    dirty.extend(
-        adopted
-            .migrated
-            .into_iter()
-            .map(|s| s.service)
-            .filter(|service| subjects.owns(service)),
-    );
     stats
         .live_instances
         .store(catalog.live_instances() as u64, Ordering::Relaxed);
@@ -387,7 +387,7 @@ where
         Some(partition) => tracing::info_span!("partition", %partition),
         None => tracing::Span::none(),
     };
-    let latest = Arc::new(Mutex::new(latest));
+    let (queries, asked) = mpsc::channel(16);
     let generation = inputs.link.borrow().generation;
     let worker = Worker {
         wire,
@@ -395,9 +395,9 @@ where
         catalog,
         stats: Arc::clone(&stats),
         metrics,
-        latest: Arc::clone(&latest),
-        dirty,
-        unstored: BTreeSet::new(),
+        asked,
+        dirty: BTreeMap::new(),
+        unstored: BTreeMap::new(),
         dirty_since: None,
         replies: Vec::new(),
         blind: false,
@@ -408,13 +408,31 @@ where
     };
     let task = tokio::spawn(worker.run(inputs, shutdown).instrument(span));
     Discovery {
-        latest,
+        queries,
         stats,
         task,
     }
 }
 
-/// What became of one fenced snapshot write.
+/// One record to write: serialized, with its key, and whether it is a
+/// tombstone (kept only for the tombstone TTL).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Write {
+    service: String,
+    id: String,
+    payload: Bytes,
+    left: Option<Left>,
+}
+
+/// An instance changed since the last write: the revision of its last
+/// change, and why it left should it be gone when written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pending {
+    revision: u64,
+    left: Left,
+}
+
+/// What became of one fenced record write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Written {
     Stored,
@@ -434,13 +452,10 @@ enum Fenced {
 
 /// Where discovery's writes go: NATS, but for the worker's own tests.
 trait Wire: Send {
-    /// Writes serialized snapshots under `epoch`, each only if the fence
-    /// still holds it.
-    fn write(
-        &mut self,
-        epoch: u64,
-        batch: Vec<(String, Bytes)>,
-    ) -> impl Future<Output = Vec<(String, Written)>> + Send;
+    /// Writes records under `epoch`, each only if the fence still holds
+    /// it; what became of each, in order.
+    fn write(&mut self, epoch: u64, batch: Vec<Write>)
+        -> impl Future<Output = Vec<Written>> + Send;
     /// Says, unstored, that this replica leads.
     fn heartbeat(&mut self, payload: Bytes) -> impl Future<Output = ()> + Send;
     /// Answers a request (an override) on its reply subject.
@@ -449,10 +464,10 @@ trait Wire: Send {
     fn take_over(&mut self, expected: u64, payload: Bytes) -> impl Future<Output = Fenced> + Send;
     /// The fence's epoch now, `None` when never written.
     fn fence(&mut self) -> impl Future<Output = Option<u64>> + Send;
-    /// The stored catalog, for a new leader to adopt.
+    /// The stored records, for a new leader to adopt.
     fn read_stored(
         &mut self,
-    ) -> impl Future<Output = Result<Vec<Snapshot>, CatalogStreamError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Record>, CatalogStreamError>> + Send;
     /// After a reconnect: whether the server forgot the stored catalog.
     fn catalog_lost(&mut self) -> impl Future<Output = bool> + Send;
     fn flush(&mut self) -> impl Future<Output = ()> + Send;
@@ -491,22 +506,23 @@ impl InvalidLog {
 const STALL: Duration = Duration::from_secs(1);
 
 /// The running loop around the catalog fold: events in, expiry on time,
-/// snapshots out when leading.
+/// records out when leading.
 struct Worker<W> {
     wire: W,
     subjects: Subjects,
     catalog: Catalog,
     stats: Arc<Stats>,
     metrics: DiscoveryMetrics,
-    latest: Latest,
-    /// Services changed since the last publish.
-    dirty: BTreeSet<String>,
-    /// Services whose last write is not known to be stored: written again
+    /// Asks for the folded catalog ([`Discovery::catalog`]).
+    asked: mpsc::Receiver<oneshot::Sender<Vec<Snapshot>>>,
+    /// Instances changed since the last write.
+    dirty: BTreeMap<(String, String), Pending>,
+    /// Instances whose last write is not known to be stored: written again
     /// at the next tick, under a new revision.
-    unstored: BTreeSet<String>,
+    unstored: BTreeMap<(String, String), Left>,
     /// When the oldest unpublished change happened, if any.
     dirty_since: Option<Instant>,
-    /// Answers to overrides, sent once their snapshots are written.
+    /// Answers to overrides, sent once their records are written.
     replies: Vec<(String, Bytes)>,
     /// NATS was found unreachable: nothing can be heard, nothing expires.
     blind: bool,
@@ -548,6 +564,10 @@ impl<W: Wire> Worker<W> {
                 // it was superseded before anything else.
                 Some(message) = inputs.leaders.next() => self.on_leader(&message),
                 Some(message) = inputs.overrides.next() => self.on_override(&message),
+                Some(answer) = self.asked.recv() => {
+                    let _ = answer.send(self.catalog.snapshots());
+                    publish = false;
+                }
                 _ = ticks.tick() => self.tick(&mut inputs.events).await?,
                 // Before the events, so that expiry runs under any load.
                 () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
@@ -564,12 +584,18 @@ impl<W: Wire> Worker<W> {
                     };
                     publish = self.fold_batch(&message, &mut inputs.events).await?;
                 }
+                // Records left over from the last write: the next window,
+                // once the events that came meanwhile are folded.
+                () = std::future::ready(()), if self.election.epoch().is_some() && !self.dirty.is_empty() => {}
             }
             if publish {
                 self.dirty_since = None;
                 self.publish_dirty().await;
-                for (subject, payload) in std::mem::take(&mut self.replies) {
-                    self.wire.reply(subject, payload).await;
+                // Answered once every record is written, the override's too.
+                if self.dirty.is_empty() {
+                    for (subject, payload) in std::mem::take(&mut self.replies) {
+                        self.wire.reply(subject, payload).await;
+                    }
                 }
             }
         }
@@ -668,7 +694,7 @@ impl<W: Wire> Worker<W> {
             revision = change.revision,
             "overridden by an operator"
         );
-        self.dirty.insert(change.service);
+        self.mark(&change);
         Ok(instance)
     }
 
@@ -705,9 +731,9 @@ impl<W: Wire> Worker<W> {
                 self.wire.heartbeat(Bytes::from(payload)).await;
             }
             self.catalog.set_clock(self.wire.clock());
-            for service in std::mem::take(&mut self.unstored) {
-                self.catalog.bump(&service);
-                self.dirty.insert(service);
+            for ((service, id), left) in std::mem::take(&mut self.unstored) {
+                let revision = self.fresh_revision(&service);
+                self.dirty.insert((service, id), Pending { revision, left });
             }
         }
         Ok(())
@@ -783,25 +809,27 @@ impl<W: Wire> Worker<W> {
     }
 
     /// What a new leader does with its predecessor's catalog: never shrink
-    /// it for want of a heartbeat, and continue its revisions.
-    fn adopt_stored(&mut self, stored: Vec<Snapshot>, now: std::time::Instant) {
+    /// it for want of a heartbeat, continue its revisions, and write exactly
+    /// the records that differ from the stored ones (tombstones for stored
+    /// live instances it knows left).
+    fn adopt_stored(&mut self, stored: Vec<Record>, now: std::time::Instant) {
         self.catalog.set_clock(self.wire.clock());
-        let mut unseen: BTreeSet<String> = self
-            .catalog
-            .snapshots()
-            .into_iter()
-            .map(|s| s.service)
-            .collect();
-        for snapshot in &stored {
-            unseen.remove(&snapshot.service);
-            if self.catalog.adopt_unknown(snapshot, now) {
-                self.dirty.insert(snapshot.service.clone());
-            }
+        let stored = records::by_service(stored);
+        for (service, records) in &stored {
+            self.catalog
+                .adopt_unknown(&records::snapshot(service, records), now);
         }
-        self.dirty.extend(unseen);
-        for service in &self.dirty {
-            self.catalog.bump(service);
+        for (service, id, left) in records::differences(&self.catalog, &stored) {
+            let revision = self.fresh_revision(&service);
+            self.dirty.insert((service, id), Pending { revision, left });
         }
+    }
+
+    /// A new revision of `service` without a change: for a record written
+    /// again, so no two stored records of a service share a revision.
+    fn fresh_revision(&mut self, service: &str) -> u64 {
+        self.catalog.bump(service);
+        self.catalog.revision(service).unwrap_or_default()
     }
 
     /// At a deadline, or when the link changes while blind: expire what is
@@ -885,6 +913,11 @@ impl<W: Wire> Worker<W> {
     }
 
     fn handle(&mut self, message: &async_nats::Message) {
+        // The catalog's own records (the leader's writes and the stream's
+        // republished copies) match the event wildcard too: not events.
+        if self.subjects.is_catalog_record(&message.subject) {
+            return;
+        }
         Stats::bump(&self.stats.events);
         let now = Instant::now().into_std();
         let parsed = self.subjects.parse_event_subject(&message.subject);
@@ -960,7 +993,21 @@ impl<W: Wire> Worker<W> {
         // The coalescing bound counts from the change, not from the end of
         // the batch it came in.
         self.dirty_since.get_or_insert_with(Instant::now);
-        self.dirty.insert(change.service);
+        self.mark(&change);
+    }
+
+    /// Notes that `change`'s instance must be written.
+    fn mark(&mut self, change: &Change) {
+        let left = match change.kind {
+            ChangeKind::Expired => Left::Expired,
+            _ => Left::Deregistered,
+        };
+        let pending = Pending {
+            revision: change.revision,
+            left,
+        };
+        self.dirty
+            .insert((change.service.clone(), change.id.clone()), pending);
     }
 
     async fn publish_dirty(&mut self) {
@@ -975,51 +1022,81 @@ impl<W: Wire> Worker<W> {
             self.dirty.clear();
             return;
         };
-        let mut batch = Vec::new();
-        let mut live = BTreeMap::new();
-        for service in std::mem::take(&mut self.dirty) {
-            let Some(snapshot) = self.catalog.snapshot(&service) else {
-                continue;
+        let batch = self.dirty_records(WRITE_WINDOW);
+        let outcomes = self.wire.write(epoch, batch.clone()).await;
+        for (write, written) in batch.into_iter().zip(outcomes) {
+            self.settle(epoch, write, written);
+        }
+    }
+
+    /// The records of up to `most` changed instances, serialized, taken out
+    /// of the changed set.
+    fn dirty_records(&mut self, most: usize) -> Vec<Write> {
+        // Oldest change first: the stream then keeps (and republishes) a
+        // service's records in the order of their revisions, so every
+        // reader sees them rise; what does not fit waits for the next turn.
+        let mut due: Vec<_> = std::mem::take(&mut self.dirty).into_iter().collect();
+        due.sort_unstable_by_key(|(_, pending)| pending.revision);
+        let later = due.split_off(due.len().min(most));
+        self.dirty.extend(later);
+        let mut batch = Vec::with_capacity(due.len());
+        for ((service, id), pending) in due {
+            let presence = match self.catalog.effective(&service, &id) {
+                Some(instance) => Presence::Live(instance),
+                None => Presence::Left(pending.left),
             };
-            live.insert(service.clone(), snapshot.instances.len());
-            match serde_json::to_vec(&snapshot) {
-                Ok(payload) => batch.push((service, Bytes::from(payload))),
+            let revision = pending.revision;
+            let left = match presence {
+                Presence::Left(left) => Some(left),
+                Presence::Live(_) => None,
+            };
+            let record = Record {
+                service,
+                id,
+                revision,
+                presence,
+            };
+            match serde_json::to_vec(&record) {
+                Ok(payload) => batch.push(Write {
+                    service: record.service,
+                    id: record.id,
+                    payload: Bytes::from(payload),
+                    left,
+                }),
                 Err(error) => {
                     Stats::bump(&self.stats.publish_failures);
                     self.metrics.publish_failures.inc();
-                    tracing::error!(%service, %error, "cannot serialize a snapshot");
+                    tracing::error!(service = %record.service, id = %record.id, %error, "cannot serialize a record");
                 }
             }
         }
-        let payloads: BTreeMap<String, Bytes> = batch.iter().cloned().collect();
-        for (service, written) in self.wire.write(epoch, batch).await {
-            match written {
-                Written::Stored => {
-                    Stats::bump(&self.stats.published);
-                    let instances = live.get(&service).copied().unwrap_or(0);
-                    self.metrics.published(&service, instances);
-                    if let Some(payload) = payloads.get(&service) {
-                        self.latest
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .insert(service, payload.clone());
-                    }
+        batch
+    }
+
+    /// What follows one write: counted when stored, a step down when
+    /// superseded, written again when not known to be stored.
+    fn settle(&mut self, epoch: u64, write: Write, written: Written) {
+        match written {
+            Written::Stored => {
+                Stats::bump(&self.stats.published);
+                let live = self.catalog.live_in(&write.service);
+                self.metrics.published(&write.service, live);
+            }
+            Written::Superseded(actual) => {
+                Stats::bump(&self.stats.superseded);
+                if self.election.epoch().is_some() {
+                    tracing::warn!(epoch, ?actual, "the catalog stream refused a write: another replica took over; stopping writes");
+                    self.election.follow(actual, Instant::now().into_std());
+                    self.stepped_down();
                 }
-                Written::Superseded(actual) => {
-                    Stats::bump(&self.stats.superseded);
-                    if self.election.epoch().is_some() {
-                        tracing::warn!(epoch, ?actual, "the catalog stream refused a write: another replica took over; stopping writes");
-                        self.election.follow(actual, Instant::now().into_std());
-                        self.stepped_down();
-                    }
-                }
-                Written::Failed(error) => {
-                    Stats::bump(&self.stats.publish_failures);
-                    self.metrics.publish_failures.inc();
-                    tracing::warn!(%service, %error, "a snapshot was not stored; writing it again");
-                    if self.election.epoch().is_some() {
-                        self.unstored.insert(service);
-                    }
+            }
+            Written::Failed(error) => {
+                Stats::bump(&self.stats.publish_failures);
+                self.metrics.publish_failures.inc();
+                tracing::warn!(service = %write.service, id = %write.id, %error, "a record was not stored; writing it again");
+                if self.election.epoch().is_some() {
+                    let left = write.left.unwrap_or(Left::Deregistered);
+                    self.unstored.insert((write.service, write.id), left);
                 }
             }
         }
@@ -1047,32 +1124,54 @@ mod tests {
         superseded: Arc<AtomicBool>,
         /// Writes fail (no stream leader) while set.
         failing: Arc<AtomicBool>,
-        stored: Vec<Snapshot>,
+        stored: BTreeMap<(String, String), Record>,
         fence: u64,
     }
 
+    impl RecordingWire {
+        /// The stored records of `service`, assembled as a balancer does.
+        fn assembled(&self, service: &str) -> Snapshot {
+            let records = self.stored.values().filter(|r| r.service == service);
+            Snapshot {
+                service: service.to_owned(),
+                revision: records.clone().map(|r| r.revision).max().unwrap_or(0),
+                instances: records.filter_map(|r| r.instance().cloned()).collect(),
+            }
+        }
+    }
+
+    /// The records a stored snapshot stands for.
+    fn records_of(snapshot: &Snapshot) -> impl Iterator<Item = Record> + '_ {
+        snapshot.instances.iter().map(|instance| Record {
+            service: snapshot.service.clone(),
+            id: instance.id.clone(),
+            revision: snapshot.revision,
+            presence: Presence::Live(instance.clone()),
+        })
+    }
+
     impl Wire for RecordingWire {
-        async fn write(
-            &mut self,
-            _epoch: u64,
-            batch: Vec<(String, Bytes)>,
-        ) -> Vec<(String, Written)> {
+        async fn write(&mut self, _epoch: u64, batch: Vec<Write>) -> Vec<Written> {
             let mut outcomes = Vec::new();
-            for (service, payload) in batch {
+            let mut touched = std::collections::BTreeSet::new();
+            for write in batch {
                 if self.superseded.load(Ordering::SeqCst) {
-                    outcomes.push((service, Written::Superseded(Some(self.fence + 1))));
+                    outcomes.push(Written::Superseded(Some(self.fence + 1)));
                     continue;
                 }
                 if self.failing.load(Ordering::SeqCst) {
-                    outcomes.push((service, Written::Failed("no stream leader".into())));
+                    outcomes.push(Written::Failed("no stream leader".into()));
                     continue;
                 }
-                let snapshot: Snapshot = serde_json::from_slice(&payload).expect("a snapshot");
-                assert_eq!(snapshot.service, service);
-                self.stored.retain(|s| s.service != service);
-                self.stored.push(snapshot.clone());
-                let _ = self.published.send(snapshot);
-                outcomes.push((service, Written::Stored));
+                let record: Record = serde_json::from_slice(&write.payload).expect("a record");
+                assert_eq!((&record.service, &record.id), (&write.service, &write.id));
+                assert_eq!(write.left.is_some(), record.instance().is_none());
+                touched.insert(record.service.clone());
+                self.stored.insert((write.service, write.id), record);
+                outcomes.push(Written::Stored);
+            }
+            for service in touched {
+                let _ = self.published.send(self.assembled(&service));
             }
             outcomes
         }
@@ -1100,8 +1199,8 @@ mod tests {
             (self.fence > 0).then_some(self.fence)
         }
 
-        async fn read_stored(&mut self) -> Result<Vec<Snapshot>, CatalogStreamError> {
-            Ok(self.stored.clone())
+        async fn read_stored(&mut self) -> Result<Vec<Record>, CatalogStreamError> {
+            Ok(self.stored.values().cloned().collect())
         }
 
         async fn catalog_lost(&mut self) -> bool {
@@ -1183,7 +1282,9 @@ mod tests {
                 replies: replies_tx,
                 superseded: Arc::clone(&superseded),
                 failing: Arc::clone(&failing),
-                stored: adopted.stored.clone(),
+                stored: (adopted.stored.iter().flat_map(records_of))
+                    .map(|r| ((r.service.clone(), r.id.clone()), r))
+                    .collect(),
                 fence: adopted.fence.unwrap_or(0),
             };
             let inputs = Inputs {
@@ -1259,7 +1360,7 @@ mod tests {
         async fn next_snapshot(&mut self) -> Snapshot {
             let snapshot = self.published.recv().await.expect("published");
             assert!(
-                self.discovery.catalog().contains(&snapshot),
+                self.discovery.catalog().await.contains(&snapshot),
                 "what is published is what the catalog shows"
             );
             snapshot
@@ -1399,7 +1500,7 @@ mod tests {
             instances: vec![web("a", 2000), web("b", 2000)],
         };
         let mut h = Harness::start(vec![adopted.clone()]).await;
-        assert_eq!(h.discovery.catalog(), [adopted]);
+        assert_eq!(h.discovery.catalog().await, [adopted]);
         let t0 = Instant::now();
         h.heartbeat(&web("a", 2000));
         h.heartbeat(&web("b", 2000));
@@ -1683,7 +1784,7 @@ mod tests {
         )
         .await;
         assert_eq!(
-            h.discovery.catalog(),
+            h.discovery.catalog().await,
             [stored_web],
             "api is another partition's"
         );
@@ -1726,7 +1827,7 @@ mod tests {
             instances: vec![drained],
         };
         let mut h = Harness::start(vec![stored.clone()]).await;
-        assert_eq!(h.discovery.catalog(), [stored]);
+        assert_eq!(h.discovery.catalog().await, [stored]);
         h.heartbeat(&own);
         h.request("rollcall.operator.undrain.web.a", r#"{"by":"bob"}"#);
         let undrained = h.next_snapshot().await;

@@ -1,15 +1,18 @@
 //! The end of the line, for people: what `rollcall watch` and `rollcall
-//! catalog` print. Events, snapshots and the stored catalog become one
+//! catalog` print. Events, catalog records and the stored catalog become one
 //! readable line each, or one JSON object each, and a message that breaks
 //! the protocol is shown as invalid with the reason instead of being dropped.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
 
 use crate::catalog_stream::Stored;
-use crate::protocol::{Event, Instance, Leadership, Override, Snapshot, Subjects};
+use crate::protocol::{
+    Event, Instance, Leadership, Override, Presence, Record, Snapshot, Subjects,
+};
 
 /// One message seen on the fleet's subjects, as understood.
 // One value per message, printed and dropped at once: boxing would only add
@@ -23,17 +26,15 @@ pub enum Observed {
         event: Event,
         instance: Option<Instance>,
     },
-    Snapshot(Snapshot),
+    /// One instance's catalog record, and what it says happened.
+    Record { record: Record, kind: RecordKind },
     /// The leading discovery replica's heartbeat.
     Leader(Leadership),
     /// An operator's override, as sent (discovery may still refuse it: an
     /// instance that is not live).
     Override(Override),
     /// Anything under the prefix that breaks docs/protocol.md, and why.
-    Invalid {
-        subject: String,
-        reason: String,
-    },
+    Invalid { subject: String, reason: String },
     /// An event or override the server's mapping put into a partition, or
     /// a partition's leader heartbeat: what it is, and the partition token.
     Partitioned {
@@ -43,8 +44,9 @@ pub enum Observed {
 }
 
 impl Observed {
-    /// Reads one message: a catalog subject as a snapshot, anything else as
-    /// an event.
+    /// Reads one message: a catalog subject as a record, anything else as
+    /// an event. A live record reads as `changed` until a [`Membership`]
+    /// tells joins apart.
     pub fn read(subjects: &Subjects, subject: &str, payload: &[u8]) -> Observed {
         let invalid = |error: crate::protocol::ProtocolError| Observed::Invalid {
             subject: subject.to_owned(),
@@ -75,8 +77,14 @@ impl Observed {
         }
         if subjects.is_catalog(subject) {
             return subjects
-                .parse_snapshot(subject, payload)
-                .map_or_else(invalid, Observed::Snapshot);
+                .parse_record(subject, payload)
+                .map_or_else(invalid, |record| {
+                    let kind = match record.presence {
+                        Presence::Live(_) => RecordKind::Changed,
+                        Presence::Left(_) => RecordKind::Left,
+                    };
+                    Observed::Record { record, kind }
+                });
         }
         match subjects.parse_event(subject, payload) {
             Ok(event) => {
@@ -143,7 +151,7 @@ impl Observed {
     }
 
     /// One line for people: time, kind, service, instance, address:port;
-    /// for snapshots the revision and the instance ids.
+    /// for records what happened, the instance and the revision.
     pub fn line(&self, at: SystemTime) -> String {
         let time = humantime::format_rfc3339_millis(at);
         match self {
@@ -172,7 +180,7 @@ impl Observed {
                 }
                 line
             }
-            Observed::Snapshot(snapshot) => snapshot_line("snapshot", snapshot, at),
+            Observed::Record { record, kind } => record_line(record, *kind, &time.to_string()),
             Observed::Leader(leader) => format!(
                 "{time} {:<10} {} epoch={} since={}",
                 "leader",
@@ -205,13 +213,20 @@ impl Observed {
                 "id": event.id(),
                 "instance": instance,
             }),
-            Observed::Snapshot(snapshot) => json!({
-                "time": time,
-                "kind": "snapshot",
-                "service": snapshot.service,
-                "revision": snapshot.revision,
-                "instances": snapshot.instances,
-            }),
+            Observed::Record { record, kind } => {
+                let mut value = json!({
+                    "time": time,
+                    "kind": kind.as_str(),
+                    "service": record.service,
+                    "id": record.id,
+                    "revision": record.revision,
+                });
+                match &record.presence {
+                    Presence::Live(instance) => value["instance"] = json!(instance),
+                    Presence::Left(left) => value["left"] = json!(left.as_str()),
+                }
+                value
+            }
             Observed::Leader(leader) => json!({
                 "time": time,
                 "kind": "leader",
@@ -246,6 +261,84 @@ impl Observed {
                 object
             }
         }
+    }
+}
+
+/// What a catalog record says happened to its instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    Joined,
+    /// Live and already known (or not known to be new).
+    Changed,
+    Left,
+}
+
+impl RecordKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Joined => "joined",
+            RecordKind::Changed => "changed",
+            RecordKind::Left => "left",
+        }
+    }
+}
+
+/// The live instances a watcher has seen, to tell a record that joins from
+/// one that changes.
+#[derive(Debug, Default)]
+pub struct Membership(HashSet<(String, String)>);
+
+impl Membership {
+    /// Starts from the stored catalog.
+    pub fn seed(&mut self, stored: &[Stored]) {
+        for Stored { snapshot, .. } in stored {
+            for instance in &snapshot.instances {
+                self.0
+                    .insert((snapshot.service.clone(), instance.id.clone()));
+            }
+        }
+    }
+
+    /// Notes a record and says `joined` for an instance not seen live.
+    pub fn note(&mut self, observed: &mut Observed) {
+        let Observed::Record { record, kind } = observed else {
+            return;
+        };
+        let key = (record.service.clone(), record.id.clone());
+        *kind = match record.presence {
+            Presence::Left(_) => {
+                self.0.remove(&key);
+                RecordKind::Left
+            }
+            Presence::Live(_) if self.0.insert(key) => RecordKind::Joined,
+            Presence::Live(_) => RecordKind::Changed,
+        };
+    }
+}
+
+/// One record in one line: time, what happened, service/id, address,
+/// revision, weight and whether an operator overrode it; or why it left.
+fn record_line(record: &Record, kind: RecordKind, time: &str) -> String {
+    let head = format!(
+        "{time} {:<10} {}/{}",
+        kind.as_str(),
+        record.service,
+        record.id
+    );
+    match &record.presence {
+        Presence::Live(instance) => {
+            let mut line = format!(
+                "{head} {} rev={} weight={}",
+                instance.authority(),
+                record.revision,
+                instance.weight
+            );
+            if instance.operator.is_some() {
+                let _ = write!(line, " ({})", state(instance));
+            }
+            line
+        }
+        Presence::Left(left) => format!("{head} rev={} ({})", record.revision, left.as_str()),
     }
 }
 
@@ -498,27 +591,30 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_show_revision_and_instances() {
-        let snapshot = Snapshot {
-            service: "web".into(),
-            revision: 7,
-            instances: vec![
-                Instance::new("web", "a", "127.0.0.1", 1),
-                Instance::new("web", "b", "::1", 2),
-            ],
-        };
-        let observed = read(
-            "rollcall.catalog.web",
-            &serde_json::to_string(&snapshot).expect("serializes"),
-        );
+    fn records_read_as_joined_changed_and_left_with_the_revision() {
+        let joined = r#"{"service":"web","id":"a","revision":7,"instance":{"service":"web","id":"a","address":"127.0.0.1","port":1,"weight":2}}"#;
+        let left = r#"{"service":"web","id":"a","revision":8,"left":"expired"}"#;
+        let mut members = Membership::default();
+        let mut lines = Vec::new();
+        for payload in [joined, joined, left] {
+            let mut observed = read("rollcall.catalog.web.a", payload);
+            members.note(&mut observed);
+            lines.push(observed.line(at()));
+        }
         assert_eq!(
-            observed.line(at()),
-            "2026-11-27T12:00:00.250Z snapshot   web rev=7 instances=2 [a@127.0.0.1:1 b@[::1]:2]"
+            lines,
+            [
+                "2026-11-27T12:00:00.250Z joined     web/a 127.0.0.1:1 rev=7 weight=2",
+                "2026-11-27T12:00:00.250Z changed    web/a 127.0.0.1:1 rev=7 weight=2",
+                "2026-11-27T12:00:00.250Z left       web/a rev=8 (expired)",
+            ]
         );
-        let value = observed.json(at());
-        assert_eq!(value["kind"], "snapshot");
-        assert_eq!(value["revision"], 7);
-        assert_eq!(value["instances"][1]["id"], "b");
+        let value = read("rollcall.catalog.web.a", left).json(at());
+        assert_eq!(value["kind"], "left");
+        assert_eq!(value["revision"], 8);
+        assert_eq!(value["left"], "expired");
+        let value = read("rollcall.catalog.web.a", joined).json(at());
+        assert_eq!(value["instance"]["port"], 1);
     }
 
     #[test]
@@ -531,7 +627,7 @@ mod tests {
         assert!(line.contains("missing field `id`"), "{line}");
         let value = observed.json(at());
         assert_eq!(value["kind"], "invalid");
-        assert!(read("rollcall.catalog.web", "[]").is_invalid());
+        assert!(read("rollcall.catalog.web.a", "[]").is_invalid());
         assert!(read("rollcall.hello.web.a", "{}").is_invalid());
         assert!(read("rollcall.register.web.a", "\u{0}\u{1}").is_invalid());
     }

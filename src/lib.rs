@@ -6,20 +6,22 @@
 //! The modules follow the data, from a service's announcement to a client's
 //! request reaching it:
 //!
-//! - [`protocol`]: the wire (events version 1, catalog version 2): Instance,
-//!   Snapshot, Leadership and operator Override records, the
+//! - [`protocol`]: the wire (events version 1, catalog version 3): Instance,
+//!   Record (one per instance in the catalog), Snapshot (a service's set, as
+//!   readers assemble it), Leadership and operator Override records, the
 //!   subjects, and the name and field rules (`docs/protocol.md`).
 //! - [`catalog`]: the pure fold: events, operator overrides and time in, the
 //!   live catalog and its changes out.
 //! - [`discovery`]: NATS events and overrides through the fold (every
 //!   replica; one leads, fenced by the catalog stream, and answers
-//!   overrides); a snapshot per change, published and kept in the catalog
-//!   stream.
+//!   overrides); the record of each changed instance, written to the
+//!   catalog stream, which republishes it.
 //! - [`partition`]: the partitions a server mapping puts events in, and
 //!   the ones a discovery process owns (`--partitions`).
-//! - [`catalog_stream`]: the JetStream last-value stream of snapshots.
-//! - [`subscription`]: catalog messages from NATS into a stream of updates,
-//!   the only input of a balancer.
+//! - [`catalog_stream`]: the JetStream last-value stream of records, one per
+//!   instance.
+//! - [`subscription`]: catalog records from NATS assembled into per-service
+//!   snapshots, a stream of updates, the only input of a balancer.
 //! - [`connect`]: how every component reaches NATS (credentials, TLS,
 //!   reconnects, the [`Link`](connect::Link) state every component watches).
 //! - [`balancer`]: the HTTP reverse proxy: catalog updates in, each request
@@ -28,7 +30,7 @@
 //!   itself.
 //! - [`agent`]: announces a service in any language, gated by its HTTP
 //!   health check.
-//! - [`fleet_view`]: events, snapshots and the stored catalog as lines and
+//! - [`fleet_view`]: events, catalog records and the stored catalog as lines and
 //!   JSON for people (`rollcall watch`, `rollcall catalog`).
 //! - [`permissions`]: what NATS lets each role do; refusals as typed errors.
 //! - [`metrics`] and [`admin_http`]: every long-running component's

@@ -663,7 +663,7 @@ pub struct DiscoveryMetrics {
     /// `events` per kind, resolved once: counted on every message.
     by_kind: [Counter; 4],
     pub invalid_events: Family<ReasonLabels, Counter>,
-    pub snapshots_published: Counter,
+    pub records_published: Counter,
     pub publish_failures: Counter,
     pub live_instances: Family<ServiceLabels, Gauge>,
     pub is_leader: Gauge,
@@ -695,7 +695,7 @@ impl DiscoveryMetrics {
             by_kind: EVENT_KINDS.map(|kind| events.get_or_create_owned(&KindLabels { kind })),
             events,
             invalid_events: Family::default(),
-            snapshots_published: Counter::default(),
+            records_published: Counter::default(),
             publish_failures: Counter::default(),
             live_instances: Family::default(),
             is_leader: Gauge::default(),
@@ -750,13 +750,13 @@ impl DiscoveryMetrics {
             self.invalid_events.clone(),
         );
         r.register(
-            "snapshots_published",
-            "Snapshots published",
-            self.snapshots_published.clone(),
+            "records_published",
+            "Catalog records stored (one per instance change written)",
+            self.records_published.clone(),
         );
         r.register(
             "publish_failures",
-            "Snapshots that could not be handed to the NATS client",
+            "Catalog records not stored (each is written again)",
             self.publish_failures.clone(),
         );
         r.register(
@@ -830,9 +830,9 @@ impl DiscoveryMetrics {
             .inc();
     }
 
-    /// A snapshot of `service` with `live` instances was published.
+    /// A record of `service`, which now has `live` instances, was stored.
     pub fn published(&self, service: &str, live: usize) {
-        self.snapshots_published.inc();
+        self.records_published.inc();
         self.live_instances
             .get_or_create(&ServiceLabels {
                 service: service.to_owned(),
@@ -887,6 +887,7 @@ pub fn invalid_reason(error: &ProtocolError) -> &'static str {
         ProtocolError::BadAddress { .. } => "bad_address",
         ProtocolError::SubjectMismatch { .. } => "subject_mismatch",
         ProtocolError::UnsortedSnapshot { .. } => "unsorted_snapshot",
+        ProtocolError::BadRecord { .. } => "bad_record",
         ProtocolError::TooLarge { .. } => "too_large",
         ProtocolError::OperatorInEvent { .. } => "operator_in_event",
         ProtocolError::UnknownAction { .. } => "bad_subject",

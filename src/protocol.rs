@@ -102,6 +102,12 @@ pub enum ProtocolError {
         hashed: u32,
         count: u32,
     },
+    #[error("catalog record of {service}/{id}: {reason}")]
+    BadRecord {
+        service: String,
+        id: String,
+        reason: &'static str,
+    },
 }
 
 /// Checks a service, instance or prefix token: 1 to 64 characters from
@@ -478,6 +484,112 @@ impl Snapshot {
     }
 }
 
+/// Why an instance left, as its tombstone record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Left {
+    /// It said goodbye (or a new leader knew it had left).
+    Deregistered,
+    /// Nothing was heard from it for its `ttl_ms`.
+    Expired,
+}
+
+impl Left {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Left::Deregistered => "deregistered",
+            Left::Expired => "expired",
+        }
+    }
+}
+
+/// What a catalog record says of its instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presence {
+    /// Live, as balancers route to it: `weight` the effective one, with the
+    /// operator's override if any.
+    Live(Instance),
+    /// Gone: a tombstone, kept by the catalog stream for its TTL.
+    Left(Left),
+}
+
+/// One instance's entry in the catalog (catalog version 3), stored on
+/// `<prefix>.catalog-store.<service>.<instance>` and republished on
+/// `<prefix>.catalog.<service>.<instance>`. `revision` is the service's
+/// revision at this change: it strictly increases across all the records of
+/// one service.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawRecord")]
+pub struct Record {
+    pub service: String,
+    pub id: String,
+    pub revision: u64,
+    pub presence: Presence,
+}
+
+impl Record {
+    /// The live instance, `None` for a tombstone.
+    pub fn instance(&self) -> Option<&Instance> {
+        match &self.presence {
+            Presence::Live(instance) => Some(instance),
+            Presence::Left(_) => None,
+        }
+    }
+}
+
+impl Serialize for Record {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut record = serializer.serialize_struct("Record", 4)?;
+        record.serialize_field("service", &self.service)?;
+        record.serialize_field("id", &self.id)?;
+        record.serialize_field("revision", &self.revision)?;
+        match &self.presence {
+            Presence::Live(instance) => record.serialize_field("instance", instance)?,
+            Presence::Left(left) => record.serialize_field("left", left)?,
+        }
+        record.end()
+    }
+}
+
+#[derive(Deserialize)]
+struct RawRecord {
+    service: String,
+    id: String,
+    revision: u64,
+    instance: Option<Instance>,
+    left: Option<Left>,
+}
+
+impl TryFrom<RawRecord> for Record {
+    type Error = ProtocolError;
+
+    fn try_from(raw: RawRecord) -> Result<Self, ProtocolError> {
+        validate_name("service", &raw.service)?;
+        validate_name("id", &raw.id)?;
+        let bad = |reason| ProtocolError::BadRecord {
+            service: raw.service.clone(),
+            id: raw.id.clone(),
+            reason,
+        };
+        let presence = match (raw.instance, raw.left) {
+            (Some(instance), None) => {
+                check_tokens(&instance.service, &instance.id, &raw.service, &raw.id)?;
+                Presence::Live(instance)
+            }
+            (None, Some(left)) => Presence::Left(left),
+            (Some(_), Some(_)) => return Err(bad("it carries both `instance` and `left`")),
+            (None, None) => return Err(bad("it carries neither `instance` nor `left`")),
+        };
+        Ok(Record {
+            service: raw.service,
+            id: raw.id,
+            revision: raw.revision,
+            presence,
+        })
+    }
+}
+
 /// How often the leading discovery replica says so on
 /// [`Subjects::leader_heartbeat`].
 pub const LEADER_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(100);
@@ -642,27 +754,39 @@ impl Subjects {
         }
     }
 
-    /// `<prefix>.catalog.<service>`.
-    pub fn catalog(&self, service: &str) -> String {
-        format!("{}.catalog.{service}", self.prefix)
+    /// `<prefix>.catalog.<service>.<instance>`: where the catalog stream
+    /// republishes the record of one instance.
+    pub fn catalog(&self, service: &str, id: &str) -> String {
+        format!("{}.catalog.{service}.{id}", self.prefix)
     }
 
-    /// `<prefix>.catalog.>`: every snapshot.
+    /// `<prefix>.catalog.<service>.*`: the records of one service.
+    pub fn service_catalog(&self, service: &str) -> String {
+        format!("{}.catalog.{service}.*", self.prefix)
+    }
+
+    /// `<prefix>.catalog.>`: every record.
     pub fn catalog_wildcard(&self) -> String {
         format!("{}.catalog.>", self.prefix)
     }
 
-    /// `<prefix>.catalog-store.<service>`: where the leading discovery
-    /// writes a snapshot; the catalog stream keeps it and republishes it on
-    /// [`Subjects::catalog`] only once stored, so a refused write reaches no
-    /// balancer.
-    pub(crate) fn catalog_store(&self, service: &str) -> String {
-        format!("{}.catalog-store.{service}", self.prefix)
+    /// `<prefix>.catalog-store.<service>.<instance>`: where the leading
+    /// discovery writes a record; the catalog stream keeps it and
+    /// republishes it on [`Subjects::catalog`] only once stored, so a refused
+    /// write reaches no balancer.
+    pub(crate) fn catalog_store(&self, service: &str, id: &str) -> String {
+        format!("{}.catalog-store.{service}.{id}", self.prefix)
     }
 
-    /// `<prefix>.catalog-store.>`: every stored snapshot.
+    /// `<prefix>.catalog-store.>`: every stored record.
     pub(crate) fn catalog_store_wildcard(&self) -> String {
         format!("{}.catalog-store.>", self.prefix)
+    }
+
+    /// `<prefix>.catalog-store.*`: where catalog version 2 stored one
+    /// snapshot per service (read once, when reshaping the stream).
+    pub(crate) fn catalog_store_v2(&self) -> String {
+        format!("{}.catalog-store.*", self.prefix)
     }
 
     /// `<prefix>.catalog-fence`: the one stored message naming the leading
@@ -836,12 +960,35 @@ impl Subjects {
         }
     }
 
-    /// The service token of a catalog subject (live, or as the catalog
-    /// stream stores it).
+    /// The service and instance tokens of a record's subject (live, or as
+    /// the catalog stream stores it).
     pub(crate) fn parse_catalog_subject<'s>(
         &self,
         subject: &'s str,
-    ) -> Result<&'s str, ProtocolError> {
+    ) -> Result<(&'s str, &'s str), ProtocolError> {
+        let rest = self.strip_prefix(subject)?;
+        let mut tokens = rest.split('.');
+        match (tokens.next(), tokens.next(), tokens.next(), tokens.next()) {
+            (Some("catalog" | "catalog-store"), Some(service), Some(id), None) => {
+                validate_name("service token", service)?;
+                validate_name("instance token", id)?;
+                Ok((service, id))
+            }
+            (Some("catalog" | "catalog-store"), ..) => Err(ProtocolError::SubjectShape {
+                subject: subject.to_owned(),
+                expected: "<prefix>.catalog.<service>.<instance>",
+            }),
+            (kind, ..) => Err(ProtocolError::UnknownKind {
+                subject: subject.to_owned(),
+                kind: kind.unwrap_or_default().to_owned(),
+            }),
+        }
+    }
+
+    /// The service token of a snapshot's subject as catalog versions 1
+    /// (`<prefix>.catalog.<service>`) and 2 (`<prefix>.catalog-store.<service>`)
+    /// stored it.
+    fn parse_snapshot_subject<'s>(&self, subject: &'s str) -> Result<&'s str, ProtocolError> {
         let rest = self.strip_prefix(subject)?;
         match rest.split_once('.') {
             Some(("catalog" | "catalog-store", service)) if !service.contains('.') => {
@@ -957,9 +1104,27 @@ impl Subjects {
         }
     }
 
-    /// Parses and checks one catalog message.
-    pub fn parse_snapshot(&self, subject: &str, payload: &[u8]) -> Result<Snapshot, ProtocolError> {
-        let service = self.parse_catalog_subject(subject)?;
+    /// Parses and checks one record of the catalog (live or stored): the
+    /// subject's tokens, the JSON, and that `service`/`id` equal them.
+    pub fn parse_record(&self, subject: &str, payload: &[u8]) -> Result<Record, ProtocolError> {
+        let (service, id) = self.parse_catalog_subject(subject)?;
+        let record: Record =
+            serde_json::from_slice(payload).map_err(|e| ProtocolError::BadJson {
+                what: "a Record",
+                reason: e.to_string(),
+            })?;
+        check_tokens(&record.service, &record.id, service, id)?;
+        Ok(record)
+    }
+
+    /// Parses and checks one snapshot as catalog versions 1 and 2 stored
+    /// it, for reshaping an old stream.
+    pub(crate) fn parse_snapshot(
+        &self,
+        subject: &str,
+        payload: &[u8],
+    ) -> Result<Snapshot, ProtocolError> {
+        let service = self.parse_snapshot_subject(subject)?;
         let snapshot: Snapshot =
             serde_json::from_slice(payload).map_err(|e| ProtocolError::BadJson {
                 what: "a Snapshot",
@@ -992,8 +1157,8 @@ impl Subjects {
     }
 
     /// Whether `subject` is one of discovery's own writes to the catalog
-    /// stream (a snapshot store subject or the fence): people and balancers
-    /// follow the republished snapshots instead, which are only the stored
+    /// stream (a record's store subject or the fence): people and balancers
+    /// follow the republished records instead, which are only the stored
     /// ones.
     pub fn is_catalog_write(&self, subject: &str) -> bool {
         self.strip_prefix(subject).is_ok_and(|rest| {
@@ -1007,6 +1172,14 @@ impl Subjects {
     pub(crate) fn is_catalog(&self, subject: &str) -> bool {
         self.strip_prefix(subject)
             .is_ok_and(|rest| rest.starts_with("catalog."))
+    }
+
+    /// Whether `subject` is a catalog record's, stored or republished: it
+    /// has as many tokens as an event, so the event wildcard
+    /// ([`Subjects::events_wildcard`]) hears it too, and it is no event.
+    pub fn is_catalog_record(&self, subject: &str) -> bool {
+        self.strip_prefix(subject)
+            .is_ok_and(|rest| rest.starts_with("catalog.") || rest.starts_with("catalog-store."))
     }
 }
 
@@ -1360,7 +1533,9 @@ mod tests {
             s.event(EventKind::Heartbeat, "web", "w1"),
             "acme.heartbeat.web.w1"
         );
-        assert_eq!(s.catalog("web"), "acme.catalog.web");
+        assert_eq!(s.catalog("web", "w1"), "acme.catalog.web.w1");
+        assert_eq!(s.catalog_store("web", "w1"), "acme.catalog-store.web.w1");
+        assert_eq!(s.service_catalog("web"), "acme.catalog.web.*");
         assert_eq!(s.catalog_wildcard(), "acme.catalog.>");
         assert_eq!(s.catalog_stream(), "ACME_CATALOG");
         assert_eq!(Subjects::default().catalog_stream(), "ROLLCALL_CATALOG");
@@ -1382,7 +1557,8 @@ mod tests {
         };
         let json = serde_json::to_vec(&good).unwrap();
         assert_eq!(
-            s.parse_snapshot("rollcall.catalog.web", &json).unwrap(),
+            s.parse_snapshot("rollcall.catalog-store.web", &json)
+                .unwrap(),
             good
         );
         assert!(s.parse_snapshot("rollcall.catalog.api", &json).is_err());
@@ -1395,6 +1571,60 @@ mod tests {
             s.parse_snapshot("rollcall.catalog.web", &json),
             Err(ProtocolError::UnsortedSnapshot { .. })
         ));
+    }
+
+    #[test]
+    fn records_are_checked_and_read_as_documented() {
+        let s = subjects();
+        let live = r#"{"service":"web","id":"a","revision":7,"instance":{"service":"web","id":"a","address":"127.0.0.1","port":1,"ttl_ms":3000,"weight":1}}"#;
+        let record = s
+            .parse_record("rollcall.catalog.web.a", live.as_bytes())
+            .unwrap();
+        assert_eq!(record.revision, 7);
+        assert_eq!(
+            record.instance(),
+            Some(&Instance::new("web", "a", "127.0.0.1", 1))
+        );
+        assert_eq!(serde_json::to_string(&record).unwrap(), live);
+        let gone = r#"{"service":"web","id":"a","revision":8,"left":"deregistered"}"#;
+        let record = s
+            .parse_record("rollcall.catalog-store.web.a", gone.as_bytes())
+            .unwrap();
+        assert_eq!(record.presence, Presence::Left(Left::Deregistered));
+        assert_eq!(serde_json::to_string(&record).unwrap(), gone);
+        for (subject, payload) in [
+            ("rollcall.catalog.web.b", gone),
+            ("rollcall.catalog.web", gone),
+            ("rollcall.catalog.web.a.x", gone),
+            (
+                "rollcall.catalog.web.a",
+                r#"{"service":"web","id":"a","revision":8}"#,
+            ),
+            (
+                "rollcall.catalog.web.a",
+                r#"{"service":"web","id":"a","revision":8,"left":"gone"}"#,
+            ),
+        ] {
+            assert!(
+                s.parse_record(subject, payload.as_bytes()).is_err(),
+                "{subject} {payload}"
+            );
+        }
+        let both = live.replace(r#""revision":7,"#, r#""revision":7,"left":"expired","#);
+        let error = s
+            .parse_record("rollcall.catalog.web.a", both.as_bytes())
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("both `instance` and `left`"),
+            "{error}"
+        );
+        let other = live.replace(
+            r#"{"service":"web","id":"a","address"#,
+            r#"{"service":"web","id":"b","address"#,
+        );
+        assert!(s
+            .parse_record("rollcall.catalog.web.a", other.as_bytes())
+            .is_err());
     }
 
     fn override_error(subject: &str, payload: &str) -> ProtocolError {

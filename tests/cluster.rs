@@ -168,7 +168,7 @@ async fn kill_the_balancers_node(victim: Victim) {
         registered.elapsed()
     );
     // Discovery, on a surviving node, kept the catalog.
-    assert_eq!(discovery.get().catalog()[0].instances.len(), 3);
+    assert_eq!(discovery.get().catalog().await[0].instances.len(), 3);
 
     let _ = stop.send(());
     balancer

@@ -338,19 +338,37 @@ impl Snapshots {
     async fn follow() -> Snapshots {
         let client = nats(WATCH_URL).await;
         let mut subscription = client
-            .subscribe("rollcall.catalog.web")
+            .subscribe("rollcall.catalog.web.*")
             .await
             .expect("subscribe to the web catalog");
         client.flush().await.expect("subscription registered");
+        // Records assembled into snapshots, as a balancer does: what the
+        // stream keeps first (a record only comes live when it changes),
+        // then every live one.
+        let mut held = rollcall::subscription::Held::default();
+        let subjects = rollcall::protocol::Subjects::default();
+        let js = async_nats::jetstream::new(client.clone());
+        let stored = rollcall::catalog_stream::read_records(&js, &subjects)
+            .await
+            .expect("read the catalog stream");
+        for stored in stored.records {
+            if stored.record.service == "web" {
+                let _ = held.offer(stored.record);
+            }
+        }
         let seen = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn({
             let seen = seen.clone();
             async move {
                 let _client = client;
                 while let Some(message) = subscription.next().await {
-                    let snapshot: Snapshot =
-                        serde_json::from_slice(&message.payload).expect("a valid snapshot");
-                    seen.lock().expect("snapshots").push(snapshot);
+                    let record = rollcall::protocol::Subjects::default()
+                        .parse_record(&message.subject, &message.payload)
+                        .expect("a valid record");
+                    if held.offer(record).is_ok() {
+                        let snapshot: Snapshot = held.snapshot("web").expect("web is held");
+                        seen.lock().expect("snapshots").push(snapshot);
+                    }
                 }
             }
         });
@@ -480,21 +498,21 @@ async fn all_services_are_healthy_and_requests_rotate_across_the_three_messages(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_watch_container_sees_registrations_and_snapshots() {
+async fn the_watch_container_sees_registrations_and_catalog_records() {
     let Some(_turn) = turn() else { return };
     compose(&["restart", "web2"]).await;
     eventually(
-        "the watch container to log web2's registration and a snapshot",
+        "the watch container to log web2's registration and its catalog record",
         Duration::from_secs(20),
         || async {
             let logs = compose(&["logs", "--no-color", "nats-box"]).await;
             let registered = logs
                 .lines()
                 .any(|l| l.contains("register") && l.contains("web/web2 web2:8000"));
-            let snapshot = logs
+            let joined = logs
                 .lines()
-                .any(|l| l.contains("snapshot") && l.contains("web2@web2:8000"));
-            (registered && snapshot).then_some(())
+                .any(|l| l.contains("joined") && l.contains("web/web2 web2:8000"));
+            (registered && joined).then_some(())
         },
     )
     .await;

@@ -5,10 +5,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use rollcall::catalog_stream;
 use rollcall::protocol::Subjects;
-use support::{client, eventually, next_snapshot, NatsServer, RunningDiscovery};
+use support::{client, eventually, next_snapshot, CatalogFeed, NatsServer, RunningDiscovery};
 
 const LIMIT: Duration = Duration::from_secs(5);
 
@@ -49,13 +48,12 @@ async fn setup(
     NatsServer,
     RunningDiscovery,
     async_nats::Client,
-    async_nats::Subscriber,
+    CatalogFeed,
 ) {
     let server = NatsServer::start();
     let discovery = RunningDiscovery::start(&server.url()).await;
     let service = client(&server.url()).await;
-    let catalog = service.subscribe(catalog_subject.to_owned()).await.unwrap();
-    service.flush().await.unwrap();
+    let catalog = CatalogFeed::subscribe(&service, catalog_subject).await;
     (server, discovery, service, catalog)
 }
 
@@ -110,7 +108,7 @@ async fn heartbeats_publish_nothing_and_deregister_removes() {
 
 #[tokio::test]
 async fn silent_instances_expire_after_their_ttl() {
-    let (_server, discovery, service, mut catalog) = setup("rollcall.catalog.web").await;
+    let (_server, discovery, service, mut catalog) = setup("rollcall.catalog.web.*").await;
 
     // Discovery hears the register after it is sent, so its deadline is
     // no earlier than 300 ms after this instant (the join snapshot may
@@ -182,7 +180,7 @@ async fn a_restarted_discovery_adopts_the_catalog_and_publishes_no_shrunken_set(
     first.stop().await;
 
     let second = RunningDiscovery::start(&server.url()).await;
-    assert_eq!(second.get().catalog(), std::slice::from_ref(&last));
+    assert_eq!(second.get().catalog().await, std::slice::from_ref(&last));
     // The next thing on the wire is the next change, with the next revision:
     // nothing empty or shrunken was published at start.
     register(&service, "c", 3, 3000).await;
@@ -210,7 +208,8 @@ async fn the_catalog_converges_after_a_nats_server_restart() {
 
     server.restart();
     // Every client reconnects by itself; b registers once its own client is back.
-    let catalog = watcher.subscribe("rollcall.catalog.web").await.unwrap();
+    let mut catalog = CatalogFeed::subscribe(&watcher, "rollcall.catalog.web.*").await;
+    catalog.seed(&watcher).await;
     let catalog = std::sync::Arc::new(tokio::sync::Mutex::new(catalog));
     let b = register_json("b", 2, 3000);
     let snapshot = eventually("b to join after the restart", LIMIT, || {
@@ -218,14 +217,10 @@ async fn the_catalog_converges_after_a_nats_server_restart() {
         async move {
             publish(&service, "rollcall.register.web.b", b).await;
             let mut catalog = catalog.lock().await;
-            let message = tokio::time::timeout(Duration::from_millis(200), catalog.next())
-                .await
-                .ok()??;
-            Some(
-                Subjects::default()
-                    .parse_snapshot(&message.subject, &message.payload)
-                    .unwrap(),
-            )
+            let message = catalog.message(Duration::from_millis(200)).await?;
+            catalog
+                .take(&message)
+                .filter(|s| s.instances.iter().any(|i| i.id == "b"))
         }
     })
     .await;
@@ -258,13 +253,67 @@ async fn a_version_1_stream_is_reshaped_in_place_and_keeps_its_catalog() {
         .expect("store")
         .await
         .expect("stored");
-    let mut catalog = service.subscribe("rollcall.catalog.web").await.unwrap();
-    service.flush().await.unwrap();
+    let mut catalog = CatalogFeed::subscribe(&service, "rollcall.catalog.web.*").await;
 
     let discovery = RunningDiscovery::start(&server.url()).await;
     let written = next_snapshot(&mut catalog, LIMIT).await;
     assert!(written.revision > 41);
     assert_eq!(written.instances.len(), 1, "the kept instance is not lost");
     assert_eq!(stored(&service).await, [written]);
+    discovery.stop().await;
+}
+
+#[tokio::test]
+async fn a_version_2_stream_is_reshaped_in_place_and_its_snapshots_become_records() {
+    let server = NatsServer::start();
+    let service = client(&server.url()).await;
+    let js = async_nats::jetstream::new(service.clone());
+    // The catalog stream as version 2 made it: one snapshot per service on
+    // the store subject, republished, without message TTLs.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ROLLCALL_CATALOG".into(),
+        subjects: vec![
+            "rollcall.catalog-store.>".into(),
+            "rollcall.catalog-fence".into(),
+        ],
+        republish: Some(async_nats::jetstream::stream::Republish {
+            source: "rollcall.catalog-store.>".into(),
+            destination: "rollcall.catalog.>".into(),
+            headers_only: false,
+        }),
+        max_messages_per_subject: 1,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .expect("create a version 2 stream");
+    let kept = format!(
+        r#"{{"service":"web","revision":41,"instances":[{},{}]}}"#,
+        register_json("a", 1, 3000),
+        register_json("b", 2, 3000)
+    );
+    js.publish("rollcall.catalog-store.web", kept.into())
+        .await
+        .expect("store")
+        .await
+        .expect("stored");
+    let mut catalog = CatalogFeed::subscribe(&service, "rollcall.catalog.web.*").await;
+
+    let discovery = RunningDiscovery::start(&server.url()).await;
+    next_snapshot(&mut catalog, LIMIT).await;
+    let written = next_snapshot(&mut catalog, LIMIT).await;
+    assert!(written.revision > 41);
+    let ids: Vec<_> = written.instances.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b"], "no kept instance is lost");
+    assert_eq!(stored(&service).await, [written]);
+    let stream = js.get_stream("ROLLCALL_CATALOG").await.expect("the stream");
+    assert!(
+        stream
+            .direct_get_last_for_subject("rollcall.catalog-store.web")
+            .await
+            .is_err(),
+        "the old snapshot is purged"
+    );
+    assert!(stream.cached_info().config.allow_message_ttl);
     discovery.stop().await;
 }

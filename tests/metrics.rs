@@ -259,7 +259,7 @@ async fn every_component_serves_metrics_a_prometheus_parser_reads() {
     );
     let refusals = &discovery.families["rollcall_discovery_invalid_overrides"].1;
     assert_eq!(refusals.len(), 9, "every reason starts at zero");
-    assert!(discovery.value("rollcall_discovery_snapshots_published_total", &[]) >= 1.0);
+    assert!(discovery.value("rollcall_discovery_records_published_total", &[]) >= 1.0);
     // Only the leader publishes: the one discovery leads.
     assert_eq!(discovery.value("rollcall_discovery_is_leader", &[]), 1.0);
     assert!(discovery.value("rollcall_discovery_epoch", &[]) >= 1.0);
@@ -273,7 +273,7 @@ async fn every_component_serves_metrics_a_prometheus_parser_reads() {
     discovery.assert_families(&[
         ("rollcall_discovery_events", "counter"),
         ("rollcall_discovery_invalid_events", "counter"),
-        ("rollcall_discovery_snapshots_published", "counter"),
+        ("rollcall_discovery_records_published", "counter"),
         ("rollcall_discovery_publish_failures", "counter"),
         ("rollcall_discovery_live_instances", "gauge"),
         ("rollcall_discovery_is_leader", "gauge"),

@@ -169,39 +169,27 @@ impl Front {
 }
 
 /// The catalog of `web` as published, followed from now on.
-async fn follow_web(nats: &async_nats::Client) -> async_nats::Subscriber {
-    let subscription = nats
-        .subscribe("rollcall.catalog.web")
-        .await
-        .expect("subscribe");
-    nats.flush().await.expect("flush");
-    subscription
+async fn follow_web(nats: &async_nats::Client) -> support::CatalogFeed {
+    support::CatalogFeed::subscribe(nats, "rollcall.catalog.web.*").await
 }
 
 /// Skips snapshots until one satisfies `wanted`; panics naming `what`
 /// after [`LIMIT`].
 async fn snapshot_where(
-    subscription: &mut async_nats::Subscriber,
+    feed: &mut support::CatalogFeed,
     what: &str,
     wanted: impl Fn(&Snapshot) -> bool,
 ) -> Snapshot {
-    let subjects = Subjects::default();
     let found = tokio::time::timeout(LIMIT, async {
-        while let Some(message) = subscription.next().await {
-            let snapshot = subjects
-                .parse_snapshot(&message.subject, &message.payload)
-                .expect("discovery publishes valid snapshots");
+        loop {
+            let snapshot = feed.next(LIMIT).await;
             if wanted(&snapshot) {
-                return Some(snapshot);
+                return snapshot;
             }
         }
-        None
     })
     .await;
-    match found {
-        Ok(Some(snapshot)) => snapshot,
-        _ => panic!("no snapshot with {what} within {LIMIT:?}"),
-    }
+    found.unwrap_or_else(|_| panic!("no snapshot with {what} within {LIMIT:?}"))
 }
 
 fn member<'s>(snapshot: &'s Snapshot, id: &str) -> Option<&'s Instance> {
@@ -379,9 +367,9 @@ async fn a_raw_publish_drains_shows_in_watch_and_a_new_registration_comes_back_w
             line.ends_with("override   web/web-1 drain by carol"),
             "{line}"
         );
-        let line = watch.line_containing("snapshot", LIMIT);
+        let line = watch.line_containing("(drained by carol)", LIMIT);
         assert!(
-            line.contains("web-1@127.0.0.1:5001(drained by carol)"),
+            line.contains("web/web-1 127.0.0.1:5001 rev=") && line.contains(" weight=0 "),
             "{line}"
         );
     });

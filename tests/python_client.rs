@@ -64,14 +64,11 @@ async fn the_python_service_registers_heartbeats_and_deregisters() {
         "heartbeats {gap:?} apart at an interval of 200 ms"
     );
 
-    let lists_py_1 = || {
-        discovery
-            .catalog()
-            .iter()
-            .any(|s| s.service == "web" && s.instances.iter().any(|i| i.id == "py-1"))
-    };
     eventually("discovery to list py-1", WAIT, || async {
-        lists_py_1().then_some(())
+        let catalog = discovery.catalog().await;
+        (catalog.iter())
+            .any(|s| s.service == "web" && s.instances.iter().any(|i| i.id == "py-1"))
+            .then_some(())
     })
     .await;
     assert_eq!(
@@ -85,7 +82,11 @@ async fn the_python_service_registers_heartbeats_and_deregisters() {
     assert_eq!(seen.subject, "rollcall.deregister.web.py-1");
     assert_eq!(service.wait(WAIT), Some(0), "{}", service.stderr_text());
     eventually("discovery to drop py-1", WAIT, || async {
-        (!lists_py_1()).then_some(())
+        let catalog = discovery.catalog().await;
+        (!catalog
+            .iter()
+            .any(|s| s.service == "web" && s.instances.iter().any(|i| i.id == "py-1")))
+        .then_some(())
     })
     .await;
 }

@@ -72,10 +72,7 @@ impl SecureDiscovery {
             register_json("web", "web-1", 5001),
         )
         .await;
-        eventually("web joins the catalog", || {
-            discovery.catalog().iter().any(|s| s.service == "web")
-        })
-        .await;
+        lists("web joins the catalog", &discovery, "web").await;
         SecureDiscovery {
             connection,
             discovery,
@@ -134,9 +131,11 @@ async fn publish(connection: &Connection, subject: &str, payload: String) {
 }
 
 /// Waits until `condition` holds, or panics naming `what`.
-async fn eventually(what: &str, condition: impl Fn() -> bool) {
-    support::eventually(what, LIMIT, || {
-        std::future::ready(condition().then_some(()))
+/// Waits until `discovery`'s catalog lists `service`.
+async fn lists(what: &str, discovery: &rollcall::discovery::Discovery, service: &str) {
+    support::eventually(what, LIMIT, || async {
+        let catalog = discovery.catalog().await;
+        catalog.iter().any(|s| s.service == service).then_some(())
     })
     .await;
 }
@@ -481,11 +480,8 @@ async fn a_service_cannot_speak_for_another_nor_read_the_catalog() {
         register_json("api", "api-1", 6001),
     )
     .await;
-    eventually("api joins the catalog", || {
-        discovery.get().catalog().iter().any(|s| s.service == "api")
-    })
-    .await;
-    let api_before = discovery.get().catalog();
+    lists("api joins the catalog", discovery.get(), "api").await;
+    let api_before = discovery.get().catalog().await;
 
     let mut denials = web.denials();
     publish(
@@ -520,13 +516,11 @@ async fn a_service_cannot_speak_for_another_nor_read_the_catalog() {
         register_json("web", "web-1", 5001),
     )
     .await;
-    eventually("web joins the catalog", || {
-        discovery.get().catalog().iter().any(|s| s.service == "web")
-    })
-    .await;
+    lists("web joins the catalog", discovery.get(), "web").await;
     let api_after: Vec<_> = discovery
         .get()
         .catalog()
+        .await
         .into_iter()
         .filter(|s| s.service == "api")
         .collect();
@@ -535,7 +529,7 @@ async fn a_service_cannot_speak_for_another_nor_read_the_catalog() {
 
     // Reading: neither the live snapshots, nor other users' replies, nor the
     // stream.
-    for subject in ["rollcall.catalog.>", "rollcall.catalog.api", "_INBOX.>"] {
+    for subject in ["rollcall.catalog.>", "rollcall.catalog.api.*", "_INBOX.>"] {
         let refused = web
             .check_access(&[Access::Subscribe(subject.into())])
             .await
@@ -587,10 +581,7 @@ async fn a_wildcard_token_in_an_allowed_subject_is_still_rejected_by_discovery()
         register_json("web", "web-1", 5003),
     )
     .await;
-    eventually("the valid register is folded", || {
-        discovery.get().catalog().iter().any(|s| s.service == "web")
-    })
-    .await;
+    lists("the valid register is folded", discovery.get(), "web").await;
     // nats-server passes a literal wildcard token through when the allow
     // pattern matches it (`rollcall.heartbeat.web.*` matches itself): the
     // subject permission alone does not stop it, discovery's validation does.
@@ -608,6 +599,7 @@ async fn a_wildcard_token_in_an_allowed_subject_is_still_rejected_by_discovery()
     let web_snapshot = discovery
         .get()
         .catalog()
+        .await
         .into_iter()
         .find(|s| s.service == "web")
         .expect("web is in the catalog");
@@ -626,25 +618,20 @@ async fn a_balancer_cannot_publish_a_snapshot_nor_change_the_stream() {
     let discovery = RunningDiscovery::start(&server.secure_url("discovery")).await;
     let balancer = connect_as(&server, "balancer").await;
     let watch = connect_as(&server, "watch").await;
-    let mut seen = watch
-        .client
-        .subscribe("rollcall.catalog.>")
-        .await
-        .expect("watch may read the catalog");
-    watch.client.flush().await.expect("flush");
+    let mut seen = support::CatalogFeed::subscribe(&watch.client, "rollcall.catalog.>").await;
 
     let mut denials = balancer.denials();
     publish(
         &balancer,
-        "rollcall.catalog.web",
-        r#"{"service":"web","revision":99,"instances":[]}"#.to_owned(),
+        "rollcall.catalog.web.web-9",
+        r#"{"service":"web","id":"web-9","revision":99,"left":"expired"}"#.to_owned(),
     )
     .await;
     let denied = next_denial(&mut denials).await;
     assert!(
-        denied
-            .to_string()
-            .starts_with("permission denied publishing to rollcall.catalog.web as user balancer"),
+        denied.to_string().starts_with(
+            "permission denied publishing to rollcall.catalog.web.web-9 as user balancer"
+        ),
         "{denied}"
     );
 
@@ -652,7 +639,7 @@ async fn a_balancer_cannot_publish_a_snapshot_nor_change_the_stream() {
     let refused = balancer
         .check_access(&[
             Access::Subscribe("rollcall.catalog.>".into()),
-            Access::Publish("rollcall.catalog.web".into()),
+            Access::Publish("rollcall.catalog.web.web-9".into()),
         ])
         .await
         .expect_err("the balancer may not publish snapshots");
@@ -661,7 +648,7 @@ async fn a_balancer_cannot_publish_a_snapshot_nor_change_the_stream() {
         "{refused}"
     );
     let denied = next_denial(&mut denials).await;
-    assert_eq!(denied.subject, "rollcall.catalog.web");
+    assert_eq!(denied.subject, "rollcall.catalog.web.web-9");
 
     let js = quick_jetstream(&balancer);
     assert!(js.delete_stream("ROLLCALL_CATALOG").await.is_err());

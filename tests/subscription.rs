@@ -11,7 +11,7 @@ use futures::{Stream, StreamExt};
 use rollcall::connect::NatsOptions;
 use rollcall::protocol::{Instance, Snapshot, Subjects};
 use rollcall::subscription::Update;
-use support::{client, next_snapshot, NatsServer, RunningDiscovery};
+use support::{client, next_snapshot, CatalogFeed, NatsServer, RunningDiscovery};
 
 const LIMIT: Duration = Duration::from_secs(5);
 
@@ -56,8 +56,7 @@ async fn a_late_balancer_starts_from_the_stream_then_follows_live() {
     let server = NatsServer::start();
     let discovery = RunningDiscovery::start(&server.url()).await;
     let service = client(&server.url()).await;
-    let mut published = service.subscribe("rollcall.catalog.web").await.unwrap();
-    service.flush().await.unwrap();
+    let mut published = CatalogFeed::subscribe(&service, "rollcall.catalog.web.*").await;
     register(&service, "a", 1).await;
     let first = next_snapshot(&mut published, LIMIT).await;
     register(&service, "b", 2).await;
@@ -82,7 +81,7 @@ async fn a_late_balancer_starts_from_the_stream_then_follows_live() {
 }
 
 #[tokio::test]
-async fn snapshots_that_are_not_newer_are_dropped() {
+async fn records_that_are_not_newer_are_dropped() {
     let server = NatsServer::start();
     let js = async_nats::jetstream::new(client(&server.url()).await);
     rollcall::catalog_stream::ensure(&js, &Subjects::default(), 1)
@@ -101,6 +100,12 @@ async fn snapshots_that_are_not_newer_are_dropped() {
     assert_eq!(next(&mut updates).await, Update::Reset(Vec::new()));
 
     let publisher = client(&server.url()).await;
+    let record = |revision: u64, port: u16| {
+        format!(
+            r#"{{"service":"web","id":"a","revision":{revision},"instance":{}}}"#,
+            serde_json::to_string(&Instance::new("web", "a", "127.0.0.1", port)).unwrap()
+        )
+    };
     let snapshot = |revision: u64, port: u16| Snapshot {
         service: "web".into(),
         revision,
@@ -108,24 +113,37 @@ async fn snapshots_that_are_not_newer_are_dropped() {
     };
     for (revision, port) in [(5, 1), (5, 2), (4, 3), (6, 4)] {
         publisher
-            .publish(
-                "rollcall.catalog.web",
-                serde_json::to_vec(&snapshot(revision, port))
-                    .unwrap()
-                    .into(),
-            )
+            .publish("rollcall.catalog.web.a", record(revision, port).into())
             .await
             .unwrap();
     }
     publisher
-        .publish("rollcall.catalog.web", "{broken".into())
+        .publish("rollcall.catalog.web.a", "{broken".into())
         .await
         .unwrap();
     publisher.flush().await.unwrap();
-    assert_eq!(next(&mut updates).await, Update::Service(snapshot(5, 1)));
-    assert_eq!(next(&mut updates).await, Update::Service(snapshot(6, 4)));
+    // Records already waiting are taken in together: the last update holds
+    // the newest, whatever came in between.
+    let mut last = next(&mut updates).await;
+    while last != Update::Service(snapshot(6, 4)) {
+        assert_eq!(
+            last,
+            Update::Service(snapshot(5, 1)),
+            "only newer revisions"
+        );
+        last = next(&mut updates).await;
+    }
     // The one stale filter counts what it dropped, for a balancer's metrics.
-    assert_eq!(stats.stale.load(std::sync::atomic::Ordering::Relaxed), 2);
+    rollcall_eventually_counts(&stats).await;
+}
+
+/// Waits until the stale and invalid records are counted.
+async fn rollcall_eventually_counts(stats: &rollcall::subscription::Stats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    support::eventually("the stale and invalid records counted", LIMIT, || async {
+        (stats.stale.load(Relaxed) == 2 && stats.invalid.load(Relaxed) == 1).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -71,7 +71,7 @@ async fn stored(fleet: &Fleet, service: &str, count: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_prints_events_snapshots_and_invalid_messages() {
+async fn watch_prints_events_records_and_invalid_messages() {
     let nats = NatsServer::start();
     let fleet = discovery(&nats).await;
     let url = nats.url();
@@ -84,10 +84,9 @@ async fn watch_prints_events_snapshots_and_invalid_messages() {
         line.contains("register   web/web-1 127.0.0.1:5001 ttl=3000ms weight=1 tags=v2"),
         "{line}"
     );
-    let line = watch.line_containing("snapshot", WAIT);
+    let line = watch.line_containing("joined", WAIT);
     assert!(
-        line.contains("snapshot   web rev=")
-            && line.ends_with("instances=1 [web-1@127.0.0.1:5001]"),
+        line.contains("joined     web/web-1 127.0.0.1:5001 rev=") && line.ends_with(" weight=1"),
         "{line}"
     );
 
@@ -123,8 +122,9 @@ async fn watch_one_service_as_json() {
         if value["kind"] == "register" {
             assert_eq!(value["instance"]["port"], 5001);
         }
-        if value["kind"] == "snapshot" {
-            assert_eq!(value["instances"][0]["id"], "web-1");
+        if value["kind"] == "joined" {
+            assert_eq!(value["id"], "web-1");
+            assert_eq!(value["instance"]["port"], 5001);
         }
         let kind = value["kind"].as_str().unwrap_or_default().to_owned();
         if !kinds.contains(&kind) && kind != "heartbeat" {
@@ -132,9 +132,11 @@ async fn watch_one_service_as_json() {
         }
     }
     kinds.sort();
-    assert_eq!(kinds, ["register", "snapshot"]);
+    assert_eq!(kinds, ["joined", "register"]);
     web.deregister().await.unwrap();
     watch.line_containing("\"deregister\"", WAIT);
+    let left = watch.line_containing("\"left\"", WAIT);
+    assert!(left.contains("\"left\":\"deregistered\""), "{left}");
     watch.signal("TERM");
     assert_eq!(watch.wait(WAIT), Some(0));
 }

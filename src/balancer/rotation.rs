@@ -235,7 +235,8 @@ impl ServiceSet {
     }
 
     fn position_of(&self, id: &str) -> Option<usize> {
-        self.members.iter().position(|m| m.id() == id)
+        // Members are in `id` order (see `from_snapshot`).
+        self.members.binary_search_by(|m| m.id().cmp(id)).ok()
     }
 
     /// Builds the set for `snapshot`, carrying over from `previous` the
@@ -268,10 +269,9 @@ impl ServiceSet {
                 skipped.push(instance.id.clone());
                 continue;
             };
-            let kept = previous
-                .members
-                .iter()
-                .find(|m| m.id() == instance.id && m.authority == authority);
+            let kept = (previous.position_of(&instance.id))
+                .map(|index| &previous.members[index])
+                .filter(|m| m.authority == authority);
             let health = kept.map(|m| m.health).unwrap_or_default();
             let upstream = match kept {
                 Some(m) => m.upstream.clone(),
@@ -387,6 +387,13 @@ fn continue_rotation(previous: &ServiceSet, members: &[Arc<Member>], sequence: &
 /// total off it. Equal weights give plain id order.
 pub(crate) fn smooth_weighted_sequence(weights: &[u32]) -> Vec<u32> {
     let weights = reduced_weights(weights);
+    // Equal weights (the common case, and a big service's): plain id order
+    // of the members that take traffic, in linear time.
+    if weights.iter().all(|&w| w <= 1) {
+        return (0..weights.len() as u32)
+            .filter(|&i| weights[i as usize] == 1)
+            .collect();
+    }
     let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
     let mut current = vec![0i64; weights.len()];
     let mut sequence = Vec::with_capacity(total as usize);

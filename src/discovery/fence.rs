@@ -1,7 +1,8 @@
-//! Discovery's writes to NATS: the fenced snapshot writes and the fence
+//! Discovery's writes to NATS: the fenced record writes and the fence
 //! itself (a compare-and-set on `<prefix>.catalog-fence`), the leader
 //! heartbeat, and the stored catalog a new leader adopts.
 
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::context::PublishErrorKind;
@@ -9,9 +10,9 @@ use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::{jetstream, Client};
 use bytes::Bytes;
 
-use super::{Fenced, Wire, Written};
+use super::{Fenced, Wire, Write, Written};
 use crate::catalog_stream::{self, CatalogStreamError};
-use crate::protocol::{Snapshot, Subjects};
+use crate::protocol::{Record, Subjects};
 
 /// How long a stored write may take to be acknowledged: long enough for a
 /// loaded single server, short enough that the loop is not held up past a
@@ -19,16 +20,44 @@ use crate::protocol::{Snapshot, Subjects};
 const ACK_TIMEOUT: Duration = Duration::from_millis(750);
 /// The header naming the subject whose last sequence a write expects.
 const EXPECTED_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
+/// The most writes awaiting their acknowledgement at once: a fleet joining
+/// at once is written in a few round trips, and the client's buffers stay
+/// bounded.
+const IN_FLIGHT: usize = 4096;
 
 pub(super) struct NatsWire {
     client: Client,
     js: jetstream::Context,
     subjects: Subjects,
     replicas: usize,
+    tombstone_ttl: Duration,
+}
+
+type Ack =
+    Result<jetstream::context::PublishAckFuture, async_nats::jetstream::context::PublishError>;
+
+/// What became of a write, once its acknowledgement came (or did not).
+async fn settle(ack: Ack) -> Written {
+    let result = match ack {
+        Ok(ack) => ack.await.map(|_| ()),
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(()) => Written::Stored,
+        Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+            Written::Superseded(actual_sequence(&error))
+        }
+        Err(error) => Written::Failed(error.to_string()),
+    }
 }
 
 impl NatsWire {
-    pub(super) fn new(client: Client, subjects: Subjects, replicas: usize) -> NatsWire {
+    pub(super) fn new(
+        client: Client,
+        subjects: Subjects,
+        replicas: usize,
+        tombstone_ttl: Duration,
+    ) -> NatsWire {
         let js = jetstream::ContextBuilder::new()
             .timeout(ACK_TIMEOUT)
             .build(client.clone());
@@ -37,6 +66,7 @@ impl NatsWire {
             js,
             subjects,
             replicas,
+            tombstone_ttl,
         }
     }
 }
@@ -56,35 +86,30 @@ pub(super) fn actual_sequence(error: &async_nats::jetstream::context::PublishErr
 }
 
 impl Wire for NatsWire {
-    async fn write(&mut self, epoch: u64, batch: Vec<(String, Bytes)>) -> Vec<(String, Written)> {
+    async fn write(&mut self, epoch: u64, batch: Vec<Write>) -> Vec<Written> {
         let fence = self.subjects.catalog_fence();
-        let mut sent = Vec::with_capacity(batch.len());
-        // All sent first, then all acks awaited: one round trip per batch.
-        for (service, payload) in batch {
-            let publish = Publish::build()
-                .payload(payload)
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut acks = VecDeque::with_capacity(batch.len().min(IN_FLIGHT));
+        // Sent ahead of their acks, up to IN_FLIGHT awaiting at once: a
+        // batch costs a few round trips, not one per record.
+        for write in batch {
+            if acks.len() == IN_FLIGHT {
+                if let Some(ack) = acks.pop_front() {
+                    outcomes.push(settle(ack).await);
+                }
+            }
+            let mut publish = Publish::build()
+                .payload(write.payload)
                 .expected_last_subject_sequence(epoch)
                 .header(EXPECTED_SUBJECT, fence.as_str());
-            let ack = self
-                .js
-                .send_publish(self.subjects.catalog_store(&service), publish)
-                .await;
-            sent.push((service, ack));
+            if write.left.is_some() {
+                publish = publish.ttl(self.tombstone_ttl);
+            }
+            let subject = self.subjects.catalog_store(&write.service, &write.id);
+            acks.push_back(self.js.send_publish(subject, publish).await);
         }
-        let mut outcomes = Vec::with_capacity(sent.len());
-        for (service, ack) in sent {
-            let result = match ack {
-                Ok(ack) => ack.await.map(|_| ()),
-                Err(error) => Err(error),
-            };
-            let written = match result {
-                Ok(()) => Written::Stored,
-                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
-                    Written::Superseded(actual_sequence(&error))
-                }
-                Err(error) => Written::Failed(error.to_string()),
-            };
-            outcomes.push((service, written));
+        for ack in acks {
+            outcomes.push(settle(ack).await);
         }
         outcomes
     }
@@ -139,9 +164,9 @@ impl Wire for NatsWire {
         }
     }
 
-    async fn read_stored(&mut self) -> Result<Vec<Snapshot>, CatalogStreamError> {
-        let last = catalog_stream::read_last(&self.js, &self.subjects).await?;
-        Ok(last.snapshots.into_iter().map(|s| s.snapshot).collect())
+    async fn read_stored(&mut self) -> Result<Vec<Record>, CatalogStreamError> {
+        let last = catalog_stream::read_records(&self.js, &self.subjects).await?;
+        Ok(last.records.into_iter().map(|s| s.record).collect())
     }
 
     async fn catalog_lost(&mut self) -> bool {

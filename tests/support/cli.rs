@@ -46,12 +46,19 @@ impl Tap {
     }
 
     /// The next event message, parsed; panics on an invalid one or none
-    /// within `limit`.
+    /// within `limit`. Catalog records, which the event wildcard hears too,
+    /// are skipped.
     pub async fn next(&mut self, limit: Duration) -> Seen {
-        let message = tokio::time::timeout(limit, self.subscriber.next())
-            .await
-            .unwrap_or_else(|_| panic!("no event on the wire within {limit:?}"))
-            .expect("tap subscription open");
+        let deadline = tokio::time::Instant::now() + limit;
+        let message = loop {
+            let message = tokio::time::timeout_at(deadline, self.subscriber.next())
+                .await
+                .unwrap_or_else(|_| panic!("no event on the wire within {limit:?}"))
+                .expect("tap subscription open");
+            if !self.subjects.is_catalog_record(&message.subject) {
+                break message;
+            }
+        };
         let at = Instant::now();
         let event = self
             .subjects

@@ -338,18 +338,25 @@ impl<S> Fleet<S> {
     }
 }
 
-/// Records every snapshot on `rollcall.catalog.>` and every leader heartbeat.
+/// Records every leader heartbeat and, for every record on
+/// `rollcall.catalog.>`, the snapshot of its service assembled as a
+/// balancer does.
 pub async fn record(nats: &async_nats::Client, seen: Arc<Mutex<Seen>>) {
     let subjects = Subjects::default();
     let mut catalog = nats.subscribe("rollcall.catalog.>").await.unwrap();
+    let mut held = rollcall::subscription::Held::default();
     let mut leaders = nats.subscribe(subjects.leader_heartbeat()).await.unwrap();
     nats.flush().await.unwrap();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 Some(m) = catalog.next() => {
-                    let snapshot = subjects.parse_snapshot(&m.subject, &m.payload).expect("valid snapshot");
-                    seen.lock().unwrap().snapshots.push(snapshot);
+                    let record = subjects.parse_record(&m.subject, &m.payload).expect("valid record");
+                    let service = record.service.clone();
+                    if held.offer(record).is_ok() {
+                        let snapshot = held.snapshot(&service).expect("held");
+                        seen.lock().unwrap().snapshots.push(snapshot);
+                    }
                 }
                 Some(m) = leaders.next() => {
                     let beat: Leadership = serde_json::from_slice(&m.payload).expect("valid heartbeat");

@@ -352,19 +352,88 @@ pub async fn client(url: &str) -> async_nats::Client {
         .expect("connect to the test server")
 }
 
-/// The next snapshot on a subscription, or a panic after `limit`.
+/// Catalog records on a plain subscription, assembled into per-service
+/// snapshots as a balancer does ([`rollcall::subscription::Held`]): what a
+/// test observes of the catalog on the wire.
+pub struct CatalogFeed {
+    subscription: async_nats::Subscriber,
+    held: rollcall::subscription::Held,
+}
+
+impl CatalogFeed {
+    /// Follows the records on `subject` (`rollcall.catalog.>`, or
+    /// `rollcall.catalog.web.*` for one service) from now on.
+    pub async fn subscribe(client: &async_nats::Client, subject: &str) -> CatalogFeed {
+        let subscription = client
+            .subscribe(subject.to_owned())
+            .await
+            .expect("subscribe to the catalog");
+        client.flush().await.expect("flush the subscription");
+        CatalogFeed::from(subscription)
+    }
+
+    /// The snapshot of the service of `message`'s record once it is taken
+    /// in; `None` for a stale record.
+    pub fn take(&mut self, message: &async_nats::Message) -> Option<rollcall::protocol::Snapshot> {
+        let record = rollcall::protocol::Subjects::default()
+            .parse_record(&message.subject, &message.payload)
+            .expect("discovery publishes valid records");
+        let service = record.service.clone();
+        self.held.offer(record).ok()?;
+        self.held.snapshot(&service)
+    }
+
+    /// The next record's service snapshot, or a panic after `limit`.
+    pub async fn next(&mut self, limit: Duration) -> rollcall::protocol::Snapshot {
+        use futures::StreamExt;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.subscription.next())
+                .await
+                .unwrap_or_else(|_| panic!("no catalog record within {limit:?}"))
+                .expect("subscription open");
+            if let Some(snapshot) = self.take(&message) {
+                return snapshot;
+            }
+        }
+    }
+
+    /// Takes in every record the catalog stream holds now (all services).
+    pub async fn seed(&mut self, client: &async_nats::Client) {
+        let js = async_nats::jetstream::new(client.clone());
+        let stored = rollcall::catalog_stream::read_records(&js, &Default::default())
+            .await
+            .expect("the catalog stream is readable");
+        for stored in stored.records {
+            let _ = self.held.offer(stored.record);
+        }
+    }
+
+    /// The next message, raw, within `limit`.
+    pub async fn message(&mut self, limit: Duration) -> Option<async_nats::Message> {
+        use futures::StreamExt;
+        tokio::time::timeout(limit, self.subscription.next())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+impl From<async_nats::Subscriber> for CatalogFeed {
+    fn from(subscription: async_nats::Subscriber) -> CatalogFeed {
+        CatalogFeed {
+            subscription,
+            held: rollcall::subscription::Held::default(),
+        }
+    }
+}
+
+/// The next record's service snapshot on `feed`, or a panic after `limit`.
 pub async fn next_snapshot(
-    subscription: &mut async_nats::Subscriber,
+    feed: &mut CatalogFeed,
     limit: Duration,
 ) -> rollcall::protocol::Snapshot {
-    use futures::StreamExt;
-    let message = tokio::time::timeout(limit, subscription.next())
-        .await
-        .unwrap_or_else(|_| panic!("no snapshot within {limit:?}"))
-        .expect("subscription open");
-    rollcall::protocol::Subjects::default()
-        .parse_snapshot(&message.subject, &message.payload)
-        .expect("discovery publishes valid snapshots")
+    feed.next(limit).await
 }
 
 /// A register (or heartbeat) payload written by hand, as a client in another

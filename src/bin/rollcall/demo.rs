@@ -199,6 +199,7 @@ async fn wait_for_catalog(discovery: &rollcall::discovery::Discovery) {
     while tokio::time::Instant::now() < deadline {
         let live = discovery
             .catalog()
+            .await
             .iter()
             .find(|s| s.service == "web")
             .map_or(0, |s| s.instances.len());

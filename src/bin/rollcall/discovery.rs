@@ -11,7 +11,7 @@ use rollcall::permissions::discovery_needs;
 use rollcall::protocol::Subjects;
 
 use crate::admin;
-use crate::args::{shutdown_signal, NatsArgs};
+use crate::args::{parse_duration, shutdown_signal, NatsArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -35,6 +35,18 @@ pub struct Args {
     /// Without it: every event, unpartitioned, on unmapped servers.
     #[arg(long, value_name = "LIST/N", value_parser = parse_partitions)]
     pub partitions: Option<Partitions>,
+    /// How long the catalog stream keeps the record of an instance that
+    /// left (a tombstone): live balancers learn it left from it, and a new
+    /// leader that it need not come back. At least 1s; the default is
+    /// Consul's KV tombstone TTL.
+    #[arg(long, value_name = "DUR", value_parser = parse_tombstone_ttl, default_value = "15m")]
+    pub tombstone_ttl: Duration,
+    /// Event messages held while discovery is busy before NATS drops the
+    /// next (a slow consumer): a fleet registering at once, and the catalog
+    /// records that come back on the event subscription, wait here. The
+    /// default is nats.go's pending limit per subscription (512 Ki messages).
+    #[arg(long, value_name = "N", default_value_t = 524_288, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub event_buffer: u32,
     /// Address of the admin endpoint (/healthz, /readyz, /metrics); off when
     /// not given.
     #[arg(long, value_name = "ADDR")]
@@ -97,6 +109,16 @@ fn parse_partitions(text: &str) -> Result<Partitions, String> {
     text.parse().map_err(|e: PartitionsError| e.to_string())
 }
 
+fn parse_tombstone_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(text)?;
+    if ttl < Duration::from_secs(1) {
+        return Err(format!(
+            "{text:?} is under 1s: JetStream keeps a message for whole seconds"
+        ));
+    }
+    Ok(ttl)
+}
+
 fn parse_replicas(text: &str) -> Result<StreamReplicas, String> {
     if text == "auto" {
         return Ok(StreamReplicas::Auto);
@@ -117,6 +139,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Two missed pings and the link counts as lost: a replica cut off from
     // NATS notices within about a second, like the leader's heartbeats.
     options.ping_interval = options.ping_interval.min(Duration::from_millis(500));
+    options.subscription_capacity = args.event_buffer as usize;
     let connection = options.connect("rollcall-discovery").await?;
     let _admin = admin::start(listener, registry, &connection, metrics.nats.clone());
     // A refused subscription would otherwise leave discovery deaf, not dead.
@@ -142,6 +165,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         stream_replicas,
         metrics,
         replica: args.replica,
+        tombstone_ttl: args.tombstone_ttl,
     };
     let writers = match &args.partitions {
         Some(partitions) => {

@@ -1,5 +1,6 @@
 //! `rollcall watch`: the fleet's (or one service's) current catalog, then
-//! every event and snapshot, live, one line or one JSON object each.
+//! every event and catalog record (joined, changed, left), live, one line
+//! or one JSON object each.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -8,7 +9,7 @@ use std::time::SystemTime;
 use futures::StreamExt;
 use rollcall::catalog_stream;
 use rollcall::connect::NatsOptions;
-use rollcall::fleet_view::{current_json, current_line, Observed};
+use rollcall::fleet_view::{current_json, current_line, Membership, Observed};
 use rollcall::protocol::Subjects;
 
 use crate::args::{shutdown_signal, FleetArgs};
@@ -42,7 +43,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     // Subscribed first, so nothing that changes while the stream is read is
     // missed; a change may then show twice, never not at all.
-    if !args.events_only && !print_current(&mut stdout, client, fleet).await {
+    let mut members = Membership::default();
+    if !args.events_only && !print_current(&mut stdout, client, fleet, &mut members).await {
         return Ok(());
     }
 
@@ -66,7 +68,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             continue;
         }
         let now = SystemTime::now();
-        let observed = Observed::read(subjects, &message.subject, &message.payload);
+        let mut observed = Observed::read(subjects, &message.subject, &message.payload);
+        members.note(&mut observed);
         if let Some((partition, beat)) = observed.leader() {
             let current = (beat.replica.clone(), beat.epoch);
             if leaders.get(&partition.map(str::to_owned)) == Some(&current) {
@@ -103,7 +106,7 @@ fn filters(subjects: &Subjects, service: Option<&str>) -> Vec<String> {
         Some(service) => [
             subjects.service_events(service),
             subjects.service_overrides(service),
-            subjects.catalog(service),
+            subjects.service_catalog(service),
             subjects.leader_heartbeat(),
             subjects.partition_leaders(),
         ]
@@ -134,14 +137,16 @@ async fn subscribe(
     Ok(subscriptions)
 }
 
-/// Prints the current catalog, one `current` line per service; false when
-/// stdout is closed.
+/// Prints the current catalog, one `current` line per service, and notes
+/// its instances in `members`; false when stdout is closed.
 async fn print_current(
     stdout: &mut impl Write,
     client: &async_nats::Client,
     fleet: &FleetArgs,
+    members: &mut Membership,
 ) -> bool {
     let current = current_state(client, &fleet.nats.prefix, fleet.service.as_deref()).await;
+    members.seed(&current);
     current.iter().all(|stored| {
         let line = if fleet.json {
             current_json(stored).to_string()
