@@ -1166,6 +1166,16 @@ mod tests {
                 let record: Record = serde_json::from_slice(&write.payload).expect("a record");
                 assert_eq!((&record.service, &record.id), (&write.service, &write.id));
                 assert_eq!(write.left.is_some(), record.instance().is_none());
+                // As the stream keeps them: a service's revisions rise in
+                // the order its records are written.
+                let last = self.assembled(&record.service).revision;
+                assert!(
+                    record.revision > last,
+                    "{}/{} written at revision {} after {last}",
+                    record.service,
+                    record.id,
+                    record.revision
+                );
                 touched.insert(record.service.clone());
                 self.stored.insert((write.service, write.id), record);
                 outcomes.push(Written::Stored);
@@ -1386,6 +1396,23 @@ mod tests {
         assert_eq!(expired.revision, 2);
         assert_eq!(t0.elapsed(), Duration::from_millis(3000));
         assert_eq!(h.discovery.stats().expired.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_changed_together_are_written_oldest_change_first() {
+        let mut h = Harness::start(Vec::new()).await;
+        // Changed in the order z, a: written a-then-z (key order) the
+        // stream would keep revision 2 before revision 1.
+        for id in ["z", "y", "a"] {
+            h.register(&web(id, 3000));
+        }
+        let mut last = 0;
+        while last < 3 {
+            let snapshot = h.next_snapshot().await;
+            assert!(snapshot.revision > last, "revisions rise as written");
+            last = snapshot.revision;
+        }
+        assert_eq!(h.discovery.catalog().await[0].instances.len(), 3);
     }
 
     #[tokio::test(start_paused = true)]
