@@ -64,21 +64,13 @@ impl Seen {
 
 async fn record(nats: &async_nats::Client, seen: Arc<Mutex<Seen>>) {
     let subjects = Subjects::default();
-    let mut catalog = nats.subscribe(subjects.catalog_wildcard()).await.unwrap();
-    let mut held = rollcall::subscription::Held::default();
+    let mut catalog = support::CatalogFeed::subscribe(nats, &subjects.catalog_wildcard()).await;
     let mut leaders = nats.subscribe(subjects.partition_leaders()).await.unwrap();
     nats.flush().await.unwrap();
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                Some(m) = catalog.next() => {
-                    let record = subjects.parse_record(&m.subject, &m.payload).expect("a valid record");
-                    let service = record.service.clone();
-                    if held.offer(record).is_ok() {
-                        let snapshot = held.snapshot(&service).expect("a service with a record");
-                        seen.lock().unwrap().snapshots.push(snapshot);
-                    }
-                }
+                Some(snapshot) = catalog.next_taken() => seen.lock().unwrap().snapshots.push(snapshot),
                 Some(m) = leaders.next() => {
                     let partition = m.subject.rsplit('.').next().and_then(|p| p.parse().ok()).expect("a partition's heartbeat");
                     let beat: Leadership = serde_json::from_slice(&m.payload).expect("valid heartbeat");

@@ -343,21 +343,13 @@ impl<S> Fleet<S> {
 /// balancer does.
 pub async fn record(nats: &async_nats::Client, seen: Arc<Mutex<Seen>>) {
     let subjects = Subjects::default();
-    let mut catalog = nats.subscribe("rollcall.catalog.>").await.unwrap();
-    let mut held = rollcall::subscription::Held::default();
+    let mut catalog = crate::support::CatalogFeed::subscribe(nats, "rollcall.catalog.>").await;
     let mut leaders = nats.subscribe(subjects.leader_heartbeat()).await.unwrap();
     nats.flush().await.unwrap();
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                Some(m) = catalog.next() => {
-                    let record = subjects.parse_record(&m.subject, &m.payload).expect("valid record");
-                    let service = record.service.clone();
-                    if held.offer(record).is_ok() {
-                        let snapshot = held.snapshot(&service).expect("held");
-                        seen.lock().unwrap().snapshots.push(snapshot);
-                    }
-                }
+                Some(snapshot) = catalog.next_taken() => seen.lock().unwrap().snapshots.push(snapshot),
                 Some(m) = leaders.next() => {
                     let beat: Leadership = serde_json::from_slice(&m.payload).expect("valid heartbeat");
                     seen.lock().unwrap().leaders.push(beat);

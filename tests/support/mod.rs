@@ -383,6 +383,18 @@ impl CatalogFeed {
         self.held.snapshot(&service)
     }
 
+    /// The snapshot of the service of the next record taken in; `None` once
+    /// the subscription ends.
+    pub async fn next_taken(&mut self) -> Option<rollcall::protocol::Snapshot> {
+        use futures::StreamExt;
+        loop {
+            let message = self.subscription.next().await?;
+            if let Some(snapshot) = self.take(&message) {
+                return Some(snapshot);
+            }
+        }
+    }
+
     /// The next record's service snapshot, or a panic after `limit`.
     pub async fn next(&mut self, limit: Duration) -> rollcall::protocol::Snapshot {
         use futures::StreamExt;
