@@ -90,13 +90,7 @@ pub async fn read_fence(
     subjects: &Subjects,
 ) -> Result<Option<Leadership>, CatalogStreamError> {
     let subject = subjects.catalog_fence();
-    let stream = js
-        .get_stream_no_info(subjects.catalog_stream())
-        .await
-        .map_err(|e| CatalogStreamError::Read {
-            stream: subjects.catalog_stream(),
-            source: Box::new(NatsError(e)),
-        })?;
+    let stream = open(js, subjects).await?;
     read_fence_on(&stream, subject).await
 }
 
@@ -111,10 +105,7 @@ pub async fn read_partition_fences(
         stream: name.clone(),
         source,
     };
-    let stream = js
-        .get_stream_no_info(&name)
-        .await
-        .map_err(|e| read_error(Box::new(NatsError(e))))?;
+    let stream = open(js, subjects).await?;
     let [_, wildcard] = subjects.catalog_fences();
     let mut listed = stream
         .info_with_subjects(wildcard)
@@ -343,12 +334,8 @@ async fn migrate(
             stream: name.clone(),
             source: NatsError(source),
         })?;
-    js.get_stream_no_info(&name)
-        .await
-        .map_err(|e| CatalogStreamError::Read {
-            stream: name.clone(),
-            source: Box::new(NatsError(e)),
-        })?
+    open(js, subjects)
+        .await?
         .purge()
         .filter(old.clone())
         .await
@@ -413,10 +400,7 @@ async fn read_last_on<T>(
         stream: name.clone(),
         source,
     };
-    let stream = js
-        .get_stream_no_info(&name)
-        .await
-        .map_err(|e| read_error(Box::new(NatsError(e))))?;
+    let stream = open(js, subjects).await?;
     let consumer = stream
         .create_consumer(consumer::pull::Config {
             deliver_policy: consumer::DeliverPolicy::LastPerSubject,
@@ -471,6 +455,19 @@ async fn read_last_on<T>(
         }
     }
     Ok((last, invalid))
+}
+
+/// The catalog stream's handle, without asking the server for its info.
+async fn open(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+) -> Result<jetstream::stream::Stream<()>, CatalogStreamError> {
+    js.get_stream_no_info(subjects.catalog_stream())
+        .await
+        .map_err(|e| CatalogStreamError::Read {
+            stream: subjects.catalog_stream(),
+            source: Box::new(NatsError(e)),
+        })
 }
 
 fn is_stream_not_found(kind: &jetstream::context::GetStreamErrorKind) -> bool {

@@ -8,6 +8,8 @@
 
 #[path = "support/cli.rs"]
 mod cli;
+#[path = "support/ha.rs"]
+mod ha;
 #[path = "support/nats_extra.rs"]
 mod nats_extra;
 mod support;
@@ -27,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use cli::{rollcall, Process};
+use ha::{client_preferring, rotated};
 use nats_extra::{Cluster, ConfiguredServer};
 use support::crate_root;
 use support::eventually;
@@ -112,24 +115,7 @@ fn shard_with(
 
 /// A client of the cluster preferring the node at `first` of `urls`.
 async fn connect(urls: &[String], first: usize) -> async_nats::Client {
-    let addresses: Vec<async_nats::ServerAddr> = rotated(urls, first)
-        .split(',')
-        .map(|url| url.parse().expect("a valid NATS URL"))
-        .collect();
-    async_nats::ConnectOptions::new()
-        .retain_servers_order()
-        .ping_interval(Duration::from_millis(500))
-        .connect(addresses)
-        .await
-        .expect("connect to the cluster")
-}
-
-fn rotated(urls: &[String], first: usize) -> String {
-    let n = urls.len();
-    (0..n)
-        .map(|k| urls[(first + k) % n].as_str())
-        .collect::<Vec<_>>()
-        .join(",")
+    client_preferring(&rotated(urls, first)).await
 }
 
 /// Heartbeats `instance` on its plain version 1 subject every 200 ms
