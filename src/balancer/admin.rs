@@ -50,7 +50,7 @@ pub fn metrics(shared: &Shared) -> String {
     let now = tokio::time::Instant::now().into_std();
     for (index, rotation) in shared.rotations.iter().enumerate() {
         let set = rotation.load();
-        let ejected = set.members().iter().filter(|m| !m.is_eligible(now)).count();
+        let ejected = set.ejected_count(now);
         shared.metrics.observe_set(index, set.live_count(), ejected);
     }
     shared.metrics.observe_feed();
