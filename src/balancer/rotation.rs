@@ -44,14 +44,19 @@ pub(crate) const FIRST_EJECTION: Duration = Duration::from_secs(1);
 /// this often, so it comes back on its own once it listens again.
 pub const MAX_EJECTION: Duration = Duration::from_secs(30);
 
-/// The longest precomputed weighted sequence. The exact smooth weighted
-/// round-robin period is `sum(weights) / gcd(weights)`, which with weights up
-/// to 10,000 and hundreds of instances would be millions of entries per
-/// service (4 bytes each). Beyond this length the weights are scaled down
-/// proportionally (a non-zero weight stays at least 1), so shares stay
-/// within about `instances / MAX_SEQUENCE` of the exact ones while a set costs
-/// at most 32 KiB. A set with more instances than this gets one slot each.
+/// The longest precomputed weighted sequence of a small set. The exact
+/// smooth weighted round-robin period is `sum(weights) / gcd(weights)`,
+/// which with weights up to 10,000 and hundreds of instances would be
+/// millions of entries per service (4 bytes each). Beyond this length, or
+/// [`SLOTS_PER_INSTANCE`] per instance when that is more, the weights are
+/// scaled down proportionally (a non-zero weight stays at least 1), so
+/// shares stay within about `instances / MAX_SEQUENCE` of the exact ones
+/// while a small set costs at most 32 KiB.
 pub const MAX_SEQUENCE: usize = 8192;
+/// Sequence slots a big set may spend per instance (4 bytes each): weights
+/// whose reduced sum stays within this many per instance (1 to 4, 1 and
+/// 10, ...) keep their exact shares at any size.
+pub const SLOTS_PER_INSTANCE: usize = 8;
 
 /// One instance as the proxy sees it: where to connect, its kept-alive
 /// connections, and whether it is ejected.
@@ -454,7 +459,8 @@ fn smooth_weighted(weights: &[u32]) -> Vec<u32> {
     sequence
 }
 
-/// Weights divided by their gcd, then scaled to fit [`MAX_SEQUENCE`].
+/// Weights divided by their gcd, then scaled to fit [`MAX_SEQUENCE`] or
+/// [`SLOTS_PER_INSTANCE`] per instance, whichever is more.
 fn reduced_weights(weights: &[u32]) -> Vec<u32> {
     let divisor = weights
         .iter()
@@ -464,7 +470,8 @@ fn reduced_weights(weights: &[u32]) -> Vec<u32> {
         .max(1);
     let mut reduced: Vec<u32> = weights.iter().map(|w| w / divisor).collect();
     let total: u64 = reduced.iter().map(|&w| u64::from(w)).sum();
-    let cap = MAX_SEQUENCE.max(reduced.iter().filter(|&&w| w > 0).count()) as u64;
+    let live = reduced.iter().filter(|&&w| w > 0).count();
+    let cap = MAX_SEQUENCE.max(live * SLOTS_PER_INSTANCE) as u64;
     if total > cap {
         for w in &mut reduced {
             if *w > 0 {
@@ -808,7 +815,7 @@ mod tests {
     #[test]
     fn a_large_mixed_set_gets_exact_shares() {
         let weights: Vec<u32> = (0..100_000).map(|i| 1 + i % 4).collect();
-        let sequence = smooth_weighted(&weights);
+        let sequence = smooth_weighted_sequence(&weights);
         assert_eq!(sequence.len(), 250_000);
         let mut counts = vec![0u32; weights.len()];
         for &index in &sequence {
@@ -836,6 +843,13 @@ mod tests {
         assert!(count(3) >= 1, "a non-zero weight keeps at least one slot");
         let share = count(0) as f64 / sequence.len() as f64;
         assert!((share - 10_000.0 / 29_998.0).abs() < 0.01, "share {share}");
+        // A big set with a wide range of weights: its per-instance budget
+        // (a scaled weight rounds up to 1 at most once per instance).
+        let wide: Vec<u32> = (0..10_000).map(|i| 1 + i % 100).collect();
+        let sequence = smooth_weighted_sequence(&wide);
+        assert!(sequence.len() <= wide.len() * (SLOTS_PER_INSTANCE + 1));
+        let heaviest = sequence.iter().filter(|&&i| i == 99).count();
+        assert!((15..=17).contains(&heaviest), "{heaviest}");
     }
 
     #[test]
