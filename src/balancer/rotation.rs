@@ -267,14 +267,16 @@ impl ServiceSet {
         instances.dedup_by(|a, b| a.id == b.id);
         let mut skipped = Vec::new();
         let mut members = Vec::with_capacity(instances.len());
+        // Both in id order: walked side by side, not searched per member.
+        let mut old = previous.members.iter().peekable();
         for instance in instances {
             let Ok(authority) = Authority::try_from(instance.authority()) else {
                 skipped.push(instance.id.clone());
                 continue;
             };
-            let kept = (previous.position_of(&instance.id))
-                .map(|index| &previous.members[index])
-                .filter(|m| m.authority == authority);
+            while old.next_if(|m| m.id() < instance.id.as_str()).is_some() {}
+            let kept =
+                (old.next_if(|m| m.id() == instance.id)).filter(|m| m.authority == authority);
             let ramp_from = match kept {
                 Some(m) => m.ramp_from,
                 None if previous.members.is_empty() => None,
