@@ -6,6 +6,8 @@
 #   join_s        - from the first register until the balancer's /catalog
 #                   lists all N;
 #   served        - of 100 requests through the balancer, answered 200;
+#   request_p99_ms - their p99 (each on a fresh connection);
+#   catalog_p99_ms - p99 of 20 reads of /catalog once all N are listed;
 #   change_bytes  - bytes on the wire (subject + headers + payload of every
 #                   message on rollcall.catalog.> and rollcall.catalog-store.>)
 #                   for ONE instance's deregistration, and change_messages.

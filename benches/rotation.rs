@@ -5,6 +5,9 @@
 //! equal-weight instances, with one of 3 ejected (the pick then reads the
 //! clock and skips), weighted, and two threads picking from the same
 //! rotation at once (the cursor's cache line bounces between the cores).
+//! And what a catalog change costs the balancer: building the set of
+//! 100,000 instances with mixed weights (1 to 4) from nothing, and
+//! rebuilding it after one of them left.
 
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};
@@ -14,21 +17,24 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rollcall::balancer::rotation::Rotation;
 use rollcall::protocol::{Instance, Snapshot};
 
-fn rotation(instances: usize, weights: impl Fn(usize) -> u32) -> Rotation {
-    let rotation = Rotation::new("web");
-    let snapshot = Snapshot {
+fn snapshot(revision: u64, instances: usize, weights: impl Fn(usize) -> u32) -> Snapshot {
+    Snapshot {
         service: "web".into(),
-        revision: 1,
+        revision,
         instances: (0..instances)
             .map(|n| {
-                let mut i =
-                    Instance::new("web", format!("web-{n:04}"), "127.0.0.1", 9000 + n as u16);
+                let port = 9000 + (n % 50_000) as u16;
+                let mut i = Instance::new("web", format!("web-{n:04}"), "127.0.0.1", port);
                 i.weight = weights(n);
                 i
             })
             .collect(),
-    };
-    rotation.apply(&snapshot);
+    }
+}
+
+fn rotation(instances: usize, weights: impl Fn(usize) -> u32) -> Rotation {
+    let rotation = Rotation::new("web");
+    rotation.apply(&snapshot(1, instances, weights));
     rotation
 }
 
@@ -88,5 +94,32 @@ fn contended(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, single_thread, contended);
+fn build(c: &mut Criterion) {
+    let mut group = c.benchmark_group("rotation_build");
+    group.sample_size(10);
+    let mixed = |n: usize| 1 + (n % 4) as u32;
+    let full = snapshot(1, 100_000, mixed);
+    group.bench_function("apply_100k_mixed_from_empty", |b| {
+        b.iter_with_large_drop(|| {
+            let rotation = Rotation::new("web");
+            rotation.apply(&full);
+            rotation
+        })
+    });
+    let mut one_left = snapshot(2, 100_000, mixed);
+    one_left.instances.remove(50_000);
+    let steady = rotation(100_000, mixed);
+    let mut flip = false;
+    group.bench_function("apply_100k_mixed_one_left", |b| {
+        b.iter(|| {
+            // Alternate the two sets (the rotation does not check revisions;
+            // the feed does) so each apply is a real change.
+            flip = !flip;
+            steady.apply(if flip { &one_left } else { &full })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, single_thread, contended, build);
 criterion_main!(benches);

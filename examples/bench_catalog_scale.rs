@@ -6,7 +6,7 @@
 //! Registers `--instances` instances of one service, `web`, on a few real
 //! backends started here (they share ports), and measures: the time until
 //! the balancer's `/catalog` lists them all; requests served through the
-//! balancer; and the bytes on the wire for one instance's change (subject,
+//! balancer and their p99; the p99 of reading `/catalog` then; and the bytes on the wire for one instance's change (subject,
 //! headers and payload of every message on `<prefix>.catalog.>` and
 //! `<prefix>.catalog-store.>` it caused). With `--rolling`, then restarts
 //! every instance in waves of 10% (each deregisters and registers again on
@@ -118,6 +118,16 @@ async fn until_listed(
     anyhow::bail!("the balancer never showed the set within {:?}", args.limit)
 }
 
+/// `/catalog` reads timed once every instance is listed.
+const CATALOG_READS: usize = 20;
+
+/// The 99th percentile of `samples` (nearest rank).
+fn p99(samples: &mut [Duration]) -> Duration {
+    samples.sort_unstable();
+    let rank = (samples.len() * 99).div_ceil(100).max(1);
+    samples.get(rank - 1).copied().unwrap_or_default()
+}
+
 /// Publishes `events` at `rate` per second.
 async fn paced(
     nats: &async_nats::Client,
@@ -218,9 +228,21 @@ async fn main() -> anyhow::Result<()> {
     let joined = start.elapsed();
 
     let mut served = 0;
+    let mut took = Vec::with_capacity(100);
     for _ in 0..100 {
+        let asked = Instant::now();
         served += u32::from(get(&args.balancer, "/").await == Some(200));
+        took.push(asked.elapsed());
     }
+    let request_p99 = p99(&mut took);
+    let mut took = Vec::with_capacity(CATALOG_READS);
+    for _ in 0..CATALOG_READS {
+        let asked = Instant::now();
+        let listed = listed(&args.admin).await?.len();
+        took.push(asked.elapsed());
+        anyhow::ensure!(listed == n, "/catalog lists {listed} of {n}");
+    }
+    let catalog_p99 = p99(&mut took);
 
     let count = WireCount::start(&nats).await?;
     let one = instance(n / 2, port(n / 2, false));
@@ -230,8 +252,10 @@ async fn main() -> anyhow::Result<()> {
     let (bytes, messages) = count.read();
     drop(count);
     println!(
-        "CATALOG_SCALE instances={n} join_s={:.2} requests=100 served={served} change_bytes={bytes} change_messages={messages}",
-        joined.as_secs_f64()
+        "CATALOG_SCALE instances={n} join_s={:.2} requests=100 served={served} request_p99_ms={:.1} catalog_reads={CATALOG_READS} catalog_p99_ms={:.1} change_bytes={bytes} change_messages={messages}",
+        joined.as_secs_f64(),
+        request_p99.as_secs_f64() * 1000.0,
+        catalog_p99.as_secs_f64() * 1000.0,
     );
     publish(&nats, &Subjects::default(), EventKind::Register, &one).await?;
     until_listed(&args, |l| l.len() == n).await?;

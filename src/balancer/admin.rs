@@ -50,22 +50,53 @@ pub fn metrics(shared: &Shared) -> String {
     let now = tokio::time::Instant::now().into_std();
     for (index, rotation) in shared.rotations.iter().enumerate() {
         let set = rotation.load();
-        let ejected = set.members().iter().filter(|m| !m.is_eligible(now)).count();
+        let ejected = set.ejected_count(now);
         shared.metrics.observe_set(index, set.live_count(), ejected);
     }
     shared.metrics.observe_feed();
     crate::metrics::encode(&shared.registry)
 }
 
-/// The sets the balancer routes on, as JSON.
+/// One instance in `/catalog`.
+#[derive(serde::Serialize)]
+struct Listed<'a> {
+    id: &'a str,
+    address: &'a str,
+    weight: u32,
+    failures: u32,
+    ejected: bool,
+    ejected_for_ms: Option<u64>,
+}
+
+/// The whole of `/catalog`.
+#[derive(serde::Serialize)]
+struct Listing<'a> {
+    routes: Vec<&'a str>,
+    services: Vec<ListedService<'a>>,
+}
+
+/// One service in `/catalog`.
+#[derive(serde::Serialize)]
+struct ListedService<'a> {
+    service: &'a str,
+    revision: u64,
+    live: usize,
+    instances: Vec<Listed<'a>>,
+}
+
+/// The sets the balancer routes on, as JSON. Serialized from borrowed
+/// fields: a service of 100,000 instances is one pass, with no tree of
+/// JSON values built first.
 pub fn catalog(shared: &Shared) -> String {
     let now = tokio::time::Instant::now().into_std();
-    let services: Vec<serde_json::Value> = shared
-        .rotations
+    let sets: Vec<_> = shared.rotations.iter().map(|r| r.load_full()).collect();
+    let services: Vec<ListedService> = sets
         .iter()
-        .map(|rotation| {
-            let set = rotation.load();
-            let instances: Vec<serde_json::Value> = set
+        .map(|set| ListedService {
+            service: set.service(),
+            revision: set.revision(),
+            live: set.live_count(),
+            instances: set
                 .members()
                 .iter()
                 .map(|member| {
@@ -74,26 +105,22 @@ pub fn catalog(shared: &Shared) -> String {
                         .ejected_until
                         .map(|until| until.saturating_duration_since(now).as_millis() as u64)
                         .filter(|ms| *ms > 0);
-                    serde_json::json!({
-                        "id": member.id(),
-                        "address": member.authority.as_str(),
-                        "weight": member.instance.weight,
-                        "failures": member.health.failures,
-                        "ejected": ejected_for_ms.is_some(),
-                        "ejected_for_ms": ejected_for_ms,
-                    })
+                    Listed {
+                        id: member.id(),
+                        address: member.authority.as_str(),
+                        weight: member.instance.weight,
+                        failures: member.health.failures,
+                        ejected: ejected_for_ms.is_some(),
+                        ejected_for_ms,
+                    }
                 })
-                .collect();
-            serde_json::json!({
-                "service": set.service(),
-                "revision": set.revision(),
-                "live": set.live_count(),
-                "instances": instances,
-            })
+                .collect(),
         })
         .collect();
     let routes: Vec<&str> = shared.routes.routes().map(|r| r.text.as_str()).collect();
-    serde_json::json!({ "routes": routes, "services": services }).to_string() + "\n"
+    let listing = Listing { routes, services };
+    // Strings, numbers and lists only: serializing cannot fail.
+    serde_json::to_string(&listing).expect("/catalog serializes") + "\n"
 }
 
 #[cfg(test)]

@@ -9,9 +9,14 @@
 //!   after each applied snapshot, and for ejections, which begin and end
 //!   without a snapshot: when one begins (the proxy wakes [`sample`]) and
 //!   at the instant the first running one ends.
-//! - [`sample`] runs once a second: each instance's answers and latency
-//!   counts ([`crate::metrics::InstanceMetrics`]) are read, so a request
-//!   costs the dashboard nothing beyond the counters' atomic adds.
+//! - [`sample`] runs once a second while a page is watching: each
+//!   instance's answers and latency counts
+//!   ([`crate::metrics::InstanceMetrics`]) are read, so a request costs the
+//!   dashboard nothing beyond the counters' atomic adds, and a big fleet
+//!   nobody watches costs no work per second.
+//! - A new set is compared with the last one member by member in id order;
+//!   members both sets share unchanged are skipped, so a change to one of
+//!   100,000 instances touches one entry.
 //! - [`events`] is one client's stream: a `state` frame first (every
 //!   reconnect of an `EventSource` starts from the whole current state),
 //!   then `change` frames as events happen, `stats` frames each second
@@ -20,7 +25,7 @@
 //! A balancer only sees snapshots, so an instance that deregistered and
 //! one whose TTL expired both show as `left`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -141,13 +146,27 @@ struct Seen {
     figures: Figures,
 }
 
+/// What the board showed of one service.
+#[derive(Debug, Default)]
+struct Shown {
+    /// By instance id.
+    seen: HashMap<String, Seen>,
+    /// The set compared last, and when: the next set is compared with it
+    /// member by member, and a member both hold unchanged (the same `Arc`)
+    /// is skipped unless an ejection of its could have ended meanwhile.
+    set: Option<(Arc<ServiceSet>, Instant)>,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    /// By service number and instance id.
-    seen: HashMap<(usize, String), Seen>,
+    /// By service number.
+    services: Vec<Shown>,
     events: VecDeque<Event>,
     last_seq: u64,
 }
+
+/// The figures of one sample, by service number and instance id.
+type Sampled = Vec<HashMap<String, Figures>>;
 
 /// The dashboard's memory and its broadcast of frames.
 #[derive(Debug)]
@@ -181,7 +200,13 @@ impl Board {
 
     /// Compares service number `index`'s `set` with what the board showed,
     /// records an event per difference, and sends them to every page.
-    pub fn observe(&self, rotations: &[Rotation], index: usize, set: &ServiceSet, now: Instant) {
+    pub fn observe(
+        &self,
+        rotations: &[Rotation],
+        index: usize,
+        set: &Arc<ServiceSet>,
+        now: Instant,
+    ) {
         let mut inner = self.lock();
         let events = inner.compare(index, set, now, self.settings.recent_events);
         if events.is_empty() {
@@ -210,22 +235,28 @@ impl Board {
     fn look_again(&self, rotations: &[Rotation]) {
         let now = tokio::time::Instant::now().into_std();
         for (index, rotation) in rotations.iter().enumerate() {
-            self.observe(rotations, index, &rotation.load(), now);
+            self.observe(rotations, index, &rotation.load_full(), now);
         }
     }
 
     /// Takes a sample's figures, looks at the sets again, and sends a
     /// `stats` frame when a figure changed: a fleet without traffic sends
     /// nothing but keep-alives (pages count ages on their own).
-    fn tick(&self, rotations: &[Rotation], figures: HashMap<(usize, String), Figures>) {
+    fn tick(&self, rotations: &[Rotation], figures: Sampled) {
         self.look_again(rotations);
         let now = tokio::time::Instant::now().into_std();
         let mut inner = self.lock();
         let mut changed = false;
-        for (key, seen) in &mut inner.seen {
-            let new = figures.get(key).copied().unwrap_or_default();
-            changed |= seen.figures != new;
-            seen.figures = new;
+        for (index, shown) in inner.services.iter_mut().enumerate() {
+            for (id, seen) in &mut shown.seen {
+                let new = figures
+                    .get(index)
+                    .and_then(|f| f.get(id))
+                    .copied()
+                    .unwrap_or_default();
+                changed |= seen.figures != new;
+                seen.figures = new;
+            }
         }
         if changed && self.frames.receiver_count() > 0 {
             let data = json!({ "services": inner.view(rotations, now) });
@@ -237,44 +268,39 @@ impl Board {
     pub fn recent(&self) -> Vec<Event> {
         self.lock().events.iter().cloned().collect()
     }
+
+    /// Whether a page is following the events.
+    fn watched(&self) -> bool {
+        self.frames.receiver_count() > 0
+    }
 }
 
 impl Inner {
-    fn compare(&mut self, index: usize, set: &ServiceSet, now: Instant, keep: usize) -> Vec<Event> {
-        let mut changes = Vec::new();
-        for member in set.members() {
-            let state = State::of(member, now);
-            let key = (index, member.id().to_owned());
-            match self.seen.get_mut(&key) {
-                None => {
-                    let weight = member.instance.weight;
-                    let detail = format!("at {}, weight {weight}", member.authority);
-                    changes.push((member.id().to_owned(), "joined", detail));
-                    let figures = Figures::default();
-                    let seen = Seen {
-                        since: now,
-                        state,
-                        figures,
-                    };
-                    self.seen.insert(key, seen);
-                }
-                Some(seen) if seen.state != state => {
-                    let (kind, detail) = transition(member, seen.state, state);
-                    changes.push((member.id().to_owned(), kind, detail));
-                    seen.state = state;
-                }
-                Some(_) => {}
+    /// The events that make what service `index` shows into `set`.
+    fn compare(
+        &mut self,
+        index: usize,
+        set: &Arc<ServiceSet>,
+        now: Instant,
+        keep: usize,
+    ) -> Vec<Event> {
+        if self.services.len() <= index {
+            self.services.resize_with(index + 1, Shown::default);
+        }
+        let shown = &mut self.services[index];
+        let previous = shown.set.replace((set.clone(), now));
+        if let Some((old, looked)) = &previous {
+            // The same set, and none of its ejections ended since: no member
+            // changed state.
+            let quiet = set.next_ejection_end(*looked).is_none_or(|end| end > now);
+            if Arc::ptr_eq(old, set) && quiet {
+                return Vec::new();
             }
         }
-        let present: HashSet<&str> = set.members().iter().map(|m| m.id()).collect();
-        let gone: Vec<String> = self
-            .seen
-            .keys()
-            .filter(|(i, id)| *i == index && !present.contains(id.as_str()))
-            .map(|(_, id)| id.clone())
-            .collect();
+        let old_members = previous.as_ref().map_or(&[][..], |(old, _)| old.members());
+        let (mut changes, gone) = shown.diff(old_members, set.members(), now);
         for id in gone {
-            self.seen.remove(&(index, id.clone()));
+            shown.seen.remove(&id);
             let detail = "no longer in the catalog (deregistered or expired)".to_owned();
             changes.push((id, "left", detail));
         }
@@ -336,7 +362,7 @@ impl Inner {
     }
 
     fn instance_view(&self, index: usize, member: &Member, now: Instant) -> Value {
-        let seen = self.seen.get(&(index, member.id().to_owned()));
+        let seen = (self.services.get(index)).and_then(|shown| shown.seen.get(member.id()));
         let figures = seen.map(|s| s.figures).unwrap_or_default();
         let age = seen.map_or(Duration::ZERO, |s| now.saturating_duration_since(s.since));
         json!({
@@ -350,6 +376,57 @@ impl Inner {
             "rate": (figures.rate * 10.0).round() / 10.0,
             "p99_ms": figures.p99.map(|p| p.as_secs_f64() * 1000.0),
         })
+    }
+}
+
+/// A change the board records: instance, kind, detail.
+type Change = (String, &'static str, String);
+
+impl Shown {
+    /// Walks `old` and `new` (both in id order) side by side: the changes
+    /// of the members of `new`, recorded in `seen`, and the ids that left.
+    fn diff(
+        &mut self,
+        old: &[Arc<Member>],
+        new: &[Arc<Member>],
+        now: Instant,
+    ) -> (Vec<Change>, Vec<String>) {
+        let mut changes = Vec::new();
+        let mut gone = Vec::new();
+        let mut old = old.iter().peekable();
+        for member in new {
+            while let Some(left) = old.next_if(|o| o.id() < member.id()) {
+                gone.push(left.id().to_owned());
+            }
+            let unchanged = old
+                .next_if(|o| o.id() == member.id())
+                .is_some_and(|o| Arc::ptr_eq(o, member) && o.health.ejected_until.is_none());
+            if unchanged {
+                continue;
+            }
+            let state = State::of(member, now);
+            match self.seen.get_mut(member.id()) {
+                None => {
+                    let weight = member.instance.weight;
+                    let detail = format!("at {}, weight {weight}", member.authority);
+                    changes.push((member.id().to_owned(), "joined", detail));
+                    let seen = Seen {
+                        since: now,
+                        state,
+                        figures: Figures::default(),
+                    };
+                    self.seen.insert(member.id().to_owned(), seen);
+                }
+                Some(seen) if seen.state != state => {
+                    let (kind, detail) = transition(member, seen.state, state);
+                    changes.push((member.id().to_owned(), kind, detail));
+                    seen.state = state;
+                }
+                Some(_) => {}
+            }
+        }
+        gone.extend(old.map(|left| left.id().to_owned()));
+        (changes, gone)
     }
 }
 
@@ -482,12 +559,15 @@ fn percentile(counts: &[u64; LATENCY_BUCKETS], q: f64) -> Option<Duration> {
 /// ([`BalancerMetrics::ejected`](crate::metrics::BalancerMetrics)) or ends,
 /// until the task is dropped.
 pub(crate) async fn sample(shared: Arc<Shared>) {
-    let mut windows: HashMap<(usize, String), Window> = HashMap::new();
+    let mut windows: Vec<HashMap<String, Window>> = Vec::new();
     let mut ticks = tokio::time::interval(STATS_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = ticks.tick().await;
     loop {
-        let ejection_ends = next_ejection_end(&shared.rotations);
+        let now = tokio::time::Instant::now().into_std();
+        let ejection_ends = (shared.rotations.iter())
+            .filter_map(|rotation| rotation.load().next_ejection_end(now))
+            .min();
         let ejection_over = async {
             match ejection_ends {
                 Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
@@ -505,37 +585,38 @@ pub(crate) async fn sample(shared: Arc<Shared>) {
                 continue;
             }
         };
+        // The figures are only sent, so with no page watching, a big
+        // fleet's counters are not read at all. `last` stays: the first
+        // sample once a page watches again spans the whole pause.
+        if !shared.board.watched() {
+            continue;
+        }
         let elapsed = now.duration_since(last);
         last = now;
-        let mut figures = HashMap::new();
-        for index in 0..shared.rotations.len() {
-            for (id, handles) in shared.metrics.instances_of(index).iter() {
-                let key = (index, id.clone());
-                let window = windows.entry(key.clone()).or_insert_with(Window::new);
-                figures.insert(key, window.advance(handles, elapsed));
-            }
-        }
-        windows.retain(|key, _| figures.contains_key(key));
+        let figures = sample_once(&shared, &mut windows, elapsed);
         shared.board.tick(&shared.rotations, figures);
     }
 }
 
-/// When the first ejection still running ends.
-fn next_ejection_end(rotations: &[Rotation]) -> Option<Instant> {
-    let now = tokio::time::Instant::now().into_std();
-    rotations
-        .iter()
-        .flat_map(|rotation| {
-            let set = rotation.load_full();
-            let ends: Vec<Instant> = set
-                .members()
-                .iter()
-                .filter_map(|m| m.health.ejected_until)
-                .filter(|until| *until > now)
-                .collect();
-            ends
-        })
-        .min()
+/// Every instance's figures over the `elapsed` since the last sample.
+fn sample_once(
+    shared: &Shared,
+    windows: &mut Vec<HashMap<String, Window>>,
+    elapsed: Duration,
+) -> Sampled {
+    windows.resize_with(shared.rotations.len(), HashMap::new);
+    let mut figures = Vec::with_capacity(windows.len());
+    for (index, windows) in windows.iter_mut().enumerate() {
+        let instances = shared.metrics.instances_of(index);
+        windows.retain(|id, _| instances.contains_key(id));
+        let mut sampled = HashMap::with_capacity(instances.len());
+        for (id, handles) in instances.iter() {
+            let window = windows.entry(id.clone()).or_insert_with(Window::new);
+            sampled.insert(id.clone(), window.advance(handles, elapsed));
+        }
+        figures.push(sampled);
+    }
+    figures
 }
 
 #[cfg(test)]

@@ -270,12 +270,13 @@ impl Shared {
                         "instance address cannot be an HTTP authority, left out of rotation"
                     );
                 }
-                let ids: Vec<&str> = snapshot.instances.iter().map(|i| i.id.as_str()).collect();
                 if membership_changed {
+                    // A count, not the ids: a big service's list would be
+                    // megabytes per change.
                     tracing::info!(
                         service = %snapshot.service,
                         revision = snapshot.revision,
-                        instances = ?ids,
+                        instances = set.members().len(),
                         "set changed"
                     );
                 } else {

@@ -44,14 +44,19 @@ pub(crate) const FIRST_EJECTION: Duration = Duration::from_secs(1);
 /// this often, so it comes back on its own once it listens again.
 pub const MAX_EJECTION: Duration = Duration::from_secs(30);
 
-/// The longest precomputed weighted sequence. The exact smooth weighted
-/// round-robin period is `sum(weights) / gcd(weights)`, which with weights up
-/// to 10,000 and hundreds of instances would be millions of entries per
-/// service (4 bytes each). Beyond this length the weights are scaled down
-/// proportionally (a non-zero weight stays at least 1), so shares stay
-/// within about `instances / MAX_SEQUENCE` of the exact ones while a set costs
-/// at most 32 KiB. A set with more instances than this gets one slot each.
+/// The longest precomputed weighted sequence of a small set. The exact
+/// smooth weighted round-robin period is `sum(weights) / gcd(weights)`,
+/// which with weights up to 10,000 and hundreds of instances would be
+/// millions of entries per service (4 bytes each). Beyond this length, or
+/// [`SLOTS_PER_INSTANCE`] per instance when that is more, the weights are
+/// scaled down proportionally (a non-zero weight stays at least 1), so
+/// shares stay within about `instances / MAX_SEQUENCE` of the exact ones
+/// while a small set costs at most 32 KiB.
 pub const MAX_SEQUENCE: usize = 8192;
+/// Sequence slots a big set may spend per instance (4 bytes each): weights
+/// whose reduced sum stays within this many per instance (1 to 4, 1 and
+/// 10, ...) keep their exact shares at any size.
+pub const SLOTS_PER_INSTANCE: usize = 8;
 
 /// One instance as the proxy sees it: where to connect, its kept-alive
 /// connections, and whether it is ejected.
@@ -138,6 +143,8 @@ pub struct ServiceSet {
     any_held: bool,
     /// Members with a weight above 0.
     live: usize,
+    /// When the ejections of this set end, earliest first.
+    ejection_ends: Vec<Instant>,
     /// The slow-start window of the rotation this set belongs to.
     policy: OutlierPolicy,
     /// Runtimes serving requests: each instance keeps one pool per worker.
@@ -159,6 +166,7 @@ impl ServiceSet {
             cursor: AtomicUsize::new(0),
             any_held: false,
             live: 0,
+            ejection_ends: Vec::new(),
             policy,
             workers: workers.max(1),
         }
@@ -184,6 +192,19 @@ impl ServiceSet {
     /// Members that take traffic (weight above 0), ejected or not.
     pub(crate) fn live_count(&self) -> usize {
         self.live
+    }
+
+    /// The first end of an ejection after `now`: when a member of this set
+    /// changes state without a new set.
+    pub(crate) fn next_ejection_end(&self, now: Instant) -> Option<Instant> {
+        let running = self.ejection_ends.partition_point(|&end| end <= now);
+        self.ejection_ends.get(running).copied()
+    }
+
+    /// Members out of rotation at `now`.
+    pub(crate) fn ejected_count(&self, now: Instant) -> usize {
+        let running = self.ejection_ends.partition_point(|&end| end <= now);
+        self.ejection_ends.len() - running
     }
 
     /// The next member in rotation at `now`, skipping ejected ones and
@@ -264,40 +285,46 @@ impl ServiceSet {
         instances.dedup_by(|a, b| a.id == b.id);
         let mut skipped = Vec::new();
         let mut members = Vec::with_capacity(instances.len());
+        // Both in id order: walked side by side, not searched per member.
+        let mut old = previous.members.iter().peekable();
         for instance in instances {
             let Ok(authority) = Authority::try_from(instance.authority()) else {
                 skipped.push(instance.id.clone());
                 continue;
             };
-            let kept = (previous.position_of(&instance.id))
-                .map(|index| &previous.members[index])
-                .filter(|m| m.authority == authority);
-            let health = kept.map(|m| m.health).unwrap_or_default();
-            let upstream = match kept {
-                Some(m) => m.upstream.clone(),
-                None => Arc::new(Upstream::new(
-                    &instance.address,
-                    instance.port,
-                    previous.workers,
-                )),
-            };
+            while old.next_if(|m| m.id() < instance.id.as_str()).is_some() {}
+            let kept =
+                (old.next_if(|m| m.id() == instance.id)).filter(|m| m.authority == authority);
             let ramp_from = match kept {
                 Some(m) => m.ramp_from,
                 None if previous.members.is_empty() => None,
                 None => Some(now),
+            }
+            // A finished ramp is dropped so picks stop reading the clock.
+            .filter(|&since| previous.policy.share(since, now) < FULL_SHARE);
+            let member = match kept {
+                // Unchanged: the same member, so a big set's rebuild copies
+                // pointers, and whoever compares sets sees it is the same.
+                Some(m) if m.instance == *instance && m.ramp_from == ramp_from => m.clone(),
+                Some(m) => Arc::new(Member {
+                    instance: instance.clone(),
+                    ..m.with(m.health, ramp_from)
+                }),
+                None => Arc::new(Member {
+                    instance: instance.clone(),
+                    authority,
+                    upstream: Arc::new(Upstream::new(
+                        &instance.address,
+                        instance.port,
+                        previous.workers,
+                    )),
+                    health: Health::default(),
+                    streak: AtomicU64::new(0),
+                    ramp_from,
+                    handles: OnceLock::new(),
+                }),
             };
-            let streak = kept.map_or(0, |m| m.streak.load(Ordering::Relaxed));
-            members.push(Arc::new(Member {
-                instance: instance.clone(),
-                authority,
-                upstream,
-                health,
-                streak: AtomicU64::new(streak),
-                // A finished ramp is dropped so picks stop reading the clock.
-                ramp_from: ramp_from
-                    .filter(|&since| previous.policy.share(since, now) < FULL_SHARE),
-                handles: kept.map(|m| m.handles.clone()).unwrap_or_default(),
-            }));
+            members.push(member);
         }
         let set = ServiceSet::assemble(
             previous.service.clone(),
@@ -342,8 +369,14 @@ impl ServiceSet {
             .any(|m| m.health.ejected_until.is_some() || m.ramp_from.is_some());
         let cursor = continue_rotation(previous, &members, &sequence);
         let live = members.iter().filter(|m| m.instance.weight > 0).count();
+        let mut ejection_ends: Vec<Instant> = members
+            .iter()
+            .filter_map(|m| m.health.ejected_until)
+            .collect();
+        ejection_ends.sort_unstable();
         ServiceSet {
             live,
+            ejection_ends,
             service,
             revision,
             members,
@@ -382,36 +415,73 @@ fn continue_rotation(previous: &ServiceSet, members: &[Arc<Member>], sequence: &
 }
 
 /// One period of nginx's smooth weighted round-robin over `weights`, as
-/// indices. Each step adds every weight to its member's current value, picks
-/// the highest current (the first in `id` order on a tie) and takes the
-/// total off it. Equal weights give plain id order.
+/// indices, after the weights are reduced ([`reduced_weights`]). Equal
+/// weights give plain id order.
 pub(crate) fn smooth_weighted_sequence(weights: &[u32]) -> Vec<u32> {
-    let weights = reduced_weights(weights);
-    // Equal weights (the common case, and a big service's): plain id order
-    // of the members that take traffic, in linear time.
-    if weights.iter().all(|&w| w <= 1) {
-        return (0..weights.len() as u32)
-            .filter(|&i| weights[i as usize] == 1)
-            .collect();
+    smooth_weighted(&reduced_weights(weights))
+}
+
+/// Members of one weight, in id order, and the picks the class has had.
+struct Class {
+    weight: i64,
+    members: Vec<u32>,
+    picks: usize,
+}
+
+/// nginx's smooth weighted round-robin, exactly: each step adds every weight
+/// to its member's current value, picks the highest current (the first in
+/// `id` order on a tie) and takes the total off it.
+///
+/// Computed one class of equal weights at a time rather than member by
+/// member. After `t` steps a member's current value is `t * weight - total
+/// * picks`, so members of one weight differ only by whole totals: the
+/// highest of a class is the one picked least, the first in id order on a
+/// tie, and a class is therefore picked round-robin in id order. Each step
+/// compares one candidate per class: O(total * classes), and as `classes`
+/// distinct weights sum to at most `total`, classes <= sqrt(2 * total).
+fn smooth_weighted(weights: &[u32]) -> Vec<u32> {
+    let mut by_weight: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
+    for (index, &weight) in (0u32..).zip(weights) {
+        if weight > 0 {
+            by_weight.entry(weight).or_default().push(index);
+        }
     }
-    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
-    let mut current = vec![0i64; weights.len()];
+    let mut classes: Vec<Class> = by_weight
+        .into_iter()
+        .map(|(weight, members)| Class {
+            weight: i64::from(weight),
+            members,
+            picks: 0,
+        })
+        .collect();
+    let total: i64 = classes
+        .iter()
+        .map(|c| c.weight * c.members.len() as i64)
+        .sum();
     let mut sequence = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        let mut best = 0;
-        for (i, &w) in weights.iter().enumerate() {
-            current[i] += i64::from(w);
-            if current[i] > current[best] {
-                best = i;
+    for step in 1..=total {
+        let mut best: Option<(i64, u32, usize)> = None;
+        for (at, class) in classes.iter().enumerate() {
+            let len = class.members.len();
+            let current = step * class.weight - total * (class.picks / len) as i64;
+            let member = class.members[class.picks % len];
+            let higher = |&(value, index, _): &(i64, u32, usize)| {
+                current > value || (current == value && member < index)
+            };
+            if best.is_none_or(|b| higher(&b)) {
+                best = Some((current, member, at));
             }
         }
-        current[best] -= total as i64;
-        sequence.push(best as u32);
+        if let Some((_, member, at)) = best {
+            classes[at].picks += 1;
+            sequence.push(member);
+        }
     }
     sequence
 }
 
-/// Weights divided by their gcd, then scaled to fit [`MAX_SEQUENCE`].
+/// Weights divided by their gcd, then scaled to fit [`MAX_SEQUENCE`] or
+/// [`SLOTS_PER_INSTANCE`] per instance, whichever is more.
 fn reduced_weights(weights: &[u32]) -> Vec<u32> {
     let divisor = weights
         .iter()
@@ -421,7 +491,8 @@ fn reduced_weights(weights: &[u32]) -> Vec<u32> {
         .max(1);
     let mut reduced: Vec<u32> = weights.iter().map(|w| w / divisor).collect();
     let total: u64 = reduced.iter().map(|&w| u64::from(w)).sum();
-    let cap = MAX_SEQUENCE.max(reduced.iter().filter(|&&w| w > 0).count()) as u64;
+    let live = reduced.iter().filter(|&&w| w > 0).count();
+    let cap = MAX_SEQUENCE.max(live * SLOTS_PER_INSTANCE) as u64;
     if total > cap {
         for w in &mut reduced {
             if *w > 0 {
@@ -716,6 +787,68 @@ mod tests {
         );
     }
 
+    /// nginx's smooth weighted round-robin, step by step over every member.
+    fn nginx_reference(weights: &[u32]) -> Vec<u32> {
+        let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
+        let mut current = vec![0i64; weights.len()];
+        let mut sequence = Vec::new();
+        for _ in 0..total {
+            let mut best = None;
+            for (i, &w) in weights.iter().enumerate().filter(|(_, &w)| w > 0) {
+                current[i] += i64::from(w);
+                if best.is_none_or(|b: usize| current[i] > current[b]) {
+                    best = Some(i);
+                }
+            }
+            if let Some(b) = best {
+                current[b] -= total;
+                sequence.push(b as u32);
+            }
+        }
+        sequence
+    }
+
+    #[test]
+    fn mixed_weights_give_exactly_nginx_sequence() {
+        // A fixed pseudo-random walk over small sets: sizes 1 to 12, weights
+        // 0 to 9, equal weights side by side and apart.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |bound: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % bound) as u32
+        };
+        for _ in 0..2000 {
+            let len = 1 + next(12) as usize;
+            let weights: Vec<u32> = (0..len).map(|_| next(10)).collect();
+            assert_eq!(
+                smooth_weighted(&weights),
+                nginx_reference(&weights),
+                "weights {weights:?}"
+            );
+        }
+        for weights in [&[5, 1, 1][..], &[1, 2, 1, 2, 3], &[4, 4, 1, 4], &[0, 0]] {
+            assert_eq!(smooth_weighted(weights), nginx_reference(weights));
+        }
+    }
+
+    #[test]
+    fn a_large_mixed_set_gets_exact_shares() {
+        let weights: Vec<u32> = (0..100_000).map(|i| 1 + i % 4).collect();
+        let sequence = smooth_weighted_sequence(&weights);
+        assert_eq!(sequence.len(), 250_000);
+        let mut counts = vec![0u32; weights.len()];
+        for &index in &sequence {
+            counts[index as usize] += 1;
+        }
+        assert_eq!(counts, weights);
+        // Where the member-by-member reference is still quick enough to
+        // run: the same sequence, not only the same shares.
+        let some: Vec<u32> = (0..1000).map(|i| [3, 1, 4, 1, 5, 9, 2, 6][i % 8]).collect();
+        assert_eq!(smooth_weighted(&some), nginx_reference(&some));
+    }
+
     #[test]
     fn weights_are_reduced_by_their_gcd() {
         assert_eq!(smooth_weighted_sequence(&[10, 20]), vec![1, 0, 1]);
@@ -731,6 +864,13 @@ mod tests {
         assert!(count(3) >= 1, "a non-zero weight keeps at least one slot");
         let share = count(0) as f64 / sequence.len() as f64;
         assert!((share - 10_000.0 / 29_998.0).abs() < 0.01, "share {share}");
+        // A big set with a wide range of weights: its per-instance budget
+        // (a scaled weight rounds up to 1 at most once per instance).
+        let wide: Vec<u32> = (0..10_000).map(|i| 1 + i % 100).collect();
+        let sequence = smooth_weighted_sequence(&wide);
+        assert!(sequence.len() <= wide.len() * (SLOTS_PER_INSTANCE + 1));
+        let heaviest = sequence.iter().filter(|&&i| i == 99).count();
+        assert!((15..=17).contains(&heaviest), "{heaviest}");
     }
 
     #[test]
