@@ -46,7 +46,8 @@ for n in $SIZES; do
     slow_server="$(varz)"
     conn="$(discovery_conn)"
     slow_log="$(grep -c 'slow consumer: NATS dropped' "$DISCOVERY_LOG" || true)"
-    echo "$line partitions=${PARTITIONS:-none} server_slow_consumers=$slow_server discovery_slow_consumer_logs=$slow_log $conn"
+    unstored_log="$(grep -c 'was not stored' "$DISCOVERY_LOG" || true)"
+    echo "$line partitions=${PARTITIONS:-none} server_slow_consumers=$slow_server discovery_slow_consumer_logs=$slow_log discovery_unstored_logs=$unstored_log $conn"
     stop_pid "$DISCOVERY_PID"; stop_pid "$NATS_PID"
   done
 done
