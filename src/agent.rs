@@ -273,26 +273,13 @@ impl Prober {
         match tokio::time::timeout(self.check.timeout, self.client.get(url.clone())).await {
             Ok(Ok(response)) if response.status().is_success() => Ok(()),
             Ok(Ok(response)) => Err(format!("GET {url} answered {}", response.status())),
-            Ok(Err(error)) => Err(format!("GET {url} failed: {}", with_causes(&error))),
+            Ok(Err(error)) => Err(format!("GET {url} failed: {}", crate::ErrorChain(&error))),
             Err(_) => Err(format!(
                 "GET {url} took longer than {:?}",
                 self.check.timeout
             )),
         }
     }
-}
-
-/// An error and its causes, `: `-separated: hyper's client error alone says
-/// only `client error (Connect)`; the cause says `Connection refused`.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(next) = cause {
-        text.push_str(": ");
-        text.push_str(&next.to_string());
-        cause = next.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -502,17 +502,6 @@ impl<W: Wire, G: Gate> Task<W, G> {
 mod tests {
     use super::*;
 
-    /// An error and its causes, as the binary prints them.
-    fn printed(error: &dyn std::error::Error) -> String {
-        let mut text = error.to_string();
-        let mut cause = error.source();
-        while let Some(next) = cause {
-            text = format!("{text}: {next}");
-            cause = next.source();
-        }
-        text
-    }
-
     /// Records what would have gone to NATS.
     #[derive(Clone)]
     struct Recorder(mpsc::UnboundedSender<(String, Instance)>);
@@ -713,7 +702,10 @@ mod tests {
         let (mut bad, _sent) = announcer(still());
         bad.instance.port = 0;
         let error = bad.start().await.expect_err("port 0 is refused");
-        assert!(printed(&error).contains("port"), "{error}");
+        assert!(
+            crate::ErrorChain(&error).to_string().contains("port"),
+            "{error}"
+        );
 
         let (mut slow, _sent) = announcer(still());
         slow.interval = Duration::from_secs(3);
@@ -737,6 +729,9 @@ mod tests {
             .update(Instance::new("web", "web-1", "has space", 8081))
             .await
             .expect_err("bad address");
-        assert!(printed(&error).contains("address"), "{error}");
+        assert!(
+            crate::ErrorChain(&error).to_string().contains("address"),
+            "{error}"
+        );
     }
 }

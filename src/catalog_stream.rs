@@ -71,6 +71,89 @@ pub enum CatalogStreamError {
     },
 }
 
+impl CatalogStreamError {
+    /// Whether trying again may succeed: the server did not answer in time,
+    /// or JetStream said it is not available yet (a cluster electing its
+    /// meta or stream leader answers 503, or not at all). A refusal, a bad
+    /// name or a shape the server rejects is not.
+    pub fn is_transient(&self) -> bool {
+        /// JetStream's "temporarily unavailable" status.
+        fn unavailable(error: &jetstream::Error) -> bool {
+            error.code() == 503
+        }
+        match self {
+            CatalogStreamError::Missing { .. } => false,
+            CatalogStreamError::Lookup { source, .. } => match source.0.kind() {
+                GetStreamErrorKind::Request => true,
+                GetStreamErrorKind::JetStream(error) => unavailable(&error),
+                _ => false,
+            },
+            CatalogStreamError::Create { source, .. }
+            | CatalogStreamError::Update { source, .. } => match source.0.kind() {
+                CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => {
+                    true
+                }
+                CreateStreamErrorKind::JetStream(error) => unavailable(&error),
+                _ => false,
+            },
+            // A read fails for good only if JetStream answered so (the
+            // stream was deleted meanwhile, say); unanswered, it may succeed.
+            CatalogStreamError::Read { source, .. } => {
+                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+                while let Some(error) = cause {
+                    if let Some(answer) = error.downcast_ref::<jetstream::Error>() {
+                        return unavailable(answer);
+                    }
+                    cause = error.source();
+                }
+                true
+            }
+            CatalogStreamError::Starved { .. } => true,
+            CatalogStreamError::Purge { source, .. } => match source.0.kind() {
+                stream::PurgeErrorKind::Request | stream::PurgeErrorKind::TimedOut => true,
+                stream::PurgeErrorKind::JetStream(error) => unavailable(&error),
+            },
+            CatalogStreamError::Fence { source, .. } => matches!(
+                source.0.kind(),
+                stream::DirectGetErrorKind::TimedOut | stream::DirectGetErrorKind::Request
+            ),
+        }
+    }
+}
+
+/// The first wait before trying again when JetStream is not available yet;
+/// doubled on each try up to [`LAST_RETRY`], NATS clients' reconnect wait.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const LAST_RETRY: Duration = Duration::from_secs(2);
+
+/// Runs `attempt` until it succeeds or fails for good: a transient failure
+/// ([`CatalogStreamError::is_transient`], such as a cluster still electing
+/// its leaders at boot) is logged, naming `what` was tried, and tried again
+/// after a wait doubling from 100 ms to 2 s.
+pub async fn retry_transient<T, F>(
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, CatalogStreamError>
+where
+    F: std::future::Future<Output = Result<T, CatalogStreamError>>,
+{
+    let mut delay = FIRST_RETRY;
+    loop {
+        match attempt().await {
+            Err(error) if error.is_transient() => {
+                tracing::warn!(
+                    error = %crate::ErrorChain(&error),
+                    retry_in = ?delay,
+                    "cannot {what} yet; trying again"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(LAST_RETRY);
+            }
+            done => return done,
+        }
+    }
+}
+
 /// What [`ensure`] found.
 #[derive(Debug, Clone, Default)]
 pub struct Ensured {

@@ -86,12 +86,12 @@ pub enum DiscoveryError {
     },
     #[error(transparent)]
     CatalogStream(#[from] CatalogStreamError),
-    #[error("cannot adopt the stored catalog")]
-    Adopt(#[source] CatalogStreamError),
     #[error("the NATS connection closed for good while following {subject}")]
     Closed { subject: String },
     #[error("the discovery task failed")]
     Task(#[from] tokio::task::JoinError),
+    #[error("asked to stop before the catalog stream could be opened")]
+    StoppedStarting,
 }
 
 /// Counters of a running discovery, readable at any time.
@@ -265,10 +265,16 @@ pub async fn spawn_with(
             source: NatsError(source),
         })?;
     let js = jetstream::new(client.clone());
-    let ensured = catalog_stream::ensure(&js, &subjects, config.stream_replicas).await?;
-    let stored = catalog_stream::read_last(&js, &subjects)
-        .await
-        .map_err(DiscoveryError::Adopt)?;
+    let shutdown = shutdown.boxed().shared();
+    let opened = catalog_stream::retry_transient("open the catalog stream", || async {
+        let ensured = catalog_stream::ensure(&js, &subjects, config.stream_replicas).await?;
+        let stored = catalog_stream::read_last(&js, &subjects).await?;
+        Ok((ensured, stored))
+    });
+    let (ensured, stored) = tokio::select! {
+        opened = opened => opened?,
+        () = shutdown.clone() => return Err(DiscoveryError::StoppedStarting),
+    };
     let mut wire = fence::NatsWire::new(
         client,
         subjects.clone(),

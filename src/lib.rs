@@ -77,3 +77,21 @@ pub mod subscription;
 pub use announcer::{Announcement, Announcer};
 pub use connect::{Connection, NatsOptions};
 pub use protocol::{Instance, Snapshot, Subjects};
+
+/// An error and its causes on one line, `: `-separated, each printed once:
+/// errors here keep their cause as `source` and leave it out of their own
+/// message (hyper's client error alone says only `client error (Connect)`;
+/// its cause says `Connection refused`).
+pub struct ErrorChain<'e>(pub &'e dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}

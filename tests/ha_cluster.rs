@@ -18,6 +18,7 @@ mod support;
 
 use std::time::Duration;
 
+use cli::{rollcall, Process};
 use ha::Fleet;
 use nats_extra::{wait_healthy, Cluster};
 use rollcall::protocol::Subjects;
@@ -92,6 +93,54 @@ async fn discovery_on_a_cluster_replicates_the_catalog_stream_three_times() {
     assert_eq!(info["config"]["num_replicas"], 3, "{info}");
     wait_whole(&fleet, 0).await;
     fleet.check();
+}
+
+/// A cluster booting node by node (after a power cut, or compose starting
+/// one container first): discovery started on the first node up, before
+/// JetStream can elect a meta leader, keeps trying, says so, and leads
+/// once the other nodes join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_started_before_jetstream_is_ready_waits_for_it() {
+    let mut cluster = Cluster::start();
+    for node in &mut cluster.nodes {
+        node.stop();
+    }
+    cluster.nodes[0].restart();
+    let url = cluster.nodes[0].url();
+    let discovery = Process::spawn(rollcall(&[
+        "discovery",
+        "--nats",
+        &url,
+        "--replica",
+        "early",
+    ]));
+    discovery.wait_stderr("yet; trying again", LIMIT);
+    assert!(
+        !discovery.stderr_text().contains("leading the catalog"),
+        "led with one node of three"
+    );
+    let nats = async_nats::connect(&url).await.expect("connect to node 1");
+    let subjects = Subjects::default();
+    let mut feed = support::CatalogFeed::subscribe(&nats, &subjects.catalog_wildcard()).await;
+    cluster.nodes[1].restart();
+    cluster.nodes[2].restart();
+    discovery.wait_stderr("leading the catalog", LIMIT);
+    nats.publish(
+        "rollcall.register.web.web-1",
+        support::register_json("web", "web-1", 8080, serde_json::json!({})).into(),
+    )
+    .await
+    .expect("publish a register");
+    let snapshot = feed.next(LIMIT).await;
+    assert_eq!(snapshot.service, "web");
+    assert_eq!(
+        snapshot
+            .instances
+            .iter()
+            .map(|i| i.id.as_str())
+            .collect::<Vec<_>>(),
+        ["web-1"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

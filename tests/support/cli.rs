@@ -110,9 +110,12 @@ pub fn rollcall(args: &[&str]) -> Command {
 }
 
 /// A child process, killed on drop, its stdout and stderr collected line by
-/// line in the background.
+/// line in the background. Dropped by a failing test, it prints what it
+/// said on stderr, so the failure shows why.
 pub struct Process {
     child: Child,
+    /// The command line, to name the process in a failure.
+    command: String,
     stdout: mpsc::Receiver<String>,
     pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
     stderr_reader: Option<std::thread::JoinHandle<()>>,
@@ -120,6 +123,7 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(mut command: Command) -> Process {
+        let line = format!("{command:?}");
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -153,6 +157,7 @@ impl Process {
         });
         Process {
             child,
+            command: line,
             stdout,
             stderr,
             stderr_reader: Some(stderr_reader),
@@ -239,6 +244,21 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            if let Some(reader) = self.stderr_reader.take() {
+                let _ = reader.join();
+            }
+            let said = self.stderr_text();
+            let tail: Vec<&str> = said.lines().rev().take(60).collect();
+            eprintln!(
+                "--- stderr of {} (last {} lines):",
+                self.command,
+                tail.len()
+            );
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 

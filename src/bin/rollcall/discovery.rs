@@ -81,7 +81,10 @@ async fn refuse_beside_shards(
     subjects: &Subjects,
 ) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(client.clone());
-    let fences = match catalog_stream::read_partition_fences(&js, subjects).await {
+    let listed = catalog_stream::retry_transient("list the partition fences", || {
+        catalog_stream::read_partition_fences(&js, subjects)
+    });
+    let fences = match listed.await {
         Ok(fences) => fences,
         Err(error) => {
             // No stream yet (a first start), or no right to list it.
