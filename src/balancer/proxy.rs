@@ -58,7 +58,7 @@ use super::outlier::Outcome;
 use super::rotation::{Member, ServiceSet};
 use super::tls::{self, Tls};
 use super::upgrade;
-use super::upstream::{PooledBody, RequestBody, UpstreamConnectError};
+use super::upstream::{self, PooledBody, RequestBody, UpstreamConnectError, UpstreamError};
 use super::{BalancerConfig, Shared};
 use crate::metrics::{BalancerMetrics, Held, UpstreamFailure};
 
@@ -94,6 +94,8 @@ struct Proxy {
     connect_timeout: Duration,
     body_timeout: Duration,
     upstream_body_timeout: Duration,
+    /// The largest response head taken from an instance.
+    head_limit: usize,
     /// `Via` value this balancer appends: `1.1 <its name>`.
     via: HeaderValue,
     access_log: Option<AccessLog>,
@@ -118,6 +120,7 @@ pub(super) async fn serve(
         connect_timeout: config.connect_timeout,
         body_timeout: limits.body_timeout,
         upstream_body_timeout: limits.upstream_body_timeout,
+        head_limit: limits.upstream_head_limit,
         via,
         access_log: config.access_log.clone(),
     });
@@ -430,8 +433,12 @@ impl Proxy {
         if upgrade::is_upgrade(&parts) {
             // Counted in `upgrade`, instance answers included.
             let request = Request::from_parts(parts, body);
-            let timeouts = (self.connect_timeout, self.upstream_timeout);
-            return upgrade::forward(&self.shared, index, request, client_ip, timeouts).await;
+            let bounds = upgrade::Bounds {
+                connect_timeout: self.connect_timeout,
+                upstream_timeout: self.upstream_timeout,
+                head_limit: self.head_limit,
+            };
+            return upgrade::forward(&self.shared, index, request, client_ip, bounds).await;
         }
         let via = self.via.clone();
         let response = match prepare(parts, body, client_ip, via, self.body_timeout).await {
@@ -567,7 +574,10 @@ impl Proxy {
         let attempt = async {
             let checkout = member.upstream.checkout(self.connect_timeout).await?;
             let request = prepared.request().ok_or(AttemptError::BodyGone)?;
-            checkout.send(request).await.map_err(AttemptError::Send)
+            checkout
+                .send(request, self.head_limit)
+                .await
+                .map_err(AttemptError::Send)
         };
         tokio::time::timeout(self.upstream_timeout, attempt)
             .await
@@ -685,6 +695,8 @@ fn client_fault(error: &BodyError) -> StatusCode {
             StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST)
         }
         BodyError::Read(_) => StatusCode::BAD_REQUEST,
+        // Not the client's: only an instance's body fails this way.
+        BodyError::Upstream(_) => StatusCode::BAD_GATEWAY,
     }
 }
 
@@ -794,17 +806,12 @@ fn next_step(failure: Failure, request: RequestFacts, tried: usize, live: usize)
     }
 }
 
+/// Whether the client's connection was reset under hyper.
 fn was_reset(error: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            );
+            return upstream::is_reset(io);
         }
         source = cause.source();
     }
@@ -817,7 +824,7 @@ enum AttemptError {
     #[error(transparent)]
     Connect(#[from] UpstreamConnectError),
     #[error(transparent)]
-    Send(hyper::Error),
+    Send(UpstreamError),
     #[error("the request body was already sent to another instance")]
     BodyGone,
     #[error("no response head within {0:?}")]
@@ -834,7 +841,7 @@ impl AttemptError {
             (Failure::Connect, _) => UpstreamFailure::connect,
             (Failure::TimedOut, _) => UpstreamFailure::timeout,
             (Failure::NotSent, _) => UpstreamFailure::closed,
-            (Failure::Unanswered, AttemptError::Send(error)) if was_reset(error) => {
+            (Failure::Unanswered, AttemptError::Send(error)) if error.was_reset() => {
                 UpstreamFailure::reset
             }
             (Failure::Unanswered, _) => UpstreamFailure::closed,
@@ -849,14 +856,10 @@ impl AttemptError {
         }
         match self {
             AttemptError::Connect(_) => Failure::Connect,
-            AttemptError::Send(error) if error.is_canceled() || error.is_closed() => {
-                Failure::NotSent
-            }
+            AttemptError::Send(UpstreamError::NotSent(_)) => Failure::NotSent,
             // A reset is how a kept-alive connection to an instance that
             // just died usually ends.
-            AttemptError::Send(error) if error.is_incomplete_message() || was_reset(error) => {
-                Failure::Unanswered
-            }
+            AttemptError::Send(error) if error.is_unanswered() => Failure::Unanswered,
             AttemptError::Send(_) | AttemptError::BodyGone => Failure::Broken,
             AttemptError::TimedOut(_) => Failure::TimedOut,
         }
@@ -866,17 +869,10 @@ impl AttemptError {
 impl AttemptError {
     /// The client's body error that made sending fail, if that is why.
     fn client_body_error(&self) -> Option<&BodyError> {
-        let AttemptError::Send(error) = self else {
-            return None;
-        };
-        let mut source = std::error::Error::source(error);
-        while let Some(cause) = source {
-            if let Some(body) = cause.downcast_ref::<BodyError>() {
-                return Some(body);
-            }
-            source = cause.source();
+        match self {
+            AttemptError::Send(UpstreamError::RequestBody(error)) => Some(error),
+            _ => None,
         }
-        None
     }
 }
 
@@ -919,11 +915,11 @@ impl Prepared {
     fn request(&mut self) -> Option<Request<RequestBody>> {
         let (body, headers) = match &mut self.body {
             Replay::Bytes(bytes) => (
-                Either::Right(Full::new(bytes.clone().unwrap_or_default())),
+                RequestBody::Whole(bytes.clone().unwrap_or_default()),
                 self.headers.clone(),
             ),
             Replay::Stream(stream) => (
-                Either::Left(stream.take()?),
+                RequestBody::Stream(stream.take()?),
                 std::mem::take(&mut self.headers),
             ),
         };
@@ -1178,6 +1174,7 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             body_timeout: Duration::from_secs(60),
             upstream_body_timeout: Duration::from_secs(60),
+            head_limit: crate::balancer::h1::DEFAULT_HEAD_LIMIT,
             via: HeaderValue::from_static("1.1 test"),
             access_log: None,
         };
