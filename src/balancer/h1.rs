@@ -158,8 +158,8 @@ fn head_of(
     minor: u8,
     head_request: bool,
 ) -> Result<Head, ParseError> {
-    let status = StatusCode::from_u16(code)
-        .map_err(|_| ParseError::Head(httparse::Error::Status))?;
+    let status =
+        StatusCode::from_u16(code).map_err(|_| ParseError::Head(httparse::Error::Status))?;
     let version = if minor == 0 {
         Version::HTTP_10
     } else {
@@ -309,8 +309,6 @@ pub enum Chunk {
     DataEnd,
     /// After the last chunk, at the trailers.
     Trailers,
-    /// Trailers passed on; the body ends.
-    End,
 }
 
 impl Decoder {
@@ -351,6 +349,11 @@ impl Decoder {
                 }
                 Decoder::Chunked(chunk) => match decode_chunk(chunk, buf)? {
                     Some(Decoded::End) => *self = Decoder::Done,
+                    Some(Decoded::Trailers(trailers)) => {
+                        // Trailers are the body's last piece.
+                        *self = Decoder::Done;
+                        return Ok(Decoded::Trailers(trailers));
+                    }
                     Some(decoded) => return Ok(decoded),
                     None => {}
                 },
@@ -362,7 +365,7 @@ impl Decoder {
     /// then.
     pub fn closed(&mut self) -> Result<(), Truncated> {
         match self {
-            Decoder::Done | Decoder::Chunked(Chunk::End) => Ok(()),
+            Decoder::Done => Ok(()),
             Decoder::UntilClose => {
                 *self = Decoder::Done;
                 Ok(())
@@ -380,7 +383,10 @@ pub struct Truncated(Option<u64>);
 impl std::fmt::Display for Truncated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
-            Some(left) => write!(f, "the connection closed {left} bytes before the body's end"),
+            Some(left) => write!(
+                f,
+                "the connection closed {left} bytes before the body's end"
+            ),
             None => write!(f, "the connection closed before the last chunk"),
         }
     }
@@ -436,12 +442,12 @@ fn decode_chunk(chunk: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Decoded>
                     let mut trailers = HeaderMap::with_capacity(fields.len());
                     for field in fields {
                         let bad = || ParseError::Field(field.name.to_owned());
-                        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| bad())?;
+                        let name =
+                            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| bad())?;
                         let value = HeaderValue::from_bytes(field.value).map_err(|_| bad())?;
                         trailers.append(name, value);
                     }
                     let _ = buf.split_to(length);
-                    *chunk = Chunk::End;
                     if trailers.is_empty() {
                         Ok(Some(Decoded::End))
                     } else {
@@ -455,7 +461,6 @@ fn decode_chunk(chunk: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Decoded>
                 Err(error) => Err(ParseError::Trailers(error)),
             }
         }
-        Chunk::End => Ok(Some(Decoded::End)),
     }
 }
 
@@ -480,7 +485,10 @@ fn chunk_size(line: &[u8]) -> Result<u64, ParseError> {
     let rest = &line[digits..];
     let rest = rest.trim_ascii_start();
     let extensions_ok = rest.is_empty()
-        || (rest[0] == b';' && rest.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)));
+        || (rest[0] == b';'
+            && rest
+                .iter()
+                .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)));
     if !extensions_ok {
         return Err(ParseError::ChunkSize);
     }
@@ -580,10 +588,13 @@ mod tests {
             assert_eq!(parsed.head.framing, Framing::Empty, "{status}");
         }
         let head = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n";
-        let parsed = parse_response(head, true, DEFAULT_HEAD_LIMIT).unwrap().unwrap();
+        let parsed = parse_response(head, true, DEFAULT_HEAD_LIMIT)
+            .unwrap()
+            .unwrap();
         assert_eq!(parsed.head.framing, Framing::Empty);
         assert!(parsed.complete);
-        let continued = whole(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx");
+        let continued =
+            whole(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx");
         assert_eq!(continued.head.status, StatusCode::OK);
         assert_eq!(continued.body, b"x");
     }
@@ -600,9 +611,13 @@ mod tests {
     #[test]
     fn keep_alive_follows_the_version_and_connection() {
         let keeps = |input: &[u8]| whole(input).head.keep_alive;
-        assert!(!keeps(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"));
+        assert!(!keeps(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        ));
         assert!(!keeps(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"));
-        assert!(keeps(b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n"));
+        assert!(keeps(
+            b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n"
+        ));
     }
 
     #[test]
@@ -642,10 +657,20 @@ mod tests {
             ),
         ];
         for (input, error) in cases {
-            assert_eq!(parse(input).unwrap_err(), error, "{}", String::from_utf8_lossy(input));
+            assert_eq!(
+                parse(input).unwrap_err(),
+                error,
+                "{}",
+                String::from_utf8_lossy(input)
+            );
         }
-        let folded = whole(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2, 2\r\n\r\nok");
-        assert_eq!(folded.head.framing, Framing::Length(2), "agreeing duplicates fold");
+        let folded =
+            whole(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2, 2\r\n\r\nok");
+        assert_eq!(
+            folded.head.framing,
+            Framing::Length(2),
+            "agreeing duplicates fold"
+        );
     }
 
     #[test]
@@ -664,7 +689,12 @@ mod tests {
         ];
         for (body, error) in cases {
             let input = [&head[..], body].concat();
-            assert_eq!(parse(&input).unwrap_err(), error, "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                parse(&input).unwrap_err(),
+                error,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
@@ -689,7 +719,10 @@ mod tests {
         ));
         let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
         let input = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
-        assert_eq!(parse(input.as_bytes()).unwrap_err(), ParseError::TooManyHeaders);
+        assert_eq!(
+            parse(input.as_bytes()).unwrap_err(),
+            ParseError::TooManyHeaders
+        );
     }
 
     #[test]
@@ -769,7 +802,11 @@ mod tests {
                 }
             }
             let head_request = rng.below(8) == 0;
-            let limit = if rng.below(4) == 0 { 64 } else { DEFAULT_HEAD_LIMIT };
+            let limit = if rng.below(4) == 0 {
+                64
+            } else {
+                DEFAULT_HEAD_LIMIT
+            };
             check_invariants(&input, head_request, limit);
         }
     }

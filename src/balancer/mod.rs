@@ -35,13 +35,13 @@
 pub mod access_log;
 mod admin;
 pub mod dashboard;
+pub mod h1;
 pub mod limits;
 pub mod outlier;
 mod proxy;
 pub mod rotation;
 pub mod routes;
 pub mod tls;
-pub mod h1;
 mod upgrade;
 mod upstream;
 pub mod workers;

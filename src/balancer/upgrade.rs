@@ -29,7 +29,7 @@ use super::limits::IdleBody;
 use super::outlier::Outcome;
 use super::proxy::{add_forwarded, strip_hop_by_hop, ClientBody};
 use super::rotation::Member;
-use super::upstream::{PooledBody, RequestBody, UpstreamConnectError, UpstreamError, Upgraded};
+use super::upstream::{PooledBody, RequestBody, Upgraded, UpstreamConnectError, UpstreamError};
 use super::Shared;
 use crate::metrics::UpstreamFailure;
 
@@ -181,7 +181,10 @@ fn upstream_request(
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     parts.uri = Uri::from(path);
     parts.extensions = http::Extensions::new();
-    Request::from_parts(parts, RequestBody::Stream(IdleBody::new(body, body_timeout)))
+    Request::from_parts(
+        parts,
+        RequestBody::Stream(IdleBody::new(body, body_timeout)),
+    )
 }
 
 /// A connection of its own to `member`, the request, the response head.

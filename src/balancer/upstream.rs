@@ -335,7 +335,9 @@ impl Connection {
             while self.written < self.output.len() {
                 let pending = &self.output[self.written..];
                 match ready!(Pin::new(&mut self.stream).poll_write(cx, pending)) {
-                    Ok(0) => return Poll::Ready(Err(self.send_error(io::ErrorKind::WriteZero.into()))),
+                    Ok(0) => {
+                        return Poll::Ready(Err(self.send_error(io::ErrorKind::WriteZero.into())))
+                    }
                     Ok(written) => {
                         self.written += written;
                         self.sent_any = true;
@@ -351,7 +353,9 @@ impl Connection {
             match ready!(Pin::new(body).poll_frame(cx)) {
                 Some(Ok(frame)) => {
                     // Trailers of the request are not passed on.
-                    let Ok(data) = frame.into_data() else { continue };
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
                     if data.is_empty() {
                         continue;
                     }
@@ -601,7 +605,8 @@ impl Body for PooledBody {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Ok(Decoded::Trailers(trailers)) => {
-                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                    this.release_if_done();
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                 }
                 Ok(Decoded::End) => {
                     this.release_if_done();
