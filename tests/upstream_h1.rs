@@ -28,19 +28,30 @@ struct Answer {
     bytes: Vec<u8>,
     /// Close the connection after writing.
     close: bool,
+    /// Written this many bytes at a time, each sent on its own (no Nagle),
+    /// so the proxy reads the head in pieces; 0 for all at once.
+    piece: usize,
 }
 
 fn answer(bytes: &[u8]) -> Answer {
     Answer {
         bytes: bytes.to_vec(),
         close: false,
+        piece: 0,
     }
 }
 
 fn answer_then_close(bytes: &[u8]) -> Answer {
     Answer {
-        bytes: bytes.to_vec(),
         close: true,
+        ..answer(bytes)
+    }
+}
+
+fn answer_in_pieces(bytes: &[u8], piece: usize) -> Answer {
+    Answer {
+        piece,
+        ..answer(bytes)
     }
 }
 
@@ -86,6 +97,7 @@ impl Drop for Scripted {
 }
 
 async fn serve(mut stream: TcpStream, answers: Arc<Mutex<VecDeque<Answer>>>) {
+    let _ = stream.set_nodelay(true);
     let mut read = Vec::new();
     let mut buffer = [0u8; 4096];
     loop {
@@ -103,7 +115,18 @@ async fn serve(mut stream: TcpStream, answers: Arc<Mutex<VecDeque<Answer>>>) {
         read.drain(..end);
         let next = answers.lock().expect("answers").pop_front();
         let Some(next) = next else { return };
-        if stream.write_all(&next.bytes).await.is_err() || next.close {
+        let piece = if next.piece == 0 {
+            next.bytes.len()
+        } else {
+            next.piece
+        };
+        for bytes in next.bytes.chunks(piece) {
+            if stream.write_all(bytes).await.is_err() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        if next.close {
             return;
         }
     }
@@ -279,6 +302,11 @@ async fn bodiless_answers_chunked_trailers_and_lengths_keep_one_connection() {
         answer(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n"),
         answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-Checksum: 1\r\n\r\n"),
         answer(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlast"),
+        answer_in_pieces(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+              4\r\nbyte\r\n5\r\n by b\r\n3\r\nyte\r\n0\r\n\r\n",
+            3,
+        ),
     ])
     .await;
     let edge = TestBalancer::start(&["web"]).await;
@@ -305,6 +333,8 @@ async fn bodiless_answers_chunked_trailers_and_lengths_keep_one_connection() {
     let text = get(&edge).await;
     assert_eq!(status(&text), 200, "the 100 is skipped: {text}");
     assert_eq!(body(&text), "last");
+    let text = get(&edge).await;
+    assert_eq!(body(&text), "byte by byte", "read in pieces: {text}");
     assert_eq!(backend.connections(), 1, "every answer ended cleanly");
     assert_eq!(edge.metric(BROKEN).await, 0);
     edge.stop().await;

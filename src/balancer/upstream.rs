@@ -420,15 +420,16 @@ impl Connection {
         loop {
             if !self.input.is_empty() {
                 match h1::take_head(&mut self.input, head_request, limit) {
+                    // An interim answer: the final one follows.
                     Ok(Some(head))
                         if head.status.is_informational()
-                            && head.status != StatusCode::SWITCHING_PROTOCOLS => {}
+                            && head.status != StatusCode::SWITCHING_PROTOCOLS =>
+                    {
+                        continue
+                    }
                     Ok(Some(head)) => return Poll::Ready(Ok(head)),
                     Ok(None) => {}
                     Err(error) => return Poll::Ready(Err(UpstreamError::Malformed(error))),
-                }
-                if !self.input.is_empty() {
-                    continue;
                 }
             }
             match ready!(self.poll_fill(cx)) {
