@@ -99,26 +99,42 @@ pub struct Head {
 }
 
 /// Where one header field lies in the head.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct Field {
     name: (usize, usize),
     value: (usize, usize),
 }
 
-/// The head at the front of `buf`, once it is whole: taken off `buf`, its
-/// header values sharing its bytes. `Ok(None)` while more is needed and
-/// `limit` is not reached. `head_request`: the request was a HEAD, so the
-/// response has no body whatever its headers say.
-pub fn take_head(
+/// Reads heads off the front of a buffer; keeps its scratch space from one
+/// head to the next.
+#[derive(Debug, Default)]
+pub struct HeadReader {
+    fields: Vec<Field>,
+}
+
+impl HeadReader {
+    /// The head at the front of `buf`, once it is whole: taken off `buf`,
+    /// its header values sharing its bytes. `Ok(None)` while more is needed
+    /// and `limit` is not reached. `head_request`: the request was a HEAD,
+    /// so the response has no body whatever its headers say.
+    pub fn take(
+        &mut self,
+        buf: &mut BytesMut,
+        head_request: bool,
+        limit: usize,
+    ) -> Result<Option<Head>, ParseError> {
+        take_head(buf, head_request, limit, &mut self.fields)
+    }
+}
+
+fn take_head(
     buf: &mut BytesMut,
     head_request: bool,
     limit: usize,
+    fields: &mut Vec<Field>,
 ) -> Result<Option<Head>, ParseError> {
-    let mut fields = [Field {
-        name: (0, 0),
-        value: (0, 0),
-    }; MAX_HEADERS];
-    let (length, code, minor, count) = {
+    fields.clear();
+    let (length, code, minor) = {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut []);
         let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -137,17 +153,17 @@ pub fn take_head(
             return Err(ParseError::HeadTooLarge(limit));
         }
         let start = buf.as_ptr() as usize;
-        for (field, header) in fields.iter_mut().zip(response.headers.iter()) {
-            field.name = (header.name.as_ptr() as usize - start, header.name.len());
-            field.value = (header.value.as_ptr() as usize - start, header.value.len());
-        }
+        fields.extend(response.headers.iter().map(|header| Field {
+            name: (header.name.as_ptr() as usize - start, header.name.len()),
+            value: (header.value.as_ptr() as usize - start, header.value.len()),
+        }));
         let (Some(code), Some(minor)) = (response.code, response.version) else {
             unreachable!("a complete response head has a status and a version")
         };
-        (length, code, minor, response.headers.len())
+        (length, code, minor)
     };
     let bytes = buf.split_to(length).freeze();
-    let head = head_of(&bytes, &fields[..count], code, minor, head_request)?;
+    let head = head_of(&bytes, fields, code, minor, head_request)?;
     Ok(Some(head))
 }
 
@@ -517,8 +533,9 @@ pub fn parse_response(
     limit: usize,
 ) -> Result<Option<Parsed>, ParseError> {
     let mut buf = BytesMut::from(input);
+    let mut reader = HeadReader::default();
     let head = loop {
-        let Some(head) = take_head(&mut buf, head_request, limit)? else {
+        let Some(head) = reader.take(&mut buf, head_request, limit)? else {
             return Ok(None);
         };
         if !head.status.is_informational() || head.status == StatusCode::SWITCHING_PROTOCOLS {

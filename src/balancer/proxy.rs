@@ -58,7 +58,9 @@ use super::outlier::Outcome;
 use super::rotation::{Member, ServiceSet};
 use super::tls::{self, Tls};
 use super::upgrade;
-use super::upstream::{self, PooledBody, RequestBody, UpstreamConnectError, UpstreamError};
+use super::upstream::{
+    self, PooledBody, RequestBody, RequestHead, UpstreamConnectError, UpstreamError,
+};
 use super::{BalancerConfig, Shared};
 use crate::metrics::{BalancerMetrics, Held, UpstreamFailure};
 
@@ -573,9 +575,9 @@ impl Proxy {
     ) -> Result<Response<PooledBody>, AttemptError> {
         let attempt = async {
             let checkout = member.upstream.checkout(self.connect_timeout).await?;
-            let request = prepared.request().ok_or(AttemptError::BodyGone)?;
+            let body = prepared.body().ok_or(AttemptError::BodyGone)?;
             checkout
-                .send(request, self.head_limit)
+                .send(prepared.head(), body, self.head_limit)
                 .await
                 .map_err(AttemptError::Send)
         };
@@ -909,26 +911,22 @@ impl Prepared {
         }
     }
 
-    /// The request for one attempt, in origin form (`/path?query`): the
-    /// connection already goes to the instance. The headers are cloned only
-    /// when the request might be sent again.
-    fn request(&mut self) -> Option<Request<RequestBody>> {
-        let (body, headers) = match &mut self.body {
-            Replay::Bytes(bytes) => (
-                RequestBody::Whole(bytes.clone().unwrap_or_default()),
-                self.headers.clone(),
-            ),
-            Replay::Stream(stream) => (
-                RequestBody::Stream(stream.take()?),
-                std::mem::take(&mut self.headers),
-            ),
-        };
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = Uri::from(self.path_and_query.clone());
-        *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = headers;
-        Some(request)
+    /// The head for each attempt, in origin form (`/path?query`): the
+    /// connection already goes to the instance.
+    fn head(&self) -> RequestHead<'_> {
+        RequestHead {
+            method: &self.method,
+            target: self.path_and_query.as_str(),
+            headers: &self.headers,
+        }
+    }
+
+    /// The body for one attempt; `None` once a streamed body was sent.
+    fn body(&mut self) -> Option<RequestBody> {
+        match &mut self.body {
+            Replay::Bytes(bytes) => Some(RequestBody::Whole(bytes.clone().unwrap_or_default())),
+            Replay::Stream(stream) => stream.take().map(RequestBody::Stream),
+        }
     }
 }
 

@@ -29,7 +29,9 @@ use super::limits::IdleBody;
 use super::outlier::Outcome;
 use super::proxy::{add_forwarded, strip_hop_by_hop, ClientBody};
 use super::rotation::Member;
-use super::upstream::{PooledBody, RequestBody, Upgraded, UpstreamConnectError, UpstreamError};
+use super::upstream::{
+    PooledBody, RequestBody, RequestHead, Upgraded, UpstreamConnectError, UpstreamError,
+};
 use super::Shared;
 use crate::metrics::UpstreamFailure;
 
@@ -198,8 +200,14 @@ async fn exchange(
         .open(bounds.connect_timeout)
         .await
         .map_err(UpgradeError::Connect)?;
+    let (parts, body) = request.into_parts();
+    let head = RequestHead {
+        method: &parts.method,
+        target: parts.uri.path_and_query().map_or("/", |path| path.as_str()),
+        headers: &parts.headers,
+    };
     connection
-        .upgrade(request, bounds.head_limit)
+        .upgrade(head, body, bounds.head_limit)
         .await
         .map_err(UpgradeError::Exchange)
 }

@@ -20,7 +20,7 @@
 //! using it stay on that runtime's thread.
 
 use std::cell::Cell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,13 +28,13 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header;
-use http::{Method, Request, Response, StatusCode};
+use http::header::{self, HeaderMap};
+use http::{Method, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use super::h1::{self, Decoded, Decoder, Framing, ParseError, Truncated};
+use super::h1::{self, Decoded, Decoder, Framing, HeadReader, ParseError, Truncated};
 use super::limits::{BodyError, IdleBody};
 
 /// Body of requests sent upstream.
@@ -227,6 +227,7 @@ impl Upstream {
         Ok(Connection {
             stream,
             input: BytesMut::new(),
+            heads: HeadReader::default(),
             output: Vec::new(),
             written: 0,
             sent_any: false,
@@ -250,6 +251,7 @@ struct Connection {
     stream: TcpStream,
     /// Read from the instance, not handed out yet.
     input: BytesMut,
+    heads: HeadReader,
     /// To write: the request head, then pieces of its body. Reused.
     output: Vec<u8>,
     /// Bytes of `output` written.
@@ -280,17 +282,15 @@ impl Connection {
 
     /// Puts the request head into `output`, with the body when it is kept
     /// whole, so that both go in one write.
-    fn encode(&mut self, request: Request<RequestBody>) {
-        let (parts, body) = request.into_parts();
+    fn encode(&mut self, head: RequestHead<'_>, body: RequestBody) {
         let out = &mut self.output;
         out.clear();
         self.written = 0;
-        out.extend_from_slice(parts.method.as_str().as_bytes());
+        out.extend_from_slice(head.method.as_str().as_bytes());
         out.push(b' ');
-        let target = parts.uri.path_and_query().map_or("/", |path| path.as_str());
-        out.extend_from_slice(target.as_bytes());
+        out.extend_from_slice(head.target.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &parts.headers {
+        for (name, value) in head.headers {
             // Framing is this hop's, written below.
             if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
                 continue;
@@ -309,7 +309,7 @@ impl Connection {
         match length {
             // RFC 9110 §8.6: a request whose method expects content says
             // even when it has none.
-            Some(0) if !expects_content(&parts.method) => {}
+            Some(0) if !expects_content(head.method) => {}
             Some(length) => {
                 out.extend_from_slice(b"content-length: ");
                 out.extend_from_slice(length.to_string().as_bytes());
@@ -419,7 +419,7 @@ impl Connection {
         }
         loop {
             if !self.input.is_empty() {
-                match h1::take_head(&mut self.input, head_request, limit) {
+                match self.heads.take(&mut self.input, head_request, limit) {
                     // An interim answer: the final one follows.
                     Ok(Some(head))
                         if head.status.is_informational()
@@ -455,39 +455,57 @@ pub struct Checkout {
     home: Option<Arc<Upstream>>,
 }
 
+/// What a request's head says: its method, its target in origin form
+/// (`/path?query`) and its headers, of which `Content-Length` and
+/// `Transfer-Encoding` are left to the body being sent.
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    pub target: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
 impl Checkout {
-    /// Sends `request`, reading a response head of at most `head_limit`
+    /// Sends a request, reading a response head of at most `head_limit`
     /// bytes; the connection goes back to the pool once the response body
-    /// has been read to its end and the response lets it be kept.
-    pub async fn send(
-        self,
-        request: Request<RequestBody>,
+    /// has been read to its end and the response lets it be kept. The head
+    /// is written out before the future is first polled, so it is only
+    /// borrowed.
+    pub fn send(
+        mut self,
+        head: RequestHead<'_>,
+        body: RequestBody,
         head_limit: usize,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
-        let response = self.exchange(request, head_limit).await?;
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            return Err(UpstreamError::UnaskedUpgrade);
+    ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> {
+        let head_request = *head.method == Method::HEAD;
+        self.connection.encode(head, body);
+        async move {
+            let response = self.exchange(head_request, head_limit).await?;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(UpstreamError::UnaskedUpgrade);
+            }
+            Ok(response)
         }
-        Ok(response)
     }
 
-    /// Sends an upgrade `request`: after a 101 the connection is the
+    /// Sends an upgrade request: after a 101 the connection is the
     /// caller's, through [`PooledBody::upgraded`].
     pub async fn upgrade(
-        self,
-        request: Request<RequestBody>,
+        mut self,
+        head: RequestHead<'_>,
+        body: RequestBody,
         head_limit: usize,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        self.exchange(request, head_limit).await
+        let head_request = *head.method == Method::HEAD;
+        self.connection.encode(head, body);
+        self.exchange(head_request, head_limit).await
     }
 
+    /// Writes the request encoded and reads the response head.
     async fn exchange(
         mut self,
-        request: Request<RequestBody>,
+        head_request: bool,
         head_limit: usize,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let head_request = request.method() == Method::HEAD;
-        self.connection.encode(request);
         let head = poll_fn(|cx| self.connection.poll_head(cx, head_request, head_limit)).await?;
         let upgraded = head.status == StatusCode::SWITCHING_PROTOCOLS;
         let mut response = Response::new(());
