@@ -59,7 +59,7 @@ use super::rotation::{Member, ServiceSet};
 use super::tls::{self, Tls};
 use super::upgrade;
 use super::upstream::{
-    self, PooledBody, RequestBody, RequestHead, UpstreamConnectError, UpstreamError,
+    self, Forwarded, PooledBody, RequestBody, RequestHead, UpstreamConnectError, UpstreamError,
 };
 use super::{BalancerConfig, Shared};
 use crate::metrics::{BalancerMetrics, Held, UpstreamFailure};
@@ -71,11 +71,9 @@ pub const REPLAY_LIMIT: u64 = 64 * 1024;
 /// nginx's code for a client gone before its answer; never sent.
 const CLIENT_CLOSED: u16 = 499;
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const HTTP: HeaderValue = HeaderValue::from_static("http");
+const HTTPS: HeaderValue = HeaderValue::from_static("https");
 /// `Via` entries this balancer adds: `1.1 <its name>`.
 const VIA_PROTOCOL: &str = "1.1 ";
 
@@ -392,6 +390,7 @@ struct Prepared {
     method: http::Method,
     path_and_query: PathAndQuery,
     headers: HeaderMap,
+    forwarded: Forwarded,
     body: Replay,
 }
 
@@ -641,9 +640,7 @@ async fn prepare(
 ) -> Result<Prepared, Refusal> {
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
-    add_forwarded(&mut headers, &parts.uri, client_ip);
-    tls::forwarded_proto(&parts.extensions, &mut headers);
-    append_list(&mut headers, header::VIA, via);
+    let forwarded = forwarded(&parts.uri, &parts.extensions, client_ip, Some(via));
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -659,6 +656,7 @@ async fn prepare(
         method: parts.method,
         path_and_query,
         headers,
+        forwarded,
         body,
     })
 }
@@ -918,6 +916,7 @@ impl Prepared {
             method: &self.method,
             target: self.path_and_query.as_str(),
             headers: &self.headers,
+            forwarded: &self.forwarded,
         }
     }
 
@@ -986,47 +985,28 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name.as_str().starts_with("proxy-")
 }
 
-/// Appends the client to `X-Forwarded-For`; sets `X-Forwarded-Proto` and
-/// `X-Forwarded-Host` to what this hop saw, and keeps the `Host` the client
-/// asked for (an h2 client sends it as the URI authority).
-pub(super) fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, client_ip: HeaderValue) {
-    append_list(headers, X_FORWARDED_FOR, client_ip);
-    headers.insert(X_FORWARDED_PROTO, HTTP);
-    // The URI's authority (absolute form, h2) outranks `Host` (RFC 9112
-    // §3.2.2), so it is what goes on as `Host`.
-    let authority = uri
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-    match authority {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST, host.clone());
-            headers.insert(header::HOST, host);
-        }
-        None => {
-            if let Some(host) = headers.get(header::HOST).cloned() {
-                headers.insert(X_FORWARDED_HOST, host);
-            }
-        }
-    }
-}
-
-/// Appends `value` to the comma-separated list header `name`.
-fn append_list(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
-    // Entries, not get-then-insert: one hash lookup per header.
-    match headers.entry(name) {
-        header::Entry::Occupied(mut earlier) => {
-            // Several lines count as one comma-separated list, in order.
-            let mut joined = Vec::new();
-            for value in earlier.iter() {
-                joined.extend_from_slice(value.as_bytes());
-                joined.extend_from_slice(b", ");
-            }
-            joined.extend_from_slice(value.as_bytes());
-            earlier.insert(HeaderValue::from_bytes(&joined).unwrap_or(value));
-        }
-        header::Entry::Vacant(none) => {
-            none.insert(value);
-        }
+/// What this hop adds to a request's head for the instance: the client in
+/// `X-Forwarded-For`, the scheme it used in `X-Forwarded-Proto` (`https`
+/// on a request [`tls::mark`]ed secure), and the host it asked for in
+/// `X-Forwarded-Host` and `Host` (an h2 client sends it as the URI
+/// authority, which outranks `Host`, RFC 9112 §3.2.2).
+pub(super) fn forwarded(
+    uri: &Uri,
+    extensions: &http::Extensions,
+    client_ip: HeaderValue,
+    via: Option<HeaderValue>,
+) -> Forwarded {
+    Forwarded {
+        client_ip,
+        proto: if tls::is_secure(extensions) {
+            HTTPS
+        } else {
+            HTTP
+        },
+        authority: uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        via,
     }
 }
 
@@ -1180,6 +1160,12 @@ mod tests {
             method: http::Method::GET,
             path_and_query: PathAndQuery::from_static("/"),
             headers: HeaderMap::new(),
+            forwarded: forwarded(
+                &Uri::from_static("/"),
+                &http::Extensions::new(),
+                HeaderValue::from_static("127.0.0.1"),
+                None,
+            ),
             body: Replay::Bytes(None),
         };
         let started = tokio::time::Instant::now();

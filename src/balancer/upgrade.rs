@@ -27,10 +27,10 @@ use tokio::io::AsyncWriteExt;
 
 use super::limits::IdleBody;
 use super::outlier::Outcome;
-use super::proxy::{add_forwarded, strip_hop_by_hop, ClientBody};
+use super::proxy::{forwarded, strip_hop_by_hop, ClientBody};
 use super::rotation::Member;
 use super::upstream::{
-    PooledBody, RequestBody, RequestHead, Upgraded, UpstreamConnectError, UpstreamError,
+    Forwarded, PooledBody, RequestBody, RequestHead, Upgraded, UpstreamConnectError, UpstreamError,
 };
 use super::Shared;
 use crate::metrics::UpstreamFailure;
@@ -164,12 +164,11 @@ fn upstream_request(
     request: Request<Incoming>,
     client_ip: HeaderValue,
     body_timeout: Duration,
-) -> Request<RequestBody> {
+) -> (Request<RequestBody>, Forwarded) {
     let (mut parts, body) = request.into_parts();
     let protocol = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
-    add_forwarded(&mut parts.headers, &parts.uri, client_ip);
-    super::tls::forwarded_proto(&parts.extensions, &mut parts.headers);
+    let forwarded = forwarded(&parts.uri, &parts.extensions, client_ip, None);
     if let Some(protocol) = protocol {
         parts.headers.insert(header::UPGRADE, protocol);
     }
@@ -183,16 +182,14 @@ fn upstream_request(
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     parts.uri = Uri::from(path);
     parts.extensions = http::Extensions::new();
-    Request::from_parts(
-        parts,
-        RequestBody::Stream(IdleBody::new(body, body_timeout)),
-    )
+    let body = RequestBody::Stream(IdleBody::new(body, body_timeout));
+    (Request::from_parts(parts, body), forwarded)
 }
 
 /// A connection of its own to `member`, the request, the response head.
 async fn exchange(
     member: &Member,
-    request: Request<RequestBody>,
+    request: (Request<RequestBody>, Forwarded),
     bounds: &Bounds,
 ) -> Result<Response<PooledBody>, UpgradeError> {
     let connection = member
@@ -200,11 +197,13 @@ async fn exchange(
         .open(bounds.connect_timeout)
         .await
         .map_err(UpgradeError::Connect)?;
+    let (request, forwarded) = request;
     let (parts, body) = request.into_parts();
     let head = RequestHead {
         method: &parts.method,
         target: parts.uri.path_and_query().map_or("/", |path| path.as_str()),
         headers: &parts.headers,
+        forwarded: &forwarded,
     };
     connection
         .upgrade(head, body, bounds.head_limit)

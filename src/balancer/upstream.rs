@@ -28,7 +28,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::AsyncWrite;
@@ -291,15 +291,17 @@ impl Connection {
         out.extend_from_slice(head.target.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in head.headers {
-            // Framing is this hop's, written below.
-            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            // Framing is this hop's, written below, as are forwarded
+            // headers.
+            if name == header::CONTENT_LENGTH
+                || name == header::TRANSFER_ENCODING
+                || head.forwarded.replaces(name)
+            {
                 continue;
             }
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            field(out, name.as_str(), [], value);
         }
+        head.forwarded.encode(head.headers, out);
         let length = match &body {
             RequestBody::Whole(bytes) => Some(bytes.len() as u64),
             RequestBody::Stream(stream) if stream.is_end_stream() => Some(0),
@@ -457,11 +459,83 @@ pub struct Checkout {
 
 /// What a request's head says: its method, its target in origin form
 /// (`/path?query`) and its headers, of which `Content-Length` and
-/// `Transfer-Encoding` are left to the body being sent.
+/// `Transfer-Encoding` are left to the body being sent, and what this hop
+/// adds.
 pub struct RequestHead<'a> {
     pub method: &'a Method,
     pub target: &'a str,
     pub headers: &'a HeaderMap,
+    pub forwarded: &'a Forwarded,
+}
+
+/// The headers a hop adds, written as the head goes out instead of put into
+/// the request's header map, which would have to grow for them.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    /// Appended to `X-Forwarded-For`.
+    pub client_ip: HeaderValue,
+    /// `X-Forwarded-Proto`.
+    pub proto: HeaderValue,
+    /// The host the request named in its URI, sent as `Host`; else its
+    /// `Host` goes on as it came. Either is also `X-Forwarded-Host`.
+    pub authority: Option<HeaderValue>,
+    /// Appended to `Via`, when given.
+    pub via: Option<HeaderValue>,
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+impl Forwarded {
+    /// Whether `name` is a header this hop writes itself.
+    fn replaces(&self, name: &HeaderName) -> bool {
+        (name.as_str().starts_with("x-forwarded-")
+            && (*name == X_FORWARDED_FOR
+                || *name == X_FORWARDED_PROTO
+                || *name == X_FORWARDED_HOST))
+            || (*name == header::HOST && self.authority.is_some())
+            || (*name == header::VIA && self.via.is_some())
+    }
+
+    /// Writes the headers, lists appended to what `headers` already holds.
+    fn encode(&self, headers: &HeaderMap, out: &mut Vec<u8>) {
+        let host = self
+            .authority
+            .as_ref()
+            .or_else(|| headers.get(header::HOST));
+        if let Some(authority) = &self.authority {
+            field(out, header::HOST.as_str(), &[], authority);
+        }
+        let earlier = headers.get_all(X_FORWARDED_FOR);
+        field(out, X_FORWARDED_FOR.as_str(), &earlier, &self.client_ip);
+        field(out, X_FORWARDED_PROTO.as_str(), &[], &self.proto);
+        if let Some(host) = host {
+            field(out, X_FORWARDED_HOST.as_str(), &[], host);
+        }
+        if let Some(via) = &self.via {
+            let earlier = headers.get_all(header::VIA);
+            field(out, header::VIA.as_str(), &earlier, via);
+        }
+    }
+}
+
+/// Writes one header line: `name: ` the `earlier` values, each followed by
+/// `, `, then `value`; several lines of a list count as one, in order.
+fn field<'v>(
+    out: &mut Vec<u8>,
+    name: &str,
+    earlier: impl IntoIterator<Item = &'v HeaderValue>,
+    value: &HeaderValue,
+) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    for earlier in earlier {
+        out.extend_from_slice(earlier.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 impl Checkout {
