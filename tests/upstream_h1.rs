@@ -61,6 +61,8 @@ fn answer_in_pieces(bytes: &[u8], piece: usize) -> Answer {
 struct Scripted {
     port: u16,
     connections: Arc<AtomicUsize>,
+    /// Connections it closed, told as they close.
+    closed: tokio::sync::watch::Receiver<usize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -71,22 +73,37 @@ impl Scripted {
         let answers = Arc::new(Mutex::new(VecDeque::from(answers)));
         let connections = Arc::new(AtomicUsize::new(0));
         let accepted = connections.clone();
+        let (closing, closed) = tokio::sync::watch::channel(0);
+        let closing = Arc::new(closing);
         let task = tokio::spawn(async move {
             let mut held = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
                 accepted.fetch_add(1, Ordering::SeqCst);
-                held.spawn(serve(stream, answers.clone()));
+                let (answers, closing) = (answers.clone(), closing.clone());
+                held.spawn(async move {
+                    serve(stream, answers).await;
+                    closing.send_modify(|closed| *closed += 1);
+                });
             }
         });
         Scripted {
             port,
             connections,
+            closed,
             task,
         }
     }
 
     fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Waits until it has closed `count` connections.
+    async fn closed(&mut self, count: usize) {
+        tokio::time::timeout(DEADLINE, self.closed.wait_for(|closed| *closed >= count))
+            .await
+            .expect("the backend closes in time")
+            .expect("the backend runs");
     }
 }
 
@@ -358,5 +375,31 @@ async fn bytes_sent_past_a_response_never_reach_the_next_request() {
         2,
         "the pipelined connection was dropped"
     );
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_instance_closed_is_dropped_at_checkout() {
+    let mut backend = Scripted::start(vec![
+        // Says nothing of closing, then closes while the connection idles.
+        answer_then_close(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"),
+        answer(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond"),
+    ])
+    .await;
+    let edge = TestBalancer::start(&["web"]).await;
+    route(&edge, "web-1", backend.port).await;
+    assert_eq!(body(&get(&edge).await), "first");
+    backend.closed(1).await;
+    let text = get(&edge).await;
+    assert_eq!(status(&text), 200, "not a failed attempt: {text}");
+    assert_eq!(body(&text), "second");
+    assert_eq!(backend.connections(), 2);
+    let failures = "rollcall_balancer_upstream_failures_total{instance=\"web-1\"}";
+    assert_eq!(
+        edge.metric(failures).await,
+        0,
+        "the stale one was never tried"
+    );
+    assert_eq!(edge.metric("rollcall_balancer_retries_total").await, 0);
     edge.stop().await;
 }
