@@ -34,7 +34,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use super::h1::{self, Decoded, Decoder, Framing, HeadReader, ParseError, Truncated};
+use super::h1::{self, Decoded, Decoder, HeadReader, ParseError, Truncated};
 use super::limits::{BodyError, IdleBody};
 
 /// Body of requests sent upstream.
@@ -588,7 +588,7 @@ impl Checkout {
         *response.headers_mut() = head.headers;
         let mut body = PooledBody {
             decoder: Decoder::new(head.framing),
-            keep_alive: head.keep_alive && head.framing != Framing::Close && !upgraded,
+            keep_alive: head.keep_alive && !upgraded,
             checkout: Some(self),
         };
         if !upgraded {
