@@ -13,7 +13,11 @@ fuzz_target!(|input: &[u8]| {
         return;
     };
     let head_request = choice & 1 == 1;
-    let limit = if choice & 2 == 2 { 64 } else { DEFAULT_HEAD_LIMIT };
+    let limit = if choice & 2 == 2 {
+        64
+    } else {
+        DEFAULT_HEAD_LIMIT
+    };
     let Ok(Some(parsed)) = parse_response(input, head_request, limit) else {
         return;
     };
