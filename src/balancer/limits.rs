@@ -77,6 +77,9 @@ pub struct Limits {
     /// Longest pause between two reads of an instance's response body: the
     /// response is cut.
     pub upstream_body_timeout: Duration,
+    /// The largest response head taken from an instance; a bigger one is
+    /// answered 502.
+    pub upstream_head_limit: usize,
     /// HTTP/2 keep-alive ping interval, and the wait for each answer.
     pub h2_ping_interval: Duration,
     pub h2_ping_timeout: Duration,
@@ -91,6 +94,7 @@ impl Default for Limits {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
             upstream_body_timeout: DEFAULT_UPSTREAM_BODY_TIMEOUT,
+            upstream_head_limit: super::h1::DEFAULT_HEAD_LIMIT,
             h2_ping_interval: DEFAULT_H2_PING_INTERVAL,
             h2_ping_timeout: DEFAULT_H2_PING_TIMEOUT,
             max_connections: default_max_connections(),
@@ -352,6 +356,20 @@ pub enum BodyError {
     Idle(Duration),
     #[error("cannot read the body")]
     Read(#[source] hyper::Error),
+    #[error("cannot read the instance's body")]
+    Upstream(#[source] Box<super::upstream::UpstreamError>),
+}
+
+impl From<hyper::Error> for BodyError {
+    fn from(error: hyper::Error) -> Self {
+        BodyError::Read(error)
+    }
+}
+
+impl From<super::upstream::UpstreamError> for BodyError {
+    fn from(error: super::upstream::UpstreamError) -> Self {
+        BodyError::Upstream(Box::new(error))
+    }
 }
 
 /// A body that fails with [`BodyError::Idle`] when no frame comes for
@@ -374,7 +392,11 @@ impl<B> IdleBody<B> {
     }
 }
 
-impl<B: Body<Data = Bytes, Error = hyper::Error> + Unpin> Body for IdleBody<B> {
+impl<B> Body for IdleBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BodyError>,
+{
     type Data = Bytes;
     type Error = BodyError;
 
@@ -385,7 +407,7 @@ impl<B: Body<Data = Bytes, Error = hyper::Error> + Unpin> Body for IdleBody<B> {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
             this.waiting = false;
-            return Poll::Ready(frame.map(|result| result.map_err(BodyError::Read)));
+            return Poll::Ready(frame.map(|result| result.map_err(Into::into)));
         }
         let deadline = Instant::now() + this.limit;
         let timer = match &mut this.timer {

@@ -12,7 +12,9 @@
 //! - [`routes`]: `ROUTE` arguments → which service a request goes to.
 //! - `proxy`: the hyper reverse proxy (retries, ejections, own answers).
 //! - `upgrade`: WebSocket and other upgrades tunnelled, CONNECT refused.
-//! - `upstream`: each instance's pool of kept-alive connections.
+//! - `upstream`: each instance's pool of kept-alive connections, and the
+//!   HTTP/1.1 client side on them.
+//! - [`h1`]: instances' responses as bytes: head, framing, chunks.
 //! - [`workers`]: a runtime per core, sharing the listening address.
 //! - [`limits`]: timeouts and the connection cap of both listeners.
 //! - [`access_log`]: one line per request, when asked for.
@@ -33,6 +35,7 @@
 pub mod access_log;
 mod admin;
 pub mod dashboard;
+pub mod h1;
 pub mod limits;
 pub mod outlier;
 mod proxy;

@@ -58,7 +58,9 @@ use super::outlier::Outcome;
 use super::rotation::{Member, ServiceSet};
 use super::tls::{self, Tls};
 use super::upgrade;
-use super::upstream::{PooledBody, RequestBody, UpstreamConnectError};
+use super::upstream::{
+    self, Forwarded, PooledBody, RequestBody, RequestHead, UpstreamConnectError, UpstreamError,
+};
 use super::{BalancerConfig, Shared};
 use crate::metrics::{BalancerMetrics, Held, UpstreamFailure};
 
@@ -69,11 +71,9 @@ pub const REPLAY_LIMIT: u64 = 64 * 1024;
 /// nginx's code for a client gone before its answer; never sent.
 const CLIENT_CLOSED: u16 = 499;
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const HTTP: HeaderValue = HeaderValue::from_static("http");
+const HTTPS: HeaderValue = HeaderValue::from_static("https");
 /// `Via` entries this balancer adds: `1.1 <its name>`.
 const VIA_PROTOCOL: &str = "1.1 ";
 
@@ -94,6 +94,8 @@ struct Proxy {
     connect_timeout: Duration,
     body_timeout: Duration,
     upstream_body_timeout: Duration,
+    /// The largest response head taken from an instance.
+    head_limit: usize,
     /// `Via` value this balancer appends: `1.1 <its name>`.
     via: HeaderValue,
     access_log: Option<AccessLog>,
@@ -118,6 +120,7 @@ pub(super) async fn serve(
         connect_timeout: config.connect_timeout,
         body_timeout: limits.body_timeout,
         upstream_body_timeout: limits.upstream_body_timeout,
+        head_limit: limits.upstream_head_limit,
         via,
         access_log: config.access_log.clone(),
     });
@@ -387,6 +390,7 @@ struct Prepared {
     method: http::Method,
     path_and_query: PathAndQuery,
     headers: HeaderMap,
+    forwarded: Forwarded,
     body: Replay,
 }
 
@@ -430,8 +434,12 @@ impl Proxy {
         if upgrade::is_upgrade(&parts) {
             // Counted in `upgrade`, instance answers included.
             let request = Request::from_parts(parts, body);
-            let timeouts = (self.connect_timeout, self.upstream_timeout);
-            return upgrade::forward(&self.shared, index, request, client_ip, timeouts).await;
+            let bounds = upgrade::Bounds {
+                connect_timeout: self.connect_timeout,
+                upstream_timeout: self.upstream_timeout,
+                head_limit: self.head_limit,
+            };
+            return upgrade::forward(&self.shared, index, request, client_ip, bounds).await;
         }
         let via = self.via.clone();
         let response = match prepare(parts, body, client_ip, via, self.body_timeout).await {
@@ -566,8 +574,11 @@ impl Proxy {
     ) -> Result<Response<PooledBody>, AttemptError> {
         let attempt = async {
             let checkout = member.upstream.checkout(self.connect_timeout).await?;
-            let request = prepared.request().ok_or(AttemptError::BodyGone)?;
-            checkout.send(request).await.map_err(AttemptError::Send)
+            let body = prepared.body().ok_or(AttemptError::BodyGone)?;
+            checkout
+                .send(prepared.head(), body, self.head_limit)
+                .await
+                .map_err(AttemptError::Send)
         };
         tokio::time::timeout(self.upstream_timeout, attempt)
             .await
@@ -629,9 +640,7 @@ async fn prepare(
 ) -> Result<Prepared, Refusal> {
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
-    add_forwarded(&mut headers, &parts.uri, client_ip);
-    tls::forwarded_proto(&parts.extensions, &mut headers);
-    append_list(&mut headers, header::VIA, via);
+    let forwarded = forwarded(&parts.uri, &parts.extensions, client_ip, Some(via));
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -647,6 +656,7 @@ async fn prepare(
         method: parts.method,
         path_and_query,
         headers,
+        forwarded,
         body,
     })
 }
@@ -685,6 +695,8 @@ fn client_fault(error: &BodyError) -> StatusCode {
             StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST)
         }
         BodyError::Read(_) => StatusCode::BAD_REQUEST,
+        // Not the client's: only an instance's body fails this way.
+        BodyError::Upstream(_) => StatusCode::BAD_GATEWAY,
     }
 }
 
@@ -794,17 +806,12 @@ fn next_step(failure: Failure, request: RequestFacts, tried: usize, live: usize)
     }
 }
 
+/// Whether the client's connection was reset under hyper.
 fn was_reset(error: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            );
+            return upstream::is_reset(io);
         }
         source = cause.source();
     }
@@ -817,7 +824,7 @@ enum AttemptError {
     #[error(transparent)]
     Connect(#[from] UpstreamConnectError),
     #[error(transparent)]
-    Send(hyper::Error),
+    Send(UpstreamError),
     #[error("the request body was already sent to another instance")]
     BodyGone,
     #[error("no response head within {0:?}")]
@@ -834,7 +841,7 @@ impl AttemptError {
             (Failure::Connect, _) => UpstreamFailure::connect,
             (Failure::TimedOut, _) => UpstreamFailure::timeout,
             (Failure::NotSent, _) => UpstreamFailure::closed,
-            (Failure::Unanswered, AttemptError::Send(error)) if was_reset(error) => {
+            (Failure::Unanswered, AttemptError::Send(error)) if error.was_reset() => {
                 UpstreamFailure::reset
             }
             (Failure::Unanswered, _) => UpstreamFailure::closed,
@@ -849,14 +856,10 @@ impl AttemptError {
         }
         match self {
             AttemptError::Connect(_) => Failure::Connect,
-            AttemptError::Send(error) if error.is_canceled() || error.is_closed() => {
-                Failure::NotSent
-            }
+            AttemptError::Send(UpstreamError::NotSent(_)) => Failure::NotSent,
             // A reset is how a kept-alive connection to an instance that
             // just died usually ends.
-            AttemptError::Send(error) if error.is_incomplete_message() || was_reset(error) => {
-                Failure::Unanswered
-            }
+            AttemptError::Send(error) if error.is_unanswered() => Failure::Unanswered,
             AttemptError::Send(_) | AttemptError::BodyGone => Failure::Broken,
             AttemptError::TimedOut(_) => Failure::TimedOut,
         }
@@ -866,17 +869,10 @@ impl AttemptError {
 impl AttemptError {
     /// The client's body error that made sending fail, if that is why.
     fn client_body_error(&self) -> Option<&BodyError> {
-        let AttemptError::Send(error) = self else {
-            return None;
-        };
-        let mut source = std::error::Error::source(error);
-        while let Some(cause) = source {
-            if let Some(body) = cause.downcast_ref::<BodyError>() {
-                return Some(body);
-            }
-            source = cause.source();
+        match self {
+            AttemptError::Send(UpstreamError::RequestBody(error)) => Some(error),
+            _ => None,
         }
-        None
     }
 }
 
@@ -913,26 +909,23 @@ impl Prepared {
         }
     }
 
-    /// The request for one attempt, in origin form (`/path?query`): the
-    /// connection already goes to the instance. The headers are cloned only
-    /// when the request might be sent again.
-    fn request(&mut self) -> Option<Request<RequestBody>> {
-        let (body, headers) = match &mut self.body {
-            Replay::Bytes(bytes) => (
-                Either::Right(Full::new(bytes.clone().unwrap_or_default())),
-                self.headers.clone(),
-            ),
-            Replay::Stream(stream) => (
-                Either::Left(stream.take()?),
-                std::mem::take(&mut self.headers),
-            ),
-        };
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = Uri::from(self.path_and_query.clone());
-        *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = headers;
-        Some(request)
+    /// The head for each attempt, in origin form (`/path?query`): the
+    /// connection already goes to the instance.
+    fn head(&self) -> RequestHead<'_> {
+        RequestHead {
+            method: &self.method,
+            target: self.path_and_query.as_str(),
+            headers: &self.headers,
+            forwarded: &self.forwarded,
+        }
+    }
+
+    /// The body for one attempt; `None` once a streamed body was sent.
+    fn body(&mut self) -> Option<RequestBody> {
+        match &mut self.body {
+            Replay::Bytes(bytes) => Some(RequestBody::Whole(bytes.clone().unwrap_or_default())),
+            Replay::Stream(stream) => stream.take().map(RequestBody::Stream),
+        }
     }
 }
 
@@ -992,47 +985,28 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name.as_str().starts_with("proxy-")
 }
 
-/// Appends the client to `X-Forwarded-For`; sets `X-Forwarded-Proto` and
-/// `X-Forwarded-Host` to what this hop saw, and keeps the `Host` the client
-/// asked for (an h2 client sends it as the URI authority).
-pub(super) fn add_forwarded(headers: &mut HeaderMap, uri: &Uri, client_ip: HeaderValue) {
-    append_list(headers, X_FORWARDED_FOR, client_ip);
-    headers.insert(X_FORWARDED_PROTO, HTTP);
-    // The URI's authority (absolute form, h2) outranks `Host` (RFC 9112
-    // §3.2.2), so it is what goes on as `Host`.
-    let authority = uri
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-    match authority {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST, host.clone());
-            headers.insert(header::HOST, host);
-        }
-        None => {
-            if let Some(host) = headers.get(header::HOST).cloned() {
-                headers.insert(X_FORWARDED_HOST, host);
-            }
-        }
-    }
-}
-
-/// Appends `value` to the comma-separated list header `name`.
-fn append_list(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
-    // Entries, not get-then-insert: one hash lookup per header.
-    match headers.entry(name) {
-        header::Entry::Occupied(mut earlier) => {
-            // Several lines count as one comma-separated list, in order.
-            let mut joined = Vec::new();
-            for value in earlier.iter() {
-                joined.extend_from_slice(value.as_bytes());
-                joined.extend_from_slice(b", ");
-            }
-            joined.extend_from_slice(value.as_bytes());
-            earlier.insert(HeaderValue::from_bytes(&joined).unwrap_or(value));
-        }
-        header::Entry::Vacant(none) => {
-            none.insert(value);
-        }
+/// What this hop adds to a request's head for the instance: the client in
+/// `X-Forwarded-For`, the scheme it used in `X-Forwarded-Proto` (`https`
+/// on a request [`tls::mark`]ed secure), and the host it asked for in
+/// `X-Forwarded-Host` and `Host` (an h2 client sends it as the URI
+/// authority, which outranks `Host`, RFC 9112 §3.2.2).
+pub(super) fn forwarded(
+    uri: &Uri,
+    extensions: &http::Extensions,
+    client_ip: HeaderValue,
+    via: Option<HeaderValue>,
+) -> Forwarded {
+    Forwarded {
+        client_ip,
+        proto: if tls::is_secure(extensions) {
+            HTTPS
+        } else {
+            HTTP
+        },
+        authority: uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        via,
     }
 }
 
@@ -1178,6 +1152,7 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             body_timeout: Duration::from_secs(60),
             upstream_body_timeout: Duration::from_secs(60),
+            head_limit: crate::balancer::h1::DEFAULT_HEAD_LIMIT,
             via: HeaderValue::from_static("1.1 test"),
             access_log: None,
         };
@@ -1185,6 +1160,12 @@ mod tests {
             method: http::Method::GET,
             path_and_query: PathAndQuery::from_static("/"),
             headers: HeaderMap::new(),
+            forwarded: forwarded(
+                &Uri::from_static("/"),
+                &http::Extensions::new(),
+                HeaderValue::from_static("127.0.0.1"),
+                None,
+            ),
             body: Replay::Bytes(None),
         };
         let started = tokio::time::Instant::now();

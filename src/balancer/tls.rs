@@ -137,15 +137,9 @@ pub fn mark<B>(request: &mut http::Request<B>, secure: bool) {
     }
 }
 
-/// Sets `X-Forwarded-Proto: https` on a request [`mark`]ed secure (the
-/// proxy has set `http` before).
-pub(crate) fn forwarded_proto(extensions: &http::Extensions, headers: &mut http::HeaderMap) {
-    if extensions.get::<Secure>().is_some() {
-        headers.insert(
-            http::HeaderName::from_static("x-forwarded-proto"),
-            http::HeaderValue::from_static("https"),
-        );
-    }
+/// Whether the request was [`mark`]ed as come over TLS.
+pub(crate) fn is_secure(extensions: &http::Extensions) -> bool {
+    extensions.get::<Secure>().is_some()
 }
 
 /// A client connection: plain TCP, or TLS whose handshake runs on the

@@ -3,8 +3,9 @@
 //!
 //! An upgrade request goes to the next instance in rotation on a connection
 //! of its own: a connection that changes protocol never goes back to a
-//! pool. When the instance answers 101, hyper hands both connections over
-//! and their bytes are copied both ways until each side has closed. The
+//! pool. When the instance answers 101, both connections are handed over
+//! (the client's by hyper) and their bytes are copied both ways until each
+//! side has closed. The
 //! exchange counts as one request (its 101) and its outcome feeds the
 //! instance's passive health like any other. It is not retried elsewhere:
 //! an upgrade is a conversation with one instance.
@@ -20,14 +21,17 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
+use super::limits::IdleBody;
 use super::outlier::Outcome;
-use super::proxy::{add_forwarded, strip_hop_by_hop, ClientBody};
+use super::proxy::{forwarded, strip_hop_by_hop, ClientBody};
 use super::rotation::Member;
+use super::upstream::{
+    Forwarded, PooledBody, RequestBody, RequestHead, Upgraded, UpstreamConnectError, UpstreamError,
+};
 use super::Shared;
 use crate::metrics::UpstreamFailure;
 
@@ -67,6 +71,14 @@ pub(crate) fn connect_refused() -> Response<ClientBody> {
     response
 }
 
+/// How long an upgrade may take to connect and to get its answer's head,
+/// and how large that head may be.
+pub(super) struct Bounds {
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub head_limit: usize,
+}
+
 /// Sends the upgrade `request` to the next instance of service `index` and,
 /// when it switches protocols, splices the two connections together.
 pub(super) async fn forward(
@@ -74,9 +86,9 @@ pub(super) async fn forward(
     index: usize,
     mut request: Request<Incoming>,
     client_ip: HeaderValue,
-    timeouts: (Duration, Duration),
+    bounds: Bounds,
 ) -> Response<ClientBody> {
-    let (connect_timeout, upstream_timeout) = timeouts;
+    let upstream_timeout = bounds.upstream_timeout;
     let service = &shared.routes.services()[index];
     let rotation = &shared.rotations[index];
     let set = rotation.load_full();
@@ -89,17 +101,14 @@ pub(super) async fn forward(
     };
     let began = std::time::Instant::now();
     let client = hyper::upgrade::on(&mut request);
-    let exchange = exchange(
-        member,
-        upstream_request(request, client_ip),
-        connect_timeout,
-    );
+    let request = upstream_request(request, client_ip, upstream_timeout);
+    let exchange = exchange(member, request, &bounds);
     let result = tokio::time::timeout(upstream_timeout, exchange)
         .await
         .unwrap_or(Err(UpgradeError::TimedOut(upstream_timeout)));
     let metrics = &shared.metrics;
     let instance = metrics.instance(index, member.id());
-    let mut response = match result {
+    let response = match result {
         Ok(response) => response,
         Err(error) => {
             if let Some(instance) = &instance {
@@ -127,14 +136,16 @@ pub(super) async fn forward(
     if status != StatusCode::SWITCHING_PROTOCOLS {
         return refusal(response).await;
     }
-    let upstream = hyper::upgrade::on(&mut response);
+    let (mut parts, body) = response.into_parts();
+    let Some(upstream) = body.upgraded() else {
+        unreachable!("a 101 keeps its connection for the upgrade")
+    };
     tokio::spawn(splice(
         client,
         upstream,
         service.clone(),
         member.id().to_owned(),
     ));
-    let (mut parts, _) = response.into_parts();
     let protocol = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
     if let Some(protocol) = protocol {
@@ -147,13 +158,17 @@ pub(super) async fn forward(
 }
 
 /// The request as it goes to the instance: forwarded headers added,
-/// hop-by-hop ones dropped except the upgrade itself.
-fn upstream_request(request: Request<Incoming>, client_ip: HeaderValue) -> Request<Incoming> {
+/// hop-by-hop ones dropped except the upgrade itself. Its body, if any, may
+/// pause at most `body_timeout`.
+fn upstream_request(
+    request: Request<Incoming>,
+    client_ip: HeaderValue,
+    body_timeout: Duration,
+) -> (Request<RequestBody>, Forwarded) {
     let (mut parts, body) = request.into_parts();
     let protocol = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
-    add_forwarded(&mut parts.headers, &parts.uri, client_ip);
-    super::tls::forwarded_proto(&parts.extensions, &mut parts.headers);
+    let forwarded = forwarded(&parts.uri, &parts.extensions, client_ip, None);
     if let Some(protocol) = protocol {
         parts.headers.insert(header::UPGRADE, protocol);
     }
@@ -167,37 +182,37 @@ fn upstream_request(request: Request<Incoming>, client_ip: HeaderValue) -> Reque
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     parts.uri = Uri::from(path);
     parts.extensions = http::Extensions::new();
-    Request::from_parts(parts, body)
+    let body = RequestBody::Stream(IdleBody::new(body, body_timeout));
+    (Request::from_parts(parts, body), forwarded)
 }
 
 /// A connection of its own to `member`, the request, the response head.
 async fn exchange(
     member: &Member,
-    request: Request<Incoming>,
-    connect_timeout: Duration,
-) -> Result<Response<Incoming>, UpgradeError> {
-    let address = member.authority.as_str();
-    let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(address))
+    request: (Request<RequestBody>, Forwarded),
+    bounds: &Bounds,
+) -> Result<Response<PooledBody>, UpgradeError> {
+    let connection = member
+        .upstream
+        .open(bounds.connect_timeout)
         .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
         .map_err(UpgradeError::Connect)?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(UpgradeError::Exchange)?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.with_upgrades().await {
-            tracing::debug!(%error, "upgrade connection to an instance ended with an error");
-        }
-    });
-    sender
-        .send_request(request)
+    let (request, forwarded) = request;
+    let (parts, body) = request.into_parts();
+    let head = RequestHead {
+        method: &parts.method,
+        target: parts.uri.path_and_query().map_or("/", |path| path.as_str()),
+        headers: &parts.headers,
+        forwarded: &forwarded,
+    };
+    connection
+        .upgrade(head, body, bounds.head_limit)
         .await
         .map_err(UpgradeError::Exchange)
 }
 
 /// The instance's answer other than 101, passed on whole.
-async fn refusal(response: Response<Incoming>) -> Response<ClientBody> {
+async fn refusal(response: Response<PooledBody>) -> Response<ClientBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     match Limited::new(body, REFUSAL_LIMIT).collect().await {
@@ -209,18 +224,27 @@ async fn refusal(response: Response<Incoming>) -> Response<ClientBody> {
     }
 }
 
-/// Copies bytes both ways between the client and the instance once both
-/// connections are handed over, until each side has closed.
-async fn splice(client: OnUpgrade, upstream: OnUpgrade, service: String, instance: String) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(both) => both,
+/// Copies bytes both ways between the client and the instance once the
+/// client's connection is handed over (what the instance sent past its 101
+/// first), until each side has closed.
+async fn splice(client: OnUpgrade, upstream: Upgraded, service: String, instance: String) {
+    let client = match client.await {
+        Ok(client) => client,
         Err(error) => {
             tracing::debug!(%service, %instance, %error, "upgrade not completed");
             return;
         }
     };
-    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    let Upgraded {
+        stream: mut upstream,
+        read_ahead,
+    } = upstream;
+    let mut client = TokioIo::new(client);
+    let copied = async {
+        client.write_all(&read_ahead).await?;
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+    };
+    match copied.await {
         Ok((sent, received)) => {
             tracing::debug!(%service, %instance, sent, received, "upgraded connection closed")
         }
@@ -234,9 +258,9 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, service: String, instanc
 #[derive(Debug, thiserror::Error)]
 enum UpgradeError {
     #[error("cannot connect")]
-    Connect(#[source] std::io::Error),
+    Connect(#[source] UpstreamConnectError),
     #[error("no answer")]
-    Exchange(#[source] hyper::Error),
+    Exchange(#[source] UpstreamError),
     #[error("no response head within {0:?}")]
     TimedOut(Duration),
 }

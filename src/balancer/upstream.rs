@@ -1,44 +1,56 @@
 //! Upstream connections, under the proxy: one instance's pool of kept-alive
-//! HTTP/1.1 connections, handing the proxy a connection ready for one
-//! request and taking it back when the response body has been read.
+//! HTTP/1.1 connections, and the client side of HTTP/1.1 on them, driven by
+//! the request that uses the connection: no task of its own, no channels.
 //!
 //! Each [`Member`](super::rotation::Member) carries its instance's pool, and
 //! a new set keeps the pools of members whose address did not change. So a
 //! pool lives exactly as long as its instance is in some set: when an
 //! instance leaves, its idle connections close with the last set holding it.
 //!
-//! Why not hyper-util's pooled client: it keys one global pool by
-//! scheme+authority (a hash and a lock per checkout and per return), races a
-//! lazy connect against each checkout and moves large futures around. Here a
-//! checkout is a short lock on the instance's own idle list and a `pop`.
+//! Why not hyper's client: each of its connections runs as a task of its
+//! own, fed requests and handing back responses over channels, which cost
+//! more than the HTTP/1.1 it speaks. Here the request's own future writes
+//! the head (and the body, chunked when its length is unknown) and reads
+//! the response head ([`super::h1`] parses it); the response body reads the
+//! rest from the socket, still sending what is left of the request body,
+//! and puts the connection back into its pool at the body's clean end.
 //!
 //! Each worker runtime ([`set_worker`]) has its own idle list per instance:
-//! a connection's task runs on the runtime that opened it, so the requests
+//! a socket is registered with the runtime that opened it, so the requests
 //! using it stay on that runtime's thread.
 
 use std::cell::Cell;
+use std::future::{poll_fn, Future};
+use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{Either, Full};
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use super::limits::IdleBody;
+use super::h1::{self, Decoded, Decoder, HeadReader, ParseError, Truncated};
+use super::limits::{BodyError, IdleBody};
 
-/// Body of requests sent upstream: the client's own stream (cut when it
-/// pauses too long), or bytes kept so the request can be sent again.
-pub(crate) type RequestBody = Either<IdleBody<Incoming>, Full<Bytes>>;
+/// Body of requests sent upstream.
+pub enum RequestBody {
+    /// The client's own stream, cut when it pauses too long.
+    Stream(IdleBody<Incoming>),
+    /// Bytes kept so the request can be sent again; maybe none.
+    Whole(Bytes),
+}
 
 /// At most this many idle connections are kept per instance and worker; a
 /// connection coming back to a full pool is closed.
 pub const MAX_IDLE: usize = 512;
+
+/// Room made in the read buffer before each read.
+const READ_SIZE: usize = 16 * 1024;
 
 thread_local! {
     /// The worker this thread serves requests for; 0 outside any worker.
@@ -59,16 +71,65 @@ pub enum UpstreamConnectError {
     Tcp {
         address: String,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
     #[error("cannot connect to {address} within {timeout:?}")]
     Timeout { address: String, timeout: Duration },
-    #[error("HTTP/1.1 handshake with {address} failed")]
-    Handshake {
-        address: String,
-        #[source]
-        source: hyper::Error,
-    },
+}
+
+/// Why an exchange with an instance failed, once connected.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Writing the request failed before any of it went out: the instance
+    /// cannot have seen it.
+    #[error("the connection was closed before the request went out")]
+    NotSent(#[source] io::Error),
+    #[error("the connection closed before a whole response head came")]
+    Closed,
+    #[error("the connection failed before a whole response head came")]
+    Head(#[source] io::Error),
+    #[error("the instance's response cannot be passed on")]
+    Malformed(#[source] ParseError),
+    #[error("the instance switched protocols though the request asked for no upgrade")]
+    UnaskedUpgrade,
+    #[error("the response body was cut")]
+    Truncated(#[source] Truncated),
+    #[error("reading the response body failed")]
+    Body(#[source] io::Error),
+    #[error("sending the request failed")]
+    Send(#[source] io::Error),
+    /// The client's request body failed while it was being sent.
+    #[error("the request body failed")]
+    RequestBody(#[source] BodyError),
+}
+
+impl UpstreamError {
+    /// The connection closed or was reset before a whole response head
+    /// came back, after the request went out: the way a kept-alive
+    /// connection to an instance that just went away ends.
+    pub fn is_unanswered(&self) -> bool {
+        match self {
+            UpstreamError::Closed => true,
+            UpstreamError::Head(error) => is_reset(error),
+            _ => false,
+        }
+    }
+
+    /// Whether the connection was reset, not closed quietly.
+    pub fn was_reset(&self) -> bool {
+        matches!(self, UpstreamError::Head(error) if is_reset(error))
+    }
+}
+
+/// An error saying the peer went away.
+pub(crate) fn is_reset(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
 }
 
 /// The kept-alive connections to one instance.
@@ -83,7 +144,7 @@ pub struct Upstream {
 /// so that workers on different cores do not contend for it.
 #[repr(align(64))]
 #[derive(Default)]
-struct Pool(Mutex<Vec<SendRequest<RequestBody>>>);
+struct Pool(Mutex<Vec<Connection>>);
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -105,12 +166,12 @@ impl Upstream {
     }
 
     /// The calling worker's idle list.
-    fn pool(&self) -> &Mutex<Vec<SendRequest<RequestBody>>> {
+    fn pool(&self) -> &Mutex<Vec<Connection>> {
         let worker = WORKER.with(Cell::get);
         &self.pools[worker % self.pools.len()].0
     }
 
-    /// An idle connection that is ready for a request, or a new one.
+    /// An idle connection the instance has not closed, or a new one.
     pub async fn checkout(
         self: &Arc<Self>,
         connect_timeout: Duration,
@@ -121,37 +182,32 @@ impl Upstream {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .pop();
-            let Some(mut sender) = popped else { break };
-            if sender.is_closed() {
-                continue;
-            }
-            // Just back from a response, the connection may not have
-            // signalled readiness yet; it does so at once unless it closed.
-            if sender.is_ready() || sender.ready().await.is_ok() {
+            let Some(connection) = popped else { break };
+            if connection.is_idle() {
                 return Ok(Checkout {
-                    sender,
-                    upstream: self.clone(),
+                    connection,
+                    home: Some(self.clone()),
                 });
             }
         }
-        let sender = self.connect(connect_timeout).await?;
         Ok(Checkout {
-            sender,
-            upstream: self.clone(),
+            connection: self.connect(connect_timeout).await?,
+            home: Some(self.clone()),
         })
     }
 
-    async fn connect(
-        &self,
-        timeout: Duration,
-    ) -> Result<SendRequest<RequestBody>, UpstreamConnectError> {
+    /// A new connection that never goes back to the pool: for an upgrade.
+    pub async fn open(&self, connect_timeout: Duration) -> Result<Checkout, UpstreamConnectError> {
+        Ok(Checkout {
+            connection: self.connect(connect_timeout).await?,
+            home: None,
+        })
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<Connection, UpstreamConnectError> {
         let address = || format!("{}:{}", self.host, self.port);
-        let stream = match tokio::time::timeout(
-            timeout,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        {
+        let connecting = TcpStream::connect((self.host.as_str(), self.port));
+        let stream = match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => {
                 return Err(UpstreamConnectError::Tcp {
@@ -168,73 +224,443 @@ impl Upstream {
         };
         // Small requests must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            // See the server side (`proxy::serve`): one buffer, one write(2).
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| UpstreamConnectError::Handshake {
-                address: address(),
-                source,
-            })?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Connection {
+            stream,
+            input: BytesMut::new(),
+            heads: HeadReader::default(),
+            output: Vec::new(),
+            written: 0,
+            sent_any: false,
+            body: None,
+            chunked: false,
+            send_failed: false,
+        })
     }
 
-    fn give_back(&self, sender: SendRequest<RequestBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn give_back(&self, mut connection: Connection) {
+        connection.sent_any = false;
         let mut idle = self.pool().lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
-            idle.push(sender);
+            idle.push(connection);
         }
     }
 }
 
-/// A connection taken from the pool for one request.
+/// One connection to an instance, and the request being sent on it.
+struct Connection {
+    stream: TcpStream,
+    /// Read from the instance, not handed out yet.
+    input: BytesMut,
+    heads: HeadReader,
+    /// To write: the request head, then pieces of its body. Reused.
+    output: Vec<u8>,
+    /// Bytes of `output` written.
+    written: usize,
+    /// Some of this request has gone out.
+    sent_any: bool,
+    /// The request body left to send, when it streams.
+    body: Option<IdleBody<Incoming>>,
+    /// The streaming body goes chunked: its length is not known.
+    chunked: bool,
+    /// Writing failed after the response head came: the rest of the
+    /// request is dropped, the response still read.
+    send_failed: bool,
+}
+
+impl Connection {
+    /// Nothing came from the instance while the connection was idle: no
+    /// close, no stray bytes.
+    fn is_idle(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// The whole request is out.
+    fn sent(&self) -> bool {
+        self.body.is_none() && self.written == self.output.len()
+    }
+
+    /// Puts the request head into `output`, with the body when it is kept
+    /// whole, so that both go in one write.
+    fn encode(&mut self, head: RequestHead<'_>, body: RequestBody) {
+        let out = &mut self.output;
+        out.clear();
+        self.written = 0;
+        out.extend_from_slice(head.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(head.target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in head.headers {
+            // Framing is this hop's, written below, as are forwarded
+            // headers.
+            if name == header::CONTENT_LENGTH
+                || name == header::TRANSFER_ENCODING
+                || head.forwarded.replaces(name)
+            {
+                continue;
+            }
+            field(out, name.as_str(), [], value);
+        }
+        head.forwarded.encode(head.headers, out);
+        let length = match &body {
+            RequestBody::Whole(bytes) => Some(bytes.len() as u64),
+            RequestBody::Stream(stream) if stream.is_end_stream() => Some(0),
+            RequestBody::Stream(stream) => stream.size_hint().exact(),
+        };
+        self.chunked = length.is_none();
+        match length {
+            // RFC 9110 §8.6: a request whose method expects content says
+            // even when it has none.
+            Some(0) if !expects_content(head.method) => {}
+            Some(length) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(length.to_string().as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        }
+        out.extend_from_slice(b"\r\n");
+        self.body = match body {
+            RequestBody::Whole(bytes) => {
+                out.extend_from_slice(&bytes);
+                None
+            }
+            RequestBody::Stream(_) if length == Some(0) => None,
+            RequestBody::Stream(stream) => Some(stream),
+        };
+    }
+
+    /// Writes what is left of the request, taking body frames as they
+    /// come; ready once all of it is out.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        loop {
+            while self.written < self.output.len() {
+                let pending = &self.output[self.written..];
+                match ready!(Pin::new(&mut self.stream).poll_write(cx, pending)) {
+                    Ok(0) => {
+                        return Poll::Ready(Err(self.send_error(io::ErrorKind::WriteZero.into())))
+                    }
+                    Ok(written) => {
+                        self.written += written;
+                        self.sent_any = true;
+                    }
+                    Err(error) => return Poll::Ready(Err(self.send_error(error))),
+                }
+            }
+            self.output.clear();
+            self.written = 0;
+            let Some(body) = &mut self.body else {
+                return Poll::Ready(Ok(()));
+            };
+            match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    // Trailers of the request are not passed on.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if self.chunked {
+                        self.output
+                            .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        self.output.extend_from_slice(&data);
+                        self.output.extend_from_slice(b"\r\n");
+                    } else {
+                        self.output.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(error)) => {
+                    self.body = None;
+                    return Poll::Ready(Err(UpstreamError::RequestBody(error)));
+                }
+                None => {
+                    if self.chunked {
+                        self.output.extend_from_slice(b"0\r\n\r\n");
+                    }
+                    self.body = None;
+                }
+            }
+        }
+    }
+
+    fn send_error(&self, error: io::Error) -> UpstreamError {
+        if self.sent_any {
+            UpstreamError::Send(error)
+        } else {
+            UpstreamError::NotSent(error)
+        }
+    }
+
+    /// Reads more from the instance into `input`: the count read, 0 at its
+    /// end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            self.input.reserve(READ_SIZE);
+            match self.stream.try_read_buf(&mut self.input) {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.stream.poll_read_ready(cx))?;
+                }
+                read => return Poll::Ready(read),
+            }
+        }
+    }
+
+    /// Sends the request while reading the response head; 1xx heads other
+    /// than 101 are skipped.
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+        limit: usize,
+    ) -> Poll<Result<h1::Head, UpstreamError>> {
+        if !self.sent() {
+            if let Poll::Ready(Err(error)) = self.poll_send(cx) {
+                return Poll::Ready(Err(error));
+            }
+        }
+        loop {
+            if !self.input.is_empty() {
+                match self.heads.take(&mut self.input, head_request, limit) {
+                    // An interim answer: the final one follows.
+                    Ok(Some(head))
+                        if head.status.is_informational()
+                            && head.status != StatusCode::SWITCHING_PROTOCOLS =>
+                    {
+                        continue
+                    }
+                    Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                    Ok(None) => {}
+                    Err(error) => return Poll::Ready(Err(UpstreamError::Malformed(error))),
+                }
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => return Poll::Ready(Err(UpstreamError::Closed)),
+                Ok(_) => {}
+                Err(error) => return Poll::Ready(Err(UpstreamError::Head(error))),
+            }
+        }
+    }
+}
+
+/// Methods whose request carries content, so an empty one is announced as
+/// `Content-Length: 0`.
+fn expects_content(method: &Method) -> bool {
+    *method == Method::POST || *method == Method::PUT || *method == Method::PATCH
+}
+
+/// A connection taken for one request.
 pub struct Checkout {
-    sender: SendRequest<RequestBody>,
-    upstream: Arc<Upstream>,
+    connection: Connection,
+    /// The instance whose pool takes the connection back; `None` for one
+    /// that must not go back (an upgrade's).
+    home: Option<Arc<Upstream>>,
+}
+
+/// What a request's head says: its method, its target in origin form
+/// (`/path?query`) and its headers, of which `Content-Length` and
+/// `Transfer-Encoding` are left to the body being sent, and what this hop
+/// adds.
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    pub target: &'a str,
+    pub headers: &'a HeaderMap,
+    pub forwarded: &'a Forwarded,
+}
+
+/// The headers a hop adds, written as the head goes out instead of put into
+/// the request's header map, which would have to grow for them.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    /// Appended to `X-Forwarded-For`.
+    pub client_ip: HeaderValue,
+    /// `X-Forwarded-Proto`.
+    pub proto: HeaderValue,
+    /// The host the request named in its URI, sent as `Host`; else its
+    /// `Host` goes on as it came. Either is also `X-Forwarded-Host`.
+    pub authority: Option<HeaderValue>,
+    /// Appended to `Via`, when given.
+    pub via: Option<HeaderValue>,
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+impl Forwarded {
+    /// Whether `name` is a header this hop writes itself.
+    fn replaces(&self, name: &HeaderName) -> bool {
+        (name.as_str().starts_with("x-forwarded-")
+            && (*name == X_FORWARDED_FOR
+                || *name == X_FORWARDED_PROTO
+                || *name == X_FORWARDED_HOST))
+            || (*name == header::HOST && self.authority.is_some())
+            || (*name == header::VIA && self.via.is_some())
+    }
+
+    /// Writes the headers, lists appended to what `headers` already holds.
+    fn encode(&self, headers: &HeaderMap, out: &mut Vec<u8>) {
+        let host = self
+            .authority
+            .as_ref()
+            .or_else(|| headers.get(header::HOST));
+        if let Some(authority) = &self.authority {
+            field(out, header::HOST.as_str(), &[], authority);
+        }
+        let earlier = headers.get_all(X_FORWARDED_FOR);
+        field(out, X_FORWARDED_FOR.as_str(), &earlier, &self.client_ip);
+        field(out, X_FORWARDED_PROTO.as_str(), &[], &self.proto);
+        if let Some(host) = host {
+            field(out, X_FORWARDED_HOST.as_str(), &[], host);
+        }
+        if let Some(via) = &self.via {
+            let earlier = headers.get_all(header::VIA);
+            field(out, header::VIA.as_str(), &earlier, via);
+        }
+    }
+}
+
+/// Writes one header line: `name: ` the `earlier` values, each followed by
+/// `, `, then `value`; several lines of a list count as one, in order.
+fn field<'v>(
+    out: &mut Vec<u8>,
+    name: &str,
+    earlier: impl IntoIterator<Item = &'v HeaderValue>,
+    value: &HeaderValue,
+) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    for earlier in earlier {
+        out.extend_from_slice(earlier.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 impl Checkout {
-    /// Sends `request`; the connection goes back to the pool once the
-    /// response body has been read to its end.
-    pub async fn send(
+    /// Sends a request, reading a response head of at most `head_limit`
+    /// bytes; the connection goes back to the pool once the response body
+    /// has been read to its end and the response lets it be kept. The head
+    /// is written out before the future is first polled, so it is only
+    /// borrowed.
+    pub fn send(
         mut self,
-        request: Request<RequestBody>,
-    ) -> Result<Response<PooledBody>, hyper::Error> {
-        let response = self.sender.send_request(request).await?;
-        Ok(response.map(|body| {
-            let mut pooled = PooledBody {
-                body,
-                checkout: Some(self),
-            };
-            pooled.release_if_done();
-            pooled
-        }))
+        head: RequestHead<'_>,
+        body: RequestBody,
+        head_limit: usize,
+    ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> {
+        let head_request = *head.method == Method::HEAD;
+        self.connection.encode(head, body);
+        async move {
+            let response = self.exchange(head_request, head_limit).await?;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(UpstreamError::UnaskedUpgrade);
+            }
+            Ok(response)
+        }
+    }
+
+    /// Sends an upgrade request: after a 101 the connection is the
+    /// caller's, through [`PooledBody::upgraded`].
+    pub async fn upgrade(
+        mut self,
+        head: RequestHead<'_>,
+        body: RequestBody,
+        head_limit: usize,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let head_request = *head.method == Method::HEAD;
+        self.connection.encode(head, body);
+        self.exchange(head_request, head_limit).await
+    }
+
+    /// Writes the request encoded and reads the response head.
+    async fn exchange(
+        mut self,
+        head_request: bool,
+        head_limit: usize,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let head = poll_fn(|cx| self.connection.poll_head(cx, head_request, head_limit)).await?;
+        let upgraded = head.status == StatusCode::SWITCHING_PROTOCOLS;
+        let mut response = Response::new(());
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        let mut body = PooledBody {
+            decoder: Decoder::new(head.framing),
+            keep_alive: head.keep_alive && !upgraded,
+            checkout: Some(self),
+        };
+        if !upgraded {
+            body.release_if_done();
+        }
+        Ok(response.map(|()| body))
     }
 }
 
-/// A response body that returns its connection to the pool at its end. A
-/// body dropped before its end takes the connection with it (closed), since
-/// the rest of the response would still be on the wire.
+/// A stream switched to another protocol after a 101, and what the
+/// instance sent past the 101's head.
+pub struct Upgraded {
+    pub stream: TcpStream,
+    pub read_ahead: Bytes,
+}
+
+/// A response body read from its connection, which goes back to the pool
+/// at the body's end when the response allows. A body dropped before its
+/// end takes the connection with it (closed), since the rest of the
+/// response would still be on the wire.
 pub struct PooledBody {
-    body: Incoming,
+    decoder: Decoder,
+    keep_alive: bool,
     checkout: Option<Checkout>,
 }
 
 impl PooledBody {
+    /// Once the body ended: the connection back to its pool when the whole
+    /// request went out, the response allows it and the instance sent
+    /// nothing beyond it; else closed.
     fn release_if_done(&mut self) {
-        if self.body.is_end_stream() {
-            if let Some(checkout) = self.checkout.take() {
-                checkout.upstream.give_back(checkout.sender);
+        if !self.decoder.is_done() {
+            return;
+        }
+        let Some(Checkout { connection, home }) = self.checkout.take() else {
+            return;
+        };
+        let reusable = self.keep_alive
+            && connection.sent()
+            && !connection.send_failed
+            && connection.input.is_empty();
+        if let (true, Some(home)) = (reusable, home) {
+            home.give_back(connection);
+        }
+    }
+
+    /// The connection of a 101 answer, handed over.
+    pub fn upgraded(mut self) -> Option<Upgraded> {
+        let mut connection = self.checkout.take()?.connection;
+        Some(Upgraded {
+            stream: connection.stream,
+            read_ahead: connection.input.split().freeze(),
+        })
+    }
+
+    /// Sends more of the request body, if any is left; a failure to write
+    /// only stops sending, while the client's body failing ends the
+    /// response too.
+    fn drive_send(connection: &mut Connection, cx: &mut Context<'_>) -> Result<(), UpstreamError> {
+        if connection.sent() || connection.send_failed {
+            return Ok(());
+        }
+        match connection.poll_send(cx) {
+            Poll::Ready(Err(UpstreamError::RequestBody(error))) => {
+                Err(UpstreamError::RequestBody(error))
             }
+            Poll::Ready(Err(_)) => {
+                connection.send_failed = true;
+                connection.body = None;
+                Ok(())
+            }
+            Poll::Ready(Ok(())) | Poll::Pending => Ok(()),
         }
     }
 }
@@ -247,32 +673,66 @@ impl Drop for PooledBody {
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => {
-                if let Some(checkout) = this.checkout.take() {
-                    checkout.upstream.give_back(checkout.sender);
-                }
-            }
-            Poll::Ready(Some(Ok(_))) => this.release_if_done(),
-            Poll::Ready(Some(Err(_))) => this.checkout = None,
-            Poll::Pending => {}
+        let Some(checkout) = &mut this.checkout else {
+            return Poll::Ready(None);
+        };
+        let connection = &mut checkout.connection;
+        let failed = |this: &mut Self, error| {
+            this.checkout = None;
+            Poll::Ready(Some(Err(error)))
+        };
+        if let Err(error) = Self::drive_send(connection, cx) {
+            return failed(this, error);
         }
-        polled
+        loop {
+            match this.decoder.decode(&mut connection.input) {
+                Ok(Decoded::Data(data)) => {
+                    this.release_if_done();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Decoded::Trailers(trailers)) => {
+                    this.release_if_done();
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Ok(Decoded::End) => {
+                    this.release_if_done();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::More) => {}
+                Err(error) => return failed(this, UpstreamError::Malformed(error)),
+            }
+            match connection.poll_fill(cx) {
+                Poll::Ready(Ok(0)) => {
+                    if let Err(cut) = this.decoder.closed() {
+                        return failed(this, UpstreamError::Truncated(cut));
+                    }
+                    // Read until close: the connection is not kept.
+                    this.checkout = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(error)) => return failed(this, UpstreamError::Body(error)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self.decoder {
+            Decoder::Done => SizeHint::with_exact(0),
+            Decoder::Length(left) => SizeHint::with_exact(left),
+            _ => SizeHint::default(),
+        }
     }
 }

@@ -66,6 +66,10 @@ pub struct Args {
     /// Longest pause within an instance's response body before cutting it.
     #[arg(long, value_parser = parse_duration, default_value = "60s", value_name = "DUR")]
     pub upstream_body_timeout: Duration,
+    /// Largest response head (status line and headers, in bytes) taken
+    /// from an instance; a bigger one is answered 502.
+    #[arg(long, default_value_t = rollcall::balancer::h1::DEFAULT_HEAD_LIMIT, value_name = "BYTES")]
+    pub upstream_head_limit: usize,
     /// Interval of HTTP/2 keep-alive pings to clients.
     #[arg(long, value_parser = parse_duration, default_value = "60s", value_name = "DUR")]
     pub h2_ping_interval: Duration,
@@ -118,6 +122,7 @@ impl Args {
             idle_timeout: self.idle_timeout,
             body_timeout: self.body_timeout,
             upstream_body_timeout: self.upstream_body_timeout,
+            upstream_head_limit: self.upstream_head_limit,
             h2_ping_interval: self.h2_ping_interval,
             h2_ping_timeout: self.h2_ping_timeout,
             max_connections: self.max_connections,
