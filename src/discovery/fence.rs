@@ -2,28 +2,25 @@
 //! itself (a compare-and-set on `<prefix>.catalog-fence`), the leader
 //! heartbeat, and the stored catalog a new leader adopts.
 
-use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 
+use async_nats::header::{self, HeaderMap};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::{jetstream, Client};
 use bytes::Bytes;
 
-use super::{Fenced, Wire, Write, Written};
+use super::{Acked, Fenced, Wire, Write, Written};
 use crate::catalog_stream::{self, CatalogStreamError};
 use crate::protocol::{Record, Subjects};
 
 /// How long a stored write may take to be acknowledged: long enough for a
-/// loaded single server, short enough that the loop is not held up past a
-/// leader heartbeat or two when the stream's leader is gone.
+/// loaded single server to commit a batch of records, short enough that
+/// the records are written again within a leader heartbeat or two when the
+/// stream's leader is gone.
 const ACK_TIMEOUT: Duration = Duration::from_millis(750);
 /// The header naming the subject whose last sequence a write expects.
 const EXPECTED_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
-/// The most writes awaiting their acknowledgement at once: a fleet joining
-/// at once is written in a few round trips, and the client's buffers stay
-/// bounded.
-const IN_FLIGHT: usize = 4096;
 
 pub(super) struct NatsWire {
     client: Client,
@@ -31,19 +28,15 @@ pub(super) struct NatsWire {
     subjects: Subjects,
     replicas: usize,
     tombstone_ttl: Duration,
+    /// Batches sent: with the epoch, a batch id no other write shares
+    /// (epochs are sequences of one stream, so no two leaders share one).
+    batches: u64,
 }
 
-type Ack =
-    Result<jetstream::context::PublishAckFuture, async_nats::jetstream::context::PublishError>;
-
 /// What became of a write, once its acknowledgement came (or did not).
-async fn settle(ack: Ack) -> Written {
-    let result = match ack {
-        Ok(ack) => ack.await.map(|_| ()),
-        Err(error) => Err(error),
-    };
-    match result {
-        Ok(()) => Written::Stored,
+async fn settle(ack: jetstream::context::PublishAckFuture) -> Written {
+    match ack.await {
+        Ok(_) => Written::Stored,
         Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
             Written::Superseded(actual_sequence(&error))
         }
@@ -67,6 +60,7 @@ impl NatsWire {
             subjects,
             replicas,
             tombstone_ttl,
+            batches: 0,
         }
     }
 }
@@ -86,32 +80,53 @@ pub(super) fn actual_sequence(error: &async_nats::jetstream::context::PublishErr
 }
 
 impl Wire for NatsWire {
-    async fn write(&mut self, epoch: u64, batch: Vec<Write>) -> Vec<Written> {
+    /// One atomic batch (ADR-50): every record but the last is sent without
+    /// a reply subject, the last commits the batch and brings the one
+    /// acknowledgement, so a batch costs one round trip. Every record
+    /// carries the fence check (the server checks the fence once per batch
+    /// and keeps the answer), so none is stored under a superseded epoch.
+    async fn write(&mut self, epoch: u64, batch: &[Write]) -> Acked {
+        self.batches += 1;
+        let id = format!("{epoch}-{}", self.batches);
         let fence = self.subjects.catalog_fence();
-        let mut outcomes = Vec::with_capacity(batch.len());
-        let mut acks = VecDeque::with_capacity(batch.len().min(IN_FLIGHT));
-        // Sent ahead of their acks, up to IN_FLIGHT awaiting at once: a
-        // batch costs a few round trips, not one per record.
-        for write in batch {
-            if acks.len() == IN_FLIGHT {
-                if let Some(ack) = acks.pop_front() {
-                    outcomes.push(settle(ack).await);
-                }
-            }
-            let mut publish = Publish::build()
-                .payload(write.payload)
-                .expected_last_subject_sequence(epoch)
-                .header(EXPECTED_SUBJECT, fence.as_str());
+        let last = batch.len();
+        for (sequence, write) in (1..).zip(batch) {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::NATS_BATCH_ID, id.as_str());
+            headers.insert(header::NATS_BATCH_SEQUENCE, sequence.to_string().as_str());
+            headers.insert(
+                header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                epoch.to_string().as_str(),
+            );
+            headers.insert(EXPECTED_SUBJECT, fence.as_str());
             if write.left.is_some() {
-                publish = publish.ttl(self.tombstone_ttl);
+                headers.insert(
+                    header::NATS_MESSAGE_TTL,
+                    self.tombstone_ttl.as_secs().to_string().as_str(),
+                );
             }
             let subject = self.subjects.catalog_store(&write.service, &write.id);
-            acks.push_back(self.js.send_publish(subject, publish).await);
+            if sequence < last {
+                let sent = self
+                    .client
+                    .publish_with_headers(subject, headers, write.payload.clone())
+                    .await;
+                if let Err(error) = sent {
+                    let error = format!("cannot send record {sequence} of batch {id}: {error}");
+                    return Box::pin(std::future::ready(Written::Failed(error)));
+                }
+                continue;
+            }
+            headers.insert(header::NATS_BATCH_COMMIT, header::NATS_BATCH_COMMIT_FINAL);
+            let publish = Publish::build()
+                .payload(write.payload.clone())
+                .headers(headers);
+            return match self.js.send_publish(subject, publish).await {
+                Ok(ack) => Box::pin(settle(ack)),
+                Err(error) => Box::pin(std::future::ready(Written::Failed(error.to_string()))),
+            };
         }
-        for ack in acks {
-            outcomes.push(settle(ack).await);
-        }
-        outcomes
+        Box::pin(std::future::ready(Written::Stored))
     }
 
     async fn heartbeat(&mut self, payload: Bytes) {
