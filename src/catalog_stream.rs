@@ -50,14 +50,12 @@ pub enum CatalogStreamError {
     },
     #[error("the server announced {pending} more records in {stream} but delivered none")]
     Starved { stream: String, pending: u64 },
-    #[error("cannot give the JetStream stream {stream} the catalog version 3 shape (store and fence subjects, republished, message TTLs, atomic batches: nats-server 2.12 or later); may this user update it?")]
+    #[error("cannot give the JetStream stream {stream} the catalog version 3 shape (store and fence subjects, republished, message TTLs: nats-server 2.11 or later); may this user update it?")]
     Update {
         stream: String,
         #[source]
         source: NatsError<CreateStreamErrorKind>,
     },
-    #[error("the JetStream stream {stream} cannot take atomic batch writes (allow_atomic): the server is older than nats-server 2.12; upgrade it")]
-    NoAtomicBatches { stream: String },
     #[error("cannot purge the old snapshots ({filter}) from {stream}; may this user purge it ($JS.API.STREAM.PURGE.{stream})?")]
     Purge {
         stream: String,
@@ -252,7 +250,6 @@ pub fn stream_config(subjects: &Subjects, replicas: usize) -> stream::Config {
         storage: stream::StorageType::File,
         allow_direct: true,
         allow_message_ttl: true,
-        allow_atomic_publish: true,
         ..stream::Config::default()
     }
 }
@@ -286,9 +283,6 @@ pub async fn ensure(
             let wanted = stream_config(subjects, info.config.num_replicas);
             let same_subjects = info.config.subjects == wanted.subjects;
             if same_subjects && info.config.republish.is_some() && info.config.allow_message_ttl {
-                if !info.config.allow_atomic_publish {
-                    allow_atomic(js, &name, info.config.clone()).await?;
-                }
                 return Ok(Ensured::default());
             }
             // Version 2 stored snapshots on the store subjects (and had no
@@ -301,15 +295,13 @@ pub async fn ensure(
             migrate(js, subjects, wanted, old).await
         }
         Err(error) if is_stream_not_found(&error.kind()) => {
-            let created = js
-                .create_stream(stream_config(subjects, replicas))
+            js.create_stream(stream_config(subjects, replicas))
                 .await
                 .map_err(|source| CatalogStreamError::Create {
                     stream: name.clone(),
                     replicas,
                     source: NatsError(source),
                 })?;
-            atomic_allowed(&name, &created.cached_info().config)?;
             tracing::info!(stream = %name, "created the catalog stream");
             Ok(Ensured {
                 created: true,
@@ -321,37 +313,6 @@ pub async fn ensure(
             source: NatsError(source),
         }),
     }
-}
-
-/// Lets a catalog version 3 stream of an earlier release take the leader's
-/// writes as atomic batches, in place: nothing it keeps changes.
-async fn allow_atomic(
-    js: &jetstream::Context,
-    name: &str,
-    mut config: stream::Config,
-) -> Result<(), CatalogStreamError> {
-    config.allow_atomic_publish = true;
-    let updated = js
-        .update_stream(config)
-        .await
-        .map_err(|source| CatalogStreamError::Update {
-            stream: name.to_owned(),
-            source: NatsError(source),
-        })?;
-    atomic_allowed(name, &updated.config)?;
-    tracing::info!(stream = %name, "the catalog stream now takes atomic batches (allow_atomic)");
-    Ok(())
-}
-
-/// Whether the stream `name`, as the server configured it, takes atomic
-/// batches: a server older than 2.12 does not know the setting and drops it.
-fn atomic_allowed(name: &str, config: &stream::Config) -> Result<(), CatalogStreamError> {
-    if config.allow_atomic_publish {
-        return Ok(());
-    }
-    Err(CatalogStreamError::NoAtomicBatches {
-        stream: name.to_owned(),
-    })
 }
 
 /// Reads the snapshots an older stream kept on `old`, gives it the
@@ -367,14 +328,12 @@ async fn migrate(
         subjects.parse_snapshot(subject, payload)
     })
     .await?;
-    let updated = js
-        .update_stream(wanted)
+    js.update_stream(wanted)
         .await
         .map_err(|source| CatalogStreamError::Update {
             stream: name.clone(),
             source: NatsError(source),
         })?;
-    atomic_allowed(&name, &updated.config)?;
     open(js, subjects)
         .await?
         .purge()

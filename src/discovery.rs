@@ -59,11 +59,11 @@ use leader::{Decision, Election, Role};
 /// record covers many changes of its instance; when idle every event is
 /// written at once.
 const BATCH: usize = 4096;
-/// The most records in one write, an atomic batch of the catalog stream:
-/// nats-server's default `max_batch_size` (a server configured lower
-/// refuses every larger batch). One write is in flight at a time, and the
-/// changes folded meanwhile make up the next: under a join storm the writes
-/// follow each other at the stream's pace while the fold goes on.
+/// The most records sent before their acknowledgements are awaited. One
+/// window is in flight at a time, and the changes folded meanwhile make up
+/// the next: under a join storm the windows follow each other at the
+/// stream's pace while the fold goes on, and the client's buffers stay
+/// bounded.
 const WRITE_WINDOW: usize = 1000;
 /// The longest a change waits to be published while events keep arriving
 /// faster than they are folded (a fleet joining at once): records go out
@@ -434,7 +434,7 @@ struct Pending {
     left: Left,
 }
 
-/// What became of one fenced write: its records are stored all or none.
+/// What became of one fenced record write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Written {
     Stored,
@@ -452,14 +452,14 @@ enum Fenced {
     Lost(Option<u64>),
 }
 
-/// A write sent, resolving to what became of it once acknowledged (or
-/// not): owned, so the worker goes on folding while it waits.
-type Acked = BoxFuture<'static, Written>;
+/// Records sent, resolving to what became of each, in order, once
+/// acknowledged (or not): owned, so the worker goes on folding meanwhile.
+type Acked = BoxFuture<'static, Vec<Written>>;
 
 /// Where discovery's writes go: NATS, but for the worker's own tests.
 trait Wire: Send {
-    /// Sends `batch` under `epoch`, to be stored all together only if the
-    /// fence still holds that epoch; resolves once sent.
+    /// Sends the records of `batch` under `epoch`, each to be stored only if
+    /// the fence still holds that epoch; resolves once sent.
     fn write(&mut self, epoch: u64, batch: &[Write]) -> impl Future<Output = Acked> + Send;
     /// Says, unstored, that this replica leads.
     fn heartbeat(&mut self, payload: Bytes) -> impl Future<Output = ()> + Send;
@@ -506,17 +506,17 @@ impl InvalidLog {
     }
 }
 
-/// A write sent and not yet acknowledged: its records, and the epoch it was
-/// sent under.
+/// Records sent and not yet all acknowledged, and the epoch they were sent
+/// under.
 struct InFlight {
     epoch: u64,
     writes: Vec<Write>,
     acked: Acked,
 }
 
-/// What became of the write in flight, once known; pending while there is
-/// none (the loop then does not ask).
-async fn settled(in_flight: &mut Option<InFlight>) -> Written {
+/// What became of the records in flight, once known; pending while there
+/// are none (the loop then does not ask).
+async fn settled(in_flight: &mut Option<InFlight>) -> Vec<Written> {
     match in_flight {
         Some(write) => (&mut write.acked).await,
         None => std::future::pending().await,
@@ -539,8 +539,9 @@ struct Worker<W> {
     asked: mpsc::Receiver<oneshot::Sender<Vec<Snapshot>>>,
     /// Instances changed since their last write was sent.
     dirty: BTreeMap<(String, String), Pending>,
-    /// The write awaiting its acknowledgement, if any: the next is sent
-    /// once it settles, so no two writes of one instance are ever in flight.
+    /// The records awaiting their acknowledgements, if any: the next are
+    /// sent once they settled, so no two writes of one instance are ever in
+    /// flight.
     in_flight: Option<InFlight>,
     /// Instances whose last write is not known to be stored: written again
     /// at the next tick, under a new revision.
@@ -605,9 +606,11 @@ impl<W: Wire> Worker<W> {
                 }
                 // Before the events, so that under any load the next write
                 // goes out as soon as the last one settled.
-                written = settled(&mut self.in_flight), if self.in_flight.is_some() => {
+                outcomes = settled(&mut self.in_flight), if self.in_flight.is_some() => {
                     if let Some(write) = self.in_flight.take() {
-                        self.settle(write.epoch, write.writes, written);
+                        for (record, written) in write.writes.into_iter().zip(outcomes) {
+                            self.settle(write.epoch, record, written);
+                        }
                     }
                 }
                 message = inputs.events.next() => {
@@ -1074,11 +1077,21 @@ impl<W: Wire> Worker<W> {
         // Oldest change first: the stream then keeps (and republishes) a
         // service's records in the order of their revisions, so every
         // reader sees them rise; what does not fit waits for the next turn.
-        let mut due: Vec<_> = std::mem::take(&mut self.dirty).into_iter().collect();
-        due.sort_unstable_by_key(|(_, pending)| pending.revision);
-        let later = due.split_off(due.len().min(most));
-        self.dirty.extend(later);
-        let mut batch = Vec::with_capacity(due.len());
+        // The `most` oldest found in linear time, and only they sorted and
+        // taken out: a join storm's changed set is not sorted again per write.
+        let mut oldest: Vec<_> = (self.dirty.iter())
+            .map(|(key, pending)| (pending.revision, key))
+            .collect();
+        if oldest.len() > most {
+            oldest.select_nth_unstable_by_key(most, |(revision, _)| *revision);
+            oldest.truncate(most);
+        }
+        oldest.sort_unstable_by_key(|(revision, _)| *revision);
+        let keys: Vec<_> = oldest.into_iter().map(|(_, key)| key.clone()).collect();
+        let mut batch = Vec::with_capacity(keys.len());
+        let due = keys
+            .into_iter()
+            .filter_map(|key| self.dirty.remove_entry(&key));
         for ((service, id), pending) in due {
             let presence = match self.catalog.effective(&service, &id) {
                 Some(instance) => Presence::Live(instance),
@@ -1112,19 +1125,17 @@ impl<W: Wire> Worker<W> {
         batch
     }
 
-    /// What follows one write sent under `epoch`: its records counted when
-    /// stored, a step down when superseded, written again when not known
-    /// to be stored.
-    fn settle(&mut self, epoch: u64, writes: Vec<Write>, written: Written) {
+    /// What follows one record write sent under `epoch`: counted when
+    /// stored, a step down when superseded, written again when not known to
+    /// be stored.
+    fn settle(&mut self, epoch: u64, write: Write, written: Written) {
         // A write of an earlier term settling late says nothing of this one.
         let current = self.election.epoch() == Some(epoch);
         match written {
             Written::Stored => {
-                for write in &writes {
-                    Stats::bump(&self.stats.published);
-                    let live = self.catalog.live_in(&write.service);
-                    self.metrics.published(&write.service, live);
-                }
+                Stats::bump(&self.stats.published);
+                let live = self.catalog.live_in(&write.service);
+                self.metrics.published(&write.service, live);
             }
             Written::Superseded(actual) => {
                 Stats::bump(&self.stats.superseded);
@@ -1135,15 +1146,12 @@ impl<W: Wire> Worker<W> {
                 }
             }
             Written::Failed(error) => {
-                let records = writes.len();
-                tracing::warn!(records, first = ?writes.first().map(|w| (&w.service, &w.id)), %error, "a write was not stored; writing its records again");
-                for write in writes {
-                    Stats::bump(&self.stats.publish_failures);
-                    self.metrics.publish_failures.inc();
-                    if current {
-                        let left = write.left.unwrap_or(Left::Deregistered);
-                        self.unstored.insert((write.service, write.id), left);
-                    }
+                Stats::bump(&self.stats.publish_failures);
+                self.metrics.publish_failures.inc();
+                tracing::warn!(service = %write.service, id = %write.id, %error, "a record was not stored; writing it again");
+                if current {
+                    let left = write.left.unwrap_or(Left::Deregistered);
+                    self.unstored.insert((write.service, write.id), left);
                 }
             }
         }
@@ -1203,16 +1211,19 @@ mod tests {
     }
 
     impl RecordingWire {
-        /// Stores `batch` as the stream would, all or none.
-        fn store(&mut self, batch: &[Write]) -> Written {
-            if self.superseded.load(Ordering::SeqCst) {
-                return Written::Superseded(Some(self.fence + 1));
-            }
-            if self.failing.load(Ordering::SeqCst) {
-                return Written::Failed("no stream leader".into());
-            }
+        /// Stores `batch` as the stream would.
+        fn store(&mut self, batch: &[Write]) -> Vec<Written> {
+            let mut outcomes = Vec::new();
             let mut touched = std::collections::BTreeSet::new();
             for write in batch {
+                if self.superseded.load(Ordering::SeqCst) {
+                    outcomes.push(Written::Superseded(Some(self.fence + 1)));
+                    continue;
+                }
+                if self.failing.load(Ordering::SeqCst) {
+                    outcomes.push(Written::Failed("no stream leader".into()));
+                    continue;
+                }
                 let record: Record = serde_json::from_slice(&write.payload).expect("a record");
                 assert_eq!((&record.service, &record.id), (&write.service, &write.id));
                 assert_eq!(write.left.is_some(), record.instance().is_none());
@@ -1233,21 +1244,22 @@ mod tests {
                     .push((record.id.clone(), record.revision));
                 self.stored
                     .insert((write.service.clone(), write.id.clone()), record);
+                outcomes.push(Written::Stored);
             }
             for service in touched {
                 let _ = self.published.send(self.assembled(&service));
             }
-            Written::Stored
+            outcomes
         }
     }
 
     impl Wire for RecordingWire {
         async fn write(&mut self, _epoch: u64, batch: &[Write]) -> Acked {
-            let written = self.store(batch);
+            let outcomes = self.store(batch);
             let mut held = self.held.clone();
             Box::pin(async move {
                 let _ = held.wait_for(|held| !held).await;
-                written
+                outcomes
             })
         }
 

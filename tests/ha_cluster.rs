@@ -151,7 +151,7 @@ async fn killing_the_catalog_streams_leader_node_loses_no_write() {
         killed.elapsed()
     );
     assert!(
-        any_replica_said(&fleet, "a write was not stored; writing its records again"),
+        any_replica_said(&fleet, "a record was not stored; writing it again"),
         "no write hit the leaderless stream: the retry path was not taken"
     );
     assert_ne!(stream_leader(&fleet).await, leader);
@@ -179,8 +179,7 @@ async fn freezing_the_catalog_streams_leader_node_loses_no_write() {
         "stream leader {leader} SIGSTOP -> change stored: {:?} ({cut_off} cut off)",
         frozen.elapsed()
     );
-    let snapshot_retried =
-        any_replica_said(&fleet, "a write was not stored; writing its records again");
+    let snapshot_retried = any_replica_said(&fleet, "a record was not stored; writing it again");
     let fence_retried = any_replica_said(&fleet, "cannot write the catalog fence");
     assert!(
         snapshot_retried || fence_retried,

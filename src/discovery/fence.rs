@@ -4,7 +4,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use async_nats::header::{self, HeaderMap};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::{jetstream, Client};
@@ -15,9 +14,8 @@ use crate::catalog_stream::{self, CatalogStreamError};
 use crate::protocol::{Record, Subjects};
 
 /// How long a stored write may take to be acknowledged: long enough for a
-/// loaded single server to commit a batch of records, short enough that
-/// the records are written again within a leader heartbeat or two when the
-/// stream's leader is gone.
+/// loaded single server, short enough that the records are written again
+/// within a leader heartbeat or two when the stream's leader is gone.
 const ACK_TIMEOUT: Duration = Duration::from_millis(750);
 /// The header naming the subject whose last sequence a write expects.
 const EXPECTED_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
@@ -28,9 +26,6 @@ pub(super) struct NatsWire {
     subjects: Subjects,
     replicas: usize,
     tombstone_ttl: Duration,
-    /// Batches sent: with the epoch, a batch id no other write shares
-    /// (epochs are sequences of one stream, so no two leaders share one).
-    batches: u64,
 }
 
 /// What became of a write, once its acknowledgement came (or did not).
@@ -60,7 +55,6 @@ impl NatsWire {
             subjects,
             replicas,
             tombstone_ttl,
-            batches: 0,
         }
     }
 }
@@ -80,53 +74,33 @@ pub(super) fn actual_sequence(error: &async_nats::jetstream::context::PublishErr
 }
 
 impl Wire for NatsWire {
-    /// One atomic batch (ADR-50): every record but the last is sent without
-    /// a reply subject, the last commits the batch and brings the one
-    /// acknowledgement, so a batch costs one round trip. Every record
-    /// carries the fence check (the server checks the fence once per batch
-    /// and keeps the answer), so none is stored under a superseded epoch.
+    /// Every record its own fenced write, all sent before any
+    /// acknowledgement is awaited: a write costs one round trip, however
+    /// many records it holds.
     async fn write(&mut self, epoch: u64, batch: &[Write]) -> Acked {
-        self.batches += 1;
-        let id = format!("{epoch}-{}", self.batches);
         let fence = self.subjects.catalog_fence();
-        let last = batch.len();
-        for (sequence, write) in (1..).zip(batch) {
-            let mut headers = HeaderMap::new();
-            headers.insert(header::NATS_BATCH_ID, id.as_str());
-            headers.insert(header::NATS_BATCH_SEQUENCE, sequence.to_string().as_str());
-            headers.insert(
-                header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-                epoch.to_string().as_str(),
-            );
-            headers.insert(EXPECTED_SUBJECT, fence.as_str());
+        let mut acks = Vec::with_capacity(batch.len());
+        for write in batch {
+            let mut publish = Publish::build()
+                .payload(write.payload.clone())
+                .expected_last_subject_sequence(epoch)
+                .header(EXPECTED_SUBJECT, fence.as_str());
             if write.left.is_some() {
-                headers.insert(
-                    header::NATS_MESSAGE_TTL,
-                    self.tombstone_ttl.as_secs().to_string().as_str(),
-                );
+                publish = publish.ttl(self.tombstone_ttl);
             }
             let subject = self.subjects.catalog_store(&write.service, &write.id);
-            if sequence < last {
-                let sent = self
-                    .client
-                    .publish_with_headers(subject, headers, write.payload.clone())
-                    .await;
-                if let Err(error) = sent {
-                    let error = format!("cannot send record {sequence} of batch {id}: {error}");
-                    return Box::pin(std::future::ready(Written::Failed(error)));
-                }
-                continue;
-            }
-            headers.insert(header::NATS_BATCH_COMMIT, header::NATS_BATCH_COMMIT_FINAL);
-            let publish = Publish::build()
-                .payload(write.payload.clone())
-                .headers(headers);
-            return match self.js.send_publish(subject, publish).await {
-                Ok(ack) => Box::pin(settle(ack)),
-                Err(error) => Box::pin(std::future::ready(Written::Failed(error.to_string()))),
-            };
+            acks.push(self.js.send_publish(subject, publish).await);
         }
-        Box::pin(std::future::ready(Written::Stored))
+        Box::pin(async move {
+            let mut outcomes = Vec::with_capacity(acks.len());
+            for ack in acks {
+                outcomes.push(match ack {
+                    Ok(ack) => settle(ack).await,
+                    Err(error) => Written::Failed(error.to_string()),
+                });
+            }
+            outcomes
+        })
     }
 
     async fn heartbeat(&mut self, payload: Bytes) {
