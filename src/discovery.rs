@@ -619,6 +619,10 @@ impl<W: Wire> Worker<W> {
                     };
                     publish = self.fold_batch(&message, &mut inputs.events).await?;
                 }
+                // Changes left over (more than a window, or held back to
+                // coalesce): the next window, once the events that came
+                // meanwhile are folded.
+                () = std::future::ready(()), if self.election.epoch().is_some() && !self.dirty.is_empty() && self.in_flight.is_none() => {}
             }
             if publish {
                 self.dirty_since = None;
