@@ -63,6 +63,7 @@ use super::upstream::{
 };
 use super::{BalancerConfig, Shared};
 use crate::metrics::{BalancerMetrics, Held, UpstreamFailure};
+use crate::ErrorChain;
 
 /// The largest request body kept in memory so the request can be retried on
 /// another instance. Bigger or unsized bodies stream without retry.
@@ -369,7 +370,7 @@ impl Body for ClientBody {
                 this.bytes += frame.data_ref().map_or(0, |data| data.len() as u64);
             }
             Poll::Ready(Some(Err(error))) => {
-                tracing::warn!(error = %Chain(error), "response body from instance cut");
+                tracing::warn!(error = %ErrorChain(error), "response body from instance cut");
             }
             _ => {}
         }
@@ -550,7 +551,7 @@ impl Proxy {
             }
             if let Some(outcome) = failure.outcome() {
                 let metrics = &self.shared.metrics;
-                rotation.observe(metrics, service, &member, outcome, &Chain(&error));
+                rotation.observe(metrics, service, &member, outcome, &ErrorChain(&error));
             }
             let next = next_step(failure, prepared.facts(), tried.len() + 1, live);
             log_failure(service, &member, &error, failure, next);
@@ -602,7 +603,7 @@ fn log_failure(service: &str, member: &Member, error: &AttemptError, failure: Fa
         (Failure::Client(status), _) => tracing::debug!(
             service = %service,
             instance = %member.id(),
-            error = %Chain(error),
+            error = %ErrorChain(error),
             %status,
             "the client's request body failed; not the instance's fault"
         ),
@@ -614,7 +615,7 @@ fn log_failure(service: &str, member: &Member, error: &AttemptError, failure: Fa
             tracing::debug!(
                 service = %service,
                 instance = %member.id(),
-                error = %Chain(error),
+                error = %ErrorChain(error),
                 "no answer; trying the next instance"
             );
         }
@@ -622,7 +623,7 @@ fn log_failure(service: &str, member: &Member, error: &AttemptError, failure: Fa
             service = %service,
             instance = %member.id(),
             address = %member.authority,
-            error = %Chain(error),
+            error = %ErrorChain(error),
             "request to instance failed"
         ),
     }
@@ -650,7 +651,7 @@ async fn prepare(
         .await
         .map_err(|error| Refusal {
             status: client_fault(&error),
-            text: format!("could not read the request body: {}\n", Chain(&error)),
+            text: format!("could not read the request body: {}\n", ErrorChain(&error)),
         })?;
     Ok(Prepared {
         method: parts.method,
@@ -888,7 +889,7 @@ fn failed_answer(
         status,
         format!(
             "instance {id:?} of service {service:?} failed: {}\n",
-            Chain(error)
+            ErrorChain(error)
         ),
     )
 }
@@ -1020,22 +1021,6 @@ fn own_answer(status: StatusCode, body: String) -> Response<ClientBody> {
     response
 }
 
-/// An error and its causes on one line, each printed once: errors here
-/// keep their cause as `source` and leave it out of their own message.
-struct Chain<'e>(&'e dyn std::error::Error);
-
-impl std::fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1123,7 +1108,7 @@ mod tests {
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         });
         assert_eq!(error.failure(), Failure::Connect);
-        let text = Chain(&error).to_string();
+        let text = ErrorChain(&error).to_string();
         assert_eq!(text, "cannot connect to 127.0.0.1:9: connection refused");
     }
 
@@ -1232,6 +1217,9 @@ mod tests {
     fn a_timeout_is_classified_as_one() {
         let error = AttemptError::TimedOut(Duration::from_millis(200));
         assert_eq!(error.failure(), Failure::TimedOut);
-        assert_eq!(Chain(&error).to_string(), "no response head within 200ms");
+        assert_eq!(
+            ErrorChain(&error).to_string(),
+            "no response head within 200ms"
+        );
     }
 }
