@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
 # Discovery through a real nats-server at scale: for each fleet size in
 # SIZES, a fresh nats-server (JetStream, empty store) and `rollcall
-# discovery`; bench_discovery_load makes every instance join at once, the
-# fleet heartbeating at RATE/s in total from the start (the join is timed
-# under that load, until the records list every instance), then for DUR
-# while a probe instance joins or leaves every 100 ms. Reports discovery
-# CPU, RSS per live instance, the probe's snapshot propagation (publish →
-# snapshot received), snapshots that should not have happened (expiries:
-# lost heartbeats), slow consumers seen by the server and logged by
-# discovery. Then the raw NATS pub→sub rate of
+# discovery`; bench_discovery_load makes every instance join, then sends
+# heartbeats at RATE/s in total for DUR while a probe instance joins or
+# leaves every 100 ms. Reports discovery CPU, RSS per live instance, the
+# probe's snapshot propagation (publish → snapshot received), snapshots that
+# should not have happened (expiries: lost heartbeats), slow consumers seen by
+# the server and logged by discovery. Then the raw NATS pub→sub rate of
 # 200-byte messages on the same server, the ceiling for any consumer here.
 #
 # Goals: ≥ 250,000 heartbeats/s with 10,000 live instances, propagation p99

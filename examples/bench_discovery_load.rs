@@ -3,8 +3,7 @@
 //! against a running `rollcall discovery` (see `bench/discovery_scale.sh`).
 //!
 //! Simulates a fleet through a real nats-server: `--instances` instances over
-//! `--services` services join at once and heartbeat at `--rate` heartbeats/s
-//! in total (the join is timed under that load). While
+//! `--services` services heartbeat at `--rate` heartbeats/s in total. While
 //! they do, a probe instance joins or leaves every 100 ms and the time until
 //! discovery's snapshot shows it is recorded (snapshot propagation). The
 //! discovery process is watched through /proc: CPU over the load phase, and
@@ -15,7 +14,7 @@
 //!
 //! Prints one `DISCOVERY_SCALE` (or `NATS_RAW`) line.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -72,8 +71,7 @@ fn proc_usage(pid: u32) -> anyhow::Result<(u64, u64)> {
 }
 
 /// Instances per service as the last snapshot of each said.
-/// The live instance ids of every service, as the records say.
-type Seen = Arc<Mutex<HashMap<String, HashSet<String>>>>;
+type Seen = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
 async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
     async_nats::ConnectOptions::new()
@@ -149,33 +147,28 @@ async fn main() -> anyhow::Result<()> {
     );
     let (probe_tx, mut probe_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Vec<String>)>();
     tokio::spawn(async move {
-        // The live set per service, from the records: only the probe's is
-        // copied out (a whole snapshot per record costs the watcher O(n) per
-        // record, and at 50,000 instances it fell seconds behind).
-        let mut revisions: HashMap<(String, String), u64> = HashMap::new();
+        // Records assembled into snapshots, as a balancer does.
+        let mut held = rollcall::subscription::Held::default();
         while let Some(message) = catalog.next().await {
             let Ok(record) = subjects_w.parse_record(&message.subject, &message.payload) else {
                 continue;
             };
-            let key = (record.service.clone(), record.id.clone());
-            if revisions
-                .get(&key)
-                .is_some_and(|held| *held >= record.revision)
-            {
+            let service = record.service.clone();
+            if held.offer(record).is_err() {
                 continue;
             }
-            revisions.insert(key, record.revision);
+            let Some(snapshot) = held.snapshot(&service) else {
+                continue;
+            };
             count_w.fetch_add(1, Ordering::Relaxed);
-            let mut seen = seen_w.lock().expect("not poisoned");
-            let live = seen.entry(record.service.clone()).or_default();
-            if record.instance().is_some() {
-                live.insert(record.id);
-            } else {
-                live.remove(&record.id);
+            let ids: Vec<String> = snapshot.instances.into_iter().map(|i| i.id).collect();
+            if snapshot.service == "probe" {
+                let _ = probe_tx.send((now_ns(), ids.clone()));
             }
-            if record.service == "probe" {
-                let _ = probe_tx.send((now_ns(), live.iter().cloned().collect()));
-            }
+            seen_w
+                .lock()
+                .expect("not poisoned")
+                .insert(snapshot.service, ids);
         }
     });
 
@@ -206,7 +199,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Paced publishing: every millisecond, catch up with `rate`.
     let rate = args.rate;
-    let publish_for = |duration: Duration| {
+    let publish_for = |duration: Duration, count: Option<usize>| {
         let (nats, fleet) = (nats.clone(), &fleet);
         async move {
             let start = Instant::now();
@@ -216,11 +209,11 @@ async fn main() -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 let elapsed = start.elapsed();
-                if elapsed >= duration {
+                if elapsed >= duration || count.is_some_and(|c| sent as usize >= c) {
                     break;
                 }
                 let due = (rate as f64 * elapsed.as_secs_f64()) as u64;
-                while sent < due {
+                while sent < due && count.is_none_or(|c| (sent as usize) < c) {
                     let (subject, payload) = &fleet[next];
                     nats.publish(subject.clone(), payload.clone()).await?;
                     next = (next + 1) % fleet.len();
@@ -232,9 +225,9 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    // Join: every instance registers, and the fleet goes on heartbeating at
-    // `rate` (as a fleet does) until the records list them all.
+    // Join: every instance once, then wait until the snapshots list them all.
     let join_start = Instant::now();
+    publish_for(Duration::from_secs(120), Some(args.instances)).await?;
     let live_load = |seen: &Seen| {
         seen.lock()
             .expect("not poisoned")
@@ -243,13 +236,7 @@ async fn main() -> anyhow::Result<()> {
             .map(|(_, ids)| ids.len())
             .sum::<usize>()
     };
-    let all_in = tokio::select! {
-        all_in = bench_support::until(JOIN_LIMIT, || live_load(&seen) == args.instances) => all_in,
-        sent = publish_for(JOIN_LIMIT) => {
-            sent?;
-            live_load(&seen) == args.instances
-        }
-    };
+    let all_in = bench_support::until(JOIN_LIMIT, || live_load(&seen) == args.instances).await;
     let joined_in = join_start.elapsed();
     if !all_in {
         // Itself a figure: how far the catalog got.
@@ -313,7 +300,7 @@ async fn main() -> anyhow::Result<()> {
         }
         anyhow::Ok((samples, missed))
     });
-    let (sent, took) = publish_for(args.duration).await?;
+    let (sent, took) = publish_for(args.duration, None).await?;
     let (mut samples, missed) = prober.await??;
     let (ticks2, rss_loaded) = match args.discovery_pid {
         Some(pid) => proc_usage(pid)?,

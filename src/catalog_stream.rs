@@ -333,7 +333,6 @@ pub fn stream_config(subjects: &Subjects, replicas: usize) -> stream::Config {
         storage: stream::StorageType::File,
         allow_direct: true,
         allow_message_ttl: true,
-        allow_atomic_publish: true,
         ..stream::Config::default()
     }
 }
@@ -367,9 +366,6 @@ pub async fn ensure(
             let wanted = stream_config(subjects, info.config.num_replicas);
             let same_subjects = info.config.subjects == wanted.subjects;
             if same_subjects && info.config.republish.is_some() && info.config.allow_message_ttl {
-                if !info.config.allow_atomic_publish {
-                    allow_atomic(js, &name, info.config.clone()).await?;
-                }
                 return Ok(Ensured::default());
             }
             // Version 2 stored snapshots on the store subjects (and had no
@@ -400,47 +396,6 @@ pub async fn ensure(
             source: NatsError(source),
         }),
     }
-}
-
-/// Lets a catalog version 3 stream of an earlier release take the leader's
-/// writes as atomic batches, in place: nothing it keeps changes. A server
-/// older than 2.12 does not know the setting and drops it; the leader then
-/// writes one record at a time.
-async fn allow_atomic(
-    js: &jetstream::Context,
-    name: &str,
-    mut config: stream::Config,
-) -> Result<(), CatalogStreamError> {
-    config.allow_atomic_publish = true;
-    let updated = js
-        .update_stream(config)
-        .await
-        .map_err(|source| CatalogStreamError::Update {
-            stream: name.to_owned(),
-            source: NatsError(source),
-        })?;
-    if updated.config.allow_atomic_publish {
-        tracing::info!(stream = %name, "the catalog stream now takes atomic batches (allow_atomic)");
-    } else {
-        tracing::info!(stream = %name, "the server does not know atomic batches (nats-server 2.12 or later): records are written one at a time");
-    }
-    Ok(())
-}
-
-/// The catalog stream's configuration as the server keeps it.
-pub(crate) async fn config(
-    js: &jetstream::Context,
-    subjects: &Subjects,
-) -> Result<stream::Config, CatalogStreamError> {
-    let name = subjects.catalog_stream();
-    let stream = js
-        .get_stream(&name)
-        .await
-        .map_err(|source| CatalogStreamError::Lookup {
-            stream: name,
-            source: NatsError(source),
-        })?;
-    Ok(stream.cached_info().config.clone())
 }
 
 /// Reads the snapshots an older stream kept on `old`, gives it the

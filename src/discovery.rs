@@ -32,7 +32,6 @@ use std::time::{Duration, SystemTime};
 use async_nats::client::{FlushErrorKind, SubscribeErrorKind};
 use async_nats::jetstream;
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -59,12 +58,12 @@ use leader::{Decision, Election, Role};
 /// record covers many changes of its instance; when idle every event is
 /// written at once.
 const BATCH: usize = 4096;
-/// The most records sent before their acknowledgements are awaited. One
-/// window is in flight at a time, and the changes folded meanwhile make up
-/// the next: under a join storm the windows follow each other at the
-/// stream's pace while the fold goes on, and the client's buffers stay
-/// bounded.
-const WRITE_WINDOW: usize = 1000;
+/// The most records written in one turn of the loop: every record comes
+/// back twice on the event subscription (stored and republished), and the
+/// events that arrive while a window is written must be folded before the
+/// subscription's buffer fills (a write of 100,000 records at once would
+/// overflow it).
+const WRITE_WINDOW: usize = 4096;
 /// The longest a change waits to be published while events keep arriving
 /// faster than they are folded (a fleet joining at once): records go out
 /// every few milliseconds, not once per event.
@@ -404,7 +403,6 @@ where
         metrics,
         asked,
         dirty: BTreeMap::new(),
-        in_flight: None,
         unstored: BTreeMap::new(),
         dirty_since: None,
         replies: Vec::new(),
@@ -458,15 +456,12 @@ enum Fenced {
     Lost(Option<u64>),
 }
 
-/// Records sent, resolving to what became of each, in order, once
-/// acknowledged (or not): owned, so the worker goes on folding meanwhile.
-type Acked = BoxFuture<'static, Vec<Written>>;
-
 /// Where discovery's writes go: NATS, but for the worker's own tests.
 trait Wire: Send {
-    /// Sends the records of `batch` under `epoch`, each to be stored only if
-    /// the fence still holds that epoch; resolves once sent.
-    fn write(&mut self, epoch: u64, batch: &[Write]) -> impl Future<Output = Acked> + Send;
+    /// Writes records under `epoch`, each only if the fence still holds
+    /// it; what became of each, in order.
+    fn write(&mut self, epoch: u64, batch: Vec<Write>)
+        -> impl Future<Output = Vec<Written>> + Send;
     /// Says, unstored, that this replica leads.
     fn heartbeat(&mut self, payload: Bytes) -> impl Future<Output = ()> + Send;
     /// Answers a request (an override) on its reply subject.
@@ -512,23 +507,6 @@ impl InvalidLog {
     }
 }
 
-/// Records sent and not yet all acknowledged, and the epoch they were sent
-/// under.
-struct InFlight {
-    epoch: u64,
-    writes: Vec<Write>,
-    acked: Acked,
-}
-
-/// What became of the records in flight, once known; pending while there
-/// are none (the loop then does not ask).
-async fn settled(in_flight: &mut Option<InFlight>) -> Vec<Written> {
-    match in_flight {
-        Some(write) => (&mut write.acked).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// A loop turn this much later than the last one means the process itself
 /// stood still: the loop wakes at least every [`LEADER_HEARTBEAT`].
 const STALL: Duration = Duration::from_secs(1);
@@ -543,12 +521,8 @@ struct Worker<W> {
     metrics: DiscoveryMetrics,
     /// Asks for the folded catalog ([`Discovery::catalog`]).
     asked: mpsc::Receiver<oneshot::Sender<Vec<Snapshot>>>,
-    /// Instances changed since their last write was sent.
+    /// Instances changed since the last write.
     dirty: BTreeMap<(String, String), Pending>,
-    /// The records awaiting their acknowledgements, if any: the next are
-    /// sent once they settled, so no two writes of one instance are ever in
-    /// flight.
-    in_flight: Option<InFlight>,
     /// Instances whose last write is not known to be stored: written again
     /// at the next tick, under a new revision.
     unstored: BTreeMap<(String, String), Left>,
@@ -610,31 +584,21 @@ impl<W: Wire> Worker<W> {
                     let now = *inputs.link.borrow_and_update();
                     self.look(now, &mut inputs.events).await?;
                 }
-                // Before the events, so that under any load the next write
-                // goes out as soon as the last one settled.
-                outcomes = settled(&mut self.in_flight), if self.in_flight.is_some() => {
-                    if let Some(write) = self.in_flight.take() {
-                        for (record, written) in write.writes.into_iter().zip(outcomes) {
-                            self.settle(write.epoch, record, written);
-                        }
-                    }
-                }
                 message = inputs.events.next() => {
                     let Some(message) = message else {
                         return Err(DiscoveryError::Closed { subject: self.subjects.all() });
                     };
                     publish = self.fold_batch(&message, &mut inputs.events).await?;
                 }
-                // Changes left over (more than a window, or held back to
-                // coalesce): the next window, once the events that came
-                // meanwhile are folded.
-                () = std::future::ready(()), if self.election.epoch().is_some() && !self.dirty.is_empty() && self.in_flight.is_none() => {}
+                // Records left over from the last write: the next window,
+                // once the events that came meanwhile are folded.
+                () = std::future::ready(()), if self.election.epoch().is_some() && !self.dirty.is_empty() => {}
             }
             if publish {
                 self.dirty_since = None;
                 self.publish_dirty().await;
-                // Answered once every record is stored, the override's too.
-                if self.dirty.is_empty() && self.in_flight.is_none() {
+                // Answered once every record is written, the override's too.
+                if self.dirty.is_empty() {
                     for (subject, payload) in std::mem::take(&mut self.replies) {
                         self.wire.reply(subject, payload).await;
                     }
@@ -1064,21 +1028,11 @@ impl<W: Wire> Worker<W> {
             self.dirty.clear();
             return;
         };
-        // Changes meanwhile wait, and coalesce, until the write in flight
-        // settled.
-        if self.in_flight.is_some() {
-            return;
+        let batch = self.dirty_records(WRITE_WINDOW);
+        let outcomes = self.wire.write(epoch, batch.clone()).await;
+        for (write, written) in batch.into_iter().zip(outcomes) {
+            self.settle(epoch, write, written);
         }
-        let writes = self.dirty_records(WRITE_WINDOW);
-        if writes.is_empty() {
-            return;
-        }
-        let acked = self.wire.write(epoch, &writes).await;
-        self.in_flight = Some(InFlight {
-            epoch,
-            writes,
-            acked,
-        });
     }
 
     /// The records of up to `most` changed instances, serialized, taken out
@@ -1087,21 +1041,11 @@ impl<W: Wire> Worker<W> {
         // Oldest change first: the stream then keeps (and republishes) a
         // service's records in the order of their revisions, so every
         // reader sees them rise; what does not fit waits for the next turn.
-        // The `most` oldest found in linear time, and only they sorted and
-        // taken out: a join storm's changed set is not sorted again per write.
-        let mut oldest: Vec<_> = (self.dirty.iter())
-            .map(|(key, pending)| (pending.revision, key))
-            .collect();
-        if oldest.len() > most {
-            oldest.select_nth_unstable_by_key(most, |(revision, _)| *revision);
-            oldest.truncate(most);
-        }
-        oldest.sort_unstable_by_key(|(revision, _)| *revision);
-        let keys: Vec<_> = oldest.into_iter().map(|(_, key)| key.clone()).collect();
-        let mut batch = Vec::with_capacity(keys.len());
-        let due = keys
-            .into_iter()
-            .filter_map(|key| self.dirty.remove_entry(&key));
+        let mut due: Vec<_> = std::mem::take(&mut self.dirty).into_iter().collect();
+        due.sort_unstable_by_key(|(_, pending)| pending.revision);
+        let later = due.split_off(due.len().min(most));
+        self.dirty.extend(later);
+        let mut batch = Vec::with_capacity(due.len());
         for ((service, id), pending) in due {
             let presence = match self.catalog.effective(&service, &id) {
                 Some(instance) => Presence::Live(instance),
@@ -1135,12 +1079,9 @@ impl<W: Wire> Worker<W> {
         batch
     }
 
-    /// What follows one record write sent under `epoch`: counted when
-    /// stored, a step down when superseded, written again when not known to
-    /// be stored.
+    /// What follows one write: counted when stored, a step down when
+    /// superseded, written again when not known to be stored.
     fn settle(&mut self, epoch: u64, write: Write, written: Written) {
-        // A write of an earlier term settling late says nothing of this one.
-        let current = self.election.epoch() == Some(epoch);
         match written {
             Written::Stored => {
                 Stats::bump(&self.stats.published);
@@ -1149,7 +1090,7 @@ impl<W: Wire> Worker<W> {
             }
             Written::Superseded(actual) => {
                 Stats::bump(&self.stats.superseded);
-                if current {
+                if self.election.epoch().is_some() {
                     tracing::warn!(epoch, ?actual, "the catalog stream refused a write: another replica took over; stopping writes");
                     self.election.follow(actual, Instant::now().into_std());
                     self.stepped_down();
@@ -1159,7 +1100,7 @@ impl<W: Wire> Worker<W> {
                 Stats::bump(&self.stats.publish_failures);
                 self.metrics.publish_failures.inc();
                 tracing::warn!(service = %write.service, id = %write.id, %error, "a record was not stored; writing it again");
-                if current {
+                if self.election.epoch().is_some() {
                     let left = write.left.unwrap_or(Left::Deregistered);
                     self.unstored.insert((write.service, write.id), left);
                 }
@@ -1189,11 +1130,6 @@ mod tests {
         superseded: Arc<AtomicBool>,
         /// Writes fail (no stream leader) while set.
         failing: Arc<AtomicBool>,
-        /// Acknowledgements wait while set (a slow stream): writes are
-        /// stored at once, known to be only once it is cleared.
-        held: watch::Receiver<bool>,
-        /// Every record stored, as (instance, revision), in order.
-        sent: Arc<std::sync::Mutex<Vec<(String, u64)>>>,
         stored: BTreeMap<(String, String), Record>,
         fence: u64,
     }
@@ -1220,9 +1156,8 @@ mod tests {
         })
     }
 
-    impl RecordingWire {
-        /// Stores `batch` as the stream would.
-        fn store(&mut self, batch: &[Write]) -> Vec<Written> {
+    impl Wire for RecordingWire {
+        async fn write(&mut self, _epoch: u64, batch: Vec<Write>) -> Vec<Written> {
             let mut outcomes = Vec::new();
             let mut touched = std::collections::BTreeSet::new();
             for write in batch {
@@ -1248,29 +1183,13 @@ mod tests {
                     record.revision
                 );
                 touched.insert(record.service.clone());
-                self.sent
-                    .lock()
-                    .unwrap()
-                    .push((record.id.clone(), record.revision));
-                self.stored
-                    .insert((write.service.clone(), write.id.clone()), record);
+                self.stored.insert((write.service, write.id), record);
                 outcomes.push(Written::Stored);
             }
             for service in touched {
                 let _ = self.published.send(self.assembled(&service));
             }
             outcomes
-        }
-    }
-
-    impl Wire for RecordingWire {
-        async fn write(&mut self, _epoch: u64, batch: &[Write]) -> Acked {
-            let outcomes = self.store(batch);
-            let mut held = self.held.clone();
-            Box::pin(async move {
-                let _ = held.wait_for(|held| !held).await;
-                outcomes
-            })
         }
 
         async fn reply(&mut self, subject: String, payload: Bytes) {
@@ -1344,8 +1263,6 @@ mod tests {
         link: watch::Sender<Link>,
         superseded: Arc<AtomicBool>,
         failing: Arc<AtomicBool>,
-        held: watch::Sender<bool>,
-        sent: Arc<std::sync::Mutex<Vec<(String, u64)>>>,
         discovery: Discovery,
         _stop: oneshot::Sender<()>,
     }
@@ -1375,16 +1292,12 @@ mod tests {
             let (stop, stopped) = oneshot::channel::<()>();
             let superseded = Arc::new(AtomicBool::new(false));
             let failing = Arc::new(AtomicBool::new(false));
-            let (held, held_rx) = watch::channel(false);
-            let sent = Arc::default();
             let wire = RecordingWire {
                 published: published_tx,
                 echo,
                 replies: replies_tx,
                 superseded: Arc::clone(&superseded),
                 failing: Arc::clone(&failing),
-                held: held_rx,
-                sent: Arc::clone(&sent),
                 stored: (adopted.stored.iter().flat_map(records_of))
                     .map(|r| ((r.service.clone(), r.id.clone()), r))
                     .collect(),
@@ -1415,8 +1328,6 @@ mod tests {
                 link,
                 superseded,
                 failing,
-                held,
-                sent,
                 discovery,
                 _stop: stop,
             }
@@ -1733,87 +1644,6 @@ mod tests {
             "a new revision per try"
         );
         assert_eq!(h.discovery.stats().leading.load(Ordering::Relaxed), 1);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_write_awaiting_its_acknowledgement_does_not_hold_up_the_fold() {
-        let mut h = Harness::start(Vec::new()).await;
-        h.held.send_replace(true);
-        let fleet: Vec<_> = (0..2 * WRITE_WINDOW)
-            .map(|i| web(&format!("i{i}"), 1000))
-            .collect();
-        for instance in &fleet {
-            h.register(instance);
-        }
-        // Three TTLs of heartbeats while the first write goes unanswered.
-        for _ in 0..12 {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            for instance in &fleet {
-                h.heartbeat(instance);
-            }
-        }
-        let folded = tokio::time::timeout(Duration::from_secs(1), h.discovery.catalog())
-            .await
-            .expect("the worker answers while a write is in flight");
-        assert_eq!(folded[0].instances.len(), fleet.len());
-        let stats = h.discovery.stats();
-        assert_eq!(stats.expired.load(Ordering::Relaxed), 0, "none expired");
-        assert_eq!(
-            stats.events.load(Ordering::Relaxed),
-            13 * fleet.len() as u64
-        );
-        assert_eq!(
-            h.sent.lock().unwrap().len(),
-            WRITE_WINDOW,
-            "one write in flight, the rest waiting for it"
-        );
-        h.held.send_replace(false);
-        loop {
-            let stored = h.published.recv().await.expect("published");
-            if stored.instances.len() == fleet.len() {
-                break;
-            }
-        }
-        assert_eq!(stats.published.load(Ordering::Relaxed), fleet.len() as u64);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_instance_changed_while_its_record_is_in_flight_is_written_once_more_after() {
-        let h = Harness::start(Vec::new()).await;
-        h.held.send_replace(true);
-        h.register(&web("a", 3000));
-        eventually_sent(&h, 1).await;
-        let mut moved = web("a", 3000);
-        for port in [8001, 8002] {
-            moved.port = port;
-            h.register(&moved);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(
-            *h.sent.lock().unwrap(),
-            [("a".to_owned(), 1)],
-            "no second write of `a` while its first is in flight"
-        );
-        h.held.send_replace(false);
-        eventually_sent(&h, 2).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(
-            *h.sent.lock().unwrap(),
-            [("a".to_owned(), 1), ("a".to_owned(), 3)],
-            "the two changes since, in one write of the newest revision"
-        );
-        assert_eq!(h.discovery.catalog().await[0].instances, [moved]);
-    }
-
-    /// Waits, in paused time, until the wire has taken `records` records.
-    async fn eventually_sent(h: &Harness, records: usize) {
-        for _ in 0..100 {
-            if h.sent.lock().unwrap().len() >= records {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("sent only {:?}", h.sent.lock().unwrap());
     }
 
     /// Waits, in paused time, until the worker's counters satisfy `done`.

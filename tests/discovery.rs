@@ -264,43 +264,6 @@ async fn a_version_1_stream_is_reshaped_in_place_and_keeps_its_catalog() {
 }
 
 #[tokio::test]
-async fn a_version_3_stream_without_atomic_batches_gains_them_in_place_and_keeps_its_records() {
-    let server = NatsServer::start();
-    let service = client(&server.url()).await;
-    let js = async_nats::jetstream::new(service.clone());
-    // As an earlier release made it: no atomic batches.
-    let mut earlier = catalog_stream::stream_config(&Subjects::default(), 1);
-    earlier.allow_atomic_publish = false;
-    js.create_stream(earlier)
-        .await
-        .expect("create a stream without atomic batches");
-    let kept = format!(
-        r#"{{"service":"web","id":"a","revision":41,"instance":{}}}"#,
-        register_json("a", 1, 3000)
-    );
-    js.publish("rollcall.catalog-store.web.a", kept.into())
-        .await
-        .expect("store")
-        .await
-        .expect("stored");
-    let mut catalog = CatalogFeed::subscribe(&service, "rollcall.catalog.web.*").await;
-
-    let discovery = RunningDiscovery::start(&server.url()).await;
-    register(&service, "b", 2, 3000).await;
-    let written = next_snapshot(&mut catalog, LIMIT).await;
-    assert!(written.revision > 41, "the kept revisions continue");
-    let stream = js.get_stream("ROLLCALL_CATALOG").await.expect("the stream");
-    assert!(stream.cached_info().config.allow_atomic_publish);
-    let kept: Vec<_> = stored(&service).await[0]
-        .instances
-        .iter()
-        .map(|i| i.id.clone())
-        .collect();
-    assert_eq!(kept, ["a", "b"], "a is kept, b written beside it");
-    discovery.stop().await;
-}
-
-#[tokio::test]
 async fn a_version_2_stream_is_reshaped_in_place_and_its_snapshots_become_records() {
     let server = NatsServer::start();
     let service = client(&server.url()).await;

@@ -743,63 +743,6 @@ async fn discovery_and_balancer_work_end_to_end_under_secure_conf() {
 }
 
 #[tokio::test]
-async fn discovery_is_not_sent_back_the_records_it_writes() {
-    let server = ConfiguredServer::from_file("nats/secure.conf");
-    let subjects = Subjects::default();
-    // What discovery's event subscription gets, under its user.
-    let probe = connect_as(&server, "discovery").await;
-    let mut heard = probe
-        .client
-        .subscribe(subjects.events_wildcard())
-        .await
-        .expect("subscribe");
-    let watcher = connect_as(&server, "watch").await;
-    let mut records = watcher
-        .client
-        .subscribe(subjects.catalog_wildcard())
-        .await
-        .expect("subscribe");
-    probe.client.flush().await.expect("flush");
-    watcher.client.flush().await.expect("flush");
-    let SecureDiscovery {
-        discovery,
-        stop,
-        web,
-        ..
-    } = SecureDiscovery::with_web_1(&server, &subjects).await;
-    let record = tokio::time::timeout(LIMIT, records.next())
-        .await
-        .expect("web-1's record in time")
-        .expect("subscription open");
-    assert_eq!(record.subject.as_str(), "rollcall.catalog.web.web-1");
-    // Sent after the record went out: once it arrives, so would have the record.
-    publish(
-        &web,
-        "rollcall.heartbeat.web.web-1",
-        register_json("web", "web-1", 5001),
-    )
-    .await;
-    let mut subjects_heard = Vec::new();
-    while subjects_heard.last().map(String::as_str) != Some("rollcall.heartbeat.web.web-1") {
-        let message = tokio::time::timeout(LIMIT, heard.next())
-            .await
-            .expect("the heartbeat in time")
-            .expect("subscription open");
-        subjects_heard.push(message.subject.to_string());
-    }
-    assert_eq!(
-        subjects_heard,
-        [
-            "rollcall.register.web.web-1",
-            "rollcall.heartbeat.web.web-1"
-        ],
-        "the events only, neither copy of the record"
-    );
-    let _ = stop.send(());
-    discovery.wait().await.expect("discovery stops cleanly");
-}
-
-#[tokio::test]
 async fn the_stack_serves_http_with_every_component_under_its_own_user() {
     use rollcall::announcer::Announcer;
     use rollcall::balancer::{self, routes::Routes, BalancerConfig};

@@ -2,24 +2,28 @@
 //! itself (a compare-and-set on `<prefix>.catalog-fence`), the leader
 //! heartbeat, and the stored catalog a new leader adopts.
 
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 
-use async_nats::header::{self, HeaderMap};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::{jetstream, Client};
 use bytes::Bytes;
 
-use super::{Acked, Fenced, Wire, Write, Written};
+use super::{Fenced, Wire, Write, Written};
 use crate::catalog_stream::{self, CatalogStreamError};
 use crate::protocol::{Record, Subjects};
 
 /// How long a stored write may take to be acknowledged: long enough for a
-/// loaded single server, short enough that the records are written again
-/// within a leader heartbeat or two when the stream's leader is gone.
+/// loaded single server, short enough that the loop is not held up past a
+/// leader heartbeat or two when the stream's leader is gone.
 const ACK_TIMEOUT: Duration = Duration::from_millis(750);
 /// The header naming the subject whose last sequence a write expects.
 const EXPECTED_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
+/// The most writes awaiting their acknowledgement at once: a fleet joining
+/// at once is written in a few round trips, and the client's buffers stay
+/// bounded.
+const IN_FLIGHT: usize = 4096;
 
 pub(super) struct NatsWire {
     client: Client,
@@ -27,18 +31,19 @@ pub(super) struct NatsWire {
     subjects: Subjects,
     replicas: usize,
     tombstone_ttl: Duration,
-    /// Whether records go as atomic batches ([`NatsWire::batches_pay`]):
-    /// learnt at the first write after each takeover, `None` until then.
-    atomic: Option<bool>,
-    /// Batches sent: with the epoch, a batch id no other write shares
-    /// (epochs are sequences of one stream, so no two leaders share one).
-    batches: u64,
 }
 
+type Ack =
+    Result<jetstream::context::PublishAckFuture, async_nats::jetstream::context::PublishError>;
+
 /// What became of a write, once its acknowledgement came (or did not).
-async fn settle(ack: jetstream::context::PublishAckFuture) -> Written {
-    match ack.await {
-        Ok(_) => Written::Stored,
+async fn settle(ack: Ack) -> Written {
+    let result = match ack {
+        Ok(ack) => ack.await.map(|_| ()),
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(()) => Written::Stored,
         Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
             Written::Superseded(actual_sequence(&error))
         }
@@ -62,78 +67,7 @@ impl NatsWire {
             subjects,
             replicas,
             tombstone_ttl,
-            atomic: None,
-            batches: 0,
         }
-    }
-
-    /// Whether the catalog stream, as the server keeps it, is better
-    /// written in atomic batches. On a replicated stream the server refuses
-    /// a fenced write while an earlier one on the same fence is not yet
-    /// applied (error 10164: 997 of 1000 pipelined records here), and a
-    /// batch is one proposal under one fence check. On one server a batch
-    /// is staged in a file store of its own and costs more than pipelined
-    /// records (2.5 ms for one record against 0.2 ms).
-    async fn batches_pay(&self) -> bool {
-        match catalog_stream::config(&self.js, &self.subjects).await {
-            Ok(config) => config.num_replicas > 1 && config.allow_atomic_publish,
-            Err(error) => {
-                tracing::warn!(%error, "cannot read the catalog stream's configuration; writing records one at a time");
-                false
-            }
-        }
-    }
-
-    /// One atomic batch (ADR-50): every record but the last is sent without
-    /// a reply subject, the last commits the batch and brings the one
-    /// acknowledgement. Every record carries the fence check (the server
-    /// checks the fence once per batch and keeps the answer), so none is
-    /// stored under a superseded epoch.
-    async fn write_batch(&mut self, epoch: u64, batch: &[Write]) -> Acked {
-        self.batches += 1;
-        let id = format!("{epoch}-{}", self.batches);
-        let fence = self.subjects.catalog_fence();
-        let records = batch.len();
-        let each = move |written: Written| vec![written; records];
-        for (sequence, write) in (1..).zip(batch) {
-            let mut headers = HeaderMap::new();
-            headers.insert(header::NATS_BATCH_ID, id.as_str());
-            headers.insert(header::NATS_BATCH_SEQUENCE, sequence.to_string().as_str());
-            headers.insert(
-                header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-                epoch.to_string().as_str(),
-            );
-            headers.insert(EXPECTED_SUBJECT, fence.as_str());
-            if write.left.is_some() {
-                headers.insert(
-                    header::NATS_MESSAGE_TTL,
-                    self.tombstone_ttl.as_secs().to_string().as_str(),
-                );
-            }
-            let subject = self.subjects.catalog_store(&write.service, &write.id);
-            if sequence < records {
-                let sent = self
-                    .client
-                    .publish_with_headers(subject, headers, write.payload.clone())
-                    .await;
-                if let Err(error) = sent {
-                    let error = format!("cannot send record {sequence} of batch {id}: {error}");
-                    return Box::pin(std::future::ready(each(Written::Failed(error))));
-                }
-                continue;
-            }
-            headers.insert(header::NATS_BATCH_COMMIT, header::NATS_BATCH_COMMIT_FINAL);
-            let publish = Publish::build()
-                .payload(write.payload.clone())
-                .headers(headers);
-            return match self.js.send_publish(subject, publish).await {
-                Ok(ack) => Box::pin(async move { each(settle(ack).await) }),
-                Err(error) => {
-                    Box::pin(std::future::ready(each(Written::Failed(error.to_string()))))
-                }
-            };
-        }
-        Box::pin(std::future::ready(Vec::new()))
     }
 }
 
@@ -152,41 +86,32 @@ pub(super) fn actual_sequence(error: &async_nats::jetstream::context::PublishErr
 }
 
 impl Wire for NatsWire {
-    /// An atomic batch where [`NatsWire::batches_pay`]; elsewhere every
-    /// record its own fenced write, all sent before any acknowledgement is
-    /// awaited. Either way a write costs one round trip, however many
-    /// records it holds.
-    async fn write(&mut self, epoch: u64, batch: &[Write]) -> Acked {
-        let atomic = match self.atomic {
-            Some(atomic) => atomic,
-            None => *self.atomic.insert(self.batches_pay().await),
-        };
-        if atomic {
-            return self.write_batch(epoch, batch).await;
-        }
+    async fn write(&mut self, epoch: u64, batch: Vec<Write>) -> Vec<Written> {
         let fence = self.subjects.catalog_fence();
-        let mut acks = Vec::with_capacity(batch.len());
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut acks = VecDeque::with_capacity(batch.len().min(IN_FLIGHT));
+        // Sent ahead of their acks, up to IN_FLIGHT awaiting at once: a
+        // batch costs a few round trips, not one per record.
         for write in batch {
+            if acks.len() == IN_FLIGHT {
+                if let Some(ack) = acks.pop_front() {
+                    outcomes.push(settle(ack).await);
+                }
+            }
             let mut publish = Publish::build()
-                .payload(write.payload.clone())
+                .payload(write.payload)
                 .expected_last_subject_sequence(epoch)
                 .header(EXPECTED_SUBJECT, fence.as_str());
             if write.left.is_some() {
                 publish = publish.ttl(self.tombstone_ttl);
             }
             let subject = self.subjects.catalog_store(&write.service, &write.id);
-            acks.push(self.js.send_publish(subject, publish).await);
+            acks.push_back(self.js.send_publish(subject, publish).await);
         }
-        Box::pin(async move {
-            let mut outcomes = Vec::with_capacity(acks.len());
-            for ack in acks {
-                outcomes.push(match ack {
-                    Ok(ack) => settle(ack).await,
-                    Err(error) => Written::Failed(error.to_string()),
-                });
-            }
-            outcomes
-        })
+        for ack in acks {
+            outcomes.push(settle(ack).await);
+        }
+        outcomes
     }
 
     async fn heartbeat(&mut self, payload: Bytes) {
@@ -218,11 +143,7 @@ impl Wire for NatsWire {
             Err(error) => Err(error),
         };
         match result {
-            Ok(ack) => {
-                // The stream may have changed since the last term.
-                self.atomic = None;
-                Fenced::Won(ack.sequence)
-            }
+            Ok(ack) => Fenced::Won(ack.sequence),
             Err(error) => {
                 let actual = actual_sequence(&error);
                 if actual.is_none() {
