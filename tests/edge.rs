@@ -11,7 +11,6 @@ mod http_support;
 mod support;
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 use http_support::HttpBackend;
-use support::balancer::TestBalancer;
+use support::balancer::{exchange, read_to_close, status, TestBalancer};
 use support::eventually;
 
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -45,26 +44,6 @@ impl TestBalancer {
         })
         .await;
     }
-}
-
-/// Sends `request` on a new connection and reads until the server closes.
-async fn exchange(addr: SocketAddr, request: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    read_to_close(&mut stream).await
-}
-
-async fn read_to_close(stream: &mut TcpStream) -> String {
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer)).await;
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
-fn status(answer: &str) -> u16 {
-    answer
-        .get(9..12)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {answer:?}"))
 }
 
 /// Reads until the peer closes; how long that took.

@@ -9,7 +9,6 @@ mod http_support;
 mod support;
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +17,7 @@ use rollcall::protocol::{Instance, Snapshot};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use support::balancer::TestBalancer;
+use support::balancer::{exchange, status, TestBalancer};
 
 const DEADLINE: Duration = Duration::from_secs(5);
 const BROKEN: &str = "rollcall_balancer_upstream_failures_total{kind=\"broken\"}";
@@ -149,6 +148,13 @@ async fn serve(mut stream: TcpStream, answers: Arc<Mutex<VecDeque<Answer>>>) {
     }
 }
 
+/// A balancer routing `web` to `backend`, its instance named `web-1`.
+async fn routed_to(backend: &Scripted) -> TestBalancer {
+    let edge = TestBalancer::start(&["web"]).await;
+    route(&edge, "web-1", backend.port).await;
+    edge
+}
+
 /// Routes `web` to the backend at `port`, its instance named `id`.
 async fn route(edge: &TestBalancer, id: &str, port: u16) {
     let revision = edge.applied.borrow().revision("web") + 1;
@@ -160,29 +166,12 @@ async fn route(edge: &TestBalancer, id: &str, port: u16) {
     .await;
 }
 
-/// Sends `request` on a connection of its own; the whole answer, read
-/// until the balancer closes.
-async fn exchange(addr: SocketAddr, request: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer)).await;
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
 async fn get(edge: &TestBalancer) -> String {
     exchange(
         edge.addr,
         "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     )
     .await
-}
-
-fn status(answer: &str) -> u16 {
-    answer
-        .get(9..12)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {answer:?}"))
 }
 
 /// The body of a whole answer, chunks joined.
@@ -268,8 +257,7 @@ async fn a_bad_chunk_or_a_truncated_body_cuts_the_answer_and_the_connection_goes
         answer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"),
     ])
     .await;
-    let edge = TestBalancer::start(&["web"]).await;
-    route(&edge, "web-1", backend.port).await;
+    let edge = routed_to(&backend).await;
     for round in 1..=3 {
         // The answer is cut: at most its head and what came before the
         // fault, never the last chunk.
@@ -300,8 +288,7 @@ async fn a_close_delimited_body_is_passed_whole_and_its_connection_not_reused() 
         answer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"),
     ])
     .await;
-    let edge = TestBalancer::start(&["web"]).await;
-    route(&edge, "web-1", backend.port).await;
+    let edge = routed_to(&backend).await;
     let text = get(&edge).await;
     assert_eq!(status(&text), 200, "{text}");
     assert_eq!(body(&text), "until the instance closes");
@@ -326,8 +313,7 @@ async fn bodiless_answers_chunked_trailers_and_lengths_keep_one_connection() {
         ),
     ])
     .await;
-    let edge = TestBalancer::start(&["web"]).await;
-    route(&edge, "web-1", backend.port).await;
+    let edge = routed_to(&backend).await;
     let text = get(&edge).await;
     assert_eq!(status(&text), 204, "{text}");
     assert!(text.ends_with("\r\n\r\n"), "no body: {text}");
@@ -364,8 +350,7 @@ async fn bytes_sent_past_a_response_never_reach_the_next_request() {
         answer(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond"),
     ])
     .await;
-    let edge = TestBalancer::start(&["web"]).await;
-    route(&edge, "web-1", backend.port).await;
+    let edge = routed_to(&backend).await;
     let text = get(&edge).await;
     assert_eq!(body(&text), "ok", "{text}");
     let text = get(&edge).await;
@@ -386,8 +371,7 @@ async fn an_idle_connection_the_instance_closed_is_dropped_at_checkout() {
         answer(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond"),
     ])
     .await;
-    let edge = TestBalancer::start(&["web"]).await;
-    route(&edge, "web-1", backend.port).await;
+    let edge = routed_to(&backend).await;
     assert_eq!(body(&get(&edge).await), "first");
     backend.closed(1).await;
     let text = get(&edge).await;

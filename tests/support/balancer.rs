@@ -9,7 +9,8 @@ use rollcall::balancer::routes::Routes;
 use rollcall::balancer::{workers, Applied, Balancer, BalancerConfig, BalancerError};
 use rollcall::protocol::Snapshot;
 use rollcall::subscription::Update;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -124,4 +125,27 @@ impl TestBalancer {
             .expect("serve task does not panic");
         result.expect("serve ends without error");
     }
+}
+
+/// Sends `request` as raw bytes on a new connection to `addr` and reads
+/// until the balancer closes: the whole answer.
+pub async fn exchange(addr: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    read_to_close(&mut stream).await
+}
+
+/// Everything `stream` receives until the peer closes (at most [`DEADLINE`]).
+pub async fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The status code of a raw answer's status line.
+pub fn status(answer: &str) -> u16 {
+    answer
+        .get(9..12)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"))
 }
