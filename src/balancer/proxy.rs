@@ -59,7 +59,8 @@ use super::rotation::{Member, ServiceSet};
 use super::tls::{self, Tls};
 use super::upgrade;
 use super::upstream::{
-    self, Forwarded, PooledBody, RequestBody, RequestHead, UpstreamConnectError, UpstreamError,
+    self, EncodedHead, Forwarded, PooledBody, RequestBody, RequestHead, UpstreamConnectError,
+    UpstreamError,
 };
 use super::{BalancerConfig, Shared};
 use crate::metrics::{BalancerMetrics, Held, UpstreamFailure};
@@ -389,9 +390,7 @@ impl Body for ClientBody {
 /// The request as it goes upstream, minus the instance.
 struct Prepared {
     method: http::Method,
-    path_and_query: PathAndQuery,
-    headers: HeaderMap,
-    forwarded: Forwarded,
+    head: EncodedHead,
     body: Replay,
 }
 
@@ -440,7 +439,14 @@ impl Proxy {
                 upstream_timeout: self.upstream_timeout,
                 head_limit: self.head_limit,
             };
-            return upgrade::forward(&self.shared, index, request, client_ip, bounds).await;
+            return Box::pin(upgrade::forward(
+                &self.shared,
+                index,
+                request,
+                client_ip,
+                bounds,
+            ))
+            .await;
         }
         let via = self.via.clone();
         let response = match prepare(parts, body, client_ip, via, self.body_timeout).await {
@@ -465,8 +471,9 @@ impl Proxy {
     /// balancer: an instance registered at the balancer's own address
     /// would otherwise send each request round until descriptors run out.
     fn check_loop(&self, headers: &HeaderMap) -> Result<(), Refusal> {
-        let mut seen = headers.get_all(header::VIA).iter();
-        if seen.any(|via| via.to_str().is_ok_and(|via| via.contains(&self.shared.via))) {
+        // A pass over the few headers costs less than a hash lookup.
+        let mut seen = headers.iter().filter(|(name, _)| *name == header::VIA);
+        if seen.any(|(_, via)| via.to_str().is_ok_and(|via| via.contains(&self.shared.via))) {
             self.shared.metrics.loops_refused.inc();
             return Err(Refusal {
                 status: StatusCode::LOOP_DETECTED,
@@ -566,24 +573,21 @@ impl Proxy {
         }
     }
 
-    /// One attempt at `member`: a connection, the request, the response
-    /// head, all within the upstream timeout.
+    /// One attempt at `member`: a connection (within the connect timeout),
+    /// the request, the response head (within the upstream timeout of the
+    /// request going out).
     async fn attempt(
         &self,
         member: &Member,
         prepared: &mut Prepared,
     ) -> Result<Response<PooledBody>, AttemptError> {
-        let attempt = async {
-            let checkout = member.upstream.checkout(self.connect_timeout).await?;
-            let body = prepared.body().ok_or(AttemptError::BodyGone)?;
-            checkout
-                .send(prepared.head(), body, self.head_limit)
-                .await
-                .map_err(AttemptError::Send)
-        };
-        tokio::time::timeout(self.upstream_timeout, attempt)
-            .await
-            .unwrap_or(Err(AttemptError::TimedOut(self.upstream_timeout)))
+        let checkout = member.upstream.checkout(self.connect_timeout).await?;
+        let body = prepared.body().ok_or(AttemptError::BodyGone)?;
+        let sent = checkout.send(&prepared.head, body, self.head_limit, self.upstream_timeout);
+        sent.await.map_err(|error| match error {
+            UpstreamError::TimedOut(timeout) => AttemptError::TimedOut(timeout),
+            error => AttemptError::Send(error),
+        })
     }
 }
 
@@ -629,9 +633,11 @@ fn log_failure(service: &str, member: &Member, error: &AttemptError, failure: Fa
     }
 }
 
-/// The request's route and headers made ready to go upstream, and its body
-/// read whole when small enough to send again; or the client's answer when
-/// the body cannot be read.
+/// The request's head written out for instances, and its body read whole
+/// when small enough to send again; or the client's answer when the body
+/// cannot be read. The head is written before the body is read, and the
+/// header map and URI dropped: their bytes are the client connection's
+/// read buffer, which hyper can then reuse instead of allocating another.
 async fn prepare(
     parts: http::request::Parts,
     body: Incoming,
@@ -639,27 +645,34 @@ async fn prepare(
     via: HeaderValue,
     body_timeout: Duration,
 ) -> Result<Prepared, Refusal> {
-    let mut headers = parts.headers;
+    let http::request::Parts {
+        method,
+        uri,
+        mut headers,
+        extensions,
+        ..
+    } = parts;
     strip_hop_by_hop(&mut headers);
-    let forwarded = forwarded(&parts.uri, &parts.extensions, client_ip, Some(via));
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let body = replayable(IdleBody::new(body, body_timeout))
-        .await
-        .map_err(|error| Refusal {
-            status: client_fault(&error),
-            text: format!("could not read the request body: {}\n", ErrorChain(&error)),
-        })?;
-    Ok(Prepared {
-        method: parts.method,
-        path_and_query,
-        headers,
-        forwarded,
-        body,
-    })
+    let forwarded = forwarded(&uri, &extensions, client_ip, Some(via));
+    let body = IdleBody::new(body, body_timeout);
+    let length = if body.is_end_stream() {
+        Some(0)
+    } else {
+        body.size_hint().exact()
+    };
+    let head = RequestHead {
+        method: &method,
+        target: uri.path_and_query().map_or("/", PathAndQuery::as_str),
+        headers: &headers,
+        forwarded: &forwarded,
+    }
+    .encode(length);
+    drop((uri, headers));
+    let body = replayable(body).await.map_err(|error| Refusal {
+        status: client_fault(&error),
+        text: format!("could not read the request body: {}\n", ErrorChain(&error)),
+    })?;
+    Ok(Prepared { method, head, body })
 }
 
 /// The host a request is routed by: the URI's own authority when it has
@@ -671,7 +684,9 @@ fn request_host(parts: &http::request::Parts) -> Result<Option<&str>, Refusal> {
         status: StatusCode::BAD_REQUEST,
         text: format!("{text}\n"),
     };
-    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let mut hosts = (parts.headers.iter())
+        .filter(|(name, _)| *name == header::HOST)
+        .map(|(_, host)| host);
     let host = hosts.next();
     if hosts.next().is_some() {
         return Err(bad("more than one Host header"));
@@ -910,17 +925,6 @@ impl Prepared {
         }
     }
 
-    /// The head for each attempt, in origin form (`/path?query`): the
-    /// connection already goes to the instance.
-    fn head(&self) -> RequestHead<'_> {
-        RequestHead {
-            method: &self.method,
-            target: self.path_and_query.as_str(),
-            headers: &self.headers,
-            forwarded: &self.forwarded,
-        }
-    }
-
     /// The body for one attempt; `None` once a streamed body was sent.
     fn body(&mut self) -> Option<RequestBody> {
         match &mut self.body {
@@ -1141,16 +1145,21 @@ mod tests {
             via: HeaderValue::from_static("1.1 test"),
             access_log: None,
         };
+        let forwarded = forwarded(
+            &Uri::from_static("/"),
+            &http::Extensions::new(),
+            HeaderValue::from_static("127.0.0.1"),
+            None,
+        );
+        let head = RequestHead {
+            method: &http::Method::GET,
+            target: "/",
+            headers: &HeaderMap::new(),
+            forwarded: &forwarded,
+        };
         let prepared = Prepared {
             method: http::Method::GET,
-            path_and_query: PathAndQuery::from_static("/"),
-            headers: HeaderMap::new(),
-            forwarded: forwarded(
-                &Uri::from_static("/"),
-                &http::Extensions::new(),
-                HeaderValue::from_static("127.0.0.1"),
-                None,
-            ),
+            head: head.encode(Some(0)),
             body: Replay::Bytes(None),
         };
         let started = tokio::time::Instant::now();

@@ -14,6 +14,9 @@
 //! the response head ([`super::h1`] parses it); the response body reads the
 //! rest from the socket, still sending what is left of the request body,
 //! and puts the connection back into its pool at the body's clean end.
+//! The proxy writes a request's head once ([`RequestHead::encode`]) for all
+//! its attempts; each connection keeps its upstream-timeout timer from one
+//! request to the next.
 //!
 //! Each worker runtime ([`set_worker`]) has its own idle list per instance:
 //! a socket is registered with the runtime that opened it, so the requests
@@ -33,6 +36,7 @@ use http::{Method, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use super::h1::{self, Decoded, Decoder, HeadReader, ParseError, Truncated};
 use super::limits::{BodyError, IdleBody};
@@ -49,8 +53,12 @@ pub enum RequestBody {
 /// connection coming back to a full pool is closed.
 pub const MAX_IDLE: usize = 512;
 
-/// Room made in the read buffer before each read.
+/// Room made in the read buffer when less than [`MIN_READ`] is left. A
+/// buffer serves one response after another until it is used up: the
+/// heads and bodies taken off it share its bytes, so making room each time
+/// would mean a new buffer per response.
 const READ_SIZE: usize = 16 * 1024;
+const MIN_READ: usize = 4 * 1024;
 
 thread_local! {
     /// The worker this thread serves requests for; 0 outside any worker.
@@ -88,6 +96,8 @@ pub enum UpstreamError {
     Closed,
     #[error("the connection failed before a whole response head came")]
     Head(#[source] io::Error),
+    #[error("no response head within {0:?}")]
+    TimedOut(Duration),
     #[error("the instance's response cannot be passed on")]
     Malformed(#[source] ParseError),
     #[error("the instance switched protocols though the request asked for no upgrade")]
@@ -142,9 +152,13 @@ pub struct Upstream {
 
 /// One worker's idle connections to an instance, on a cache line of its own
 /// so that workers on different cores do not contend for it.
+///
+/// Connections stay boxed from their opening to their closing: a request's
+/// futures and its response body move theirs several times over.
 #[repr(align(64))]
 #[derive(Default)]
-struct Pool(Mutex<Vec<Connection>>);
+#[allow(clippy::vec_box)]
+struct Pool(Mutex<Vec<Box<Connection>>>);
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -166,7 +180,8 @@ impl Upstream {
     }
 
     /// The calling worker's idle list.
-    fn pool(&self) -> &Mutex<Vec<Connection>> {
+    #[allow(clippy::vec_box)]
+    fn pool(&self) -> &Mutex<Vec<Box<Connection>>> {
         let worker = WORKER.with(Cell::get);
         &self.pools[worker % self.pools.len()].0
     }
@@ -191,7 +206,7 @@ impl Upstream {
             }
         }
         Ok(Checkout {
-            connection: self.connect(connect_timeout).await?,
+            connection: Box::pin(self.connect(connect_timeout)).await?,
             home: Some(self.clone()),
         })
     }
@@ -204,7 +219,7 @@ impl Upstream {
         })
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<Connection, UpstreamConnectError> {
+    async fn connect(&self, timeout: Duration) -> Result<Box<Connection>, UpstreamConnectError> {
         let address = || format!("{}:{}", self.host, self.port);
         let connecting = TcpStream::connect((self.host.as_str(), self.port));
         let stream = match tokio::time::timeout(timeout, connecting).await {
@@ -224,7 +239,7 @@ impl Upstream {
         };
         // Small requests must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        Ok(Connection {
+        Ok(Box::new(Connection {
             stream,
             input: BytesMut::new(),
             heads: HeadReader::default(),
@@ -234,10 +249,11 @@ impl Upstream {
             body: None,
             chunked: false,
             send_failed: false,
-        })
+            timer: None,
+        }))
     }
 
-    fn give_back(&self, mut connection: Connection) {
+    fn give_back(&self, mut connection: Box<Connection>) {
         connection.sent_any = false;
         let mut idle = self.pool().lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
@@ -265,9 +281,21 @@ struct Connection {
     /// Writing failed after the response head came: the rest of the
     /// request is dropped, the response still read.
     send_failed: bool,
+    /// The upstream timeout of the request in flight, kept from one request
+    /// to the next: moving a registered timer's deadline later costs next
+    /// to nothing, while a new timer is registered and removed each time.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Connection {
+    /// Sets the upstream timeout's deadline for the request going out.
+    fn arm(&mut self, deadline: Instant) {
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().reset(deadline),
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
+
     /// Nothing came from the instance while the connection was idle: no
     /// close, no stray bytes.
     fn is_idle(&self) -> bool {
@@ -282,50 +310,18 @@ impl Connection {
 
     /// Puts the request head into `output`, with the body when it is kept
     /// whole, so that both go in one write.
-    fn encode(&mut self, head: RequestHead<'_>, body: RequestBody) {
+    fn encode(&mut self, head: &EncodedHead, body: RequestBody) {
         let out = &mut self.output;
         out.clear();
         self.written = 0;
-        out.extend_from_slice(head.method.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(head.target.as_bytes());
-        out.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in head.headers {
-            // Framing is this hop's, written below, as are forwarded
-            // headers.
-            if name == header::CONTENT_LENGTH
-                || name == header::TRANSFER_ENCODING
-                || head.forwarded.replaces(name)
-            {
-                continue;
-            }
-            field(out, name.as_str(), [], value);
-        }
-        head.forwarded.encode(head.headers, out);
-        let length = match &body {
-            RequestBody::Whole(bytes) => Some(bytes.len() as u64),
-            RequestBody::Stream(stream) if stream.is_end_stream() => Some(0),
-            RequestBody::Stream(stream) => stream.size_hint().exact(),
-        };
-        self.chunked = length.is_none();
-        match length {
-            // RFC 9110 §8.6: a request whose method expects content says
-            // even when it has none.
-            Some(0) if !expects_content(head.method) => {}
-            Some(length) => {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(length.to_string().as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
-            None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        }
-        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&head.bytes);
+        self.chunked = head.length.is_none();
         self.body = match body {
             RequestBody::Whole(bytes) => {
                 out.extend_from_slice(&bytes);
                 None
             }
-            RequestBody::Stream(_) if length == Some(0) => None,
+            RequestBody::Stream(_) if head.length == Some(0) => None,
             RequestBody::Stream(stream) => Some(stream),
         };
     }
@@ -394,16 +390,16 @@ impl Connection {
 
     /// Reads more from the instance into `input`: the count read, 0 at its
     /// end.
+    ///
+    /// Through `AsyncRead`, which forgets the socket's readiness after a
+    /// read shorter than the room given (the socket is then drained): the
+    /// next look at it, [`Connection::is_idle`] when it is taken from the
+    /// pool, costs no system call unless the instance sent something since.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        loop {
+        if self.input.capacity() - self.input.len() < MIN_READ {
             self.input.reserve(READ_SIZE);
-            match self.stream.try_read_buf(&mut self.input) {
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.stream.poll_read_ready(cx))?;
-                }
-                read => return Poll::Ready(read),
-            }
         }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.input)
     }
 
     /// Sends the request while reading the response head; 1xx heads other
@@ -451,7 +447,8 @@ fn expects_content(method: &Method) -> bool {
 
 /// A connection taken for one request.
 pub struct Checkout {
-    connection: Connection,
+    /// Boxed: it moves with the request's futures and its response body.
+    connection: Box<Connection>,
     /// The instance whose pool takes the connection back; `None` for one
     /// that must not go back (an upgrade's).
     home: Option<Arc<Upstream>>,
@@ -466,6 +463,71 @@ pub struct RequestHead<'a> {
     pub target: &'a str,
     pub headers: &'a HeaderMap,
     pub forwarded: &'a Forwarded,
+}
+
+/// A request head as it goes on the wire, written once for every attempt
+/// at it: the client's request and its header map can go as soon as it is.
+#[derive(Debug)]
+pub struct EncodedHead {
+    bytes: Vec<u8>,
+    /// The length of the body it announces; `None`: sent chunked.
+    length: Option<u64>,
+    /// A `HEAD` request: its response has no body whatever it says.
+    head_request: bool,
+}
+
+impl RequestHead<'_> {
+    /// The head for a body of `length` bytes (`None`: not known, so the
+    /// body goes chunked).
+    pub fn encode(&self, length: Option<u64>) -> EncodedHead {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(self.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        // One pass over the headers, noting the ones this hop extends.
+        let mut seen = Seen::default();
+        for (name, value) in self.headers {
+            // Framing is this hop's, written below, as are forwarded
+            // headers.
+            if name == header::CONTENT_LENGTH
+                || name == header::TRANSFER_ENCODING
+                || self.forwarded.replaces(name, value, &mut seen)
+            {
+                continue;
+            }
+            field(&mut out, name.as_str(), [], value);
+        }
+        self.forwarded.encode(self.headers, &seen, &mut out);
+        match length {
+            // RFC 9110 §8.6: a request whose method expects content says
+            // even when it has none.
+            Some(0) if !expects_content(self.method) => {}
+            Some(length) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(length.to_string().as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        }
+        out.extend_from_slice(b"\r\n");
+        EncodedHead {
+            bytes: out,
+            length,
+            head_request: *self.method == Method::HEAD,
+        }
+    }
+}
+
+impl RequestBody {
+    /// Its length when known: what its head announces.
+    pub fn length(&self) -> Option<u64> {
+        match self {
+            RequestBody::Whole(bytes) => Some(bytes.len() as u64),
+            RequestBody::Stream(stream) if stream.is_end_stream() => Some(0),
+            RequestBody::Stream(stream) => stream.size_hint().exact(),
+        }
+    }
 }
 
 /// The headers a hop adds, written as the head goes out instead of put into
@@ -483,39 +545,66 @@ pub struct Forwarded {
     pub via: Option<HeaderValue>,
 }
 
+/// What the pass over a request's headers found of those a hop extends.
+#[derive(Default)]
+struct Seen<'h> {
+    host: Option<&'h HeaderValue>,
+    forwarded_for: bool,
+    via: bool,
+}
+
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 impl Forwarded {
-    /// Whether `name` is a header this hop writes itself.
-    fn replaces(&self, name: &HeaderName) -> bool {
-        (name.as_str().starts_with("x-forwarded-")
-            && (*name == X_FORWARDED_FOR
-                || *name == X_FORWARDED_PROTO
-                || *name == X_FORWARDED_HOST))
-            || (*name == header::HOST && self.authority.is_some())
-            || (*name == header::VIA && self.via.is_some())
+    /// Whether `name` is a header this hop writes itself, noting in `seen`
+    /// those whose values it extends.
+    fn replaces<'h>(&self, name: &HeaderName, value: &'h HeaderValue, seen: &mut Seen<'h>) -> bool {
+        if *name == header::HOST {
+            seen.host.get_or_insert(value);
+            self.authority.is_some()
+        } else if *name == header::VIA {
+            seen.via = true;
+            self.via.is_some()
+        } else if name.as_str().starts_with("x-forwarded-") {
+            seen.forwarded_for |= *name == X_FORWARDED_FOR;
+            *name == X_FORWARDED_FOR || *name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST
+        } else {
+            false
+        }
     }
 
     /// Writes the headers, lists appended to what `headers` already holds.
-    fn encode(&self, headers: &HeaderMap, out: &mut Vec<u8>) {
-        let host = self
-            .authority
-            .as_ref()
-            .or_else(|| headers.get(header::HOST));
+    fn encode(&self, headers: &HeaderMap, seen: &Seen<'_>, out: &mut Vec<u8>) {
+        // Looked up only when present: most requests carry neither list.
+        let earlier = |present: bool, name: HeaderName| {
+            present
+                .then(|| headers.get_all(name).into_iter())
+                .into_iter()
+                .flatten()
+        };
         if let Some(authority) = &self.authority {
-            field(out, header::HOST.as_str(), &[], authority);
+            field(out, header::HOST.as_str(), [], authority);
         }
-        let earlier = headers.get_all(X_FORWARDED_FOR);
-        field(out, X_FORWARDED_FOR.as_str(), &earlier, &self.client_ip);
-        field(out, X_FORWARDED_PROTO.as_str(), &[], &self.proto);
-        if let Some(host) = host {
-            field(out, X_FORWARDED_HOST.as_str(), &[], host);
+        let forwarded_for = earlier(seen.forwarded_for, X_FORWARDED_FOR);
+        field(
+            out,
+            X_FORWARDED_FOR.as_str(),
+            forwarded_for,
+            &self.client_ip,
+        );
+        field(out, X_FORWARDED_PROTO.as_str(), [], &self.proto);
+        if let Some(host) = self.authority.as_ref().or(seen.host) {
+            field(out, X_FORWARDED_HOST.as_str(), [], host);
         }
         if let Some(via) = &self.via {
-            let earlier = headers.get_all(header::VIA);
-            field(out, header::VIA.as_str(), &earlier, via);
+            field(
+                out,
+                header::VIA.as_str(),
+                earlier(seen.via, header::VIA),
+                via,
+            );
         }
     }
 }
@@ -540,20 +629,23 @@ fn field<'v>(
 
 impl Checkout {
     /// Sends a request, reading a response head of at most `head_limit`
-    /// bytes; the connection goes back to the pool once the response body
-    /// has been read to its end and the response lets it be kept. The head
-    /// is written out before the future is first polled, so it is only
-    /// borrowed.
+    /// bytes within `timeout` of sending it; the connection goes back to
+    /// the pool once the response body has been read to its end and the
+    /// response lets it be kept. The head is copied out before the future
+    /// is first polled, so it is only borrowed.
     pub fn send(
         mut self,
-        head: RequestHead<'_>,
+        head: &EncodedHead,
         body: RequestBody,
         head_limit: usize,
+        timeout: Duration,
     ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> {
-        let head_request = *head.method == Method::HEAD;
+        let head_request = head.head_request;
         self.connection.encode(head, body);
         async move {
-            let response = self.exchange(head_request, head_limit).await?;
+            let response = self
+                .exchange(head_request, head_limit, Some(timeout))
+                .await?;
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 return Err(UpstreamError::UnaskedUpgrade);
             }
@@ -569,18 +661,35 @@ impl Checkout {
         body: RequestBody,
         head_limit: usize,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let head_request = *head.method == Method::HEAD;
-        self.connection.encode(head, body);
-        self.exchange(head_request, head_limit).await
+        let head = head.encode(body.length());
+        self.connection.encode(&head, body);
+        self.exchange(head.head_request, head_limit, None).await
     }
 
-    /// Writes the request encoded and reads the response head.
+    /// Writes the request encoded and reads the response head, within
+    /// `timeout` when given.
     async fn exchange(
         mut self,
         head_request: bool,
         head_limit: usize,
+        timeout: Option<Duration>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let head = poll_fn(|cx| self.connection.poll_head(cx, head_request, head_limit)).await?;
+        let connection = &mut *self.connection;
+        if let Some(timeout) = timeout {
+            connection.arm(Instant::now() + timeout);
+        }
+        let head = poll_fn(|cx| {
+            let head = connection.poll_head(cx, head_request, head_limit);
+            if let (Poll::Pending, Some(timer), Some(timeout)) =
+                (&head, &mut connection.timer, timeout)
+            {
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(UpstreamError::TimedOut(timeout)));
+                }
+            }
+            head
+        })
+        .await?;
         let upgraded = head.status == StatusCode::SWITCHING_PROTOCOLS;
         let mut response = Response::new(());
         *response.status_mut() = head.status;
@@ -637,7 +746,7 @@ impl PooledBody {
 
     /// The connection of a 101 answer, handed over.
     pub fn upgraded(mut self) -> Option<Upgraded> {
-        let mut connection = self.checkout.take()?.connection;
+        let mut connection = *self.checkout.take()?.connection;
         Some(Upgraded {
             stream: connection.stream,
             read_ahead: connection.input.split().freeze(),
