@@ -182,16 +182,31 @@ fn head_of(
         Version::HTTP_11
     };
     let mut headers = HeaderMap::with_capacity(fields.len());
+    // What framing and keep-alive depend on, noted in the pass that builds
+    // the map rather than looked up in it afterwards.
+    let mut length = None;
+    let (mut chunked, mut connection) = (false, false);
     for field in fields {
         let name = &bytes[field.name.0..field.name.0 + field.name.1];
         let value = bytes.slice(field.value.0..field.value.0 + field.value.1);
         let bad = || ParseError::Field(String::from_utf8_lossy(name).into_owned());
         let name = HeaderName::from_bytes(name).map_err(|_| bad())?;
         let value = HeaderValue::from_maybe_shared(value).map_err(|_| bad())?;
+        if name == header::CONTENT_LENGTH {
+            length = content_length(length, &value)?;
+        } else {
+            chunked |= name == header::TRANSFER_ENCODING;
+            connection |= name == header::CONNECTION;
+        }
         headers.append(name, value);
     }
-    let framing = framing(&headers, status, version, head_request)?;
-    let keep_alive = framing != Framing::Close && keeps_alive(&headers, version);
+    let framing = framing(&headers, chunked, length, status, version, head_request)?;
+    let keep_alive = framing != Framing::Close
+        && if connection {
+            keeps_alive(&headers, version)
+        } else {
+            version == Version::HTTP_11
+        };
     Ok(Head {
         status,
         version,
@@ -201,15 +216,16 @@ fn head_of(
     })
 }
 
-/// The body's framing, RFC 9112 §6.3.
+/// The body's framing, RFC 9112 §6.3: `chunked` when the head has a
+/// `Transfer-Encoding`, `length` what its `Content-Length` says.
 fn framing(
     headers: &HeaderMap,
+    chunked: bool,
+    length: Option<u64>,
     status: StatusCode,
     version: Version,
     head_request: bool,
 ) -> Result<Framing, ParseError> {
-    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
-    let length = content_length(headers)?;
     if chunked && length.is_some() {
         return Err(ParseError::LengthAndChunked);
     }
@@ -249,24 +265,22 @@ fn framing(
     })
 }
 
-/// The one length all `Content-Length` values agree on, if any is given.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ParseError> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let invalid = || ParseError::InvalidLength(String::from_utf8_lossy(item).into_owned());
-            let digits = item.trim_ascii();
-            if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-                return Err(invalid());
-            }
-            let parsed = digits.iter().try_fold(0u64, |n, &digit| {
-                n.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
-            });
-            let parsed = parsed.ok_or_else(invalid)?;
-            match length {
-                Some(earlier) if earlier != parsed => return Err(ParseError::DifferingLengths),
-                _ => length = Some(parsed),
-            }
+/// The one length `value`, a `Content-Length`, and the `length` of those
+/// before it agree on.
+fn content_length(mut length: Option<u64>, value: &HeaderValue) -> Result<Option<u64>, ParseError> {
+    for item in value.as_bytes().split(|&b| b == b',') {
+        let invalid = || ParseError::InvalidLength(String::from_utf8_lossy(item).into_owned());
+        let digits = item.trim_ascii();
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return Err(invalid());
+        }
+        let parsed = digits.iter().try_fold(0u64, |n, &digit| {
+            n.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+        });
+        let parsed = parsed.ok_or_else(invalid)?;
+        match length {
+            Some(earlier) if earlier != parsed => return Err(ParseError::DifferingLengths),
+            _ => length = Some(parsed),
         }
     }
     Ok(length)
