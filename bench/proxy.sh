@@ -13,8 +13,9 @@
 # LAYOUTS="w0_p1_b01 two_core" measures both in one run, one after the other.
 #
 # Prints one RUN line per wrk run, one SUMMARY line per target (req/s, p50,
-# p99: median [min..max]) and RATIO lines (per-rep rollcall/nginx and
-# rollcall/haproxy req/s, and the p99 ratios).
+# p99, and the proxy process's own CPU per request, user and system, from
+# /proc/PID/stat of it and its children: median [min..max]) and RATIO lines
+# (per-rep rollcall/nginx and rollcall/haproxy req/s, and the p99 ratios).
 #
 # Env: LAYOUTS (or LAYOUT), REPS (3), DUR seconds per wrk run (5), CONNS (50), THREADS (1), WARMUP (1)
 source "$(dirname "$0")/lib.sh"
@@ -42,6 +43,17 @@ declare -A URL=(
   [rollcall]="http://127.0.0.1:$ROLLCALL_PORT/"
 )
 TARGETS=(direct rollcall nginx haproxy)
+# proxy_ticks PID...: user and system clock ticks of these processes and
+# their children (nginx's workers under its master)
+proxy_ticks() {
+  local p pids=("$@") user=0 sys=0 u s
+  for p in "$@"; do mapfile -t -O "${#pids[@]}" pids < <(pgrep -P "$p"); done
+  for p in "${pids[@]}"; do
+    read -r u s < <(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12, $13}') || continue
+    user=$((user + u)); sys=$((sys + s))
+  done
+  echo "$user $sys"
+}
 NT=${#TARGETS[@]}
 RES="$RUN_DIR/results.tsv"
 RSS="$RUN_DIR/rss.tsv"
@@ -58,7 +70,14 @@ for LAYOUT in $LAYOUTS; do
   for ((rep=1; rep<=REPS; rep++)); do
     for ((k=0; k<NT; k++)); do
       t="${TARGETS[$(( (k + rep - 1) % NT ))]}"
+      case "$t" in
+        rollcall) pids=("$BALANCER_PID") ;; nginx) pids=("$NGINX_PID") ;;
+        haproxy) pids=("$HAPROXY_PID") ;; *) pids=() ;;
+      esac
+      read -r u0 s0 < <(proxy_ticks "${pids[@]}")
       line="$(run_wrk "$t" "${URL[$t]}" "$DUR" "$CONNS")"
+      read -r u1 s1 < <(proxy_ticks "${pids[@]}")
+      line+=" proxy_user_ticks=$((u1 - u0)) proxy_sys_ticks=$((s1 - s0)) ticks_per_s=$(getconf CLK_TCK)"
       echo "RUN layout=$LAYOUT rep=$rep target=$t $line"
       printf '%s\t%s\t%s\t%s\n' "$LAYOUT" "$rep" "$t" "$line" >> "$RES"
     done
@@ -91,6 +110,12 @@ for layout, data in by_layout.items():
         p99 = [int(r["p99_us"]) for r in runs]
         errs = sum(int(r[k]) for r in runs for k in ("err_connect", "err_read", "err_write", "err_timeout", "non2xx"))
         extra = f" balancer_rss_mib={rss_of[layout]/1024:.1f}" if t == "rollcall" else ""
+        if t != "direct":
+            # The proxy's own CPU per request, in microseconds.
+            per = lambda r, k: 1e6 * int(r[k]) / int(r["ticks_per_s"]) / int(r["requests"])
+            user = [per(r, "proxy_user_ticks") for r in runs]
+            system = [per(r, "proxy_sys_ticks") for r in runs]
+            extra += f" user_us_per_req={mmm(user, '{:.2f}')} sys_us_per_req={mmm(system, '{:.2f}')}"
         print(f"SUMMARY figure=proxy layout={layout} target={t} n={len(rps)} rps={mmm(rps, '{:.0f}')} "
               f"p50_us={mmm(p50, '{:.0f}')} p99_us={mmm(p99, '{:.0f}')} errors_total={errs}{extra}")
     for other in ("nginx", "haproxy", "direct"):
