@@ -655,11 +655,7 @@ async fn prepare(
     strip_hop_by_hop(&mut headers);
     let forwarded = forwarded(&uri, &extensions, client_ip, Some(via));
     let body = IdleBody::new(body, body_timeout);
-    let length = if body.is_end_stream() {
-        Some(0)
-    } else {
-        body.size_hint().exact()
-    };
+    let length = upstream::stream_length(&body);
     let head = RequestHead {
         method: &method,
         target: uri.path_and_query().map_or("/", PathAndQuery::as_str),
@@ -1116,6 +1112,55 @@ mod tests {
         assert_eq!(text, "cannot connect to 127.0.0.1:9: connection refused");
     }
 
+    /// A proxy for one service `web` whose one instance is at `port`, with
+    /// an upstream timeout of 200 ms.
+    fn proxy_to(port: u16) -> Proxy {
+        let shared = Arc::new(Shared::new(Routes::parse(&["web"]).expect("routes")));
+        shared.apply(Update::Service(Snapshot {
+            service: "web".into(),
+            revision: 1,
+            instances: vec![Instance::new("web", "web-1", "127.0.0.1", port)],
+        }));
+        Proxy {
+            shared,
+            upstream_timeout: Duration::from_millis(200),
+            connect_timeout: Duration::from_secs(2),
+            body_timeout: Duration::from_secs(60),
+            upstream_body_timeout: Duration::from_secs(60),
+            head_limit: crate::balancer::h1::DEFAULT_HEAD_LIMIT,
+            via: HeaderValue::from_static("1.1 test"),
+            access_log: None,
+        }
+    }
+
+    /// `GET /` with no body, as [`prepare`] leaves it.
+    fn get() -> Prepared {
+        let forwarded = forwarded(
+            &Uri::from_static("/"),
+            &http::Extensions::new(),
+            HeaderValue::from_static("127.0.0.1"),
+            None,
+        );
+        let head = RequestHead {
+            method: &http::Method::GET,
+            target: "/",
+            headers: &HeaderMap::new(),
+            forwarded: &forwarded,
+        };
+        Prepared {
+            method: http::Method::GET,
+            head: head.encode(Some(0)),
+            body: Replay::Bytes(None),
+        }
+    }
+
+    /// Sends `get()` through `proxy`: its status and how long it took.
+    async fn timed_get(proxy: &Proxy) -> (StatusCode, Duration) {
+        let started = tokio::time::Instant::now();
+        let response = proxy.forward(0, get(), None).await;
+        (response.status(), started.elapsed())
+    }
+
     /// Under paused time the clock jumps to the next timer whenever the
     /// runtime waits on sockets; the only timers here are the proxy's own,
     /// so the jump lands on the upstream timeout.
@@ -1129,48 +1174,51 @@ mod tests {
                 held.push(stream);
             }
         });
-        let shared = Arc::new(Shared::new(Routes::parse(&["web"]).expect("routes")));
-        shared.apply(Update::Service(Snapshot {
-            service: "web".into(),
-            revision: 1,
-            instances: vec![Instance::new("web", "web-1", "127.0.0.1", port)],
-        }));
-        let proxy = Proxy {
-            shared: shared.clone(),
-            upstream_timeout: Duration::from_millis(200),
-            connect_timeout: Duration::from_secs(2),
-            body_timeout: Duration::from_secs(60),
-            upstream_body_timeout: Duration::from_secs(60),
-            head_limit: crate::balancer::h1::DEFAULT_HEAD_LIMIT,
-            via: HeaderValue::from_static("1.1 test"),
-            access_log: None,
-        };
-        let forwarded = forwarded(
-            &Uri::from_static("/"),
-            &http::Extensions::new(),
-            HeaderValue::from_static("127.0.0.1"),
-            None,
-        );
-        let head = RequestHead {
-            method: &http::Method::GET,
-            target: "/",
-            headers: &HeaderMap::new(),
-            forwarded: &forwarded,
-        };
-        let prepared = Prepared {
-            method: http::Method::GET,
-            head: head.encode(Some(0)),
-            body: Replay::Bytes(None),
-        };
-        let started = tokio::time::Instant::now();
-        let response = proxy.forward(0, prepared, None).await;
-        let took = started.elapsed();
-        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        let proxy = proxy_to(port);
+        let (status, took) = timed_get(&proxy).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
         assert!(took >= Duration::from_millis(200), "{took:?}");
         assert!(took < Duration::from_secs(2), "{took:?}");
-        assert_eq!(shared.metrics.retries.get(), 0, "a timeout is not retried");
-        assert_eq!(shared.metrics.ejections.get(), 0);
+        assert_eq!(
+            proxy.shared.metrics.retries.get(),
+            0,
+            "a timeout is not retried"
+        );
+        assert_eq!(proxy.shared.metrics.ejections.get(), 0);
         holder.abort();
+    }
+
+    /// The upstream timeout's timer stays with a pooled connection: after
+    /// it lapsed while the connection sat idle, the next request on that
+    /// connection still gets the whole timeout, and then its 504.
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_alive_connection_times_out_its_next_request_afresh() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let instance = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = instance.local_addr().expect("address").port();
+        // Answers the first request on its one connection, then only reads.
+        let answering = tokio::spawn(async move {
+            let (mut stream, _) = instance.accept().await.expect("accept");
+            let mut buf = [0u8; 4096];
+            let read = stream.read(&mut buf).await.expect("first request");
+            assert!(buf[..read].ends_with(b"\r\n\r\n"), "one whole head");
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            stream.write_all(answer).await.expect("answer");
+            while stream.read(&mut buf).await.is_ok_and(|read| read > 0) {}
+        });
+        let proxy = proxy_to(port);
+        let response = proxy.forward(0, get(), None).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.expect("body");
+        assert_eq!(body.to_bytes(), "ok");
+        // Idle in the pool well past the first request's deadline.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (status, took) = timed_get(&proxy).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert!(took >= Duration::from_millis(200), "{took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert_eq!(proxy.shared.metrics.retries.get(), 0);
+        answering.abort();
     }
 
     #[test]

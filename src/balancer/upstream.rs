@@ -157,8 +157,11 @@ pub struct Upstream {
 /// futures and its response body move theirs several times over.
 #[repr(align(64))]
 #[derive(Default)]
+struct Pool(Mutex<Idle>);
+
+/// Idle connections, each in the box it keeps for its whole life.
 #[allow(clippy::vec_box)]
-struct Pool(Mutex<Vec<Box<Connection>>>);
+type Idle = Vec<Box<Connection>>;
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -180,8 +183,7 @@ impl Upstream {
     }
 
     /// The calling worker's idle list.
-    #[allow(clippy::vec_box)]
-    fn pool(&self) -> &Mutex<Vec<Box<Connection>>> {
+    fn pool(&self) -> &Mutex<Idle> {
         let worker = WORKER.with(Cell::get);
         &self.pools[worker % self.pools.len()].0
     }
@@ -524,9 +526,18 @@ impl RequestBody {
     pub fn length(&self) -> Option<u64> {
         match self {
             RequestBody::Whole(bytes) => Some(bytes.len() as u64),
-            RequestBody::Stream(stream) if stream.is_end_stream() => Some(0),
-            RequestBody::Stream(stream) => stream.size_hint().exact(),
+            RequestBody::Stream(stream) => stream_length(stream),
         }
+    }
+}
+
+/// The length a client's streamed body will have, when known: none at its
+/// end, else what its framing declared.
+pub fn stream_length(stream: &IdleBody<Incoming>) -> Option<u64> {
+    if stream.is_end_stream() {
+        Some(0)
+    } else {
+        stream.size_hint().exact()
     }
 }
 
