@@ -16,6 +16,7 @@ use std::future::Future;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// A running `nats-server` with JetStream, on 127.0.0.1.
@@ -258,12 +259,29 @@ pub fn nats_server_bin() -> PathBuf {
     PathBuf::from("nats-server")
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, for a server started next. Taken
+/// below the kernel's range of ephemeral ports (`ip_local_port_range`), so
+/// no outgoing connection of another test can be given it before the
+/// server binds it, and never handed out twice by this process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port on 127.0.0.1")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOWEST).max(1_000);
+    // Each test binary starts elsewhere in the span: a port a binary just
+    // let go of is not the next one's first pick.
+    let offset = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let port = LOWEST + offset.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(port).expect("a port below 65536");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {LOWEST} and {}", LOWEST + span);
 }
 
 /// Blocks until something accepts connections on `port`.
