@@ -108,7 +108,7 @@ pub async fn serve(listener: TcpListener, endpoint: Arc<dyn Endpoint>, limits: L
                 ended = connection => if let Err(error) = ended {
                     tracing::debug!(%peer, %error, "admin connection ended with an error");
                 },
-                () = activity.idle(idle_timeout) => {
+                _ = activity.quiet(idle_timeout, None) => {
                     tracing::debug!(%peer, "admin connection idle; closed");
                 }
             }

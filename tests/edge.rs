@@ -174,6 +174,43 @@ async fn an_h2_preface_alone_is_closed_at_the_idle_timeout() {
     edge.stop().await;
 }
 
+/// The header timeout times HTTP/1 heads; between the streams of an h2c
+/// connection only the idle timeout counts.
+#[tokio::test(start_paused = true)]
+async fn an_h2c_connection_between_requests_closes_at_the_idle_timeout() {
+    use http_body_util::{BodyExt, Empty};
+    let web = HttpBackend::start("web-1").await;
+    let edge = TestBalancer::start_with(&["web"], |config| {
+        config.limits.header_timeout = Duration::from_secs(1);
+        config.limits.idle_timeout = Duration::from_secs(3);
+    })
+    .await;
+    edge.route_to("web", &[web.port()]).await;
+    let stream = TcpStream::connect(edge.addr).await.expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let request = hyper::Request::get(format!("http://{}/", edge.addr))
+        .body(Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("h2 answer");
+    assert_eq!(response.status(), hyper::StatusCode::OK);
+    response.into_body().collect().await.expect("h2 body");
+    let answered = Instant::now();
+    let _ = connection.await.expect("connection task");
+    assert_eq!(answered.elapsed(), Duration::from_secs(3));
+    assert_eq!(
+        edge.metric("rollcall_balancer_header_timeouts_total").await,
+        0
+    );
+    assert_eq!(edge.metric("rollcall_balancer_idle_closed_total").await, 1);
+    edge.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_declared_but_unsent_body_is_answered_408_without_blaming_the_instance() {
     let web = HttpBackend::start("web-1").await;

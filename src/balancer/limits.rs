@@ -5,15 +5,20 @@
 //! - `Gate`: accepts only while a connection permit is free, and on an
 //!   accept error (out of file descriptors, mostly) backs off briefly and
 //!   logs at a bounded rate.
-//! - `Activity`: one connection's last read and requests in flight, so a
-//!   connection idle between requests is closed at the idle timeout.
+//! - `Activity`: one connection's last read, requests in flight and when it
+//!   began waiting for its next request, so a connection idle between
+//!   requests is closed at the idle timeout and one whose next HTTP/1
+//!   request head is not whole in time at the header timeout.
 //! - [`IdleBody`]: a body that fails when no data comes for a while, for the
 //!   client's request body and the instance's response body alike.
 //!
-//! The request head's own timeout is hyper's (`header_read_timeout`, which
-//! needs the timer `server_builder` gives it). On HTTP/1 hyper starts that
-//! clock as soon as it waits for a head, so a kept-alive HTTP/1 connection
-//! waiting for its next request is closed by whichever timeout is shorter.
+//! The proxy keeps the header timeout on `Activity`, one timer per
+//! connection looked at only when it is due, rather than hyper's
+//! `header_read_timeout` (a timer set and cancelled per request). Both
+//! start the clock when the connection opens or its last request ends, so
+//! a kept-alive HTTP/1 connection waiting for its next request is closed by
+//! whichever timeout is shorter. The admin endpoint, not on the hot path,
+//! uses hyper's (`server_builder` gives it the timer).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -201,7 +206,22 @@ pub(crate) struct Activity {
     opened: Instant,
     /// Milliseconds after `opened` of the last read or request end.
     last_ms: AtomicU64,
+    /// Milliseconds after `opened` of the start of the wait for the next
+    /// request head: 0, or the end of the last request.
+    waiting_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// Whether its requests come as HTTP/1 heads, the header timeout's
+    /// business; off once an HTTP/2 request is seen.
+    heads: AtomicBool,
+}
+
+/// Why [`Activity::quiet`] says a connection should close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Quiet {
+    /// Nothing read and no request in flight for the idle timeout.
+    Idle,
+    /// The next request head not whole within the header timeout.
+    HeadLate,
 }
 
 impl Activity {
@@ -209,13 +229,27 @@ impl Activity {
         Arc::new(Activity {
             opened: Instant::now(),
             last_ms: AtomicU64::new(0),
+            waiting_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            heads: AtomicBool::new(true),
         })
     }
 
+    fn elapsed_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
     fn stamp(&self) {
-        let elapsed = self.opened.elapsed().as_millis() as u64;
-        self.last_ms.store(elapsed, Ordering::Relaxed);
+        self.last_ms.store(self.elapsed_ms(), Ordering::Relaxed);
+    }
+
+    fn at(&self, ms: &AtomicU64) -> Instant {
+        self.opened + Duration::from_millis(ms.load(Ordering::Relaxed))
+    }
+
+    /// The connection carries HTTP/2: no request heads to time.
+    pub(crate) fn without_heads(&self) {
+        self.heads.store(false, Ordering::Relaxed);
     }
 
     /// Marks a request in flight until the returned guard is dropped.
@@ -225,64 +259,74 @@ impl Activity {
     }
 
     /// Resolves once the connection has had no request in flight and read
-    /// nothing for `limit`.
-    pub(crate) async fn idle(&self, limit: Duration) {
+    /// nothing for `idle` ([`Quiet::Idle`]), or, given `head`, has waited
+    /// that long for a whole request head since it opened or its last
+    /// request ended ([`Quiet::HeadLate`]), whichever comes first.
+    pub(crate) async fn quiet(&self, idle: Duration, head: Option<Duration>) -> Quiet {
         loop {
-            let last = self.opened + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let due = last + limit;
+            let head = head.filter(|_| self.heads.load(Ordering::Relaxed));
+            let idle_due = self.at(&self.last_ms) + idle;
+            let head_due = head.map(|head| self.at(&self.waiting_ms) + head);
             let now = Instant::now();
-            let busy = self.in_flight.load(Ordering::Relaxed) > 0;
-            if !busy && due <= now {
-                return;
+            if self.in_flight.load(Ordering::Relaxed) > 0 {
+                // A request in flight stamps the connection when it ends,
+                // so looking again one (shortest) limit later is soon
+                // enough.
+                let recheck = head.map_or(idle, |head| head.min(idle));
+                tokio::time::sleep_until(now + recheck).await;
+                continue;
             }
-            // A request in flight stamps the connection when it ends, so
-            // looking again one `limit` later is soon enough.
-            tokio::time::sleep_until(if due > now { due } else { now + limit }).await;
+            let (due, quiet) = match head_due {
+                Some(head_due) if head_due <= idle_due => (head_due, Quiet::HeadLate),
+                _ => (idle_due, Quiet::Idle),
+            };
+            if due <= now {
+                return quiet;
+            }
+            tokio::time::sleep_until(due).await;
         }
     }
 }
 
-/// Runs `connection` until it ends (`Some` of its output) or `idle`
-/// resolves (`None`). `idle` is polled only when its own timer woke the
-/// task, not on each of the connection's many wake-ups.
-pub(crate) async fn until_idle<C: Future>(
+/// Runs `connection` until it ends (`Ok` of its output) or `quiet`
+/// resolves (`Err` of its output). `quiet` is polled only when its own
+/// timer woke the task, not on each of the connection's many wake-ups.
+pub(crate) async fn until_quiet<C: Future, Q: Future>(
     connection: C,
-    idle: impl Future<Output = ()>,
-) -> Option<C::Output> {
+    quiet: Q,
+) -> Result<C::Output, Q::Output> {
     let mut connection = std::pin::pin!(connection);
-    let mut idle = std::pin::pin!(idle);
-    let woken = Arc::new(IdleWake {
+    let mut quiet = std::pin::pin!(quiet);
+    let woken = Arc::new(QuietWake {
         // Polled once at first, so that it sets its timer.
         woken: AtomicBool::new(true),
         task: AtomicWaker::new(),
     });
-    let idle_waker = Waker::from(woken.clone());
+    let quiet_waker = Waker::from(woken.clone());
     std::future::poll_fn(|cx| {
         if let Poll::Ready(output) = connection.as_mut().poll(cx) {
-            return Poll::Ready(Some(output));
+            return Poll::Ready(Ok(output));
         }
         woken.task.register(cx.waker());
-        if woken.woken.swap(false, Ordering::AcqRel)
-            && idle
-                .as_mut()
-                .poll(&mut Context::from_waker(&idle_waker))
-                .is_ready()
-        {
-            return Poll::Ready(None);
+        if woken.woken.swap(false, Ordering::AcqRel) {
+            if let Poll::Ready(output) = quiet.as_mut().poll(&mut Context::from_waker(&quiet_waker))
+            {
+                return Poll::Ready(Err(output));
+            }
         }
         Poll::Pending
     })
     .await
 }
 
-/// The waker [`until_idle`] polls its idle future with: it notes that the
-/// idle future has something to say, then wakes the task.
-struct IdleWake {
+/// The waker [`until_quiet`] polls its quiet future with: it notes that the
+/// quiet future has something to say, then wakes the task.
+struct QuietWake {
     woken: AtomicBool,
     task: AtomicWaker,
 }
 
-impl Wake for IdleWake {
+impl Wake for QuietWake {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
@@ -299,8 +343,11 @@ pub(crate) struct Flight(Arc<Activity>);
 
 impl Drop for Flight {
     fn drop(&mut self) {
-        self.0.stamp();
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let now = self.0.elapsed_ms();
+        self.0.last_ms.store(now, Ordering::Relaxed);
+        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.waiting_ms.store(now, Ordering::Relaxed);
+        }
     }
 }
 
@@ -471,8 +518,8 @@ mod tests {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         };
-        let ended = until_idle(ticking, activity.idle(Duration::from_secs(10))).await;
-        assert!(ended.is_none(), "closed as idle");
+        let ended = until_quiet(ticking, activity.quiet(Duration::from_secs(10), None)).await;
+        assert_eq!(ended, Err(Quiet::Idle));
         assert_eq!(started.elapsed(), Duration::from_secs(10));
     }
 
@@ -483,8 +530,8 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(3)).await;
             7
         };
-        let ended = until_idle(quick, activity.idle(Duration::from_secs(10))).await;
-        assert_eq!(ended, Some(7));
+        let ended = until_quiet(quick, activity.quiet(Duration::from_secs(10), None)).await;
+        assert_eq!(ended, Ok(7));
     }
 
     #[tokio::test(start_paused = true)]
@@ -495,8 +542,8 @@ mod tests {
             let activity = activity.clone();
             async move {
                 let started = Instant::now();
-                activity.idle(Duration::from_secs(10)).await;
-                started.elapsed()
+                let quiet = activity.quiet(Duration::from_secs(10), None).await;
+                (quiet, started.elapsed())
             }
         });
         tokio::time::sleep(Duration::from_secs(25)).await;
@@ -504,8 +551,56 @@ mod tests {
         let took = idle.await.expect("idle task");
         assert_eq!(
             took,
-            Duration::from_secs(35),
+            (Quiet::Idle, Duration::from_secs(35)),
             "10 s after the request ended"
         );
+    }
+
+    /// Reads every 500 ms, never a whole head.
+    async fn trickle(activity: &Activity) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            activity.stamp();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_still_arriving_is_late_at_the_header_timeout() {
+        let activity = Activity::new();
+        let started = Instant::now();
+        let (idle, head) = (Duration::from_secs(1), Some(Duration::from_secs(3)));
+        let ended = until_quiet(trickle(&activity), activity.quiet(idle, head)).await;
+        assert_eq!(ended, Err(Quiet::HeadLate));
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_head_is_timed_from_the_end_of_the_last_request() {
+        let activity = Activity::new();
+        let flight = activity.begin();
+        let (idle, head) = (Duration::from_secs(60), Some(Duration::from_secs(10)));
+        let quiet = tokio::spawn({
+            let activity = activity.clone();
+            async move {
+                let started = Instant::now();
+                let quiet = until_quiet(trickle(&activity), activity.quiet(idle, head)).await;
+                (quiet, started.elapsed())
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        drop(flight);
+        let took = quiet.await.expect("quiet task");
+        assert_eq!(took, (Err(Quiet::HeadLate), Duration::from_secs(35)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_connection_has_no_head_to_time() {
+        let activity = Activity::new();
+        activity.without_heads();
+        let started = Instant::now();
+        let (idle, head) = (Duration::from_secs(10), Some(Duration::from_secs(3)));
+        let ended = until_quiet(std::future::pending::<()>(), activity.quiet(idle, head)).await;
+        assert_eq!(ended, Err(Quiet::Idle));
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
     }
 }

@@ -53,7 +53,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use super::access_log::{AccessLog, Entry};
-use super::limits::{self, Activity, BodyError, Flight, Gate, IdleBody, Tracked};
+use super::limits::{self, Activity, BodyError, Flight, Gate, IdleBody, Quiet, Tracked};
 use super::outlier::Outcome;
 use super::rotation::{Member, ServiceSet};
 use super::tls::{self, Tls};
@@ -128,8 +128,10 @@ pub(super) async fn serve(
     });
     let mut builder = limits::server_builder(limits);
     // One buffer, one write(2): hyper's vectored path sets up 64 iovecs on
-    // every flush, which costs more than copying a response chunk.
-    builder.http1().writev(false);
+    // every flush, which costs more than copying a response chunk. The
+    // header timeout is each connection's `Activity`'s, not hyper's timer
+    // per request.
+    builder.http1().writev(false).header_read_timeout(None);
     let mut gate = Gate::new(listener, limits.max_connections, "proxy");
     let graceful = GracefulShutdown::new();
     // Held here so that connections still open after the drain timeout end
@@ -150,17 +152,23 @@ pub(super) async fn serve(
                     )
                     .into_owned();
                 let connection = graceful.watch(connection);
-                let (proxy, idle_timeout) = (proxy.clone(), limits.idle_timeout);
+                let proxy = proxy.clone();
+                let (idle, head) = (limits.idle_timeout, Some(limits.header_timeout));
                 connections.spawn(async move {
                     // The permit goes when the connection does.
                     let _permit = permit;
-                    let _open = Held::new(&proxy.shared.metrics.open_connections);
-                    match limits::until_idle(connection, activity.idle(idle_timeout)).await {
-                        Some(Err(error)) => connection_failed(&proxy.shared.metrics, peer, &*error),
-                        Some(Ok(())) => {}
-                        None => {
-                            proxy.shared.metrics.idle_closed.inc();
+                    let metrics = &proxy.shared.metrics;
+                    let _open = Held::new(&metrics.open_connections);
+                    match limits::until_quiet(connection, activity.quiet(idle, head)).await {
+                        Ok(Err(error)) => connection_failed(metrics, peer, &*error),
+                        Ok(Ok(())) => {}
+                        Err(Quiet::Idle) => {
+                            metrics.idle_closed.inc();
                             tracing::debug!(%peer, "client connection idle; closed");
+                        }
+                        Err(Quiet::HeadLate) => {
+                            metrics.header_timeouts.inc();
+                            tracing::debug!(%peer, "request head not whole within the header timeout; closed");
                         }
                     }
                 });
@@ -186,7 +194,7 @@ pub(super) async fn serve(
 }
 
 /// Counts what a client connection's error says about the client: a head
-/// hyper answered itself (400, 414, 431) or one not sent in time.
+/// hyper answered itself (400, 414, 431).
 fn connection_failed(
     metrics: &BalancerMetrics,
     peer: SocketAddr,
@@ -200,8 +208,6 @@ fn connection_failed(
                 StatusCode::BAD_REQUEST
             };
             metrics.hyper_answer(status);
-        } else if error.is_timeout() {
-            metrics.header_timeouts.inc();
         }
     }
     tracing::debug!(%peer, %error, "client connection ended with an error");
@@ -223,6 +229,9 @@ fn service(
         .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
     hyper::service::service_fn(move |mut request: Request<Incoming>| {
         tls::mark(&mut request, secure);
+        if request.version() == http::Version::HTTP_2 {
+            activity.without_heads();
+        }
         let proxy = proxy.clone();
         let client_ip = client_ip.clone();
         let flight = activity.begin();
