@@ -13,8 +13,14 @@
 # connections (keepalive_client.py; wrk runs for a time, not a count). Instructions per request =
 # (Ir of the loaded run - Ir of the idle run) / requests answered.
 #
+# Callgrind's cache simulation (--cache-sim=yes, first-level caches as this
+# CPU's) also counts first-level instruction and data cache misses per
+# request: the part of a real CPU's time per request that an instruction
+# count does not show (a big code path misses the instruction cache more).
+#
 # Prints one INSTRUCTIONS line per proxy and the ratios rollcall/nginx and
-# rollcall/haproxy (below 1: rollcall spends fewer instructions).
+# rollcall/haproxy (below 1: rollcall spends fewer instructions, or misses
+# the caches less).
 #
 # Env: REQUESTS (20000), CONNS (4), PROXIES ("rollcall nginx haproxy"),
 #      ROLLCALL_ARGS (arguments before the addresses, "--workers 1"),
@@ -58,13 +64,13 @@ proxy_cmd() {  # proxy_cmd NAME: the command line serving on PORT[NAME]
 # Its way of stopping cleanly, so callgrind writes its counts out.
 declare -A STOP_SIGNAL=([rollcall]=INT [nginx]=QUIT [haproxy]=USR1)
 
-# callgrind_run NAME LOAD(0|1): prints the total Ir of one run (and, loaded,
-# the COUNT fields)
+# callgrind_run NAME LOAD(0|1): prints the totals of one run (Ir, I1 and D1
+# read and write misses) and, loaded, the COUNT fields
 callgrind_run() {
   local name="$1" load="$2" out="$RUN_DIR/callgrind.$1.$2" pid i line=""
   assert_port_free "${PORT[$name]}"
   # shellcheck disable=SC2046
-  valgrind --tool=callgrind --callgrind-out-file="$out" $(proxy_cmd "$name") \
+  valgrind --tool=callgrind --cache-sim=yes --callgrind-out-file="$out" $(proxy_cmd "$name") \
     >"$RUN_DIR/$name.$load.log" 2>&1 &
   pid=$!; track "$pid"
   wait_port "${PORT[$name]}" 120
@@ -75,7 +81,8 @@ callgrind_run() {
   for ((i=0; i<1200; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   wait "$pid" 2>/dev/null || true
   [[ -s "$out" ]] || { echo "no callgrind output for $name (log: $RUN_DIR/$name.$load.log)" >&2; exit 1; }
-  echo "ir=$(awk '/^(summary|totals):/{print $2; exit}' "$out") ${line#COUNT }"
+  # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw
+  echo "$(awk '/^(summary|totals):/{print "ir=" $2, "i1=" $5, "d1=" $6 + $7; exit}' "$out") ${line#COUNT }"
 }
 
 RES="$RUN_DIR/instructions.tsv"
@@ -91,8 +98,9 @@ n = int(l["requests"])
 bad = int(l["non2xx"]) + int(l["errors"])
 if n == 0 or bad:
     sys.exit(f"{name}: {n} requests answered, {bad} failed")
-per = (int(l["ir"]) - int(i["ir"])) / n
-print(f"INSTRUCTIONS proxy={name} requests={n} ir_loaded={l['ir']} ir_idle={i['ir']} ir_per_request={per:.0f}")
+per = lambda key: (int(l[key]) - int(i[key])) / n
+print(f"INSTRUCTIONS proxy={name} requests={n} ir_loaded={l['ir']} ir_idle={i['ir']} ir_per_request={per('ir'):.0f}"
+      f" i1_misses_per_request={per('i1'):.0f} d1_misses_per_request={per('d1'):.0f}")
 PY
 done
 
@@ -101,8 +109,10 @@ import sys
 per = {}
 for line in open(sys.argv[1]):
     f = dict(x.split("=", 1) for x in line.split()[1:])
-    per[f["proxy"]] = float(f["ir_per_request"])
+    per[f["proxy"]] = f
 for other in ("nginx", "haproxy"):
     if "rollcall" in per and other in per:
-        print(f"RATIO figure=instructions rollcall/{other} ir_ratio={per['rollcall'] / per[other]:.3f}")
+        ratio = lambda key: float(per["rollcall"][key]) / float(per[other][key])
+        print(f"RATIO figure=instructions rollcall/{other} ir_ratio={ratio('ir_per_request'):.3f}"
+              f" i1_miss_ratio={ratio('i1_misses_per_request'):.3f}")
 PY
