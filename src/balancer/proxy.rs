@@ -458,9 +458,17 @@ impl Proxy {
             .await;
         }
         let via = self.via.clone();
-        let response = match prepare(parts, body, client_ip, via, self.body_timeout).await {
-            Ok(prepared) => self.forward(index, prepared, exchange.entry()).await,
-            Err(refusal) => refusal.into_response(),
+        let (method, head, body) = prepare(parts, body, client_ip, via, self.body_timeout);
+        let response = match replayable(body).await {
+            Ok(body) => {
+                let prepared = Prepared { method, head, body };
+                self.forward(index, prepared, exchange.entry()).await
+            }
+            Err(error) => Refusal {
+                status: client_fault(&error),
+                text: format!("could not read the request body: {}\n", ErrorChain(&error)),
+            }
+            .into_response(),
         };
         // Instances' answers were counted as they came, with their instance;
         // a client gone (499) was answered by no one.
@@ -642,18 +650,19 @@ fn log_failure(service: &str, member: &Member, error: &AttemptError, failure: Fa
     }
 }
 
-/// The request's head written out for instances, and its body read whole
-/// when small enough to send again; or the client's answer when the body
-/// cannot be read. The head is written before the body is read, and the
-/// header map and URI dropped: their bytes are the client connection's
-/// read buffer, which hyper can then reuse instead of allocating another.
-async fn prepare(
+/// The request's head written out for instances, and its body under the
+/// body timeout. The head is written before the body is read and the header
+/// map and URI dropped with this call: their bytes are the client
+/// connection's read buffer, which hyper can then reuse instead of
+/// allocating another. Not `async`: its locals stay out of the request's
+/// future, which hyper moves whole.
+fn prepare(
     parts: http::request::Parts,
     body: Incoming,
     client_ip: HeaderValue,
     via: HeaderValue,
     body_timeout: Duration,
-) -> Result<Prepared, Refusal> {
+) -> (http::Method, EncodedHead, IdleBody<Incoming>) {
     let http::request::Parts {
         method,
         uri,
@@ -672,12 +681,7 @@ async fn prepare(
         forwarded: &forwarded,
     }
     .encode(length);
-    drop((uri, headers));
-    let body = replayable(body).await.map_err(|error| Refusal {
-        status: client_fault(&error),
-        text: format!("could not read the request body: {}\n", ErrorChain(&error)),
-    })?;
-    Ok(Prepared { method, head, body })
+    (method, head, body)
 }
 
 /// The host a request is routed by: the URI's own authority when it has
@@ -947,7 +951,9 @@ async fn replayable(body: IdleBody<Incoming>) -> Result<Replay, BodyError> {
     }
     match body.size_hint().exact() {
         Some(length) if length <= REPLAY_LIMIT => {
-            let bytes = body.collect().await?.to_bytes();
+            // Boxed: the request's future, moved whole into hyper, stays
+            // small for the many requests with no body.
+            let bytes = Box::pin(body.collect()).await?.to_bytes();
             Ok(Replay::Bytes(Some(bytes)))
         }
         _ => Ok(Replay::Stream(Some(body))),
