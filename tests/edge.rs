@@ -91,15 +91,22 @@ async fn raw_backend(answer: &'static [u8]) -> (u16, tokio::task::JoinHandle<()>
     (port, task)
 }
 
-#[tokio::test(start_paused = true)]
-async fn slow_heads_and_idle_connections_close_at_their_timeouts_while_clients_are_served() {
+/// A balancer with these header and idle timeouts, routing `web` to one
+/// backend (returned to be kept alive).
+async fn timed_edge(header: Duration, idle: Duration) -> (HttpBackend, TestBalancer) {
     let web = HttpBackend::start("web-1").await;
     let edge = TestBalancer::start_with(&["web"], |config| {
-        config.limits.header_timeout = Duration::from_secs(3);
-        config.limits.idle_timeout = Duration::from_secs(1);
+        config.limits.header_timeout = header;
+        config.limits.idle_timeout = idle;
     })
     .await;
     edge.route_to("web", &[web.port()]).await;
+    (web, edge)
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_heads_and_idle_connections_close_at_their_timeouts_while_clients_are_served() {
+    let (_web, edge) = timed_edge(Duration::from_secs(3), Duration::from_secs(1)).await;
     let started = Instant::now();
 
     // Slowloris: a header line every 500 ms, never the end of the head.
@@ -179,13 +186,7 @@ async fn an_h2_preface_alone_is_closed_at_the_idle_timeout() {
 #[tokio::test(start_paused = true)]
 async fn an_h2c_connection_between_requests_closes_at_the_idle_timeout() {
     use http_body_util::{BodyExt, Empty};
-    let web = HttpBackend::start("web-1").await;
-    let edge = TestBalancer::start_with(&["web"], |config| {
-        config.limits.header_timeout = Duration::from_secs(1);
-        config.limits.idle_timeout = Duration::from_secs(3);
-    })
-    .await;
-    edge.route_to("web", &[web.port()]).await;
+    let (_web, edge) = timed_edge(Duration::from_secs(1), Duration::from_secs(3)).await;
     let stream = TcpStream::connect(edge.addr).await.expect("connect");
     let (mut sender, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
