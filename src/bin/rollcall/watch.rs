@@ -38,15 +38,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let client = &connection.client;
     let filters = filters(subjects, fleet.service.as_deref());
     let subscriptions = subscribe(client, &filters).await?;
-    tracing::info!(subjects = %filters.join(" "), "watching");
 
     let mut stdout = std::io::stdout().lock();
     // Subscribed first, so nothing that changes while the stream is read is
-    // missed; a change may then show twice, never not at all.
+    // missed; a change may then show twice, or only in the current state,
+    // never not at all.
     let mut members = Membership::default();
     if !args.events_only && !print_current(&mut stdout, client, fleet, &mut members).await {
         return Ok(());
     }
+    // Logged once the current state is out: what changes from here on
+    // shows as a change.
+    tracing::info!(subjects = %filters.join(" "), "watching");
 
     let mut messages = futures::stream::select_all(subscriptions);
     let shutdown = shutdown_signal();
