@@ -159,18 +159,8 @@ pub(super) async fn serve(
                     let _permit = permit;
                     let metrics = &proxy.shared.metrics;
                     let _open = Held::new(&metrics.open_connections);
-                    match limits::until_quiet(connection, activity.quiet(idle, head)).await {
-                        Ok(Err(error)) => connection_failed(metrics, peer, &*error),
-                        Ok(Ok(())) => {}
-                        Err(Quiet::Idle) => {
-                            metrics.idle_closed.inc();
-                            tracing::debug!(%peer, "client connection idle; closed");
-                        }
-                        Err(Quiet::HeadLate) => {
-                            metrics.header_timeouts.inc();
-                            tracing::debug!(%peer, "request head not whole within the header timeout; closed");
-                        }
-                    }
+                    let ended = limits::until_quiet(connection, activity.quiet(idle, head)).await;
+                    connection_ended(metrics, peer, ended);
                 });
                 // Reap finished connections so the set only holds open ones.
                 while connections.try_join_next().is_some() {}
@@ -191,6 +181,27 @@ pub(super) async fn serve(
         }
     }
     connections.shutdown().await;
+}
+
+/// Counts and logs how a client connection ended: by itself, with an
+/// error, or closed by the idle or the header timeout.
+fn connection_ended(
+    metrics: &BalancerMetrics,
+    peer: SocketAddr,
+    ended: Result<Result<(), Box<dyn std::error::Error + Send + Sync>>, Quiet>,
+) {
+    match ended {
+        Ok(Err(error)) => connection_failed(metrics, peer, &*error),
+        Ok(Ok(())) => {}
+        Err(Quiet::Idle) => {
+            metrics.idle_closed.inc();
+            tracing::debug!(%peer, "client connection idle; closed");
+        }
+        Err(Quiet::HeadLate) => {
+            metrics.header_timeouts.inc();
+            tracing::debug!(%peer, "request head not whole within the header timeout; closed");
+        }
+    }
 }
 
 /// Counts what a client connection's error says about the client: a head
