@@ -14,7 +14,8 @@
 #
 # Prints one RUN line per wrk run, one SUMMARY line per target (req/s, p50,
 # p99, and the proxy process's own CPU per request, user and system, from
-# /proc/PID/stat of it and its children: median [min..max]) and RATIO lines
+# /proc/PID/stat of it and its children; and the TCP segments the whole
+# machine sent per request, from /proc/net/snmp: median [min..max]) and RATIO lines
 # (per-rep rollcall/nginx and rollcall/haproxy req/s, and the p99 ratios).
 #
 # Env: LAYOUTS (or LAYOUT), REPS (3), DUR seconds per wrk run (5), CONNS (50), THREADS (1), WARMUP (1)
@@ -54,6 +55,10 @@ proxy_ticks() {
   done
   echo "$user $sys"
 }
+# tcp_out_segs: TCP segments sent by the whole machine so far
+tcp_out_segs() {
+  awk '/^Tcp:/ { if (!col) { for (i = 1; i <= NF; i++) if ($i == "OutSegs") col = i } else { print $col; exit } }' /proc/net/snmp
+}
 NT=${#TARGETS[@]}
 RES="$RUN_DIR/results.tsv"
 RSS="$RUN_DIR/rss.tsv"
@@ -75,9 +80,12 @@ for LAYOUT in $LAYOUTS; do
         haproxy) pids=("$HAPROXY_PID") ;; *) pids=() ;;
       esac
       read -r u0 s0 < <(proxy_ticks "${pids[@]}")
+      g0="$(tcp_out_segs)"
       line="$(run_wrk "$t" "${URL[$t]}" "$DUR" "$CONNS")"
+      g1="$(tcp_out_segs)"
       read -r u1 s1 < <(proxy_ticks "${pids[@]}")
       line+=" proxy_user_ticks=$((u1 - u0)) proxy_sys_ticks=$((s1 - s0)) ticks_per_s=$(getconf CLK_TCK)"
+      line+=" tcp_segments=$((g1 - g0))"
       echo "RUN layout=$LAYOUT rep=$rep target=$t $line"
       printf '%s\t%s\t%s\t%s\n' "$LAYOUT" "$rep" "$t" "$line" >> "$RES"
     done
@@ -109,7 +117,10 @@ for layout, data in by_layout.items():
         p50 = [int(r["p50_us"]) for r in runs]
         p99 = [int(r["p99_us"]) for r in runs]
         errs = sum(int(r[k]) for r in runs for k in ("err_connect", "err_read", "err_write", "err_timeout", "non2xx"))
-        extra = f" balancer_rss_mib={rss_of[layout]/1024:.1f}" if t == "rollcall" else ""
+        segments = [int(r["tcp_segments"]) / int(r["requests"]) for r in runs]
+        extra = f" tcp_segments_per_req={mmm(segments, '{:.2f}')}"
+        if t == "rollcall":
+            extra += f" balancer_rss_mib={rss_of[layout]/1024:.1f}"
         if t != "direct":
             # The proxy's own CPU per request, in microseconds.
             per = lambda r, k: 1e6 * int(r[k]) / int(r["ticks_per_s"]) / int(r["requests"])
