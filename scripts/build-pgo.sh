@@ -85,6 +85,9 @@ mv "$PGO_DIR/merged.profdata" "$PROFDATA"
 log "profile: $PROFDATA ($(du -h "$PROFDATA" | cut -f1))"
 
 log "building rollcall with the profile into $PGO_DIR ..."
+# Every crate is built anew for a new profile: the last build's outputs
+# would only pile up.
+rm -rf "$PGO_DIR/release"
 (cd "$ROOT" && CARGO_TARGET_DIR="$PGO_DIR" RUSTFLAGS="-Cprofile-use=$PROFDATA" \
   cargo build --release --locked -q --bin rollcall "$@") >&2
 log "built $PGO_DIR/release/rollcall ($("$PGO_DIR/release/rollcall" --version))"
