@@ -10,8 +10,10 @@
 #    discovery`, three bench backends announced over NATS with a fourth
 #    joining and leaving every 50 ms, `rollcall balancer` proxying keep-alive
 #    requests from wrk on 50 connections (scripts/pgo-load.lua: GETs and
-#    POSTs with sized and chunked bodies) and h2c requests; then stops
-#    each process with SIGTERM, so it writes its profile as it exits;
+#    POSTs with sized and chunked bodies) and h2c requests, then discovery
+#    folding a simulated fleet of 10,000 instances heartbeating at
+#    100,000/s (examples/bench_discovery_load.rs); then stops each process
+#    with SIGTERM, so it writes its profile as it exits;
 # 3. merges the profiles (llvm-profdata from rustup's llvm-tools, added if
 #    missing) into target/pgo/rollcall-<hash>.profdata;
 # 4. builds rollcall (and the examples named) with that profile
@@ -48,7 +50,7 @@ ensure_nats
 
 log "building the instrumented rollcall into $TRAIN_DIR ..."
 (cd "$ROOT" && CARGO_TARGET_DIR="$TRAIN_DIR" RUSTFLAGS="-Cprofile-generate=$PROFILES" \
-  cargo build --release --locked -q --bin rollcall --example bench_fleet) >&2
+  cargo build --release --locked -q --bin rollcall --example bench_fleet --example bench_discovery_load) >&2
 rm -rf "$PROFILES"
 ROLLCALL_BIN="$TRAIN_DIR/release/rollcall"
 EXAMPLES_DIR="$TRAIN_DIR/release/examples"
@@ -73,6 +75,13 @@ log "h2c answers: $(echo $h2c)"
 [[ "$h2c" =~ ^\ *200\ 200$ ]] || { echo "training h2c requests failed: $h2c" >&2; exit 1; }
 "$ROLLCALL_BIN" catalog --nats "$NATS_URL_BENCH" >"$RUN_DIR/catalog.out" 2>&1 \
   || { cat "$RUN_DIR/catalog.out" >&2; echo "training: rollcall catalog failed" >&2; exit 1; }
+# Discovery's own hot path: a fleet of 10,000 instances joining, then
+# heartbeating at 100,000/s (the balancer's load above brings it only a few
+# heartbeats a second).
+fleet="$("$EXAMPLES_DIR/bench_discovery_load" --nats "$NATS_URL_BENCH" --discovery-pid "$DISCOVERY_PID" \
+  --instances 10000 --services 100 --rate 100000 --duration "${TRAIN_SECONDS}s")"
+log "discovery: $fleet"
+[[ "$fleet" == *" live_after=10000 "* ]] || { echo "training: the simulated fleet did not stay live: $fleet" >&2; exit 1; }
 for pid in "$FLEET_PID" "$BALANCER_PID" "$DISCOVERY_PID"; do stop_pid "$pid" TERM; done
 
 mkdir -p "$PGO_DIR"
