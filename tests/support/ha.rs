@@ -151,6 +151,7 @@ impl<S> Fleet<S> {
             _stop: stop,
         };
         fleet.wait_for_all_three().await;
+        fleet.wait_for_replicas().await;
         let http = client();
         eventually("the balancer routes", limit, || async {
             let answer = get(&http, &balancer_url).await;
@@ -180,6 +181,22 @@ impl<S> Fleet<S> {
             },
         )
         .await;
+    }
+
+    /// Every replica past its start (the stored catalog adopted): a fault
+    /// made before then would time a replica's start, not a takeover. On a
+    /// cluster a replica's first look at the catalog stream can wait out a
+    /// request timeout while another replica creates the stream.
+    async fn wait_for_replicas(&self) {
+        for replica in self.replicas.iter().flatten() {
+            eventually("every replica started", self.limit, || async {
+                replica
+                    .stderr_text()
+                    .contains("discovery started")
+                    .then_some(())
+            })
+            .await;
+        }
     }
 
     fn request_loop(&self, url: String, failed: Arc<AtomicU64>, served: Arc<AtomicU64>) {
