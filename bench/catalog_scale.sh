@@ -30,6 +30,7 @@ if [[ "$PROFILE" == debug ]]; then
   ROLLCALL_BIN="$TARGET_DIR/debug/rollcall"
   EXAMPLES_DIR="$TARGET_DIR/debug/examples"
   (cd "$ROOT" && cargo build -q --bin rollcall --example bench_catalog_scale) >&2
+  ROLLCALL_BUILD=debug
 else
   build_rollcall bench_catalog_scale
 fi

@@ -38,6 +38,8 @@ ensure_packages nginx haproxy valgrind python3
 if [[ -z "${STATIC_BALANCER:-}" ]]; then
   build_rollcall static_balancer
   STATIC_BALANCER="$EXAMPLES_DIR/static_balancer"
+else
+  ROLLCALL_BUILD="given:$STATIC_BALANCER"
 fi
 versions
 echo "VERSIONS valgrind=$(valgrind --version)"

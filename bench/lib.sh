@@ -111,7 +111,8 @@ ensure_backend() {
 
 # build_rollcall [EXAMPLE...]: release build of the binary and the bench
 # clients; with PGO=1, the profile-guided build of scripts/build-pgo.sh
-# (target/pgo), and ROLLCALL_BIN and EXAMPLES_DIR point there.
+# (target/pgo), and ROLLCALL_BIN and EXAMPLES_DIR point there. Sets
+# ROLLCALL_BUILD (pgo or release) for the VERSIONS line.
 build_rollcall() {
   local examples=() e
   for e in "$@"; do examples+=(--example "$e"); done
@@ -120,9 +121,11 @@ build_rollcall() {
     bash "$ROOT/scripts/build-pgo.sh" "${examples[@]}" >&2
     ROLLCALL_BIN="$ROOT/target/pgo/release/rollcall"
     EXAMPLES_DIR="$ROOT/target/pgo/release/examples"
+    ROLLCALL_BUILD=pgo
   else
     log "building rollcall in release mode (cargo build --release -q --bin rollcall ${examples[*]}) ..."
     (cd "$ROOT" && cargo build --release -q --bin rollcall "${examples[@]}") >&2
+    ROLLCALL_BUILD=release
   fi
 }
 
@@ -134,7 +137,7 @@ versions() {  # one VERSIONS line: what produced the numbers
     "nginx=$(nginx -v 2>&1 | sed 's|.*/||') haproxy=$(haproxy -v 2>/dev/null | awk 'NR==1{print $3}')" \
     "wrk=$(wrk -v 2>&1 | awk 'NR==1{print $2}') nats-server=$nats rustc=$rc" \
     "rollcall=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
-    "rollcall_build=$([[ "${PGO:-0}" == 1 ]] && echo pgo || echo release)"
+    "rollcall_build=${ROLLCALL_BUILD:-none}"
 }
 
 # --- processes -------------------------------------------------------------
